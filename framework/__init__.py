@@ -1,0 +1,65 @@
+"""symphase: executable statistical mechanics of online learning in two-layer
+teacher-student networks, with normalizations as plugins.
+
+The public API is what this module exports; everything else is private.
+"""
+
+from __future__ import annotations
+
+from framework._validation import SpecificationError
+from framework.activation import Activation
+from framework.analyzer import Analyzer
+from framework.normalization import Backward, Normalization
+from framework.plugin import hookimpl
+from framework.registry import PluginError, Registry, UnknownNameError
+from framework.model import OrderParameters, TeacherStudent
+from framework.manager import (
+    DEFAULT_PLUGINS,
+    SymphasePluginWarning,
+    get_activation,
+    get_analyzer,
+    get_normalization,
+    get_plugin_manager,
+    get_registry,
+    list_analyzers,
+    list_normalizations,
+    refresh_plugins,
+    register_plugin,
+    unregister_plugin,
+)
+from framework.experiment import Experiment
+from framework.io import load, load_experiment, save
+from framework.results import symphase_version
+
+__version__ = symphase_version()
+
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "Activation",
+    "Analyzer",
+    "Backward",
+    "Experiment",
+    "Normalization",
+    "OrderParameters",
+    "PluginError",
+    "Registry",
+    "SpecificationError",
+    "SymphasePluginWarning",
+    "TeacherStudent",
+    "UnknownNameError",
+    "__version__",
+    "get_activation",
+    "get_analyzer",
+    "get_normalization",
+    "get_plugin_manager",
+    "get_registry",
+    "hookimpl",
+    "list_analyzers",
+    "list_normalizations",
+    "load",
+    "load_experiment",
+    "refresh_plugins",
+    "register_plugin",
+    "save",
+    "unregister_plugin",
+]

@@ -1,0 +1,64 @@
+"""The interface every analyzer plugin implements.
+
+An analyzer is a computation on an :class:`~framework.Experiment` (model,
+normalization, training parameters) that returns a labelled
+:class:`xarray.Dataset`. Subclasses are frozen attrs classes whose fields are the
+analyzer's own options (``get_analyzer("dynamics", alpha_max=100)``).
+
+What a subclass must implement: ``name``, ``description`` and :meth:`run`.
+Optional: ``requires`` (capabilities such as ``"diagonal_scale"``) checked by
+:meth:`check`, which may be overridden to reject an experiment early with a
+clear error.
+
+Datasets must use the shared dimension names (``alpha``, ``student``,
+``student_``, ``teacher``, ``teacher_``, ``eigen``, ``replica``, ``branch``),
+give every variable ``long_name`` and ``units`` attrs, and state their
+conventions in attrs; the framework adds the experiment's provenance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from framework._validation import SpecificationError
+from framework.normalization import _construct
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from framework.experiment import Experiment
+
+__all__ = ["Analyzer"]
+
+
+class Analyzer:
+    """Base class of analyzers."""
+
+    #: Registry name, e.g. ``"dynamics"``.
+    name: ClassVar[str] = ""
+    #: One-line description shown by ``symphase plugins``.
+    description: ClassVar[str] = ""
+
+    def check(self, experiment: Experiment) -> None:
+        """Raise a ``ValueError`` if this analyzer cannot run ``experiment`` (default: accept)."""
+
+    def run(self, experiment: Experiment) -> xr.Dataset:
+        """Compute and return a labelled dataset."""
+        raise NotImplementedError(f"analyzer {self.name!r} must implement run()")
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = attrs.asdict(self) if attrs.has(type(self)) else {}
+        return {"name": self.name, **fields}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Analyzer:
+        data = dict(data)
+        name = data.pop("name", cls.name)
+        if name != cls.name:
+            raise SpecificationError(
+                f"'name' must be {cls.name!r} for {cls.__name__}, got {name!r}"
+            )
+        return _construct(cls, data, kind="analyzer")

@@ -1,0 +1,212 @@
+"""Experiments: a model, a normalization, analyzers and training parameters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+
+from framework._validation import SpecificationError, check_int, ge, gt, integer
+from framework.analyzer import Analyzer
+from framework.manager import get_activation, get_analyzer, get_normalization
+from framework.model import OrderParameters, TeacherStudent, _known_keys, realize_covariance
+from framework.normalization import Normalization
+
+__all__ = ["Experiment"]
+
+#: Random-stream labels: every random draw of symphase uses
+#: ``np.random.default_rng([seed, STREAM, *more])``.
+STREAM_INIT = 0
+STREAM_SIMULATION = 1
+
+
+def _to_model(value: Any) -> TeacherStudent:
+    if isinstance(value, TeacherStudent):
+        return value
+    if isinstance(value, Mapping):
+        return TeacherStudent.from_dict(value)
+    raise TypeError(f"'model' must be a TeacherStudent or a mapping, got {value!r}")
+
+
+def _to_normalization(value: Any) -> Normalization:
+    if isinstance(value, Normalization):
+        return value
+    if isinstance(value, str):
+        return get_normalization(value)
+    if isinstance(value, Mapping):
+        data = dict(value)
+        if "name" not in data:
+            raise SpecificationError(f"'normalization' mapping needs a 'name', got {value!r}")
+        return get_normalization(data.pop("name"), **data)
+    raise TypeError(
+        f"'normalization' must be a name, a mapping or a Normalization, got {value!r}"
+    )
+
+
+def _to_analyzer(value: Any) -> Analyzer:
+    if isinstance(value, Analyzer):
+        return value
+    if isinstance(value, str):
+        return get_analyzer(value)
+    if isinstance(value, Mapping):
+        data = dict(value)
+        if "name" not in data:
+            raise SpecificationError(f"analyzer mapping needs a 'name', got {value!r}")
+        return get_analyzer(data.pop("name"), **data)
+    raise TypeError(f"analyzers must be names, mappings or Analyzer instances, got {value!r}")
+
+
+def _to_analyzers(value: Any) -> tuple[Analyzer, ...]:
+    if isinstance(value, str | Analyzer | Mapping):
+        value = [value]
+    if not isinstance(value, Sequence):
+        raise TypeError(f"'analyzers' must be a sequence, got {value!r}")
+    out = tuple(_to_analyzer(v) for v in value)
+    names = [a.name for a in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecificationError(
+            f"'analyzers' must have distinct names, got {', '.join(map(repr, dupes))} twice"
+        )
+    return out
+
+
+def _to_init(value: Any) -> str | OrderParameters:
+    if isinstance(value, OrderParameters):
+        return value
+    if isinstance(value, str):
+        if value != "random":
+            raise SpecificationError(
+                f"'init' must be 'random' or OrderParameters, got {value!r}"
+            )
+        return value
+    if isinstance(value, Mapping):
+        return OrderParameters.from_dict(value)
+    raise TypeError(f"'init' must be 'random' or OrderParameters, got {value!r}")
+
+
+@attrs.frozen
+class Experiment:
+    """A model, a normalization, analyzers and the shared training parameters.
+
+    Parameters
+    ----------
+    model : TeacherStudent
+    normalization : str, mapping or Normalization
+        A registered name (``"batchnorm"``), ``{"name": ..., **hyper-parameters}`` or an
+        instance.
+    analyzers : sequence of str, mapping or Analyzer
+        What to compute; options go to ``framework.get_analyzer(name, **options)``.
+    eta : float
+        Learning rate (>= 0). Convention: online SGD ``J <- J - eta grad_J eps`` on
+        weights with O(1) components, i.e. a step ``eta / sqrt(N)`` along ``xi``
+        (plain gradient descent with rate ``eta`` in ``W = J / sqrt(N)``).
+    batch_size : int
+        Minibatch size B (>= 1); the gradient is averaged over the batch; time
+        ``alpha`` counts steps / N.
+    init : "random" or OrderParameters
+        ``"random"``: K student vectors with iid ``N(0, init_scale^2)`` components in
+        dimension ``init_N`` against a teacher realising ``T`` exactly, drawn from
+        ``seed``; the same initial order parameters are used by every analyzer.
+    init_scale : float
+        Standard deviation of the random initial student components (> 0).
+    init_N : int
+        Dimension in which the random initial condition is drawn (>= K + M).
+    seed : int
+        Seed of every random stream (>= 0).
+    """
+
+    model: TeacherStudent = attrs.field(converter=_to_model)
+    normalization: Normalization = attrs.field(default="plain", converter=_to_normalization)
+    analyzers: tuple[Analyzer, ...] = attrs.field(default=(), converter=_to_analyzers)
+    eta: float = attrs.field(default=0.1, converter=float, validator=ge(0.0))
+    batch_size: int = attrs.field(default=1, validator=integer(minimum=1))
+    init: str | OrderParameters = attrs.field(default="random", converter=_to_init)
+    init_scale: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
+    init_N: int = attrs.field(default=1000, validator=integer(minimum=1))
+    seed: int = attrs.field(default=0, validator=integer(minimum=0))
+
+    def __attrs_post_init__(self) -> None:
+        get_activation(self.model.activation)  # unknown activation -> error listing them
+        if self.init_N < self.model.K + self.model.M:
+            raise SpecificationError(
+                f"'init_N' must be >= K + M = {self.model.K + self.model.M}, got {self.init_N}"
+            )
+        if isinstance(self.init, OrderParameters):
+            K, M = self.model.K, self.model.M
+            if self.init.K != K or self.init.M != M:
+                raise SpecificationError(
+                    f"'init' must have K={K}, M={M} like the model, got K={self.init.K}, "
+                    f"M={self.init.M}"
+                )
+            if not np.allclose(self.init.T, self.model.T, rtol=1e-10, atol=1e-12):
+                raise SpecificationError("'init.T' must equal the model's T")
+        for analyzer in self.analyzers:
+            analyzer.check(self)
+
+    # -- derived quantities ----------------------------------------------------------
+    def rng(self, *stream: int) -> np.random.Generator:
+        """The random generator of a labelled stream (see ``STREAM_*``)."""
+        return np.random.default_rng([self.seed, *stream])
+
+    def initial_order_parameters(self) -> OrderParameters:
+        """The initial order parameters every analyzer starts from."""
+        if isinstance(self.init, OrderParameters):
+            return self.init
+        K, M, N = self.model.K, self.model.M, self.init_N
+        rng = self.rng(STREAM_INIT)
+        B = realize_covariance(self.model.T, N, rng)
+        J = self.init_scale * rng.standard_normal((K, N))
+        return OrderParameters.from_weights(J, B)
+
+    # -- running ---------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every analyzer; return ``{analyzer name: xarray.Dataset}``.
+
+        Each dataset carries the experiment's provenance in its attrs and has passed
+        through the ``symphase_dataset_created`` hook.
+        """
+        from framework.results import finalize
+
+        return {a.name: finalize(a.run(self), self, a) for a in self.analyzers}
+
+    def evolve(self, **changes: Any) -> Experiment:
+        """A copy with some fields changed (validated again)."""
+        return attrs.evolve(self, **changes)
+
+    # -- specification ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible description that :meth:`from_dict` rebuilds exactly."""
+        init = self.init if isinstance(self.init, str) else self.init.to_dict()
+        return {
+            "model": self.model.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "analyzers": [a.to_dict() for a in self.analyzers],
+            "eta": self.eta,
+            "batch_size": self.batch_size,
+            "init": init,
+            "init_scale": self.init_scale,
+            "init_N": self.init_N,
+            "seed": self.seed,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Experiment:
+        """Rebuild from :meth:`to_dict` output (unknown keys are an error)."""
+        fields = tuple(f.name for f in attrs.fields(cls))
+        data = _known_keys(cls.__name__, data, fields)
+        if "model" not in data:
+            raise SpecificationError("'model' is required")
+        if "batch_size" in data:
+            data["batch_size"] = check_int("batch_size", data["batch_size"], minimum=1)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Experiment:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,190 @@
+"""The interface every normalization plugin implements.
+
+A normalization stands between the student pre-activations ``x`` (K units) and the
+activation: ``x~ = n(x; stats, params)``. ``stats`` are statistics of the
+pre-activations (a mapping of name -> array): in the limit of large batches the
+*population* statistics, functions of the order parameter ``Q`` alone (inputs have
+zero mean, so batch norm's mean is 0 and its variance is ``Q_ii``); in a finite
+minibatch the *batch* statistics. ``params`` are the normalization's own parameters
+(for batch norm ``gamma`` and ``beta``), some of which may be trainable.
+
+What a subclass must implement
+------------------------------
+``name`` and ``description`` (class attributes), :meth:`forward` and
+:meth:`backward`. If it uses statistics it also lists them in
+``statistics_names`` and implements :meth:`population_statistics`,
+:meth:`population_statistics_vjp`, :meth:`batch_statistics` and
+:meth:`batch_statistics_vjp`.
+
+What is optional
+----------------
+The *diagonal-scale fast path*: a normalization of the form ``x~_i = s_i(Q) x_i``
+under population statistics sets ``supports_diagonal_scale = True`` (or overrides
+:meth:`is_diagonal_scale` when it depends on the parameters) and implements
+:meth:`scale` and :meth:`scale_jacobian`; with the erf activation every
+expectation of the theory is then a closed form. ``scale_invariant = True``
+declares that ``n`` is invariant under rescaling each student vector ``J_i``.
+
+Shapes
+------
+``x`` has shape ``(..., K)`` (leading axes are samples, batches, replicas).
+Statistics arrays broadcast against ``x``. :meth:`backward` returns per-sample
+gradients, each broadcast to the shape of ``x``; the caller sums them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+
+from framework._validation import SpecificationError
+
+__all__ = ["Backward", "Normalization"]
+
+Stats = Mapping[str, np.ndarray]
+Params = Mapping[str, np.ndarray]
+
+
+@attrs.frozen
+class Backward:
+    """Per-sample gradients returned by :meth:`Normalization.backward`.
+
+    Attributes
+    ----------
+    x : ndarray
+        ``d loss / d x`` (shape of ``x``).
+    stats : dict
+        ``d loss / d stats[name]`` per sample, each with the shape of ``x``.
+    params : dict
+        ``d loss / d params[name]`` per sample, each with the shape of ``x``.
+    """
+
+    x: np.ndarray
+    stats: dict[str, np.ndarray] = attrs.field(factory=dict)
+    params: dict[str, np.ndarray] = attrs.field(factory=dict)
+
+
+class Normalization:
+    """Base class of normalizations (see the module docstring for the contract).
+
+    Subclasses are frozen attrs classes whose fields are the hyper-parameters
+    (e.g. a fixed ``gamma``); :meth:`to_dict` / :meth:`from_dict` round-trip them.
+    """
+
+    #: Registry name, e.g. ``"batchnorm"``.
+    name: ClassVar[str] = ""
+    #: One-line description shown by ``symphase plugins``.
+    description: ClassVar[str] = ""
+    #: Names of the statistics this normalization consumes (empty: none).
+    statistics_names: ClassVar[tuple[str, ...]] = ()
+    #: True if ``x~_i = s_i(Q) x_i`` under population statistics (fast path).
+    supports_diagonal_scale: ClassVar[bool] = False
+    #: True if the output is invariant under ``J_i -> c_i J_i`` (c_i > 0).
+    scale_invariant: ClassVar[bool] = False
+
+    # -- parameters -------------------------------------------------------------
+    def parameters(self, K: int) -> dict[str, np.ndarray]:
+        """Initial values of the normalization parameters, each of shape ``(K,)``."""
+        return {}
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """Names of the parameters that SGD updates (default: none)."""
+        return ()
+
+    # -- statistics -------------------------------------------------------------
+    def population_statistics(self, Q: np.ndarray) -> dict[str, np.ndarray]:
+        """Population statistics from ``Q`` of shape ``(..., K, K)``; arrays ``(..., K)``."""
+        self._no_statistics("population_statistics")
+        return {}
+
+    def population_statistics_vjp(self, Q: np.ndarray, grad: Stats) -> np.ndarray:
+        """Pull ``grad`` (d loss / d stats, arrays ``(..., K)``) back to ``d loss / d Q``.
+
+        ``Q``'s entries are treated as independent (no symmetrisation).
+        """
+        self._no_statistics("population_statistics_vjp")
+        return np.zeros_like(Q)
+
+    def batch_statistics(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Statistics of a minibatch ``x`` of shape ``(..., B, K)``; arrays ``(..., 1, K)``."""
+        self._no_statistics("batch_statistics")
+        return {}
+
+    def batch_statistics_vjp(self, x: np.ndarray, grad: Stats) -> np.ndarray:
+        """Pull ``grad`` (arrays ``(..., 1, K)``) back to ``d loss / d x``, shape of ``x``."""
+        self._no_statistics("batch_statistics_vjp")
+        return np.zeros_like(x)
+
+    def _no_statistics(self, method: str) -> None:
+        if self.statistics_names:
+            raise NotImplementedError(
+                f"normalization {self.name!r} declares statistics {self.statistics_names} "
+                f"but does not implement {method}()"
+            )
+
+    # -- the map ----------------------------------------------------------------
+    def forward(self, x: np.ndarray, stats: Stats, params: Params) -> np.ndarray:
+        """Return ``x~ = n(x; stats, params)`` with the shape of ``x``."""
+        raise NotImplementedError(f"normalization {self.name!r} must implement forward()")
+
+    def backward(
+        self, x: np.ndarray, stats: Stats, params: Params, grad_out: np.ndarray
+    ) -> Backward:
+        """Vector-Jacobian product of :meth:`forward` per sample.
+
+        ``grad_out`` is ``d loss / d x~`` (shape of ``x``). Returns the gradients with
+        respect to ``x``, to every statistic and to every parameter.
+        """
+        raise NotImplementedError(f"normalization {self.name!r} must implement backward()")
+
+    # -- optional diagonal-scale fast path ----------------------------------------
+    def is_diagonal_scale(self) -> bool:
+        """Whether this instance is of the form ``x~_i = s_i(Q) x_i`` (default: class flag)."""
+        return type(self).supports_diagonal_scale
+
+    def scale(self, Q: np.ndarray, params: Params) -> np.ndarray:
+        """``s(Q)`` of shape ``(..., K)`` for ``Q`` of shape ``(..., K, K)``."""
+        raise NotImplementedError(
+            f"normalization {self.name!r} does not provide the diagonal-scale fast path"
+        )
+
+    def scale_jacobian(self, Q: np.ndarray, params: Params) -> np.ndarray:
+        """``ds_i / dQ_jk`` of shape ``(..., K, K, K)`` (Q entries independent)."""
+        raise NotImplementedError(
+            f"normalization {self.name!r} does not provide the diagonal-scale fast path"
+        )
+
+    # -- specification ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **hyper-parameters}``, JSON compatible."""
+        fields = attrs.asdict(self) if attrs.has(type(self)) else {}
+        return {"name": self.name, **fields}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Normalization:
+        """Build an instance from hyper-parameters (``name`` is ignored if it matches)."""
+        data = dict(data)
+        name = data.pop("name", cls.name)
+        if name != cls.name:
+            raise SpecificationError(
+                f"'name' must be {cls.name!r} for {cls.__name__}, got {name!r}"
+            )
+        return _construct(cls, data, kind="normalization")
+
+
+def _construct(cls: type, options: Mapping[str, Any], *, kind: str) -> Any:
+    """``cls(**options)`` after checking option names against the attrs fields."""
+    if attrs.has(cls):
+        allowed = [f.name for f in attrs.fields(cls) if f.init]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            valid = ", ".join(map(repr, allowed)) or "none"
+            raise SpecificationError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for {kind} "
+                f"{getattr(cls, 'name', cls.__name__)!r}; valid options: {valid}"
+            )
+    return cls(**options)

@@ -1,0 +1,89 @@
+"""Provenance and attrs for result datasets (the attrs survive netCDF).
+
+Every dataset an experiment returns carries:
+
+- ``symphase_spec_json``: a JSON copy of the full :class:`~framework.Experiment`;
+- ``spec.<path>`` attrs: the same specification flattened to strings and numbers;
+- ``symphase_analyzer``: the analyzer's name, ``symphase_analyzer_json`` its options;
+- ``symphase_plugins``: JSON of plugin name -> source (built-in or distribution version);
+- ``symphase_version``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from framework.analyzer import Analyzer
+    from framework.experiment import Experiment
+
+__all__ = ["finalize", "flatten_attrs", "symphase_version"]
+
+
+def symphase_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("symphase")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def _attr_value(value: Any) -> str | int | float:
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "None"
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    return json.dumps(value, sort_keys=True)
+
+
+def flatten_attrs(data: Mapping[str, Any], prefix: str = "") -> dict[str, str | int | float]:
+    """Flatten nested mappings to ``{"a.b.c": str | int | float}``.
+
+    Lists become JSON strings, booleans integers, None the string ``"None"``.
+    """
+    out: dict[str, str | int | float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_attrs(value, prefix=f"{name}."))
+        else:
+            out[name] = _attr_value(value)
+    return out
+
+
+def finalize(dataset: xr.Dataset, experiment: Experiment, analyzer: Analyzer) -> xr.Dataset:
+    """Attach provenance attrs and fire ``symphase_dataset_created``."""
+    from framework.manager import plugin_manager, plugin_versions
+
+    spec = experiment.to_dict()
+    attrs: dict[str, Any] = {
+        "symphase_version": symphase_version(),
+        "symphase_analyzer": analyzer.name,
+        "symphase_analyzer_json": json.dumps(analyzer.to_dict(), sort_keys=True),
+        "symphase_normalization": experiment.normalization.name,
+        "symphase_spec_json": json.dumps(spec, sort_keys=True),
+        "symphase_plugins": json.dumps(plugin_versions(), sort_keys=True),
+    }
+    attrs.update(flatten_attrs(spec, prefix="spec."))
+    for key, value in attrs.items():
+        dataset.attrs.setdefault(key, value)
+    dataset.attrs.update({k: _attr_value(v) for k, v in dataset.attrs.items()})
+    plugin_manager().hook.symphase_dataset_created(
+        dataset=dataset, experiment=experiment, analyzer=analyzer
+    )
+    return dataset

@@ -1,0 +1,1 @@
+"""Built-in symphase plugins, registered exactly like third-party ones."""
