@@ -9,10 +9,8 @@ from __future__ import annotations
 from framework._validation import SpecificationError
 from framework.activation import Activation
 from framework.analyzer import Analyzer
-from framework.normalization import Backward, Normalization
-from framework.plugin import hookimpl
-from framework.registry import PluginError, Registry, UnknownNameError
-from framework.model import OrderParameters, TeacherStudent
+from framework.experiment import Experiment
+from framework.io import load, load_experiment, save
 from framework.manager import (
     DEFAULT_PLUGINS,
     SymphasePluginWarning,
@@ -27,8 +25,10 @@ from framework.manager import (
     register_plugin,
     unregister_plugin,
 )
-from framework.experiment import Experiment
-from framework.io import load, load_experiment, save
+from framework.model import OrderParameters, TeacherStudent
+from framework.normalization import Backward, Normalization
+from framework.plugin import hookimpl
+from framework.registry import PluginError, Registry, UnknownNameError
 from framework.results import symphase_version
 
 __version__ = symphase_version()

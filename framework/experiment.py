@@ -156,7 +156,7 @@ class Experiment:
         """The initial order parameters every analyzer starts from."""
         if isinstance(self.init, OrderParameters):
             return self.init
-        K, M, N = self.model.K, self.model.M, self.init_N
+        K, N = self.model.K, self.init_N
         rng = self.rng(STREAM_INIT)
         B = realize_covariance(self.model.T, N, rng)
         J = self.init_scale * rng.standard_normal((K, N))

@@ -98,7 +98,7 @@ def get_plugin_manager(
     def add(obj: Any, name: str, source: str) -> None:
         try:
             pm.register(obj, name=name)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the rest
+        except Exception as exc:
             _warn(name, source, exc)
         else:
             sources[name] = source
@@ -110,7 +110,7 @@ def get_plugin_manager(
             source = _entry_point_source(ep)
             try:
                 obj = ep.load()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 _warn(ep.name, source, f"import failed: {type(exc).__name__}: {exc}")
                 continue
             add(obj, ep.name, source)
@@ -135,7 +135,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
             caller = pm.subset_hook_caller(hook, remove_plugins=others)
             try:
                 caller(registry=registry)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 _warn(name, registry.source, f"{hook} failed: {type(exc).__name__}: {exc}")
     registry.source = "runtime"
     return registry

@@ -1,0 +1,190 @@
+"""The normalization contract as a pytest base class (subclass it in your plugin's tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from framework.normalization import Normalization
+
+__all__ = ["NormalizationContract", "assert_directional_derivative"]
+
+K = 3
+BATCH = 5
+
+
+def assert_directional_derivative(
+    f: Callable[[np.ndarray], float],
+    point: np.ndarray,
+    gradient: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    directions: int = 4,
+    h: float = 1e-6,
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+) -> None:
+    """Check ``<gradient, v> == d/dt f(point + t v)`` by central differences.
+
+    The tolerance covers the O(h^2) truncation and O(eps/h) rounding of a central
+    difference at ``h = 1e-6`` for O(1) functions.
+    """
+    for _ in range(directions):
+        v = rng.standard_normal(point.shape)
+        numeric = (f(point + h * v) - f(point - h * v)) / (2 * h)
+        analytic = float(np.sum(gradient * v))
+        assert abs(numeric - analytic) <= atol + rtol * max(abs(numeric), abs(analytic), 1.0), (
+            f"directional derivative mismatch: finite difference {numeric!r}, "
+            f"gradient {analytic!r}"
+        )
+
+
+def _random_Q(rng: np.random.Generator, lead: tuple[int, ...] = ()) -> np.ndarray:
+    A = rng.standard_normal((*lead, K, K + 2))
+    return A @ np.swapaxes(A, -1, -2) / (K + 2) + 0.3 * np.eye(K)
+
+
+class NormalizationContract:
+    """Tests every normalization must pass. Provide a ``normalization`` fixture."""
+
+    @pytest.fixture
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(12345)
+
+    @pytest.fixture
+    def params(self, normalization: Normalization) -> dict[str, np.ndarray]:
+        return normalization.parameters(K)
+
+    @pytest.fixture
+    def x(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.standard_normal((2, BATCH, K))
+
+    @pytest.fixture
+    def stats(self, normalization: Normalization, rng: np.random.Generator) -> dict:
+        Q = _random_Q(rng, (2,))
+        return {k: v[:, None, :] for k, v in normalization.population_statistics(Q).items()}
+
+    # -- metadata ------------------------------------------------------------------
+    def test_metadata(self, normalization: Normalization) -> None:
+        assert isinstance(normalization.name, str) and normalization.name.isidentifier()
+        assert normalization.description.strip()
+        assert set(normalization.trainable) <= set(normalization.parameters(K))
+        again = type(normalization).from_dict(normalization.to_dict())
+        assert again == normalization
+
+    def test_parameters_shapes(self, normalization: Normalization, params: dict) -> None:
+        for name, value in params.items():
+            assert np.shape(value) == (K,), name
+
+    # -- forward -------------------------------------------------------------------
+    def test_forward_shape_and_determinism(
+        self, normalization: Normalization, x: np.ndarray, stats: dict, params: dict
+    ) -> None:
+        out = normalization.forward(x, stats, params)
+        assert out.shape == x.shape
+        assert np.all(np.isfinite(out))
+        np.testing.assert_array_equal(out, normalization.forward(x.copy(), stats, params))
+
+    # -- backward against finite differences ------------------------------------------
+    def test_backward_x(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+        g = rng.standard_normal(x.shape)
+        back = normalization.backward(x, stats, params, g)
+        assert back.x.shape == x.shape
+        assert_directional_derivative(
+            lambda z: float(np.sum(g * normalization.forward(z, stats, params))), x, back.x, rng
+        )
+
+    def test_backward_stats(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+        g = rng.standard_normal(x.shape)
+        back = normalization.backward(x, stats, params, g)
+        assert set(back.stats) == set(normalization.statistics_names)
+        for name in normalization.statistics_names:
+            grad = back.stats[name]
+            assert grad.shape == x.shape, name
+            reduced = np.sum(grad, axis=-2, keepdims=True)  # stats broadcast over the batch
+
+            def f(value: np.ndarray, name: str = name) -> float:
+                return float(np.sum(g * normalization.forward(x, {**stats, name: value}, params)))
+
+            assert_directional_derivative(f, stats[name], reduced, rng)
+
+    def test_backward_params(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+        g = rng.standard_normal(x.shape)
+        back = normalization.backward(x, stats, params, g)
+        for name in normalization.trainable:
+            grad = back.params[name]
+            assert grad.shape == x.shape, name
+            reduced = grad.reshape(-1, K).sum(axis=0)
+
+            def f(value: np.ndarray, name: str = name) -> float:
+                return float(np.sum(g * normalization.forward(x, stats, {**params, name: value})))
+
+            assert_directional_derivative(f, params[name], reduced, rng)
+
+    # -- statistics ----------------------------------------------------------------
+    def test_population_statistics_vjp(self, normalization, rng) -> None:  # type: ignore[no-untyped-def]
+        Q = _random_Q(rng, (2,))
+        stats = normalization.population_statistics(Q)
+        assert set(stats) == set(normalization.statistics_names)
+        weights = {k: rng.standard_normal(v.shape) for k, v in stats.items()}
+        for v in stats.values():
+            assert v.shape == (2, K)
+        grad = normalization.population_statistics_vjp(Q, weights)
+        assert grad.shape == Q.shape
+
+        def f(q: np.ndarray) -> float:
+            s = normalization.population_statistics(q)
+            return float(sum(np.sum(weights[k] * s[k]) for k in s))
+
+        assert_directional_derivative(f, Q, grad, rng)
+
+    def test_batch_statistics_vjp(self, normalization, x, rng) -> None:  # type: ignore[no-untyped-def]
+        stats = normalization.batch_statistics(x)
+        assert set(stats) == set(normalization.statistics_names)
+        for v in stats.values():
+            assert v.shape == (*x.shape[:-2], 1, K)
+        weights = {k: rng.standard_normal(v.shape) for k, v in stats.items()}
+        grad = normalization.batch_statistics_vjp(x, weights)
+        assert grad.shape == x.shape
+
+        def f(z: np.ndarray) -> float:
+            s = normalization.batch_statistics(z)
+            return float(sum(np.sum(weights[k] * s[k]) for k in s))
+
+        assert_directional_derivative(f, x, grad, rng)
+
+    # -- diagonal-scale fast path ----------------------------------------------------
+    def test_diagonal_scale(self, normalization, params, rng) -> None:  # type: ignore[no-untyped-def]
+        if not normalization.is_diagonal_scale():
+            pytest.skip(f"{normalization.name!r} is not of the diagonal-scale family")
+        Q = _random_Q(rng, (2,))
+        s = normalization.scale(Q, params)
+        assert s.shape == (2, K)
+        x = rng.standard_normal((2, BATCH, K))
+        stats = {k: v[:, None, :] for k, v in normalization.population_statistics(Q).items()}
+        np.testing.assert_allclose(
+            normalization.forward(x, stats, params), s[:, None, :] * x, rtol=1e-12, atol=1e-14
+        )
+        jac = normalization.scale_jacobian(Q, params)
+        assert jac.shape == (2, K, K, K)
+        w = rng.standard_normal((2, K))
+        assert_directional_derivative(
+            lambda q: float(np.sum(w * normalization.scale(q, params))),
+            Q,
+            np.einsum("ri,rijk->rjk", w, jac),
+            rng,
+        )
+
+    def test_scale_invariance(self, normalization, params, rng) -> None:  # type: ignore[no-untyped-def]
+        if not normalization.scale_invariant:
+            pytest.skip(f"{normalization.name!r} does not declare scale invariance")
+        Q = _random_Q(rng)
+        d = rng.uniform(0.3, 3.0, K)
+        x = rng.standard_normal((BATCH, K))
+        out = normalization.forward(x, normalization.population_statistics(Q), params)
+        scaled = normalization.forward(
+            d * x, normalization.population_statistics(Q * np.outer(d, d)), params
+        )
+        np.testing.assert_allclose(scaled, out, rtol=1e-12, atol=1e-13)
