@@ -29,7 +29,7 @@ from framework.model import OrderParameters, TeacherStudent
 from framework.normalization import Backward, Normalization
 from framework.plugin import hookimpl
 from framework.registry import PluginError, Registry, UnknownNameError
-from framework.results import symphase_version
+from framework.results import convention_attrs, symphase_version
 
 __version__ = symphase_version()
 
@@ -48,6 +48,7 @@ __all__ = [
     "TeacherStudent",
     "UnknownNameError",
     "__version__",
+    "convention_attrs",
     "get_activation",
     "get_analyzer",
     "get_normalization",

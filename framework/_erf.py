@@ -132,9 +132,14 @@ def I4(C: ArrayLike, a_idx: ArrayLike | None = None) -> NDArray[np.float64]:
     C_bc = C[a][None, :, :]  # (1, n, P)
     lam4 = one_aa * one_bb - C_ab**2  # (n, n, 1)
     # Lambda1 over (a, b, c); Lambda2 is the same array over (a, b, d).
-    lam1 = lam4 * (1.0 + np.diag(C)) - C_bc**2 * one_aa - C_ac**2 * one_bb + 2.0 * C_ab * C_ac * C_bc
+    lam1 = (
+        lam4 * (1.0 + np.diag(C))
+        - C_bc**2 * one_aa
+        - C_ac**2 * one_bb
+        + 2.0 * C_ab * C_ac * C_bc
+    )
     # Lambda0 over (a, b, c, d): indices c -> axis 2, d -> axis 3.
-    c_, d_ = (slice(None), slice(None), slice(None), None), (slice(None), slice(None), None, slice(None))
+    c_, d_ = (..., slice(None), None), (..., None, slice(None))
     lam0 = (
         lam4[..., None] * C[None, None]
         - C_bc[c_] * C_bc[d_] * one_aa[..., None]

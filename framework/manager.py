@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.activations",
     "plugins.normalizations",
     "plugins.analyzers",
+    "plugins.dynamics",
     "plugins.reproduce",
 )
 

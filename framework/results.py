@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from framework.analyzer import Analyzer
     from framework.experiment import Experiment
 
-__all__ = ["finalize", "flatten_attrs", "symphase_version"]
+__all__ = ["convention_attrs", "finalize", "flatten_attrs", "symphase_version"]
 
 
 def symphase_version() -> str:
@@ -64,6 +64,36 @@ def flatten_attrs(data: Mapping[str, Any], prefix: str = "") -> dict[str, str | 
         else:
             out[name] = _attr_value(value)
     return out
+
+
+CONVENTIONS = {
+    "convention_learning_rate": "J <- J - eta * grad_J eps: step eta/sqrt(N) along xi on weights "
+    "with O(1) components (gradient descent with rate eta in W = J/sqrt(N))",
+    "convention_time": "alpha = number of SGD steps / N",
+    "convention_output": "sum over hidden units, second-layer weights fixed to 1 "
+    "(no 1/K or 1/sqrt(K) factor)",
+    "convention_activation_input": "x = J xi / sqrt(N), xi ~ N(0, I_N)",
+    "convention_loss": "eps = (zeta - sigma)^2 / 2; eps_g = E[eps] including noise variance / 2",
+    "convention_minibatch": "gradient averaged over the batch (eta^2 term divided by batch size)",
+}
+
+
+def convention_attrs(experiment: Experiment) -> dict[str, str | int | float]:
+    """The shared conventions plus the experiment's training parameters, as attrs."""
+    return {
+        **CONVENTIONS,
+        "eta": experiment.eta,
+        "batch_size": experiment.batch_size,
+        "K": experiment.model.K,
+        "M": experiment.model.M,
+        "activation": experiment.model.activation,
+        "noise_variance": experiment.model.noise,
+        "normalization": experiment.normalization.name,
+        "init": experiment.init if isinstance(experiment.init, str) else "order_parameters",
+        "init_scale": experiment.init_scale,
+        "init_N": experiment.init_N,
+        "seed": experiment.seed,
+    }
 
 
 def finalize(dataset: xr.Dataset, experiment: Experiment, analyzer: Analyzer) -> xr.Dataset:

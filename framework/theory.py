@@ -27,6 +27,7 @@ __all__ = [
     "generalization_error",
     "generalization_error_batch",
     "has_closed_form",
+    "integrate",
     "ode_rhs",
     "scale_functions",
 ]
@@ -114,3 +115,45 @@ def ode_rhs(
         Q, R, model.T, scale(Q), jac(Q), eta,
         batch_size=batch_size, noise_var=model.noise, second_order=second_order,
     )
+
+
+def integrate(
+    model: TeacherStudent,
+    normalization: Normalization,
+    initial: OrderParameters,
+    *,
+    eta: float,
+    alpha: np.ndarray,
+    batch_size: int = 1,
+    rtol: float = 1e-10,
+    atol: float = 1e-12,
+    method: str = "DOP853",
+    second_order: bool = True,
+    max_value: float = 1e8,
+) -> _theory.TheoryTrajectory:
+    """Integrate the order-parameter ODE from ``initial`` and report on the grid ``alpha``.
+
+    Returns a :class:`TheoryTrajectory` (``alpha``, ``Q``, ``R``, ``eps_g``,
+    ``diverged``, ``alpha_diverged``, ``nfev``, ``message``): on divergence
+    (non-finite or huge values, ``Q`` losing positive definiteness) it stops and keeps
+    the grid points reached. ``max_value`` bounds ``|Q|, |R|`` entries: beyond it the
+    weights count as run away (divergent learning).
+    """
+    if not has_closed_form(model, normalization):
+        scale_functions(model, normalization)  # raises ClosedFormUnavailable
+    plain = not normalization.scale_invariant and _is_identity(model, normalization, initial)
+    scale, jac = (None, None) if plain else scale_functions(model, normalization)
+    return _theory.integrate_diagonal_scale(
+        initial.Q, initial.R, model.T, scale, jac,
+        eta=eta, batch_size=batch_size, noise_var=model.noise, alpha=np.asarray(alpha),
+        rtol=rtol, atol=atol, method=method, second_order=second_order, max_value=max_value,
+    )
+
+
+def _is_identity(
+    model: TeacherStudent, normalization: Normalization, op: OrderParameters
+) -> bool:
+    """True if ``s(Q) == 1`` with zero Jacobian at a probe point (the plain fast path)."""
+    scale, jac = scale_functions(model, normalization)
+    probe = op.Q + np.eye(model.K)
+    return bool(np.all(scale(probe) == 1.0) and np.all(jac(probe) == 0.0))
