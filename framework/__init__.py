@@ -30,6 +30,7 @@ from framework.normalization import Backward, Normalization
 from framework.plugin import hookimpl
 from framework.registry import PluginError, Registry, UnknownNameError
 from framework.results import convention_attrs, symphase_version
+from framework.sweep import Sweep, load_sweep, point_experiment, spec_hash
 
 __version__ = symphase_version()
 
@@ -44,6 +45,7 @@ __all__ = [
     "PluginError",
     "Registry",
     "SpecificationError",
+    "Sweep",
     "SymphasePluginWarning",
     "TeacherStudent",
     "UnknownNameError",
@@ -59,8 +61,11 @@ __all__ = [
     "list_normalizations",
     "load",
     "load_experiment",
+    "load_sweep",
+    "point_experiment",
     "refresh_plugins",
     "register_plugin",
     "save",
+    "spec_hash",
     "unregister_plugin",
 ]

@@ -173,6 +173,32 @@ class Experiment:
 
         return {a.name: finalize(a.run(self), self, a) for a in self.analyzers}
 
+    def sweep(
+        self,
+        grid: Mapping[str, Sequence[Any]] | None = None,
+        /,
+        *,
+        results_dir: Any = None,
+        scheduler: Any = None,
+        workers: int | None = None,
+        progress: bool | None = None,
+        retry_failed: bool = False,
+        **more: Sequence[Any],
+    ) -> dict[str, Any]:
+        """Run every analyzer over a grid; return ``{analyzer name: xarray.Dataset}``.
+
+        ``exp.sweep(eta=[0.1, 0.5], normalization=["plain", "batchnorm"])``, or a mapping
+        for keys with dots: ``exp.sweep({"dynamics.alpha_max": [50, 100]})``. The grid
+        keys become the leading dimensions. See :mod:`framework.sweep` for the keys,
+        storage under ``results_dir`` (resumable), ``scheduler`` and failures.
+        """
+        from framework.sweep import sweep
+
+        return sweep(
+            self, grid, results_dir=results_dir, scheduler=scheduler, workers=workers,
+            progress=progress, retry_failed=retry_failed, **more,
+        )
+
     def evolve(self, **changes: Any) -> Experiment:
         """A copy with some fields changed (validated again)."""
         return attrs.evolve(self, **changes)

@@ -1,12 +1,21 @@
 """The one module that reads and writes results (netCDF via xarray).
 
 Writes are atomic: the dataset goes to a temporary file in the destination folder,
-which is then renamed over the destination. Nothing is pickled and nothing is
-evaluated on load; the experiment is rebuilt from the JSON copy in the attrs.
+is flushed to disk, and is then renamed over the destination, so a reader (or a
+sweep resumed after a crash) sees either the old file, the new file, or no file,
+never a partial one. Nothing is pickled and nothing is evaluated on load; the
+experiment is rebuilt from the JSON copy in the attrs.
+
+Every stored file also opens with plain ``xarray.open_dataset``: attrs are strings
+and numbers (nested mappings flattened to ``a.b`` keys, sequences as JSON), boolean
+variables are int8 with ``symphase_dtype = "bool"`` (restored by :func:`load`),
+strings are netCDF strings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,43 +24,79 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from framework.results import _attr_value
+from framework.results import flatten_attrs
 
 __all__ = ["load", "load_experiment", "save"]
 
+_BOOL_MARK = "symphase_dtype"
+
 
 def _netcdf_safe(dataset: xr.Dataset) -> xr.Dataset:
-    ds = dataset.copy()
-    ds.attrs = {k: _attr_value(v) for k, v in ds.attrs.items()}
+    """A copy whose attrs, dtypes and encodings netCDF4 stores losslessly."""
+    ds = dataset.copy(deep=False)
+    ds.attrs = flatten_attrs(ds.attrs)
     for name in list(ds.variables):
-        var = ds[name]
-        var.attrs = {k: _attr_value(v) for k, v in var.attrs.items()}
+        var = ds.variables[name]
+        attrs = flatten_attrs(var.attrs)
         if var.dtype == bool:
-            ds[name] = var.astype(np.int8)
-            ds[name].attrs.update(var.attrs, symphase_dtype="bool")
+            var = var.astype(np.int8)
+            attrs[_BOOL_MARK] = "bool"
+        elif var.dtype.kind == "U":
+            var = var.astype(object)
+        var = var.copy(deep=False)
+        var.attrs = attrs
+        # Encodings inherited from a file we read (dtype, _FillValue, chunking) may no
+        # longer fit the data; xarray chooses fresh ones.
+        var.encoding = {}
+        if var.dtype.kind == "f":
+            var.encoding["_FillValue"] = None  # NaN is data here, not "missing"
+        if name in ds.indexes and name in ds.dims:
+            ds = ds.assign_coords({name: var})
+        else:
+            ds[name] = var
+    ds.encoding = {}
     return ds
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save(dataset: xr.Dataset, path: str | os.PathLike[str]) -> Path:
     """Write ``dataset`` to ``path`` (netCDF4) atomically and return the path.
 
-    Attrs are converted to strings and numbers; boolean variables are stored as int8
-    with ``symphase_dtype = "bool"`` and restored by :func:`load`.
+    Attrs are converted to strings and numbers (see the module docstring); boolean
+    variables are stored as int8 with ``symphase_dtype = "bool"`` and restored by
+    :func:`load`. The data is written to a temporary file next to ``path``, flushed to
+    disk and renamed over ``path``; on any error (or interruption) the temporary file is
+    removed and an existing ``path`` is left untouched.
     """
     from framework.manager import plugin_manager
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds = _netcdf_safe(dataset)
+    ds = _netcdf_safe(dataset.copy(deep=False).load())  # read before we replace a source
     plugin_manager().hook.symphase_before_save(dataset=ds, path=str(path))
+    ds = _netcdf_safe(ds)  # a hook may have added attrs or variables
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        ds.to_netcdf(tmp, engine="netcdf4")
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
@@ -60,15 +105,25 @@ def load(path: str | os.PathLike[str]) -> xr.Dataset:
     with xr.open_dataset(path, engine="netcdf4") as ds:
         out = ds.load()
     for name in list(out.variables):
-        if out[name].attrs.get("symphase_dtype") == "bool":
-            attrs = {k: v for k, v in out[name].attrs.items() if k != "symphase_dtype"}
-            out[name] = out[name].astype(bool)
-            out[name].attrs = attrs
+        var = out.variables[name]
+        if var.attrs.get(_BOOL_MARK) == "bool":
+            attrs = {k: v for k, v in var.attrs.items() if k != _BOOL_MARK}
+            new = var.astype(bool)
+            new.attrs = attrs
+            new.encoding = {}
+            if name in out.indexes and name in out.dims:
+                out = out.assign_coords({name: new})
+            else:
+                out[name] = new
     return out
 
 
 def load_experiment(path_or_dataset: Any) -> Any:
-    """Rebuild the :class:`~framework.Experiment` stored in a result's attrs."""
+    """Rebuild the :class:`~framework.Experiment` stored in a result's attrs.
+
+    For a sweep this is the base experiment; :func:`framework.point_experiment` rebuilds
+    the experiment of one grid point.
+    """
     from framework.experiment import Experiment
 
     ds = path_or_dataset if isinstance(path_or_dataset, xr.Dataset) else load(path_or_dataset)
@@ -78,4 +133,10 @@ def load_experiment(path_or_dataset: Any) -> Any:
         raise ValueError(
             "dataset has no 'symphase_spec_json' attr: it was not produced by an Experiment"
         ) from None
-    return Experiment.from_json(text)
+    if not isinstance(text, str):
+        raise ValueError(f"'symphase_spec_json' must be a JSON string, got {text!r}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"'symphase_spec_json' is not valid JSON: {exc}") from None
+    return Experiment.from_dict(data)

@@ -96,9 +96,14 @@ def convention_attrs(experiment: Experiment) -> dict[str, str | int | float]:
     }
 
 
-def finalize(dataset: xr.Dataset, experiment: Experiment, analyzer: Analyzer) -> xr.Dataset:
-    """Attach provenance attrs and fire ``symphase_dataset_created``."""
-    from framework.manager import plugin_manager, plugin_versions
+def provenance_attrs(experiment: Experiment, analyzer: Analyzer) -> dict[str, str | int | float]:
+    """The provenance attrs of a result of ``analyzer`` within ``experiment``.
+
+    ``symphase_version``, ``symphase_analyzer`` (+ ``_json``), ``symphase_normalization``,
+    ``symphase_spec_json`` (the full experiment), ``symphase_plugins`` and the flattened
+    ``spec.*`` copy. Sweeps use the same attrs for their base experiment.
+    """
+    from framework.manager import plugin_versions
 
     spec = experiment.to_dict()
     attrs: dict[str, Any] = {
@@ -110,6 +115,14 @@ def finalize(dataset: xr.Dataset, experiment: Experiment, analyzer: Analyzer) ->
         "symphase_plugins": json.dumps(plugin_versions(), sort_keys=True),
     }
     attrs.update(flatten_attrs(spec, prefix="spec."))
+    return attrs
+
+
+def finalize(dataset: xr.Dataset, experiment: Experiment, analyzer: Analyzer) -> xr.Dataset:
+    """Attach provenance attrs and fire ``symphase_dataset_created``."""
+    from framework.manager import plugin_manager
+
+    attrs = provenance_attrs(experiment, analyzer)
     for key, value in attrs.items():
         dataset.attrs.setdefault(key, value)
     dataset.attrs.update({k: _attr_value(v) for k, v in dataset.attrs.items()})
