@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.activations",
     "plugins.normalizations",
     "plugins.analyzers",
+    "plugins.simulation",
     "plugins.dynamics",
     "plugins.reproduce",
 )

@@ -1,0 +1,877 @@
+"""The ``simulation`` analyzer: finite-N online SGD of the teacher-student network.
+
+What it does
+------------
+For each of ``replicas`` independent runs it realises the experiment's initial
+order parameters (``Experiment.initial_order_parameters()``, or the ``initial``
+option) in dimension ``N`` with :meth:`OrderParameters.realize` -- so the student
+starts exactly where the ``dynamics`` ODE starts and the teacher has
+``B B^T / N = T`` exactly -- and runs online SGD on fresh Gaussian inputs, recording
+the order parameters ``Q``, ``R`` and the generalization error at the requested times.
+
+The update (DESIGN.md conventions). Per sample: ``x = J xi / sqrt N``,
+``y = B xi / sqrt N``, statistics ``stats``, ``x~ = n(x; stats, params)``,
+``sigma = sum_i g(x~_i)``, ``zeta = sum_n g(y_n) + sqrt(noise) * N(0, 1)``,
+``d loss / d x~ = -(zeta - sigma) g'(x~)``, then the normalization's
+``backward`` gives ``d loss / d x``, ``d loss / d stats`` and ``d loss / d params``.
+
+* ``statistics="population"``: ``stats = population_statistics(Q)`` with
+  ``Q = J J^T / N`` of the current weights; the statistics gradient is pulled back
+  with ``population_statistics_vjp`` to ``G = d loss / d Q`` and, as
+  ``dQ/dJ_i = (2/N) sym``, adds ``sum_k (G + G^T)_ik J_k / N`` to ``d loss / d J_i``.
+* ``statistics="batch"``: true minibatch statistics ``batch_statistics(x)`` of the
+  ``batch_size`` samples of a step, gradient through them with
+  ``batch_statistics_vjp`` (needs ``batch_size >= 2``).
+
+``grad_J = (d loss / d x)^T xi / sqrt N`` (+ the statistics path), averaged over the
+minibatch, and ``J <- J - eta * grad_J`` (a step ``eta / sqrt N`` along ``xi``).
+Trainable normalization parameters (``normalization.trainable``) take the step
+``theta <- theta - (eta / N) * (batch mean of d loss / d theta)``: ``eta / N`` per
+step so that they move on the ``alpha`` time scale like the order parameters.
+Time ``alpha = steps / N`` (a step is one minibatch).
+
+Randomness
+----------
+Replica ``r`` draws everything from ``experiment.rng(STREAM_SIMULATION, r)``: first
+the realisation of the initial weights, then two 64-bit keys, one for the input
+stream and one for the output noise. Inputs ``xi`` are a counter-based Gaussian
+stream of that key (SplitMix64 words through numpy's 256-layer ziggurat; normal
+number ``step * batch_size * N + b * N + n`` is component ``n`` of sample ``b`` of
+step ``step``); the noise of sample ``b`` of step ``step`` is normal number
+``step * batch_size + b`` of the noise stream. Same seed -> identical results;
+replicas are independent; results do not depend on the backend or on chunking.
+
+Backends
+--------
+``"numpy"``: the generic path, any registered normalization through its
+per-sample API, replicas advancing together as ``(replicas, K + M, N)`` arrays.
+``"numba"``: a compiled kernel for the erf activation with ``plain`` or
+``batchnorm`` (population statistics, fixed parameters), parallel over replicas.
+``"auto"`` picks the kernel when it applies. Both consume the same random stream
+and agree step for step (``tests/test_simulation.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+import xarray as xr
+
+from framework import (
+    Analyzer,
+    Experiment,
+    OrderParameters,
+    SpecificationError,
+    get_activation,
+    hookimpl,
+    theory,
+)
+from framework._validation import gt, integer, one_of
+from framework.experiment import STREAM_SIMULATION
+
+try:  # numba is optional (extra "fast")
+    import numba
+
+    HAVE_NUMBA = True
+    prange = numba.prange
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+    HAVE_NUMBA = False
+    prange = range
+
+__all__ = ["HAVE_NUMBA", "Simulation", "normals", "normals_numpy"]
+
+
+def njit(*args: Any, **kwargs: Any) -> Any:
+    """``numba.njit`` if numba is installed, else the identity decorator."""
+    if HAVE_NUMBA:
+        return numba.njit(*args, **kwargs)
+
+    def wrap(fn: Any) -> Any:
+        return fn
+
+    return wrap
+
+
+# ==================================================================================
+# Counter-based Gaussian input stream
+# ==================================================================================
+# A step needs N fresh normals but only ~6 K N flops, so the generator dominates:
+# numpy's PCG64 ziggurat costs ~10 ns a normal (~10 us a step at N = 1000). The stream
+# below costs ~2 ns a normal compiled, has no state to carry (normal i of a key is a
+# pure function of (key, i)), and has a vectorized numpy twin giving the same values,
+# so the kernel and the generic path consume identical inputs with or without numba.
+#   word(k, c)    = splitmix64_mix(k + (c + 1) * 0x9E3779B97F4A7C15)   (mod 2^64)
+#   uniform(k, c) = (word(k, c) >> 11) * 2^-53
+#   normal(key, i): numpy's 256-layer ziggurat fed with w0 = word(key, i); when the
+#   fast path rejects (0.7 %), further words come from word(w0, j), j = 0, 1, ...
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+_S11 = np.uint64(11)
+_S8 = np.uint64(8)
+_S1 = np.uint64(1)
+_ONE = np.uint64(1)
+_FF = np.uint64(0xFF)
+_MASK52 = np.uint64(0x000FFFFFFFFFFFFF)
+_TWO_M53 = 1.0 / 9007199254740992.0
+
+ZIG_R = 3.6541528853610088
+ZIG_INV_R = 1.0 / ZIG_R
+
+
+def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ki, wi, fi)`` of the 256-layer double ziggurat (Marsaglia & Tsang 2000)."""
+    m1 = 2.0**52
+    dn = tn = ZIG_R
+    vn = 0.00492867323399
+    ki = np.zeros(256, dtype=np.uint64)
+    wi = np.zeros(256)
+    fi = np.zeros(256)
+    q = vn / math.exp(-0.5 * dn * dn)
+    ki[0] = np.uint64(int((dn / q) * m1))
+    ki[1] = np.uint64(0)
+    wi[0] = q / m1
+    wi[255] = dn / m1
+    fi[0] = 1.0
+    fi[255] = math.exp(-0.5 * dn * dn)
+    for i in range(254, 0, -1):
+        dn = math.sqrt(-2.0 * math.log(vn / dn + math.exp(-0.5 * dn * dn)))
+        ki[i + 1] = np.uint64(int((dn / tn) * m1))
+        tn = dn
+        fi[i] = math.exp(-0.5 * dn * dn)
+        wi[i] = dn / m1
+    return ki, wi, fi
+
+
+KI, WI, FI = _ziggurat_tables()
+
+
+# ----------------------------------------------------------------------------------
+# numpy implementation (vectorized over arbitrary index arrays)
+# ----------------------------------------------------------------------------------
+def _mix_np(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+def _word_np(k: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return _mix_np(k + (c + _ONE) * _GAMMA)
+
+
+def _unpack_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = (w & _FF).astype(np.intp)
+    r = w >> _S8
+    rabs = (r >> _S1) & _MASK52
+    x = rabs.astype(np.float64) * WI[idx]
+    x = np.where((r & _ONE) == _ONE, -x, x)
+    return idx, rabs, x
+
+
+def normals_numpy(keys: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Normals ``start .. start+count-1`` of each stream; shape ``(len(keys), count)``."""
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 1)
+    c = np.arange(start, start + count, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        w = _word_np(keys, c)
+        idx, rabs, x = _unpack_np(w)
+        out = x
+        bad = np.nonzero(rabs >= KI[idx])
+        if bad[0].size:
+            out = x.copy()
+            out[bad] = _slow_np(w[bad])
+    return out
+
+
+def _slow_np(w0: np.ndarray) -> np.ndarray:
+    """The ziggurat's slow path for the words ``w0`` the fast path rejected."""
+    k2 = w0.copy()
+    w = w0.copy()
+    j = np.zeros(w0.shape, dtype=np.uint64)
+    out = np.empty(w0.shape)
+    active = np.arange(w0.size)
+    while active.size:
+        kk, jj, ww = k2[active], j[active], w[active]
+        idx, rabs, x = _unpack_np(ww)
+        tail = idx == 0
+        done = np.zeros(active.size, dtype=bool)
+        val = np.zeros(active.size)
+        # tail: one pair attempt
+        if np.any(tail):
+            t = np.nonzero(tail)[0]
+            u1 = (_word_np(kk[t], jj[t]) >> _S11).astype(np.float64) * _TWO_M53
+            u2 = (_word_np(kk[t], jj[t] + _ONE) >> _S11).astype(np.float64) * _TWO_M53
+            jj[t] += np.uint64(2)
+            xx = -ZIG_INV_R * np.log1p(-u1)
+            yy = -np.log1p(-u2)
+            acc = yy + yy > xx * xx
+            neg = ((rabs[t] >> _S8) & _ONE) == _ONE
+            val[t] = np.where(neg, -(ZIG_R + xx), ZIG_R + xx)
+            done[t] = acc
+        # wedge: one attempt, then a fresh word with its fast-path test
+        if np.any(~tail):
+            e = np.nonzero(~tail)[0]
+            ie = idx[e]
+            u = (_word_np(kk[e], jj[e]) >> _S11).astype(np.float64) * _TWO_M53
+            jj[e] += _ONE
+            acc = (FI[ie - 1] - FI[ie]) * u + FI[ie] < np.exp(-0.5 * x[e] * x[e])
+            val[e] = x[e]
+            done[e] = acc
+            r = e[~acc]
+            if r.size:
+                nw = _word_np(kk[r], jj[r])
+                jj[r] += _ONE
+                ww[r] = nw
+                nidx, nrabs, nx = _unpack_np(nw)
+                fast = nrabs < KI[nidx]
+                val[r] = nx
+                done[r] = fast
+        out[active[done]] = val[done]
+        j[active] = jj
+        w[active] = ww
+        active = active[~done]
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# compiled implementation (scalar; identical values)
+# ----------------------------------------------------------------------------------
+@njit(inline="always", cache=True)
+def _mix_nb(z):  # type: ignore[no-untyped-def]
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@njit(inline="always", cache=True)
+def _word_nb(k, c):  # type: ignore[no-untyped-def]
+    return _mix_nb(k + (c + _ONE) * _GAMMA)
+
+
+@njit(cache=True)
+def _slow_nb(w0):  # type: ignore[no-untyped-def]
+    # The tables are globals, frozen as constants: passing them as arguments costs
+    # reference counting on every call (7x slower).
+    k2 = w0
+    w = w0
+    j = np.uint64(0)
+    while True:
+        idx = np.intp(w & _FF)
+        r = w >> _S8
+        rabs = (r >> _S1) & _MASK52
+        x = np.float64(rabs) * WI[idx]
+        if (r & _ONE) == _ONE:
+            x = -x
+        if idx == 0:
+            while True:
+                u1 = np.float64(_word_nb(k2, j) >> _S11) * _TWO_M53
+                u2 = np.float64(_word_nb(k2, j + _ONE) >> _S11) * _TWO_M53
+                j += np.uint64(2)
+                xx = -ZIG_INV_R * math.log1p(-u1)
+                yy = -math.log1p(-u2)
+                if yy + yy > xx * xx:
+                    if ((rabs >> _S8) & _ONE) == _ONE:
+                        return -(ZIG_R + xx)
+                    return ZIG_R + xx
+        else:
+            u = np.float64(_word_nb(k2, j) >> _S11) * _TWO_M53
+            j += _ONE
+            if (FI[idx - 1] - FI[idx]) * u + FI[idx] < math.exp(-0.5 * x * x):
+                return x
+        w = _word_nb(k2, j)
+        j += _ONE
+        idx = np.intp(w & _FF)
+        r = w >> _S8
+        rabs = (r >> _S1) & _MASK52
+        x = np.float64(rabs) * WI[idx]
+        if (r & _ONE) == _ONE:
+            x = -x
+        if rabs < KI[idx]:
+            return x
+
+
+@njit(inline="always", cache=True)
+def normal_nb(key, i):  # type: ignore[no-untyped-def]
+    """Normal number ``i`` (uint64) of stream ``key`` (uint64)."""
+    w = _word_nb(key, i)
+    idx = np.intp(w & _FF)
+    r = w >> _S8
+    rabs = (r >> _S1) & _MASK52
+    x = np.float64(rabs) * WI[idx]
+    if (r & _ONE) == _ONE:
+        x = -x
+    if rabs < KI[idx]:
+        return x
+    return _slow_nb(w)
+
+
+@njit(parallel=True, cache=True)
+def _fill_nb(keys, start, out):  # type: ignore[no-untyped-def]
+    P, count = out.shape
+    for p in prange(P):
+        key = keys[p]
+        for c in range(count):
+            out[p, c] = normal_nb(key, start + np.uint64(c))
+
+
+def normals(keys: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Like :func:`normals_numpy` (same values), compiled when numba is installed."""
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+    if not HAVE_NUMBA:
+        return normals_numpy(keys, start, count)
+    out = np.empty((keys.size, count))
+    _fill_nb(keys, np.uint64(start), out)
+    return out
+
+
+# ==================================================================================
+# Compiled kernel: erf activation, plain or batchnorm with population statistics
+# ==================================================================================
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _advance_one(W, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, bn, gamma,
+                 beta, bn_eps):  # type: ignore[no-untyped-def]
+    KM, N = W.shape
+    M = KM - K
+    inv_sqn = 1.0 / math.sqrt(N)
+    xi = np.empty((batch, N))
+    pre = np.empty((batch, KM))
+    ca = np.empty((batch, K))
+    xt = np.empty(K)
+    q = np.ones(K)
+    G = np.zeros(K)
+    if bn:
+        for k in range(K):
+            acc = 0.0
+            for n in range(N):
+                acc += W[k, n] * W[k, n]
+            q[k] = acc / N
+    per_step = np.uint64(batch * N)
+    c = eta * inv_sqn / batch
+    for s in range(nsteps):
+        step = step0 + np.uint64(s)
+        base = step * per_step
+        for b in range(batch):
+            off = base + np.uint64(b * N)
+            for n in range(N):
+                xi[b, n] = normal_nb(key, off + np.uint64(n))
+            for u in range(KM):
+                acc = 0.0
+                for n in range(N):
+                    acc += W[u, n] * xi[b, n]
+                pre[b, u] = acc * inv_sqn
+        for k in range(K):
+            G[k] = 0.0
+        for b in range(batch):
+            zeta = 0.0
+            for m in range(M):
+                zeta += math.erf(pre[b, K + m] * _INV_SQRT2)
+            if noise_sd > 0.0:
+                zeta += noise_sd * normal_nb(
+                    key_noise, step * np.uint64(batch) + np.uint64(b)
+                )
+            sigma = 0.0
+            for k in range(K):
+                if bn:
+                    xt[k] = gamma[k] / math.sqrt(q[k] + bn_eps) * pre[b, k] + beta[k]
+                else:
+                    xt[k] = pre[b, k]
+                sigma += math.erf(xt[k] * _INV_SQRT2)
+            err = zeta - sigma
+            for k in range(K):
+                d = err * _SQRT_2_OVER_PI * math.exp(-0.5 * xt[k] * xt[k])
+                if bn:
+                    v = q[k] + bn_eps
+                    sc = gamma[k] / math.sqrt(v)
+                    ca[b, k] = c * d * sc
+                    # d loss / d Q_kk = d * gamma * x / (2 v^1.5)
+                    G[k] += 0.5 * d * gamma[k] * pre[b, k] / (v * math.sqrt(v))
+                else:
+                    ca[b, k] = c * d
+        # loops over n innermost (vectorized)
+        for k in range(K):
+            if bn:
+                shrink = 1.0 - 2.0 * eta * G[k] / (batch * N)
+                for n in range(N):
+                    W[k, n] *= shrink
+            for b in range(batch):
+                cb = ca[b, k]
+                for n in range(N):
+                    W[k, n] += cb * xi[b, n]
+            if bn:
+                acc = 0.0
+                for n in range(N):
+                    acc += W[k, n] * W[k, n]
+                q[k] = acc / N
+
+
+@njit(parallel=True, cache=True)
+def _advance_nb(W, K, keys, keys_noise, step0, nsteps, batch, eta, noise_sd, bn, gamma,
+                beta, bn_eps):  # type: ignore[no-untyped-def]
+    for p in prange(W.shape[0]):
+        _advance_one(W[p], K, keys[p], keys_noise[p], step0, nsteps, batch, eta, noise_sd,
+                     bn, gamma, beta, bn_eps)
+
+
+# ==================================================================================
+# The analyzer
+# ==================================================================================
+#: Errors of framework.theory that send eps_g to the Monte Carlo fallback.
+_THEORY_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(theory, "ClosedFormUnavailable", None),
+                getattr(theory, "AccuracyError", None)) if isinstance(e, type)
+)
+
+#: Seed of the fixed Gaussian sample of the Monte Carlo eps_g fallback.
+MC_SEED = 20200915
+
+
+def _alpha_grid(value: Any) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    out = tuple(float(a) for a in np.atleast_1d(np.asarray(value, dtype=float)))
+    if not out or not np.all(np.isfinite(out)) or min(out) < 0 or np.any(np.diff(out) < 0):
+        raise SpecificationError(
+            f"'alpha' must be a non-empty non-decreasing grid of finite values >= 0, "
+            f"got {value!r}"
+        )
+    return out
+
+
+def _to_initial(value: Any) -> OrderParameters | None:
+    if value is None or isinstance(value, OrderParameters):
+        return value
+    if isinstance(value, Mapping):
+        return OrderParameters.from_dict(value)
+    raise TypeError(f"'initial' must be None, OrderParameters or a mapping, got {value!r}")
+
+
+def _progress_default(progress: bool | None, work: float) -> bool:
+    if progress is not None:
+        return bool(progress)
+    return bool(sys.stderr.isatty()) and work > 2e9
+
+
+@attrs.frozen
+class Simulation(Analyzer):
+    """Finite-N online SGD, ``replicas`` independent runs advancing together.
+
+    Shared training settings (``eta``, ``batch_size``, ``init``, ``seed``) come from
+    the :class:`~framework.Experiment`; see the module docstring for the update, the
+    random streams and the backends.
+
+    Parameters
+    ----------
+    N : int
+        Input dimension (>= K + M).
+    alpha_max : float
+        Last recorded time (> 0) of the default grid of ``records`` equally spaced
+        times ``0 .. alpha_max``.
+    records : int
+        Number of recorded times of the default grid (>= 2).
+    alpha : sequence of float, optional
+        Explicit record times (non-decreasing, >= 0); overrides ``alpha_max`` and
+        ``records``. Each is rounded to a whole number of steps; the dataset's
+        ``alpha`` coordinate holds the times actually recorded (``steps / N``).
+    replicas : int
+        Number of independent runs (>= 1).
+    statistics : str
+        ``"population"`` (statistics from ``Q`` of the current weights) or ``"batch"``
+        (minibatch statistics; needs ``batch_size >= 2``).
+    initial : OrderParameters, optional
+        Start from these order parameters instead of the experiment's.
+    backend : str
+        ``"auto"``, ``"numpy"`` (generic) or ``"numba"`` (erf with plain/batchnorm,
+        population statistics).
+    mc_samples : int
+        Size of the fixed Gaussian sample of the Monte Carlo ``eps_g`` used when no
+        closed form applies (>= 1000).
+    progress : bool, optional
+        Show a tqdm progress bar; default: on long runs when stderr is a terminal.
+    """
+
+    name: ClassVar[str] = "simulation"
+    description: ClassVar[str] = "finite-N online SGD, replicas batched (erf kernel compiled)"
+
+    N: int = attrs.field(default=1000, validator=integer(minimum=1))
+    alpha_max: float = attrs.field(default=10.0, converter=float, validator=gt(0.0))
+    records: int = attrs.field(default=101, validator=integer(minimum=2))
+    alpha: tuple[float, ...] | None = attrs.field(default=None, converter=_alpha_grid)
+    replicas: int = attrs.field(default=8, validator=integer(minimum=1))
+    statistics: str = attrs.field(default="population",
+                                  validator=one_of("population", "batch"))
+    initial: OrderParameters | None = attrs.field(default=None, converter=_to_initial)
+    backend: str = attrs.field(default="auto", validator=one_of("auto", "numpy", "numba"))
+    mc_samples: int = attrs.field(default=100_000, validator=integer(minimum=1000))
+    progress: bool | None = attrs.field(default=None)
+
+    # -- specification ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["initial"] = None if self.initial is None else self.initial.to_dict()
+        out["alpha"] = None if self.alpha is None else list(self.alpha)
+        return out
+
+    def record_steps(self) -> np.ndarray:
+        """The recorded step numbers (sorted, unique)."""
+        grid = (np.linspace(0.0, self.alpha_max, self.records) if self.alpha is None
+                else np.asarray(self.alpha))
+        return np.unique(np.rint(grid * self.N).astype(np.int64))
+
+    def _kernel_applies(self, experiment: Experiment) -> str:
+        """'' if the compiled kernel applies, else the reason it does not."""
+        from plugins.normalizations import BatchNorm, Plain
+
+        act = get_activation(experiment.model.activation)
+        norm = experiment.normalization
+        if not HAVE_NUMBA:
+            return "numba is not installed"
+        if act.closed_form != "erf":
+            return f"activation {act.name!r} is not erf"
+        if type(norm) not in (Plain, BatchNorm):
+            return f"normalization {norm.name!r} has no compiled kernel"
+        if norm.trainable:
+            return f"normalization {norm.name!r} has trainable parameters"
+        if self.statistics != "population":
+            return "statistics='batch'"
+        return ""
+
+    def check(self, experiment: Experiment) -> None:
+        model = experiment.model
+        K, M = model.K, model.M
+        if self.N < K + M:
+            raise SpecificationError(f"'N' must be >= K + M = {K + M}, got {self.N}")
+        if self.statistics == "batch" and experiment.batch_size < 2:
+            raise SpecificationError(
+                f"'batch_size' must be >= 2 with statistics='batch' (minibatch statistics "
+                f"of one sample are degenerate), got {experiment.batch_size}"
+            )
+        if self.backend == "numba":
+            reason = self._kernel_applies(experiment)
+            if reason:
+                raise SpecificationError(
+                    f"'backend' must be 'auto' or 'numpy' here ({reason}), got 'numba'"
+                )
+        if self.initial is not None:
+            op = self.initial
+            if op.K != K or op.M != M:
+                raise SpecificationError(
+                    f"'initial' must have K={K}, M={M} like the model, got K={op.K}, M={op.M}"
+                )
+            if not np.allclose(op.T, model.T, rtol=1e-10, atol=1e-12):
+                raise SpecificationError("'initial.T' must equal the model's T")
+
+    # -- running ---------------------------------------------------------------------
+    def run(self, experiment: Experiment) -> xr.Dataset:
+        self.check(experiment)
+        model, norm = experiment.model, experiment.normalization
+        K, M, N, P = model.K, model.M, self.N, self.replicas
+        B = experiment.batch_size
+        op = self.initial if self.initial is not None else experiment.initial_order_parameters()
+        reason = self._kernel_applies(experiment)
+        use_kernel = self.backend == "numba" or (self.backend == "auto" and not reason)
+
+        # initial weights and stream keys, replica by replica
+        W = np.empty((P, K + M, N))
+        keys = np.empty((P, 2), dtype=np.uint64)
+        for r in range(P):
+            rng = experiment.rng(STREAM_SIMULATION, r)
+            J0, B0 = op.realize(N, rng)
+            W[r, :K], W[r, K:] = J0, B0
+            keys[r] = rng.integers(0, 2**64 - 1, size=2, dtype=np.uint64, endpoint=True)
+        params = {name: np.broadcast_to(np.asarray(v, dtype=float), (P, 1, K)).copy()
+                  for name, v in norm.parameters(K).items()}
+        trainable = tuple(norm.trainable)
+
+        steps = self.record_steps()
+        A = steps.size
+        Qs = np.empty((P, A, K, K))
+        Rs = np.empty((P, A, K, M))
+        phist = {name: np.empty((P, A, K)) for name in trainable}
+
+        stepper = _KernelStepper(self, experiment, W, keys, params) if use_kernel else \
+            _GenericStepper(self, experiment, W, keys, params)
+        pbar = _progress_bar(_progress_default(self.progress, float(steps[-1]) * P * N * B),
+                             int(steps[-1]))
+        step = 0
+        try:
+            for a, target in enumerate(steps):
+                while step < target:
+                    n = min(int(target) - step, stepper.chunk)
+                    stepper.advance(step, n)
+                    step += n
+                    if pbar is not None:
+                        pbar.update(n)
+                J, Bt = W[:, :K], W[:, K:]
+                Qs[:, a] = J @ J.transpose(0, 2, 1) / N
+                Rs[:, a] = J @ Bt.transpose(0, 2, 1) / N
+                for name in trainable:
+                    phist[name][:, a] = params[name][:, 0]
+        finally:
+            if pbar is not None:
+                pbar.close()
+
+        eps, eps_attrs = self._generalization_error(experiment, Qs, Rs, phist)
+        return self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist,
+                             "numba" if use_kernel else "numpy")
+
+    # -- generalization error ----------------------------------------------------------
+    def _generalization_error(
+        self, experiment: Experiment, Qs: np.ndarray, Rs: np.ndarray,
+        phist: dict[str, np.ndarray],
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        model, norm = experiment.model, experiment.normalization
+        if not phist and theory.has_closed_form(model, norm):
+            eps = theory.generalization_error_batch(model, norm, Qs, Rs)
+            return eps, {"method": "exact closed form (framework.theory."
+                                   "generalization_error_batch) at the order parameters "
+                                   "of the trained weights"}
+        try:  # the generic expectation engine of framework.theory, where available
+            params = {k: v for k, v in phist.items()} if phist else None
+            eps = theory.generalization_error_batch(model, norm, Qs, Rs, engine="generic",
+                                                    params=params)
+        except (TypeError, NotImplementedError, *_THEORY_ERRORS) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            return np.asarray(eps, dtype=float), {
+                "method": "framework.theory.generalization_error_batch(engine='generic') "
+                          "at the recorded order parameters and parameters"}
+        eps = _eps_g_monte_carlo(model, norm, Qs, Rs, phist, self.mc_samples)
+        note = (f"Monte Carlo over a fixed sample of {self.mc_samples} Gaussian (x, y) "
+                f"(seed {MC_SEED}, common to all entries) with population statistics "
+                f"and the recorded parameters; fallback because the theory raised {why}")
+        return eps, {"method": note}
+
+    # -- dataset -------------------------------------------------------------------------
+    def _dataset(self, experiment: Experiment, steps: np.ndarray, Qs: np.ndarray,
+                 Rs: np.ndarray, eps: np.ndarray, eps_attrs: dict[str, Any],
+                 phist: dict[str, np.ndarray], backend: str) -> xr.Dataset:
+        model = experiment.model
+        K, M, N, P = model.K, model.M, self.N, self.replicas
+        alpha = steps / N
+        coords = {
+            "replica": np.arange(P),
+            "alpha": xr.DataArray(alpha, dims="alpha",
+                                  attrs={"long_name": "time alpha = steps / N", "units": "1"}),
+            "step": xr.DataArray(steps, dims="alpha",
+                                 attrs={"long_name": "number of SGD steps", "units": "1"}),
+            "student": np.arange(K),
+            "student_": np.arange(K),
+            "teacher": np.arange(M),
+        }
+
+        def mean_sem(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            mean = arr.mean(axis=0)
+            if P < 2:
+                return mean, np.full(mean.shape, np.nan)
+            return mean, arr.std(axis=0, ddof=1) / np.sqrt(P)
+
+        def var(data: np.ndarray, dims: tuple[str, ...], long_name: str,
+                **extra: Any) -> xr.DataArray:
+            return xr.DataArray(data, dims=dims,
+                                attrs={"long_name": long_name, "units": "1", **extra})
+
+        dQ = ("student", "student_")
+        dR = ("student", "teacher")
+        ds = xr.Dataset(coords=coords)
+        ds["eps_g"] = var(eps, ("replica", "alpha"), "generalization error of each replica",
+                          **eps_attrs)
+        ds["Q"] = var(Qs, ("replica", "alpha", *dQ), "student-student overlap Q = J J^T / N")
+        ds["R"] = var(Rs, ("replica", "alpha", *dR), "student-teacher overlap R = J B^T / N")
+        for name, data, dims in (("eps_g", eps, ()), ("Q", Qs, dQ), ("R", Rs, dR)):
+            mean, sem = mean_sem(data)
+            ds[f"{name}_mean"] = var(mean, ("alpha", *dims), f"replica mean of {name}")
+            ds[f"{name}_sem"] = var(sem, ("alpha", *dims),
+                                    f"standard error of the replica mean of {name} "
+                                    f"(std with ddof=1 / sqrt(replicas); NaN for 1 replica)")
+        for name, data in phist.items():
+            ds[f"param_{name}"] = var(data, ("replica", "alpha", "student"),
+                                      f"trainable normalization parameter {name}")
+        try:
+            from framework import convention_attrs  # type: ignore[attr-defined]
+        except ImportError:  # pragma: no cover - older framework
+            conventions: dict[str, Any] = {}
+        else:
+            conventions = dict(convention_attrs(experiment))
+        ds.attrs.update(conventions)
+        ds.attrs.update({
+            "N": N,
+            "replicas": P,
+            "eta": experiment.eta,
+            "batch_size": experiment.batch_size,
+            "statistics": self.statistics,
+            "backend": backend,
+            "learning_rate_scaling": "J <- J - eta * (batch mean of grad_J loss): a step "
+                                     "eta/sqrt(N) along xi on weights with O(1) components",
+            "normalization_parameter_step": "theta <- theta - (eta/N) * (batch mean of "
+                                            "d loss/d theta) per step (alpha time scale)",
+            "time": "alpha = steps / N (one step = one minibatch)",
+            "output": "sum over units, unit second-layer weights",
+            "statistics_meaning": (
+                "population: stats from Q = J J^T/N of the current weights, gradient "
+                "through them; batch: minibatch statistics, gradient through them"
+            ) if experiment.normalization.statistics_names else "normalization has none",
+            "eps_g_statistics": "population statistics of the recorded weights",
+            "init": ("analyzer option 'initial'" if self.initial is not None else
+                     "Experiment.initial_order_parameters() realised in dimension N with "
+                     "OrderParameters.realize (teacher B B^T/N = T exactly)"),
+            "random_streams": "replica r: experiment.rng(STREAM_SIMULATION=1, r) realises the "
+                              "weights then draws two uint64 keys of counter-based Gaussian "
+                              "streams (inputs, output noise); see plugins/simulation.py",
+        })
+        return ds
+
+
+class _KernelStepper:
+    """Advance all replicas with the compiled kernel."""
+
+    def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
+                 keys: np.ndarray, params: dict[str, np.ndarray]) -> None:
+        from plugins.normalizations import BatchNorm
+
+        norm = experiment.normalization
+        K = experiment.model.K
+        self.W, self.K = W, K
+        self.keys = np.ascontiguousarray(keys[:, 0])
+        self.keys_noise = np.ascontiguousarray(keys[:, 1])
+        self.batch = experiment.batch_size
+        self.eta = experiment.eta
+        self.noise_sd = math.sqrt(experiment.model.noise)
+        self.bn = isinstance(norm, BatchNorm)
+        self.gamma = np.ascontiguousarray(params["gamma"][0, 0]) if self.bn else np.ones(K)
+        self.beta = np.ascontiguousarray(params["beta"][0, 0]) if self.bn else np.zeros(K)
+        self.bn_eps = float(norm.eps) if self.bn else 0.0
+        # about 4e6 multiply-adds between returns to Python (progress bar updates)
+        self.chunk = max(1, int(4e6 // (W.shape[0] * W.shape[1] * W.shape[2] * self.batch)))
+
+    def advance(self, step0: int, nsteps: int) -> None:
+        if self.W.shape[0] == 1:  # one replica: stay on this thread (no parallel region)
+            _advance_one(self.W[0], self.K, self.keys[0], self.keys_noise[0],
+                         np.uint64(step0), nsteps, self.batch, self.eta, self.noise_sd,
+                         self.bn, self.gamma, self.beta, self.bn_eps)
+            return
+        _advance_nb(self.W, self.K, self.keys, self.keys_noise, np.uint64(step0), nsteps,
+                    self.batch, self.eta, self.noise_sd, self.bn, self.gamma, self.beta,
+                    self.bn_eps)
+
+
+class _GenericStepper:
+    """Advance all replicas with numpy through the normalization's per-sample API."""
+
+    def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
+                 keys: np.ndarray, params: dict[str, np.ndarray]) -> None:
+        self.W, self.params = W, params
+        self.norm = experiment.normalization
+        self.K = experiment.model.K
+        self.keys = keys
+        self.batch = experiment.batch_size
+        self.eta = experiment.eta
+        self.noise_sd = math.sqrt(experiment.model.noise)
+        act = get_activation(experiment.model.activation)
+        self.g, self.gprime = act.g, act.gprime
+        self.population = sim.statistics == "population"
+        self.stat_names = tuple(self.norm.statistics_names)
+        self.trainable = tuple(self.norm.trainable)
+        P, _, N = W.shape
+        # inputs are drawn in chunks of ~2^20 numbers (8 MB)
+        self.chunk = max(1, (1 << 20) // (P * N * self.batch))
+
+    def advance(self, step0: int, nsteps: int) -> None:
+        W, Bsz = self.W, self.batch
+        P, _, N = W.shape
+        xi_all = normals(self.keys[:, 0], step0 * Bsz * N, nsteps * Bsz * N)
+        xi_all = xi_all.reshape(P, nsteps, Bsz, N)
+        noise_all = None
+        if self.noise_sd > 0.0:
+            noise_all = normals(self.keys[:, 1], step0 * Bsz, nsteps * Bsz)
+            noise_all = noise_all.reshape(P, nsteps, Bsz)
+        for s in range(nsteps):
+            self._step(xi_all[:, s], None if noise_all is None else noise_all[:, s])
+
+    def _step(self, xi: np.ndarray, noise: np.ndarray | None) -> None:
+        W, K, Bsz, norm, params = self.W, self.K, self.batch, self.norm, self.params
+        N = W.shape[2]
+        inv_sqn = 1.0 / math.sqrt(N)
+        J = W[:, :K]
+        pre = np.matmul(xi, W.transpose(0, 2, 1)) * inv_sqn  # (P, B, K + M)
+        x, y = pre[..., :K], pre[..., K:]
+        zeta = self.g(y).sum(axis=-1)
+        if noise is not None:
+            zeta = zeta + self.noise_sd * noise
+        Q = None
+        stats: dict[str, np.ndarray] = {}
+        if self.stat_names:
+            if self.population:
+                Q = np.matmul(J, J.transpose(0, 2, 1)) / N
+                stats = {k: np.asarray(v)[:, None, :]
+                         for k, v in norm.population_statistics(Q).items()}
+            else:
+                stats = dict(norm.batch_statistics(x))
+        xt = norm.forward(x, stats, params)
+        err = zeta - self.g(xt).sum(axis=-1)
+        grad_out = -err[..., None] * self.gprime(xt)
+        bw = norm.backward(x, stats, params, grad_out)
+        dx = bw.x
+        if self.stat_names and not self.population:
+            dx = dx + norm.batch_statistics_vjp(
+                x, {k: bw.stats[k].sum(axis=1, keepdims=True) for k in self.stat_names})
+        grad = np.matmul(dx.transpose(0, 2, 1), xi) * (inv_sqn / Bsz)  # (P, K, N)
+        if Q is not None:
+            G = norm.population_statistics_vjp(
+                Q, {k: bw.stats[k].mean(axis=1) for k in self.stat_names})
+            grad += np.matmul(G + G.transpose(0, 2, 1), J) / N
+        for name in self.trainable:
+            params[name] -= (self.eta / N) * bw.params[name].mean(axis=1, keepdims=True)
+        J -= self.eta * grad
+
+
+def _progress_bar(show: bool, total: int) -> Any:
+    if not show:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+    return tqdm(total=total, unit="step", desc="simulation", file=sys.stderr)
+
+
+def _eps_g_monte_carlo(model: Any, norm: Any, Qs: np.ndarray, Rs: np.ndarray,
+                       phist: dict[str, np.ndarray], samples: int) -> np.ndarray:
+    """``eps_g`` by Monte Carlo over one fixed Gaussian sample (common random numbers)."""
+    K, M = model.K, model.M
+    act = get_activation(model.activation)
+    z = np.random.default_rng(MC_SEED).standard_normal((samples, K + M))
+    base = {k: np.asarray(v, dtype=float) for k, v in norm.parameters(K).items()}
+    P, A = Qs.shape[:2]
+    out = np.empty((P, A))
+    for p in range(P):
+        for a in range(A):
+            Q, R = Qs[p, a], Rs[p, a]
+            cov = np.block([[Q, R], [R.T, model.T]])
+            lam, vec = np.linalg.eigh(0.5 * (cov + cov.T))
+            u = z @ (vec * np.sqrt(np.clip(lam, 0.0, None))).T
+            x, y = u[:, :K], u[:, K:]
+            stats = {k: np.asarray(v)[None, :]
+                     for k, v in (norm.population_statistics(Q) if norm.statistics_names
+                                  else {}).items()}
+            params = {k: (phist[k][p, a] if k in phist else v) for k, v in base.items()}
+            diff = act.g(y).sum(axis=-1) - act.g(norm.forward(x, stats, params)).sum(axis=-1)
+            out[p, a] = 0.5 * np.mean(diff**2) + 0.5 * model.noise
+    return out
+
+
+@hookimpl
+def symphase_register_analyzers(registry):  # type: ignore[no-untyped-def]
+    registry.add_analyzer(Simulation)
