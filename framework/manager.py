@@ -45,6 +45,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.analyzers",
     "plugins.simulation",
     "plugins.dynamics",
+    "plugins.equilibrium",
     "plugins.reproduce",
 )
 
