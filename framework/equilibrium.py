@@ -820,7 +820,7 @@ def weight_space_hessian(
             f"the weight-space Hessian does not include trainable normalization parameters "
             f"yet; normalization {normalization.name!r} trains {list(normalization.trainable)}"
         )
-    if not getattr(normalization, "statistics_gradient", True):
+    if not normalization.statistics_gradient:
         raise NotImplementedError(
             f"normalization {normalization.name!r} passes no gradient through its statistics "
             "(statistics_gradient = False): its SGD drift is not the gradient of eps_g and its "

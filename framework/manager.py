@@ -42,6 +42,7 @@ __all__ = [
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.activations",
     "plugins.normalizations",
+    "plugins.normalizations_extra",
     "plugins.analyzers",
     "plugins.simulation",
     "plugins.dynamics",

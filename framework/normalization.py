@@ -23,7 +23,10 @@ under population statistics sets ``supports_diagonal_scale = True`` (or override
 :meth:`is_diagonal_scale` when it depends on the parameters) and implements
 :meth:`scale` and :meth:`scale_jacobian`; with the erf activation every
 expectation of the theory is then a closed form. ``scale_invariant = True``
-declares that ``n`` is invariant under rescaling each student vector ``J_i``.
+declares that ``n`` is invariant under rescaling each student vector ``J_i``;
+``statistics_gradient = False`` that no gradient flows through the statistics (a
+stop-gradient normalization); ``supports_batch_statistics = False`` that it has no
+minibatch mode.
 
 Shapes
 ------
@@ -84,6 +87,13 @@ class Normalization:
     supports_diagonal_scale: ClassVar[bool] = False
     #: True if the output is invariant under ``J_i -> c_i J_i`` (c_i > 0).
     scale_invariant: ClassVar[bool] = False
+    #: False if no gradient flows through the statistics by design (stop-gradient):
+    #: the statistics VJPs and ``scale_jacobian`` then return zeros, and the SGD drift
+    #: is not the gradient of ``eps_g`` (no Hessian analysis applies).
+    statistics_gradient: ClassVar[bool] = True
+    #: False if the normalization cannot use minibatch statistics
+    #: (``batch_statistics`` raises with the reason).
+    supports_batch_statistics: ClassVar[bool] = True
 
     # -- parameters -------------------------------------------------------------
     def parameters(self, K: int) -> dict[str, np.ndarray]:

@@ -1,9 +1,22 @@
 """Order-parameter theory for an (model, normalization) pair.
 
-This is the public face of the theory engine. It chooses the exact closed form
-(erf activation and a normalization of the diagonal-scale family,
-``x~_i = s_i(Q) x_i``) and otherwise raises :class:`ClosedFormUnavailable`
-(the generic numerical engine plugs in here).
+This is the public face of the theory engines. Every function takes ``engine``:
+
+* ``"auto"`` (default): the exact closed form when :func:`has_closed_form` (erf
+  activation, a normalization of the diagonal-scale family ``x~_i = s_i(Q) x_i``,
+  no trainable parameters), else the generic engine;
+* ``"closed_form"``: the closed form, or :class:`ClosedFormUnavailable`;
+* ``"generic"``: the generic expectation engine (:class:`ExpectationEngine`), which
+  evaluates the general ODE of DESIGN.md for any normalization and activation from
+  the normalization's per-sample ``forward``/``backward`` by randomized quasi-Monte
+  Carlo with common random numbers. Its accuracy is set by a :class:`Quadrature`
+  (``quadrature=``); when an error estimate exceeds the requested accuracy it raises
+  :class:`AccuracyError` rather than return noise.
+
+Trainable normalization parameters (``normalization.trainable``) are extra state,
+``dtheta/dalpha = -eta E[d eps / d theta]`` (the ``simulation`` analyzer's step
+``eta / N`` per sample); ``params=`` gives their current values (default: the
+normalization's initial ``parameters(K)``).
 
 Conventions: ``eps_g = E[(zeta - sigma)^2] / 2`` *including* the output noise
 variance ``model.noise / 2``; time ``alpha = steps / N``; learning rate ``eta`` as in
@@ -13,17 +26,34 @@ variance ``model.noise / 2``; time ``alpha = steps / N``; learning rate ``eta`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from framework import _theory
+from framework._generic import (
+    AccuracyError,
+    ExpectationEngine,
+    GenericRates,
+    GenericTrajectory,
+    Quadrature,
+)
+from framework._validation import SpecificationError
 from framework.manager import get_activation
 from framework.model import OrderParameters, TeacherStudent
 from framework.normalization import Normalization
 
 __all__ = [
+    "ENGINES",
+    "AccuracyError",
     "ClosedFormUnavailable",
+    "ExpectationEngine",
+    "GenericRates",
+    "GenericTrajectory",
+    "Quadrature",
+    "expectation_engine",
     "generalization_error",
     "generalization_error_batch",
     "has_closed_form",
@@ -35,28 +65,93 @@ __all__ = [
 ScaleFn = Callable[[np.ndarray], np.ndarray]
 
 
+#: Values of the ``engine`` argument.
+ENGINES = ("auto", "closed_form", "generic")
+
+
 class ClosedFormUnavailable(NotImplementedError):
     """No closed form applies to this (activation, normalization) pair."""
 
 
 def has_closed_form(model: TeacherStudent, normalization: Normalization) -> bool:
-    """True for the erf activation with a diagonal-scale normalization."""
+    """True for the erf activation with a diagonal-scale normalization without
+    trainable parameters (their dynamics has no closed form here)."""
     return (
         get_activation(model.activation).closed_form == "erf"
         and normalization.is_diagonal_scale()
+        and not normalization.trainable
     )
+
+
+def _use_generic(model: TeacherStudent, normalization: Normalization, engine: str) -> bool:
+    """Resolve ``engine``; raises for an unknown value or an impossible closed form."""
+    if engine not in ENGINES:
+        raise SpecificationError(
+            f"'engine' must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}"
+        )
+    if engine == "generic":
+        return True
+    closed = has_closed_form(model, normalization)
+    if engine == "closed_form" and not closed:
+        raise ClosedFormUnavailable(_no_closed_form(model, normalization))
+    return not closed
+
+
+def _no_closed_form(model: TeacherStudent, normalization: Normalization) -> str:
+    why = "has trainable parameters" if normalization.trainable and \
+        normalization.is_diagonal_scale() else "is not of the diagonal-scale family"
+    if get_activation(model.activation).closed_form != "erf":
+        why = f"activation {model.activation!r} has no closed form"
+    return (
+        f"no closed form for activation {model.activation!r} with normalization "
+        f"{normalization.name!r} ({why}; needs 'erf' and a diagonal-scale normalization "
+        f"with fixed parameters); use engine='generic'"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _engine_cached(
+    model: TeacherStudent, normalization: Normalization, quadrature: Quadrature
+) -> ExpectationEngine:
+    return ExpectationEngine(model, normalization, get_activation(model.activation), quadrature)
+
+
+def expectation_engine(
+    model: TeacherStudent,
+    normalization: Normalization,
+    quadrature: Quadrature | Mapping[str, Any] | None = None,
+) -> ExpectationEngine:
+    """The generic engine for this pair (cached per model, normalization, quadrature).
+
+    ``quadrature`` is a :class:`Quadrature`, a mapping of its options, or None
+    (defaults). The engine's ``rates(Q, R, params, eta=...)`` returns the right-hand
+    side with error estimates (:class:`GenericRates`), ``generalization_error(Q, R)``
+    returns ``(eps_g, error)``, ``integrate(...)`` a :class:`GenericTrajectory`.
+    """
+    if not isinstance(quadrature, Quadrature):
+        quadrature = Quadrature.from_dict(quadrature)
+    normalization.parameters(model.K)  # validates K for the normalization
+    try:
+        return _engine_cached(model, normalization, quadrature)
+    except TypeError:  # an unhashable plugin instance
+        return ExpectationEngine(
+            model, normalization, get_activation(model.activation), quadrature
+        )
 
 
 def scale_functions(
     model: TeacherStudent, normalization: Normalization
 ) -> tuple[ScaleFn, ScaleFn]:
-    """``(s(Q), ds/dQ(Q))`` of the normalization at its initial parameter values."""
+    """``(s(Q), ds/dQ(Q))`` of the normalization at its initial parameter values.
+
+    Only where the closed form applies (:func:`has_closed_form`); otherwise raises
+    :class:`ClosedFormUnavailable` -- callers use it as the gate of closed-form code,
+    so it never returns a scale the erf formulas would misuse. (The generic engine
+    needs no scale: ``expectation_engine`` / ``engine="generic"``.)
+    """
+    params = normalization.parameters(model.K)  # validates K for the normalization
     if not has_closed_form(model, normalization):
-        raise ClosedFormUnavailable(
-            f"no closed form for activation {model.activation!r} with normalization "
-            f"{normalization.name!r} (needs 'erf' and a diagonal-scale normalization)"
-        )
-    params = normalization.parameters(model.K)
+        raise ClosedFormUnavailable(_no_closed_form(model, normalization))
 
     def scale(Q: np.ndarray) -> np.ndarray:
         return normalization.scale(Q, params)
@@ -68,26 +163,60 @@ def scale_functions(
 
 
 def generalization_error(
-    model: TeacherStudent, normalization: Normalization, order_parameters: OrderParameters
+    model: TeacherStudent,
+    normalization: Normalization,
+    order_parameters: OrderParameters,
+    *,
+    engine: str = "auto",
+    params: Mapping[str, Any] | None = None,
+    quadrature: Quadrature | Mapping[str, Any] | None = None,
 ) -> float:
-    """Exact ``eps_g`` at the given order parameters (noise term included)."""
-    scale, _ = scale_functions(model, normalization)
+    """``eps_g`` at the given order parameters (noise term included).
+
+    Exact with the closed form; with the generic engine an estimate whose error is
+    within the quadrature's accuracy (else :class:`AccuracyError`). ``params``
+    (normalization parameter values) needs the generic engine.
+    """
     op = order_parameters
+    if params is not None or _use_generic(model, normalization, engine):
+        eng = expectation_engine(model, normalization, quadrature)
+        return eng.generalization_error(op.Q, op.R, params)[0]
+    scale, _ = scale_functions(model, normalization)
     return float(
         _theory.generalization_error(op.Q, op.R, op.T, scale(op.Q), noise_var=model.noise)
     )
 
 
 def generalization_error_batch(
-    model: TeacherStudent, normalization: Normalization, Q: np.ndarray, R: np.ndarray
+    model: TeacherStudent,
+    normalization: Normalization,
+    Q: np.ndarray,
+    R: np.ndarray,
+    *,
+    engine: str = "auto",
+    params: Mapping[str, Any] | None = None,
+    quadrature: Quadrature | Mapping[str, Any] | None = None,
 ) -> np.ndarray:
-    """``eps_g`` for stacks ``Q (..., K, K)``, ``R (..., K, M)``; returns shape ``(...)``."""
-    scale, _ = scale_functions(model, normalization)
+    """``eps_g`` for stacks ``Q (..., K, K)``, ``R (..., K, M)``; returns shape ``(...)``.
+
+    ``params`` maps parameter names to arrays ``(..., K)`` (or ``(K,)``), generic
+    engine only.
+    """
     Q = np.asarray(Q, dtype=float)
     R = np.asarray(R, dtype=float)
     lead = Q.shape[:-2]
     Qf = Q.reshape(-1, *Q.shape[-2:])
     Rf = R.reshape(-1, *R.shape[-2:])
+    if params is not None or _use_generic(model, normalization, engine):
+        eng = expectation_engine(model, normalization, quadrature)
+        pf = {k: np.broadcast_to(np.asarray(v, dtype=float), (*lead, model.K)).reshape(
+            -1, model.K) for k, v in (params or {}).items()}
+        vals = [
+            eng.generalization_error(q, r, {k: v[j] for k, v in pf.items()})[0]
+            for j, (q, r) in enumerate(zip(Qf, Rf, strict=True))
+        ]
+        return np.asarray(vals, dtype=float).reshape(lead)
+    scale, _ = scale_functions(model, normalization)
     out = np.array(
         [
             _theory.generalization_error(q, r, model.T, scale(q), noise_var=model.noise)
@@ -105,11 +234,21 @@ def ode_rhs(
     eta: float,
     batch_size: int = 1,
     second_order: bool = True,
+    *,
+    engine: str = "auto",
+    params: Mapping[str, Any] | None = None,
+    quadrature: Quadrature | Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(dQ/dalpha, dR/dalpha)`` of the general ODE (DESIGN.md) at ``(Q, R)``.
 
-    ``second_order=False`` drops the ``eta^2`` term (gradient-flow limit).
+    ``second_order=False`` drops the ``eta^2`` term (gradient-flow limit). For the
+    parameters' rates and the error estimates use
+    ``expectation_engine(...).rates(...)``.
     """
+    if params is not None or _use_generic(model, normalization, engine):
+        eng = expectation_engine(model, normalization, quadrature)
+        r = eng.rates(Q, R, params, eta=eta, batch_size=batch_size, second_order=second_order)
+        return r.dQ, r.dR
     scale, jac = scale_functions(model, normalization)
     return _theory.ode_rhs(
         Q, R, model.T, scale(Q), jac(Q), eta,
@@ -130,17 +269,36 @@ def integrate(
     method: str = "DOP853",
     second_order: bool = True,
     max_value: float = 1e8,
-) -> _theory.TheoryTrajectory:
+    engine: str = "auto",
+    params: Mapping[str, Any] | None = None,
+    quadrature: Quadrature | Mapping[str, Any] | None = None,
+    min_rtol: float = 1e-5,
+    min_atol: float = 1e-8,
+) -> _theory.TheoryTrajectory | GenericTrajectory:
     """Integrate the order-parameter ODE from ``initial`` and report on the grid ``alpha``.
 
     Returns a :class:`TheoryTrajectory` (``alpha``, ``Q``, ``R``, ``eps_g``,
-    ``diverged``, ``alpha_diverged``, ``nfev``, ``message``): on divergence
+    ``diverged``, ``alpha_diverged``, ``nfev``, ``message``, ``engine``): on divergence
     (non-finite or huge values, ``Q`` losing positive definiteness) it stops and keeps
     the grid points reached. ``max_value`` bounds ``|Q|, |R|`` entries: beyond it the
     weights count as run away (divergent learning).
+
+    With the generic engine the result is a :class:`GenericTrajectory`: the same
+    fields plus ``params`` (trajectories of the trainable parameters, starting from
+    ``params`` or the initial values), ``eps_g_error`` and ``quadrature``; its
+    integrator tolerances are at least ``min_rtol``/``min_atol`` (tighter ones only
+    resolve the quadrature's own error, ~1e-5 relative, at great cost). With an
+    activation with a kink (relu) the quadrature's right-hand side is only piecewise
+    smooth in the state (each sample's ``g'`` jumps as it crosses the kink): pass
+    ``rtol=1e-4`` or more, else the adaptive step size chases those jumps.
     """
-    if not has_closed_form(model, normalization):
-        scale_functions(model, normalization)  # raises ClosedFormUnavailable
+    if params is not None or _use_generic(model, normalization, engine):
+        eng = expectation_engine(model, normalization, quadrature)
+        return eng.integrate(
+            initial.Q, initial.R, eta=eta, alpha=np.asarray(alpha), params=params,
+            batch_size=batch_size, rtol=max(rtol, min_rtol), atol=max(atol, min_atol),
+            method=method, second_order=second_order, max_value=max_value,
+        )
     plain = not normalization.scale_invariant and _is_identity(model, normalization, initial)
     scale, jac = (None, None) if plain else scale_functions(model, normalization)
     return _theory.integrate_diagonal_scale(

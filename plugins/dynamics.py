@@ -105,7 +105,9 @@ class Dynamics(Analyzer):
         return out
 
     def check(self, experiment: Experiment) -> None:
-        theory.scale_functions(experiment.model, experiment.normalization)
+        # closed form or generic engine: every (activation, normalization) pair works;
+        # this validates the normalization against the model (e.g. layernorm's K >= 2)
+        theory.expectation_engine(experiment.model, experiment.normalization)
 
     def run(self, experiment: Experiment) -> xr.Dataset:
         grid = alpha_grid(self.alpha, self.alpha_max, self.n_points, self.alpha_min)
@@ -149,8 +151,18 @@ def trajectory_dataset(
                    "units": "1"},
         ),
     }
-    scale, _ = theory.scale_functions(experiment.model, experiment.normalization)
-    s = np.array([scale(q) if np.all(np.isfinite(q)) else np.full(K, np.nan) for q in Q])
+    generic = getattr(traj, "engine", "") == "generic"
+    if not generic:
+        scale, _ = theory.scale_functions(experiment.model, experiment.normalization)
+        s = np.array([scale(q) if np.all(np.isfinite(q)) else np.full(K, np.nan) for q in Q])
+    elif experiment.normalization.is_diagonal_scale():  # report s at the current params
+        norm, fixed = experiment.normalization, experiment.normalization.parameters(K)
+        s = np.full((n, K), np.nan)
+        for j in range(reached):
+            p = {**fixed, **{k: v[j] for k, v in traj.params.items()}}  # type: ignore[attr-defined]
+            s[j] = norm.scale(Q[j], p)
+    else:
+        s = np.ones((n, K))  # no per-unit scale outside the diagonal-scale family
     if not np.allclose(s[:reached], 1.0, rtol=0, atol=0):
         data["Q_norm"] = xr.DataArray(
             s[:, :, None] * Q * s[:, None, :], dims=("alpha", "student", "student_"),
@@ -161,6 +173,17 @@ def trajectory_dataset(
             s[:, :, None] * R, dims=("alpha", "student", "teacher"),
             attrs={"long_name": "normalized overlap s_i R_in", "units": "1"},
         )
+    if generic:
+        data["eps_g_error"] = xr.DataArray(
+            pad(traj.eps_g_error, ()), dims=("alpha",),  # type: ignore[attr-defined]
+            attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
+                                "replicates)", "units": "1"},
+        )
+        for k, v in traj.params.items():  # type: ignore[attr-defined]
+            data[f"param_{k}"] = xr.DataArray(
+                pad(v, (K,)), dims=("alpha", "student"),
+                attrs={"long_name": f"trainable normalization parameter {k}", "units": "1"},
+            )
     ds = xr.Dataset(
         data,
         coords={
@@ -170,7 +193,9 @@ def trajectory_dataset(
         },
         attrs={
             **convention_attrs(experiment),
-            "theory": "N -> infinity order-parameter ODE (closed-form erf integrals)",
+            "theory": "N -> infinity order-parameter ODE (" + (
+                "generic expectation engine: " + traj.quadrature.describe()  # type: ignore[attr-defined]
+                if generic else "closed-form erf integrals") + ")",
             "integrator": f"{analyzer.method} rtol={analyzer.rtol} atol={analyzer.atol}",  # type: ignore[attr-defined]
             "second_order": int(analyzer.second_order),  # type: ignore[attr-defined]
             "nfev": int(traj.nfev),  # type: ignore[attr-defined]

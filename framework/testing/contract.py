@@ -1,4 +1,23 @@
-"""The normalization contract as a pytest base class (subclass it in your plugin's tests)."""
+"""The normalization contract as a pytest base class (subclass it in your plugin's tests).
+
+Two optional class attributes of a normalization change what is checked:
+
+``statistics_gradient = False``
+    The statistics are constants in the backward pass (stop-gradient): the
+    vector-Jacobian products ``population_statistics_vjp`` and
+    ``batch_statistics_vjp`` (and ``scale_jacobian`` on the diagonal-scale fast path)
+    must be zero, instead of matching finite differences. Engines that chain them
+    (theory, simulation) then need no special case.
+``supports_batch_statistics = False``
+    There are no minibatch statistics (e.g. weight norm, whose statistic is a
+    property of the weights): ``batch_statistics`` must raise ``NotImplementedError``
+    with an explanation.
+
+The contract also runs the generic theory engine once on the normalization (finite,
+symmetric right-hand side) and, on the diagonal-scale fast path, checks that the
+generic engine and the closed form agree within the engine's error estimate -- which
+catches a ``scale`` inconsistent with ``forward``/``backward``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from framework.model import TeacherStudent
 from framework.normalization import Normalization
 
 __all__ = ["NormalizationContract", "assert_directional_derivative"]
@@ -39,6 +59,10 @@ def assert_directional_derivative(
             f"directional derivative mismatch: finite difference {numeric!r}, "
             f"gradient {analytic!r}"
         )
+
+
+def _statistics_gradient(normalization: Normalization) -> bool:
+    return bool(normalization.statistics_gradient)
 
 
 def _random_Q(rng: np.random.Generator, lead: tuple[int, ...] = ()) -> np.ndarray:
@@ -123,6 +147,15 @@ class NormalizationContract:
 
             assert_directional_derivative(f, params[name], reduced, rng)
 
+    def test_backward_is_linear_in_grad_out(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+        g1, g2 = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+        b1, b2 = (normalization.backward(x, stats, params, g) for g in (g1, g2))
+        b12 = normalization.backward(x, stats, params, 2.0 * g1 - 3.0 * g2)
+        np.testing.assert_allclose(b12.x, 2.0 * b1.x - 3.0 * b2.x, rtol=1e-10, atol=1e-12)
+        for name in normalization.statistics_names:
+            np.testing.assert_allclose(b12.stats[name], 2.0 * b1.stats[name] - 3.0 * b2.stats[name],
+                                       rtol=1e-10, atol=1e-12)
+
     # -- statistics ----------------------------------------------------------------
     def test_population_statistics_vjp(self, normalization, rng) -> None:  # type: ignore[no-untyped-def]
         Q = _random_Q(rng, (2,))
@@ -133,6 +166,9 @@ class NormalizationContract:
             assert v.shape == (2, K)
         grad = normalization.population_statistics_vjp(Q, weights)
         assert grad.shape == Q.shape
+        if not _statistics_gradient(normalization):
+            np.testing.assert_array_equal(grad, 0.0)
+            return
 
         def f(q: np.ndarray) -> float:
             s = normalization.population_statistics(q)
@@ -141,6 +177,10 @@ class NormalizationContract:
         assert_directional_derivative(f, Q, grad, rng)
 
     def test_batch_statistics_vjp(self, normalization, x, rng) -> None:  # type: ignore[no-untyped-def]
+        if not normalization.supports_batch_statistics:
+            with pytest.raises(NotImplementedError, match=normalization.name):
+                normalization.batch_statistics(x)
+            return
         stats = normalization.batch_statistics(x)
         assert set(stats) == set(normalization.statistics_names)
         for v in stats.values():
@@ -148,6 +188,9 @@ class NormalizationContract:
         weights = {k: rng.standard_normal(v.shape) for k, v in stats.items()}
         grad = normalization.batch_statistics_vjp(x, weights)
         assert grad.shape == x.shape
+        if not _statistics_gradient(normalization):
+            np.testing.assert_array_equal(grad, 0.0)
+            return
 
         def f(z: np.ndarray) -> float:
             s = normalization.batch_statistics(z)
@@ -169,6 +212,9 @@ class NormalizationContract:
         )
         jac = normalization.scale_jacobian(Q, params)
         assert jac.shape == (2, K, K, K)
+        if not _statistics_gradient(normalization):
+            np.testing.assert_array_equal(jac, 0.0)
+            return
         w = rng.standard_normal((2, K))
         assert_directional_derivative(
             lambda q: float(np.sum(w * normalization.scale(q, params))),
@@ -188,3 +234,37 @@ class NormalizationContract:
             d * x, normalization.population_statistics(Q * np.outer(d, d)), params
         )
         np.testing.assert_allclose(scaled, out, rtol=1e-12, atol=1e-13)
+
+    # -- the theory engines ------------------------------------------------------------
+    def _order_parameters(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        M = 2
+        A = rng.standard_normal((K + M, K + M + 2))
+        C = A @ A.T / (K + M + 2) + 0.3 * np.eye(K + M)
+        return C[:K, :K], C[:K, K:], C[K:, K:]
+
+    def test_generic_engine_runs(self, normalization, rng) -> None:  # type: ignore[no-untyped-def]
+        from framework import theory
+
+        Q, R, T = self._order_parameters(rng)
+        model = TeacherStudent(K, 2, T=T, noise=0.05)
+        engine = theory.expectation_engine(model, normalization, {"accuracy": 1.0})
+        r = engine.rates(Q, R, eta=0.3, second_order=False)
+        assert np.all(np.isfinite(r.dQ)) and np.all(np.isfinite(r.dR))
+        assert np.isfinite(r.eps_g) and r.eps_g >= 0.05 / 2 - 5 * r.eps_g_error
+        np.testing.assert_allclose(r.dQ, r.dQ.T, rtol=1e-12, atol=1e-14)
+        assert set(r.dparams) == set(normalization.trainable)
+
+    def test_generic_engine_matches_closed_form(self, normalization, rng) -> None:  # type: ignore[no-untyped-def]
+        from framework import theory
+
+        model_probe = TeacherStudent(K, 2)
+        if not theory.has_closed_form(model_probe, normalization):
+            pytest.skip(f"{normalization.name!r} has no closed form to compare with")
+        Q, R, T = self._order_parameters(rng)
+        model = TeacherStudent(K, 2, T=T, noise=0.05)
+        engine = theory.expectation_engine(model, normalization)
+        r = engine.rates(Q, R, eta=0.3)
+        dQ, dR = theory.ode_rhs(model, normalization, Q, R, 0.3, engine="closed_form")
+        # 6 standard errors (plus rounding): a deterministic test, rarely this close
+        assert np.all(np.abs(r.dQ - dQ) <= 6 * r.dQ_error + 1e-12), (r.dQ, dQ, r.dQ_error)
+        assert np.all(np.abs(r.dR - dR) <= 6 * r.dR_error + 1e-12), (r.dR, dR, r.dR_error)

@@ -1,0 +1,560 @@
+"""Generic expectation engine: the general order-parameter ODE for *any* normalization
+and *any* activation, by randomized quasi-Monte Carlo over the pre-activations.
+
+The closed-form engine (:mod:`framework._theory`) covers the erf activation with a
+normalization of the diagonal-scale family. Everything else -- layer norm, a learnable
+shift, weight norm with a trained gain, relu/tanh/linear activations, a user's plugin --
+comes here. Only the normalization's per-sample interface is used
+(:class:`~framework.Normalization`): ``population_statistics``, ``forward``,
+``backward`` and ``population_statistics_vjp``.
+
+Mathematics (DESIGN.md, "General ODE")
+--------------------------------------
+``(x, y) ~ N(0, Sigma)``, ``Sigma = [[Q, R], [R^T, T]]``; ``stats =
+population_statistics(Q)``; ``x~ = forward(x, stats, theta)``; ``e = sum_n g(y_n) -
+sum_i g(x~_i)`` (noise-free error); ``b = d sigma / d x`` etc. from ``backward`` with
+``grad_out = g'(x~)``. As ``backward`` is a vector-Jacobian product (linear in
+``grad_out``), the loss gradients are ``d eps / d . = -(e + nu) d sigma / d .`` with
+the output noise ``nu`` (variance ``model.noise``), which is averaged exactly::
+
+    a = -d eps / dx = (e + nu) b
+    E[a x^T] = E[e b x^T],  E[a y^T] = E[e b y^T]
+    E[a a^T] = E[e^2 b b^T] + noise * E[b b^T]
+    Gbar     = population_statistics_vjp(Q, E[d eps / d stats]),  C = -(Gbar + Gbar^T)
+    dR/dalpha     = eta (E[a y^T] + C R)
+    dQ/dalpha     = eta (E[a x^T] + E[x a^T] + C Q + Q C^T) + (eta^2 / B) E[a a^T]
+    dtheta/dalpha = -eta E[d eps / d theta]      (trainable parameters)
+    eps_g         = E[e^2] / 2 + noise / 2
+
+The parameter equation matches the ``simulation`` analyzer's update ``theta <- theta -
+(eta / N) * (batch mean of d loss / d theta)`` per step: with ``alpha = steps / N``
+the parameters move on the same time scale as ``Q`` and ``R`` and their ``eta^2``
+term vanishes as ``N -> infinity``.
+
+Quadrature
+----------
+``Sigma = L L`` with ``L`` the symmetric square root (eigen-decomposition, negative
+rounding eigenvalues clipped), which is smooth in ``(Q, R)`` on positive-definite
+states. The samples are ``u = z L`` for *fixed* standard-normal base points ``z``
+(common random numbers): ``replicates`` independently scrambled Sobol' sequences of
+``samples`` points each (method ``"sobol"``, randomized QMC) or pseudo-random points
+(``"montecarlo"``), mapped through the normal quantile function. Each estimate is the
+mean over replicates and its error estimate is the standard error of the replicate
+means (exact error propagation, since every output is linear in the replicate
+expectations). With smooth activations the RQMC error decreases roughly as
+``1 / samples``; an activation with kinks (relu) converges more slowly, and the
+right-hand side is then only piecewise smooth in the state (adaptive integrators
+should use a tolerance well above the quadrature error).
+
+If any expectation's error estimate exceeds ``accuracy * max(1, |value|)``,
+:class:`AccuracyError` is raised instead of returning noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+from scipy import special
+from scipy.integrate import BDF, DOP853, LSODA, RK45, Radau
+from scipy.stats import qmc
+
+from framework._validation import SpecificationError, gt, integer, one_of
+from framework.activation import Activation
+from framework.model import TeacherStudent
+from framework.normalization import Normalization
+
+__all__ = [
+    "AccuracyError",
+    "ExpectationEngine",
+    "GenericRates",
+    "GenericTrajectory",
+    "Quadrature",
+]
+
+_SOLVERS = {"DOP853": DOP853, "RK45": RK45, "LSODA": LSODA, "Radau": Radau, "BDF": BDF}
+
+
+class AccuracyError(ArithmeticError):
+    """The generic engine's error estimate exceeds the requested accuracy."""
+
+
+def _power_of_two(instance: Any, attribute: Any, value: int) -> None:
+    if instance.method == "sobol" and (value & (value - 1)) != 0:
+        raise SpecificationError(
+            f"'samples' must be a power of 2 with method='sobol', got {value} "
+            f"(e.g. {1 << max(value - 1, 1).bit_length()})"
+        )
+
+
+@attrs.frozen
+class Quadrature:
+    """Accuracy settings of the generic engine.
+
+    Parameters
+    ----------
+    samples : int
+        Points per replicate (a power of 2 for ``"sobol"``); default 4096.
+    replicates : int
+        Independent randomizations (>= 2); the error estimate is the standard error
+        of their means. Default 16.
+    accuracy : float
+        Largest acceptable error estimate of any expectation, as
+        ``accuracy * max(1, |value|)``; beyond it :class:`AccuracyError` is raised.
+        Default 5e-3 (smooth activations reach ~1e-5 with the default samples, relu
+        ~1e-3; an integrand of infinite variance fails).
+    method : str
+        ``"sobol"`` (scrambled Sobol', randomized QMC; default) or ``"montecarlo"``.
+    seed : int
+        Seed of the base points (fixed: results are deterministic and smooth in the
+        state).
+    """
+
+    METHODS: ClassVar[tuple[str, ...]] = ("sobol", "montecarlo")
+
+    method: str = attrs.field(default="sobol", validator=one_of("sobol", "montecarlo"))
+    samples: int = attrs.field(default=4096, validator=[integer(minimum=16), _power_of_two])
+    replicates: int = attrs.field(default=16, validator=integer(minimum=2))
+    accuracy: float = attrs.field(default=5e-3, converter=float, validator=gt(0.0))
+    seed: int = attrs.field(default=0, validator=integer(minimum=0))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Quadrature:
+        """Build from a mapping of options (``None``: defaults)."""
+        data = dict(data or {})
+        allowed = [f.name for f in attrs.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise SpecificationError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for quadrature; "
+                f"valid options: {', '.join(map(repr, allowed))}"
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    def describe(self) -> str:
+        kind = "randomized quasi-Monte Carlo (scrambled Sobol')" if self.method == "sobol" \
+            else "Monte Carlo"
+        return (f"{kind}: {self.replicates} replicates x {self.samples} points, seed "
+                f"{self.seed}; error = standard error of the replicate means; "
+                f"accuracy {self.accuracy:g}")
+
+
+@functools.lru_cache(maxsize=32)
+def _base_points(method: str, dim: int, samples: int, replicates: int, seed: int) -> np.ndarray:
+    """Standard-normal base points, shape ``(replicates, samples, dim)`` (shared: never
+    modify them)."""
+    seeds = np.random.SeedSequence([seed, dim, samples]).spawn(replicates)
+    out = np.empty((replicates, samples, dim))
+    for r, ss in enumerate(seeds):
+        rng = np.random.default_rng(ss)
+        if method == "sobol":
+            u = qmc.Sobol(d=dim, scramble=True, seed=rng).random_base2(int(math.log2(samples)))
+            out[r] = special.ndtri(np.clip(u, 1e-16, 1.0 - 1e-16))
+        else:
+            out[r] = rng.standard_normal((samples, dim))
+    return out  # kept writeable: numpy's matmul is ~20x slower on read-only operands
+
+
+def _sqrtm_psd(S: np.ndarray) -> np.ndarray | None:
+    """Symmetric square root of a PSD matrix; None if clearly indefinite or non-finite."""
+    if not np.all(np.isfinite(S)):
+        return None
+    S = 0.5 * (S + S.T)
+    lam, vec = np.linalg.eigh(S)
+    scale = max(float(np.max(np.abs(lam))), 1e-300)
+    if lam[0] < -1e-9 * scale:
+        return None
+    return (vec * np.sqrt(np.clip(lam, 0.0, None))) @ vec.T
+
+
+@dataclass(frozen=True)
+class GenericRates:
+    """Right-hand side of the ODE and ``eps_g`` at one state, with error estimates.
+
+    Every ``*_error`` is the standard error of the replicate means (same shape as its
+    value). ``dparams`` maps each trainable parameter name to ``dtheta/dalpha`` (K,).
+    """
+
+    dQ: np.ndarray
+    dR: np.ndarray
+    dparams: dict[str, np.ndarray]
+    eps_g: float
+    dQ_error: np.ndarray
+    dR_error: np.ndarray
+    dparams_error: dict[str, np.ndarray]
+    eps_g_error: float
+
+
+@dataclass(frozen=True)
+class GenericTrajectory:
+    """Result of :meth:`ExpectationEngine.integrate`.
+
+    The fields of :class:`framework._theory.TheoryTrajectory` (``alpha``, ``Q``,
+    ``R``, ``eps_g``, ``diverged``, ``alpha_diverged``, ``nfev``, ``message``,
+    ``engine`` = ``"generic"``) plus ``params`` (trainable parameter name -> array
+    ``(n, K)``), ``eps_g_error`` (``(n,)``) and the ``quadrature`` used.
+    """
+
+    alpha: np.ndarray
+    Q: np.ndarray
+    R: np.ndarray
+    eps_g: np.ndarray
+    diverged: bool
+    alpha_diverged: float
+    nfev: int
+    message: str
+    engine: str
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    eps_g_error: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    quadrature: Quadrature = field(default_factory=Quadrature)
+
+
+_NAMES = {
+    "eps": "eps_g",
+    "ax": "E[a x^T]",
+    "ay": "E[a y^T]",
+    "aa": "E[a a^T]",
+    "gs": "E[d eps / d stats] pulled back to Q",
+}
+
+
+class ExpectationEngine:
+    """The general ODE of one (model, normalization) pair by quadrature.
+
+    Parameters
+    ----------
+    model : TeacherStudent
+    normalization : Normalization
+    activation : Activation
+        The model's activation (``g`` and ``gprime`` are used).
+    quadrature : Quadrature, optional
+        Accuracy settings (default :class:`Quadrature()`).
+    """
+
+    def __init__(
+        self,
+        model: TeacherStudent,
+        normalization: Normalization,
+        activation: Activation,
+        quadrature: Quadrature | None = None,
+    ) -> None:
+        self.model = model
+        self.normalization = normalization
+        self.activation = activation
+        self.quadrature = quadrature if quadrature is not None else Quadrature()
+        self.K, self.M = model.K, model.M
+        self.T = np.asarray(model.T, dtype=float)
+        self.noise = float(model.noise)
+        self.trainable = tuple(normalization.trainable)
+        self.initial_params = {
+            k: np.asarray(v, dtype=float) for k, v in normalization.parameters(self.K).items()
+        }
+        q = self.quadrature
+        self._z = _base_points(q.method, self.K + self.M, q.samples, q.replicates, q.seed)
+
+    # -- parameters -------------------------------------------------------------------
+    def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Initial parameter values updated with ``overrides`` (each broadcast to (K,))."""
+        out = dict(self.initial_params)
+        for name, value in (overrides or {}).items():
+            if name not in out:
+                valid = ", ".join(map(repr, out)) or "none"
+                raise SpecificationError(
+                    f"unknown parameter {name!r} of normalization "
+                    f"{self.normalization.name!r}; parameters: {valid}"
+                )
+            out[name] = np.broadcast_to(np.asarray(value, dtype=float), (self.K,)).copy()
+        return out
+
+    # -- the expectations ----------------------------------------------------------------
+    def _replicate_moments(
+        self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray],
+        *, second_order: bool = True, gradients: bool = True,
+    ) -> dict[str, Any] | None:
+        """Per-replicate expectations (leading axis = replicate); None if invalid state."""
+        K = self.K
+        Sigma = np.block([[Q, R], [R.T, self.T]])
+        L = _sqrtm_psd(Sigma)
+        if L is None:
+            return None
+        z = self._z
+        Rn, n, _ = z.shape
+        # einsum, not matmul: a threaded BLAS gemm with an inner dimension of K + M is
+        # erratic (up to 30x slower) on a loaded machine
+        u = np.einsum("rnp,pq->rnq", z, L)
+        x, y = np.ascontiguousarray(u[..., :K]), np.ascontiguousarray(u[..., K:])
+        norm, act = self.normalization, self.activation
+        stats = norm.population_statistics(Q) if norm.statistics_names else {}
+        xt = norm.forward(x, stats, params)
+        e = act.g(y).sum(axis=-1) - act.g(xt).sum(axis=-1)  # (R, n)
+        out: dict[str, Any] = {"eps": 0.5 * np.mean(e * e, axis=1) + 0.5 * self.noise}
+        if not gradients:
+            return out
+        back = norm.backward(x, stats, params, act.gprime(xt))  # d sigma / d .
+        b = np.broadcast_to(back.x, x.shape)
+        ebT = np.ascontiguousarray(np.swapaxes(e[..., None] * b, 1, 2))  # (R, K, n)
+        au = ebT @ u / n  # E[a u^T] per replicate, (R, K, P)
+        out["ax"], out["ay"] = au[..., :K], au[..., K:]
+        if second_order:
+            aa = ebT @ np.swapaxes(ebT, 1, 2) / n
+            if self.noise:
+                bT = np.ascontiguousarray(np.swapaxes(b, 1, 2))
+                aa = aa + self.noise * (bT @ np.swapaxes(bT, 1, 2)) / n
+            out["aa"] = aa
+        if norm.statistics_names:
+            grad_stats = {
+                k: -np.mean(e[..., None] * np.broadcast_to(back.stats[k], x.shape), axis=1)
+                for k in norm.statistics_names
+            }
+            Qr = np.broadcast_to(Q, (Rn, K, K))
+            out["gs"] = np.asarray(norm.population_statistics_vjp(Qr, grad_stats), dtype=float)
+        else:
+            out["gs"] = np.zeros((Rn, K, K))
+        # -E[d eps / d theta] = E[e d sigma / d theta]  (= dtheta/dalpha / eta)
+        out["params"] = {
+            k: np.mean(e[..., None] * np.broadcast_to(back.params[k], x.shape), axis=1)
+            for k in self.trainable
+        }
+        return out
+
+    def _check(self, quantities: Mapping[str, np.ndarray]) -> None:
+        """Raise :class:`AccuracyError` if a standard error is beyond the accuracy.
+
+        ``quantities`` maps a readable name to per-replicate values (leading axis);
+        the message names the worst offender and lists the others.
+        """
+        acc = self.quadrature.accuracy
+        worst: tuple[float, str, tuple[int, ...], float, float] | None = None
+        failing = []
+        for name, values in quantities.items():
+            values = np.asarray(values)
+            mean = values.mean(axis=0)
+            err = values.std(axis=0, ddof=1) / math.sqrt(values.shape[0])
+            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(err))):
+                continue  # invalid states propagate as NaN; callers decide
+            ratio = np.ravel(err / (acc * np.maximum(1.0, np.abs(mean))))
+            j = int(np.argmax(ratio))
+            if ratio[j] > 1.0:
+                failing.append(name)
+                idx = tuple(int(i) for i in np.unravel_index(j, np.shape(mean))) \
+                    if np.ndim(mean) else ()
+                if worst is None or ratio[j] > worst[0]:
+                    worst = (float(ratio[j]), name, idx, float(np.ravel(err)[j]),
+                             float(np.ravel(mean)[j]))
+        if worst is None:
+            return
+        _, name, idx, err, mean = worst
+        q = self.quadrature
+        where = f" at entry {idx}" if idx else ""
+        others = [f for f in failing if f != name]
+        also = f" (also beyond: {', '.join(others)})" if others else ""
+        raise AccuracyError(
+            f"generic engine: the error estimate of {name}{where} is {err:.3g} "
+            f"(value {mean:.6g}), above accuracy={acc:g} * max(1, |value|){also}, with "
+            f"{q.replicates} x {q.samples} {q.method} points for normalization "
+            f"{self.normalization.name!r} and activation {self.activation.name!r}; "
+            f"increase 'samples' or relax 'accuracy' (or the integrand has infinite "
+            f"variance here)"
+        )
+
+    @staticmethod
+    def _mean_err(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = np.asarray(values)
+        return values.mean(axis=0), values.std(axis=0, ddof=1) / math.sqrt(values.shape[0])
+
+    def generalization_error(
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
+    ) -> tuple[float, float]:
+        """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included)."""
+        Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+        mom = self._replicate_moments(Q, R, self.params(params), gradients=False)
+        if mom is None:
+            return math.nan, math.nan
+        if check:
+            self._check({_NAMES["eps"]: mom["eps"]})
+        v, err = self._mean_err(mom["eps"])
+        return float(v), float(err)
+
+    def rates(
+        self,
+        Q: Any,
+        R: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        eta: float,
+        batch_size: int = 1,
+        second_order: bool = True,
+        check: bool = True,
+    ) -> GenericRates:
+        """``dQ/dalpha``, ``dR/dalpha``, ``dtheta/dalpha`` and ``eps_g`` with errors."""
+        K, M = self.K, self.M
+        Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+        Q = 0.5 * (Q + Q.T)
+        mom = self._replicate_moments(Q, R, self.params(params), second_order=second_order)
+        if mom is None:
+            nan = np.full((K, K), np.nan)
+            return GenericRates(
+                nan, np.full((K, M), np.nan), {k: np.full(K, np.nan) for k in self.trainable},
+                math.nan, nan, np.full((K, M), np.nan),
+                {k: np.full(K, np.nan) for k in self.trainable}, math.nan,
+            )
+        if check:
+            self._check({
+                **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs")
+                   if key in mom},
+                **{f"E[d eps / d {k}]": v for k, v in mom["params"].items()},
+            })
+        gs = mom["gs"]
+        C = -(gs + np.swapaxes(gs, 1, 2))
+        ax = mom["ax"]
+        CQ = C @ Q
+        dQ = eta * (ax + np.swapaxes(ax, 1, 2) + CQ + np.swapaxes(CQ, 1, 2))
+        if second_order:
+            dQ = dQ + (eta**2 / batch_size) * mom["aa"]
+        dR = eta * (mom["ay"] + C @ R)
+        dQ, dQe = self._mean_err(dQ)
+        dR, dRe = self._mean_err(dR)
+        eps, epse = self._mean_err(mom["eps"])
+        dp, dpe = {}, {}
+        for k, v in mom["params"].items():
+            dp[k], dpe[k] = self._mean_err(eta * v)
+        return GenericRates(0.5 * (dQ + dQ.T), dR, dp, float(eps), dQe, dRe, dpe, float(epse))
+
+    # -- integration --------------------------------------------------------------------
+    def pack(self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        """State vector ``[Q.ravel(), R.ravel(), theta_1, theta_2, ...]`` (trainable)."""
+        return np.concatenate(
+            [np.ravel(Q), np.ravel(R), *(np.ravel(params[k]) for k in self.trainable)]
+        )
+
+    def unpack(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Inverse of :meth:`pack` (also for stacks ``(n, size)``)."""
+        K, M = self.K, self.M
+        y = np.asarray(y)
+        lead = y.shape[:-1]
+        Q = y[..., : K * K].reshape(*lead, K, K)
+        R = y[..., K * K : K * K + K * M].reshape(*lead, K, M)
+        off = K * K + K * M
+        params = {}
+        for j, k in enumerate(self.trainable):
+            params[k] = y[..., off + j * K : off + (j + 1) * K]
+        return Q, R, params
+
+    def integrate(
+        self,
+        Q0: Any,
+        R0: Any,
+        *,
+        eta: float,
+        alpha: Any,
+        params: Mapping[str, Any] | None = None,
+        batch_size: int = 1,
+        rtol: float = 1e-7,
+        atol: float = 1e-9,
+        method: str = "DOP853",
+        second_order: bool = True,
+        max_value: float = 1e8,
+    ) -> GenericTrajectory:
+        """Integrate the general ODE from ``(Q0, R0, params)`` and report on ``alpha``.
+
+        Divergence (non-finite state, an entry beyond ``max_value``, ``Q`` not positive
+        definite, step-size underflow) stops the run like the closed-form integrator;
+        an :class:`AccuracyError` at an accepted state propagates.
+        """
+        if method not in _SOLVERS:
+            raise SpecificationError(
+                f"'method' must be one of {', '.join(map(repr, _SOLVERS))}, got {method!r}"
+            )
+        alpha = np.asarray(alpha, dtype=float).reshape(-1)
+        if alpha.size == 0 or np.any(np.diff(alpha) <= 0):
+            raise SpecificationError(f"'alpha' must be a strictly increasing grid, got {alpha!r}")
+        K = self.K
+        p0 = self.params(params)
+        y0 = self.pack(np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float), p0)
+        fixed = {k: v for k, v in p0.items() if k not in self.trainable}
+        nfev = 0
+
+        def split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+            Q, R, tp = self.unpack(y)
+            return Q, R, {**fixed, **tp}
+
+        def fun(_t: float, y: np.ndarray) -> np.ndarray:
+            nonlocal nfev
+            nfev += 1
+            Q, R, p = split(y)
+            with np.errstate(all="ignore"):
+                if _status(y, K, max_value):  # trial stage outside the valid region
+                    return np.full_like(y, np.nan)
+                r = self.rates(Q, R, p, eta=eta, batch_size=batch_size,
+                               second_order=second_order)
+            return self.pack(r.dQ, r.dR, r.dparams)
+
+        out = np.full((alpha.size, y0.size), np.nan)
+        out[0] = y0
+        status = _status(y0, K, max_value)
+        n_rows, t_fail = (0, alpha[0]) if status else (1, math.nan)
+        if status == 0 and alpha.size > 1:
+            solver = _SOLVERS[method](fun, alpha[0], y0, alpha[-1], rtol=rtol, atol=atol)
+            while solver.status == "running":
+                with np.errstate(all="ignore"):
+                    solver.step()
+                if solver.status == "failed":
+                    status, t_fail = 4, solver.t
+                    break
+                status = _status(solver.y, K, max_value)
+                if status:
+                    t_fail = solver.t
+                    break
+                j_stop = int(np.searchsorted(alpha, solver.t, side="right"))
+                if j_stop > n_rows:
+                    out[n_rows:j_stop] = solver.dense_output()(alpha[n_rows:j_stop]).T
+                    n_rows = j_stop
+            if solver.status == "finished":
+                out[-1] = solver.y
+        ys = out[:n_rows]
+        Qs, Rs, ps = self.unpack(ys)
+        Qs = 0.5 * (Qs + np.swapaxes(Qs, -1, -2))
+        eps = np.empty(n_rows)
+        eps_err = np.empty(n_rows)
+        for j in range(n_rows):  # one quadrature per reported time
+            eps[j], eps_err[j] = self.generalization_error(
+                Qs[j], Rs[j], {**fixed, **{k: v[j] for k, v in ps.items()}}
+            )
+        return GenericTrajectory(
+            alpha=alpha[:n_rows].copy(), Q=Qs.copy(), R=Rs.copy(), eps_g=eps,
+            diverged=status != 0, alpha_diverged=float(t_fail) if status else math.nan,
+            nfev=nfev, message=_MESSAGES[status], engine="generic",
+            params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
+            quadrature=self.quadrature,
+        )
+
+
+_MESSAGES = {
+    0: "integration successful",
+    1: "state became non-finite",
+    2: "state exceeded max_value",
+    3: "Q lost positive definiteness",
+    4: "step size became too small",
+}
+
+
+def _status(y: np.ndarray, K: int, max_value: float) -> int:
+    """0 valid; 1 non-finite; 2 beyond ``max_value``; 3 ``Q`` not positive definite."""
+    if not np.all(np.isfinite(y)):
+        return 1
+    if np.max(np.abs(y)) > max_value:
+        return 2
+    try:
+        np.linalg.cholesky(y[: K * K].reshape(K, K))
+    except np.linalg.LinAlgError:
+        return 3
+    return 0
+
