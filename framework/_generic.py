@@ -383,6 +383,63 @@ class ExpectationEngine:
         v, err = self._mean_err(mom["eps"])
         return float(v), float(err)
 
+    def weight_moments(
+        self,
+        X: Any,
+        Bt: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        landscape: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Per-replicate ``eps_g``, ``dF/dX`` and ``dF/dtheta`` in weight space.
+
+        ``F(X, theta) = eps_g(X X^T, X Bt^T; theta)`` for a realization ``X (K, D)``,
+        ``Bt (M, D)`` of the order parameters (``W = J / sqrt(N)`` restricted to ``D``
+        dimensions). The samples are ``x = X xi``, ``y = Bt xi`` with ``xi ~ N(0, I_D)``
+        (the engine's randomized QMC base points in ``D`` dimensions, common random
+        numbers): every per-replicate estimate is a smooth function of ``X`` and
+        ``theta`` for a smooth activation, so finite differences of it are accurate.
+        ``dF/dX = E[d eps / dx xi^T] + (Gbar + Gbar^T) X`` with ``Gbar`` the pull-back
+        of ``E[d eps / d stats]`` to ``Q``. With ``landscape=True`` and a normalization
+        whose ``statistics_gradient`` is False (gradients do not flow through its
+        statistics, so its ``population_statistics_vjp`` is zero by design) the pull-back
+        is taken by central differences of ``population_statistics`` instead: the result
+        is the gradient of ``eps_g`` (the loss landscape), not the SGD drift.
+        Returns ``(eps (R,), dF/dX (R, K, D), {name: dF/dtheta (R, K)})``.
+        """
+        X = np.asarray(X, dtype=float)
+        Bt = np.asarray(Bt, dtype=float)
+        K, D = X.shape
+        q = self.quadrature
+        z = _base_points(q.method, D, q.samples, q.replicates, q.seed)
+        n = z.shape[1]
+        x = np.ascontiguousarray(np.einsum("rnd,kd->rnk", z, X))
+        y = np.ascontiguousarray(np.einsum("rnd,md->rnm", z, Bt))
+        Q = X @ X.T
+        p = self.params(params)
+        norm, act = self.normalization, self.activation
+        stats = norm.population_statistics(Q) if norm.statistics_names else {}
+        xt = norm.forward(x, stats, p)
+        e = act.g(y).sum(axis=-1) - act.g(xt).sum(axis=-1)
+        eps = 0.5 * np.mean(e * e, axis=1) + 0.5 * self.noise
+        back = norm.backward(x, stats, p, act.gprime(xt))
+        b = np.broadcast_to(back.x, x.shape)
+        ebT = np.ascontiguousarray(np.swapaxes(e[..., None] * b, 1, 2))  # (R, K, n)
+        gX = -(ebT @ z) / n
+        if norm.statistics_names:
+            gstats = {k: -np.mean(e[..., None] * np.broadcast_to(back.stats[k], x.shape), axis=1)
+                      for k in norm.statistics_names}
+            if landscape and not norm.statistics_gradient:
+                Gbar = _statistics_vjp_fd(norm, Q, gstats)
+            else:
+                Rn = z.shape[0]
+                Gbar = np.asarray(norm.population_statistics_vjp(
+                    np.broadcast_to(Q, (Rn, K, K)), gstats), dtype=float)
+            gX = gX + (Gbar + np.swapaxes(Gbar, 1, 2)) @ X
+        gtheta = {k: -np.mean(e[..., None] * np.broadcast_to(back.params[k], x.shape), axis=1)
+                  for k in self.trainable}
+        return eps, gX, gtheta
+
     def rates(
         self,
         Q: Any,
@@ -535,6 +592,33 @@ class ExpectationEngine:
             params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
             quadrature=self.quadrature,
         )
+
+
+def _statistics_vjp_fd(
+    norm: Normalization, Q: np.ndarray, grad: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    """Pull-back of ``grad`` (name -> (R, K)) through ``population_statistics`` at ``Q``
+    by central differences (symmetric perturbations of ``Q``; ``h = 1e-6 max(1, |Q|)``).
+
+    Used for the loss landscape of normalizations that pass no gradient through their
+    statistics. Returns ``(R, K, K)`` with ``Gbar + Gbar^T`` the symmetric gradient.
+    """
+    K = Q.shape[0]
+    h = 1e-6 * max(1.0, float(np.max(np.abs(Q))))
+    Rn = next(iter(grad.values())).shape[0]
+    out = np.zeros((Rn, K, K))
+    for j in range(K):  # K (K + 1) / 2 evaluations of a cheap deterministic map
+        for k in range(j, K):
+            E = np.zeros((K, K))
+            E[j, k] = E[k, j] = h
+            plus, minus = norm.population_statistics(Q + E), norm.population_statistics(Q - E)
+            d = sum(np.sum(grad[s] * (np.asarray(plus[s]) - np.asarray(minus[s])) / (2 * h),
+                           axis=-1) for s in grad)
+            if j == k:
+                out[:, j, j] = d
+            else:
+                out[:, j, k] = out[:, k, j] = 0.5 * d
+    return out
 
 
 _MESSAGES = {

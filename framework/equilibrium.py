@@ -944,3 +944,433 @@ def parameters_attrs(model: TeacherStudent, normalization: Normalization) -> dic
     out["normalization_trainable"] = json.dumps(list(normalization.trainable))
     out["normalization_scale_invariant"] = int(bool(normalization.scale_invariant))
     return out
+
+
+# ======================================================================================
+# Generic engine (any normalization, any activation, trainable parameters)
+# ======================================================================================
+#
+# Where no closed form applies (:func:`framework.theory.has_closed_form` is False) or
+# the normalization passes no gradient through its statistics, the analyzers use the
+# functions below. They call only the normalization's per-sample interface through
+# :class:`framework.theory.ExpectationEngine` and report error estimates (standard
+# errors of independent randomizations, see :class:`framework.theory.Quadrature`).
+
+
+def needs_generic(model: TeacherStudent, normalization: Normalization) -> bool:
+    """True if the fixed points and the Hessian need the generic engine."""
+    return not theory.has_closed_form(model, normalization)
+
+
+def hessian_needs_generic(model: TeacherStudent, normalization: Normalization) -> bool:
+    """The Hessian also needs it when gradients do not flow through the statistics
+    (``statistics_gradient = False``: the closed form's ``scale_jacobian`` is zero)."""
+    return needs_generic(model, normalization) or not normalization.statistics_gradient
+
+
+def scale_invariance(model: TeacherStudent, normalization: Normalization) -> str:
+    """How the first-order flow conserves weight norms: ``"unit"``, ``"common"``, ``"none"``.
+
+    ``"unit"``: ``normalization.scale_invariant``, or a forward map invariant under
+    rescaling each student vector separately (``x_i -> c_i x_i`` with the statistics at
+    ``c Q c``) with gradients through the statistics (then the update of ``W_i`` is
+    orthogonal to ``W_i`` and each ``Q_ii`` changes only through the ``eta^2`` term).
+    ``"common"``: invariant only under a common rescaling (``tr Q`` conserved to first
+    order). Probed numerically at the normalization's initial parameters.
+    """
+    if normalization.scale_invariant:
+        return "unit"
+    if not normalization.statistics_gradient:
+        return "none"
+    K = model.K
+    rng = np.random.default_rng(12345)
+    A = rng.standard_normal((K, K))
+    Q = A @ A.T / K + 0.5 * np.eye(K)
+    x = rng.standard_normal((64, K)) @ np.linalg.cholesky(Q).T
+    params = normalization.parameters(K)
+
+    def out(c: np.ndarray) -> np.ndarray:
+        Qc = Q * np.outer(c, c)
+        stats = normalization.population_statistics(Qc) if normalization.statistics_names \
+            else {}
+        with np.errstate(all="ignore"):
+            return np.asarray(normalization.forward(x * c, stats, params), dtype=float)
+
+    base = out(np.ones(K))
+    for kind, c in (("unit", np.linspace(0.6, 1.7, K)), ("common", np.full(K, 1.7))):
+        if np.allclose(out(c), base, rtol=1e-9, atol=1e-12):
+            return kind
+    return "none"
+
+
+def common_angular_rhs(
+    Q: np.ndarray, R: np.ndarray, dQ: np.ndarray, dR: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove a common rescaling: ``dQ - Q tr(dQ) / tr(Q)``, ``dR - R tr(dQ) / 2 tr(Q)``."""
+    rate = np.trace(dQ, axis1=-2, axis2=-1) / (2.0 * np.trace(Q, axis1=-2, axis2=-1))
+    return dQ - 2.0 * Q * rate[..., None, None], dR - R * rate[..., None, None]
+
+
+@attrs.frozen
+class GenericFixedPoint(FixedPoint):
+    """A :class:`FixedPoint` of the generic engine: also the trainable parameters'
+    values and error estimates.
+
+    ``params`` maps each trainable parameter to its (common) value per unit (K,);
+    ``residual`` is ``max |r|`` of the *estimated* flow (the root of the smooth
+    quadrature estimate); ``rate_error`` is the largest error estimate of the scaled
+    right-hand side there, ``eps_g_error`` that of ``eps_g``.
+    """
+
+    params: dict = attrs.field(factory=dict, eq=False)
+    rate_error: float = float("nan")
+    eps_g_error: float = float("nan")
+
+
+def _generic_flow(eng, invariance, Q, R, params, eta, batch_size, second_order):
+    """Scaled flow ``(dQ, dR, dtheta) / eta`` of the generic engine (angular part)."""
+    gf = eta == 0.0 or not second_order
+    r = eng.rates(Q, R, params, eta=1.0 if gf else eta, batch_size=batch_size,
+                  second_order=not gf, check=False)
+    scale = 1.0 if gf else eta
+    dQ, dR = r.dQ / scale, r.dR / scale
+    if invariance == "unit":
+        dQ, dR = angular_rhs(Q, R, dQ, dR)
+    elif invariance == "common":
+        dQ, dR = common_angular_rhs(Q, R, dQ, dR)
+    dth = {k: v / scale for k, v in r.dparams.items()}
+    err = max([float(np.max(r.dQ_error)), float(np.max(r.dR_error))]
+              + [float(np.max(v)) for v in r.dparams_error.values()]) / scale
+    return dQ, dR, dth, err
+
+
+def _gradient_flow_refused(normalization: Normalization, eta: float) -> SpecificationError:
+    return SpecificationError(
+        f"'eta' must be > 0 (with the eta^2 term) for the generic engine's fixed points, "
+        f"got eta={eta} for normalization {normalization.name!r}: the gradient-flow plateau "
+        "lies on the boundary of the positive semi-definite cone (identical students), "
+        "where the quadrature is not differentiable; use a small eta > 0"
+    )
+
+
+def find_fixed_points_generic(
+    model: TeacherStudent,
+    normalization: Normalization,
+    *,
+    eta: float,
+    batch_size: int = 1,
+    second_order: bool = True,
+    subspace: str = "auto",
+    weight_norm: float | None = None,
+    quadrature: Any = None,
+    starts: Sequence[tuple[str, np.ndarray, np.ndarray]] | None = None,
+) -> list[GenericFixedPoint]:
+    """Fixed points in the symmetric subspace with the generic engine (any normalization).
+
+    Like :func:`find_fixed_points`, with the trainable parameters as extra coordinates
+    (one common value per parameter: the symmetric subspace), the weight norms held at
+    ``weight_norm`` (default 1) for norm-conserving normalizations
+    (:func:`scale_invariance`: per unit, ``Q_ii``; common, ``tr Q / K``) and the
+    starts of :func:`default_starts` inside the cone that lie in the symmetric phase
+    (``unspecialized ... + orthogonal``). Roots on the cone's boundary (identical
+    students) are discarded: the quadrature is not differentiable there. The root of the smooth quadrature estimate is accepted if its
+    residual is below ``max(1e-10, 10 * rate_error)``. Needs ``eta > 0`` with the
+    ``eta^2`` term (else :class:`~framework.SpecificationError`).
+    """
+    eta = check_real("eta", eta, minimum=0.0)
+    if eta == 0.0 or not second_order:
+        raise _gradient_flow_refused(normalization, eta)
+    eng = theory.expectation_engine(model, normalization, quadrature)
+    sub = symmetric_subspace(model, subspace)
+    invariance = scale_invariance(model, normalization)
+    if invariance != "none":
+        weight_norm = 1.0 if weight_norm is None else check_real(
+            "weight_norm", weight_norm, minimum=0.0, strict=True)
+    elif weight_norm is not None:
+        raise SpecificationError(
+            f"'weight_norm' applies only to norm-conserving normalizations "
+            f"({normalization.name!r} is not), got {weight_norm!r}")
+    if starts is None:
+        starts = [s for s in default_starts(model, sub)
+                  if s[0].startswith("unspecialized") and "orthogonal" in s[0]]
+    trainable = tuple(normalization.trainable)
+    p0 = eng.params()
+    free = np.arange(sub.size) if invariance == "none" else np.arange(1, sub.size)
+    nf = free.size
+
+    def embed(x: np.ndarray):
+        theta = np.empty(sub.size)
+        if invariance != "none":
+            theta[0] = weight_norm
+        theta[free] = x[:nf]
+        Q, R = sub.embed(theta)
+        params = dict(p0)
+        for j, k in enumerate(trainable):
+            params[k] = np.full(model.K, x[nf + j])
+        return Q, R, params
+
+    def flow(x: np.ndarray):
+        Q, R, params = embed(x)
+        with np.errstate(all="ignore"):
+            return (Q, R, params, *_generic_flow(eng, invariance, Q, R, params, eta,
+                                                 batch_size, second_order))
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        _, _, _, dQ, dR, dth, _ = flow(x)
+        out = np.concatenate([sub.project(dQ, dR)[free],
+                              [float(np.mean(dth[k])) for k in trainable]])
+        return np.where(np.isfinite(out), out, 1e6)
+
+    found: list[GenericFixedPoint] = []
+    for label, Q0, R0 in starts:
+        Q0, R0 = np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float)
+        if invariance != "none":
+            c = math.sqrt(weight_norm * model.K / np.trace(Q0)) if invariance == "common" \
+                else None
+            Q0, R0 = (Q0 * c * c, R0 * c) if c is not None else \
+                rescale_weight_norm(Q0, R0, weight_norm)
+        x0 = np.concatenate([sub.project(Q0, R0)[free],
+                             [float(np.mean(p0[k])) for k in trainable]])
+        sol = optimize.root(residual, x0, method="hybr", options={"xtol": 1e-12})
+        x = sol.x
+        Q, R, params, dQ, dR, dth, err = flow(x)
+        if not np.all(np.isfinite(Q)) or psd_margin(Q, R, model.T) < 1e-9:
+            continue
+        res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
+                        *[np.max(np.abs(v)) for v in dth.values()]))
+        if not res < max(RESIDUAL_TOL, 10.0 * err):
+            continue
+        if any(max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R))) < 1e-4 for fp in found):
+            continue
+        eng.rates(Q, R, params, eta=eta, batch_size=batch_size,
+                  second_order=second_order)  # AccuracyError if the estimate is too noisy
+        eps, eps_err = eng.generalization_error(Q, R, params)
+        theta = np.empty(sub.size)
+        theta[free] = x[:nf]
+        if invariance != "none":
+            theta[0] = weight_norm
+        found.append(GenericFixedPoint(
+            Q, R, theta, res, float(eps), float(np.mean(np.diagonal(Q))), label, sub,
+            params={k: params[k].copy() for k in trainable}, rate_error=float(err),
+            eps_g_error=float(eps_err)))
+    found.sort(key=lambda fp: -fp.eps_g)
+    return found
+
+
+def generic_jacobian_coordinates(
+    model: TeacherStudent, normalization: Normalization
+) -> list[tuple[str, int, int]]:
+    """Coordinates of :func:`ode_jacobian_generic`: those of :func:`jacobian_coordinates`
+    (norms held for per-unit invariance) plus ``("theta:<name>", i, 0)`` per trainable
+    parameter and unit."""
+    inv = scale_invariance(model, normalization)
+    coords = jacobian_coordinates(model.K, model.M, inv == "unit")
+    for k in normalization.trainable:
+        coords += [(f"theta:{k}", i, 0) for i in range(model.K)]
+    return coords
+
+
+def ode_jacobian_generic(
+    model: TeacherStudent,
+    normalization: Normalization,
+    Q: np.ndarray,
+    R: np.ndarray,
+    params: Any = None,
+    *,
+    eta: float,
+    batch_size: int = 1,
+    second_order: bool = True,
+    quadrature: Any = None,
+) -> np.ndarray:
+    """Jacobian of the scaled (angular) flow including the trainable parameters, per unit
+    ``eta alpha``, by central differences of the smooth quadrature estimate (common
+    random numbers; step ``min(1e-3, psd margin / 4)``, two Richardson levels)."""
+    eng = theory.expectation_engine(model, normalization, quadrature)
+    inv = scale_invariance(model, normalization)
+    K, M = model.K, model.M
+    coords = generic_jacobian_coordinates(model, normalization)
+    p = eng.params(params)
+    trainable = tuple(normalization.trainable)
+    iq = np.array([(i, k) for v, i, k in coords if v == "Q"], dtype=int).reshape(-1, 2)
+    nq = len(iq)
+    x0 = np.concatenate([Q[iq[:, 0], iq[:, 1]], np.ravel(R),
+                         *[p[k] for k in trainable]])
+
+    def fun(x: np.ndarray) -> np.ndarray:
+        Qx = np.array(Q, dtype=float)
+        Qx[iq[:, 0], iq[:, 1]] = x[:nq]
+        Qx[iq[:, 1], iq[:, 0]] = x[:nq]
+        Rx = x[nq:nq + K * M].reshape(K, M)
+        px = dict(p)
+        for j, k in enumerate(trainable):
+            px[k] = x[nq + K * M + j * K: nq + K * M + (j + 1) * K]
+        dQ, dR, dth, _ = _generic_flow(eng, inv, Qx, Rx, px, eta, batch_size, second_order)
+        return np.concatenate([dQ[iq[:, 0], iq[:, 1]], dR.ravel(),
+                               *[dth[k] for k in trainable]])
+
+    h = min(1e-3, max(psd_margin(Q, R, model.T), 1e-8) / 4.0)
+    return _richardson_jacobian(fun, x0, np.full(x0.size, h))
+
+
+@attrs.frozen
+class GenericHessian(HessianSpectrum):
+    """:class:`HessianSpectrum` of ``eps_g`` over ``(W, theta)`` by the generic engine.
+
+    The span block includes the trainable parameters (coordinates after the ``K
+    dim_span`` weight coordinates, ``theta_names``); the complement block is ``G + G^T``
+    measured on an extra dimension orthogonal to ``W`` and ``Btilde``. Errors are
+    standard errors of the replicate estimates plus the finite-difference truncation
+    estimate. ``coupling_complement_theta`` / ``coupling_complement_span`` are the
+    largest measured cross-derivatives between the complement direction and theta /
+    the span (exactly zero in theory) with their errors.
+    """
+
+    span_error: np.ndarray = attrs.field(factory=lambda: np.zeros(0), eq=False)
+    complement_error: np.ndarray = attrs.field(factory=lambda: np.zeros(0), eq=False)
+    lambda_min_error: float = float("nan")
+    escape_dtheta: dict = attrs.field(factory=dict, eq=False)
+    theta_names: tuple = ()
+    params: dict = attrs.field(factory=dict, eq=False)
+    coupling_complement_theta: float = 0.0
+    coupling_complement_theta_error: float = 0.0
+    coupling_complement_span: float = 0.0
+    coupling_complement_span_error: float = 0.0
+    landscape_only: bool = False
+    gradient_norm: float = float("nan")
+
+
+def weight_space_hessian_generic(
+    model: TeacherStudent,
+    normalization: Normalization,
+    Q: Any,
+    R: Any,
+    params: Any = None,
+    *,
+    quadrature: Any = None,
+    accuracy: float | None = None,
+) -> GenericHessian:
+    """Hessian of ``F(W, theta) = eps_g(W W^T, W Btilde^T; theta)`` by the generic engine.
+
+    ``W`` is realized in ``D = K + M`` dimensions plus one extra dimension orthogonal to
+    ``W`` and ``Btilde`` (the complement). The per-replicate weight gradients
+    (:meth:`ExpectationEngine.weight_moments`, smooth in ``(W, theta)`` with common
+    random numbers) are differentiated by central differences (relative step ``1e-2``
+    of each row's norm, ``1e-2 max(1, |theta|)``, one Richardson level, ``O(h^4)``);
+    the replicate Hessians give the error estimates. Trainable parameters join the span
+    block; the complement block is read off the extra dimension. For a normalization
+    with ``statistics_gradient = False`` this is the Hessian of ``eps_g`` (the loss
+    landscape; its SGD drift is not a gradient), ``landscape_only = True``.
+
+    Raises :class:`~framework.theory.AccuracyError` if ``lambda_min``'s error estimate
+    exceeds ``accuracy`` (default: the quadrature's) times ``max(1, |lambda_min|)``.
+    """
+    eng = theory.expectation_engine(model, normalization, quadrature)
+    acc = eng.quadrature.accuracy if accuracy is None else float(accuracy)
+    Q = np.asarray(Q, dtype=float)
+    R = np.asarray(R, dtype=float)
+    K, M = model.K, model.M
+    X0, Bt0, rank = _realize(Q, R, model.T)
+    D = K + M + 1
+    X = np.concatenate([X0, np.zeros((K, 1))], axis=1)
+    Bt = np.concatenate([Bt0, np.zeros((M, 1))], axis=1)
+    p = eng.params(params)
+    names = tuple(normalization.trainable)
+    nW = K * D
+    nT = K * len(names)
+    n = nW + nT
+    v0 = np.concatenate([X.ravel(), *[p[k] for k in names]])
+    rows = np.linalg.norm(X0, axis=1)
+    hW = np.repeat(1e-2 * np.clip(np.minimum(rows, 1.0), 1e-3, None), D)
+    hT = np.concatenate([np.full(K, 1e-2 * max(1.0, float(np.max(np.abs(p[k]))))) for k in names]) \
+        if names else np.zeros(0)
+    h = np.concatenate([hW, hT])
+
+    def grad(v: np.ndarray) -> np.ndarray:
+        Xv = v[:nW].reshape(K, D)
+        pv = dict(p)
+        for j, k in enumerate(names):
+            pv[k] = v[nW + j * K: nW + (j + 1) * K]
+        _, gX, gT = eng.weight_moments(Xv, Bt, pv, landscape=True)
+        return np.concatenate([gX.reshape(gX.shape[0], -1), *[gT[k] for k in names]], axis=1)
+
+    _, g0X, g0T = eng.weight_moments(X, Bt, p, landscape=True)
+    gnorm = float(np.sqrt(np.sum(g0X.mean(0) ** 2)
+                          + sum(np.sum(g0T[k].mean(0) ** 2) for k in names)))
+    reps = eng.quadrature.replicates
+    d_h = np.empty((reps, n, n))
+    d_h2 = np.empty((reps, n, n))
+    for j in range(n):  # one coordinate at a time (a few dozen)
+        e = np.zeros(n)
+        for level, out in ((1.0, d_h), (0.5, d_h2)):
+            e[j] = h[j] * level
+            out[:, j, :] = (grad(v0 + e) - grad(v0 - e)) / (2.0 * e[j])
+    hr = (4.0 * d_h2 - d_h) / 3.0  # per replicate, rows: perturbed coordinate
+    hr = 0.5 * (hr + np.swapaxes(hr, 1, 2))
+    trunc = np.abs(d_h2 - d_h).mean(axis=0) / 3.0 * 0.25  # O(h^2) term -> O(h^4) left
+    hess = hr.mean(axis=0)
+    hess_err = hr.std(axis=0, ddof=1) / math.sqrt(reps) + trunc
+
+    idx = np.arange(nW).reshape(K, D)
+    span_idx = np.concatenate([idx[:, :rank].ravel(), nW + np.arange(nT)])
+    comp_idx = idx[:, D - 1]
+    theta_idx = nW + np.arange(nT)
+    comp = hess[np.ix_(comp_idx, comp_idx)]
+    comp_r = hr[:, comp_idx][:, :, comp_idx]
+    block = hess[np.ix_(span_idx, span_idx)]
+    block_r = hr[:, span_idx][:, :, span_idx]
+
+    def eig_err(mat, mats, extra):
+        vals, vecs = np.linalg.eigh(mat)
+        per = np.einsum("ia,rij,ja->ra", vecs, mats, vecs)
+        err = per.std(axis=0, ddof=1) / math.sqrt(reps) + np.sqrt(
+            np.einsum("ia,ij,ja->a", vecs**2, extra**2, vecs**2))
+        return vals, vecs, err
+
+    span_vals, span_vecs, span_err = eig_err(block, block_r, trunc[np.ix_(span_idx, span_idx)])
+    comp_vals, comp_vecs, comp_err = eig_err(comp, comp_r, trunc[np.ix_(comp_idx, comp_idx)])
+    G = 0.5 * comp  # only G + G^T is meaningful
+
+    def coupling(a, b):
+        if a.size == 0 or b.size == 0:
+            return 0.0, 0.0
+        sub_ = np.abs(hess[np.ix_(a, b)])
+        j = np.unravel_index(int(np.argmax(sub_)), sub_.shape)
+        return float(sub_[j]), float(hess_err[np.ix_(a, b)][j])
+
+    c_t, c_te = coupling(comp_idx, theta_idx)
+    c_s, c_se = coupling(comp_idx, idx[:, :rank].ravel())
+
+    dim_span = rank
+    if comp_vals[0] < span_vals[0]:
+        lam_min, lam_err, block_name = float(comp_vals[0]), float(comp_err[0]), "complement"
+        dW = comp_vecs[:, 0].reshape(K, 1)
+        dQ, dR, dth = np.zeros((K, K)), np.zeros((K, M)), {k: np.zeros(K) for k in names}
+    else:
+        lam_min, lam_err, block_name = float(span_vals[0]), float(span_err[0]), "span"
+        reference = np.zeros((K, rank))
+        L = min(K, M)
+        reference[:L] = Bt0[:L, :rank]
+        ref = np.concatenate([reference.ravel(), np.zeros(nT)])
+        mode = canonical_mode(span_vals, span_vecs, ref, rtol=max(1e-8, 3 * lam_err))
+        dW = np.zeros((K, D - 1))
+        dW[:, :rank] = mode[: K * rank].reshape(K, rank)
+        dQ = X0 @ dW.T + dW @ X0.T
+        dR = dW @ Bt0.T
+        dth = {k: mode[K * rank + j * K: K * rank + (j + 1) * K] for j, k in enumerate(names)}
+    if not lam_err <= acc * max(1.0, abs(lam_min)):
+        q = eng.quadrature
+        raise theory.AccuracyError(
+            f"generic Hessian: the error estimate of lambda_min is {lam_err:.3g} (value "
+            f"{lam_min:.6g}), above accuracy={acc:g} * max(1, |value|), with "
+            f"{q.replicates} x {q.samples} {q.method} points for normalization "
+            f"{normalization.name!r} and activation {model.activation!r}; increase "
+            "'samples' or relax 'accuracy' (or the integrand has infinite variance here)"
+        )
+    return GenericHessian(
+        span_vals, comp_vals, int(dim_span), lam_min, block_name, dW, dQ, dR, X0, Bt0, G,
+        block, span_error=span_err, complement_error=comp_err, lambda_min_error=lam_err,
+        escape_dtheta=dth, theta_names=names, params={k: p[k].copy() for k in names},
+        coupling_complement_theta=c_t, coupling_complement_theta_error=c_te,
+        coupling_complement_span=c_s, coupling_complement_span_error=c_se,
+        landscape_only=not normalization.statistics_gradient, gradient_norm=gnorm,
+    )

@@ -48,6 +48,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.dynamics",
     "plugins.equilibrium",
     "plugins.reproduce",
+    "plugins.reproduce_normalizations",
 )
 
 _REGISTRATION_HOOKS = (

@@ -98,7 +98,10 @@ def _resolve_eta(option: float | None, experiment: Experiment) -> float:
 
 
 def _check_weight_norm(experiment: Experiment, weight_norm: Any) -> None:
-    if weight_norm is not None and not experiment.normalization.scale_invariant:
+    model, norm = experiment.model, experiment.normalization
+    conserving = norm.scale_invariant or (
+        eq.needs_generic(model, norm) and eq.scale_invariance(model, norm) != "none")
+    if weight_norm is not None and not conserving:
         raise SpecificationError(
             "'weight_norm' applies only to scale-invariant normalizations "
             f"({experiment.normalization.name!r} is not), got {weight_norm!r}"
@@ -143,6 +146,9 @@ def _branches(
     horizon: float,
 ) -> _Branches:
     model, norm = experiment.model, experiment.normalization
+    if eq.needs_generic(model, norm):
+        return _branches_generic(experiment, eta, second_order, subspace, weight_norm,
+                                 flag_plateau)
     points = eq.find_fixed_points(
         model, norm, eta=eta, batch_size=experiment.batch_size, second_order=second_order,
         subspace=subspace, weight_norm=weight_norm,
@@ -165,15 +171,23 @@ def _branches(
     return _Branches(points, jacs, vals, vecs, plateau, distance)
 
 
-def _mode_matrices(model: Any, invariant: bool, vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _coords(model: Any, invariant: Any) -> list:
+    """Jacobian coordinates: ``invariant`` is a bool (closed form) or the normalization
+    (generic engine: the invariance is probed and trainable parameters are included)."""
+    if isinstance(invariant, (bool, np.bool_)):
+        return eq.jacobian_coordinates(model.K, model.M, bool(invariant))
+    return eq.generic_jacobian_coordinates(model, invariant)
+
+
+def _mode_matrices(model: Any, invariant: Any, vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     K, M = model.K, model.M
-    coords = eq.jacobian_coordinates(K, M, invariant)
+    coords = _coords(model, invariant)
     dQ, dR = np.zeros((K, K)), np.zeros((K, M))
     v = np.real(vec)
     for value, (kind, i, k) in zip(v, coords, strict=True):  # a few dozen coordinates
         if kind == "Q":
             dQ[i, k] = dQ[k, i] = value
-        else:
+        elif kind == "R":
             dR[i, k] = value
     return dQ, dR
 
@@ -183,7 +197,7 @@ def _unstable_vector(model: Any, invariant: bool, values: np.ndarray,
     """The most unstable Jacobian eigenvector; in a degenerate eigenspace the one that
     most increases ``sum_i R_ii`` (every student towards its own teacher: the escape
     inside the matched subspace), the same at every ``eta``."""
-    coords = eq.jacobian_coordinates(model.K, model.M, invariant)
+    coords = _coords(model, invariant)
     reference = np.array([1.0 if c[0] == "R" and c[1] == c[2] else 0.0 for c in coords])
     return eq.canonical_mode(values.real, vectors, reference)
 
@@ -207,6 +221,74 @@ def _no_branches(experiment: Experiment) -> SpecificationError:
         f"no fixed point found in the symmetric subspace for K={experiment.model.K}, "
         f"M={experiment.model.M}, normalization {experiment.normalization.name!r}"
     )
+
+
+def _branches_generic(
+    experiment: Experiment, eta: float, second_order: bool, subspace: str,
+    weight_norm: float | None, flag_plateau: bool,
+) -> _Branches:
+    """Fixed points, Jacobians and the plateau with the generic engine.
+
+    The plateau is the unstable branch in the symmetric phase (``R_in`` equal across
+    students within 10 times the rate error estimate, bounded below by 1e-6) with the
+    lowest ``eps_g`` (no trajectory is integrated: that would cost a full generic ODE
+    run)."""
+    model, norm = experiment.model, experiment.normalization
+    q = _quadrature(experiment)
+    points = eq.find_fixed_points_generic(
+        model, norm, eta=eta, batch_size=experiment.batch_size, second_order=second_order,
+        subspace=subspace, weight_norm=weight_norm, quadrature=q)
+    jacs, vals, vecs = [], [], []
+    for fp in points:  # a handful of branches
+        jac = eq.ode_jacobian_generic(model, norm, fp.Q, fp.R, fp.params, eta=eta,
+                                      batch_size=experiment.batch_size,
+                                      second_order=second_order, quadrature=q)
+        lam, vec = eq.sorted_eigen(jac)
+        jacs.append(jac)
+        vals.append(lam)
+        vecs.append(vec)
+    plateau = -1
+    if flag_plateau:
+        cand = [b for b, fp in enumerate(points)
+                if np.max(np.abs(fp.R - fp.R.mean(axis=0))) < max(1e-6, 30.0 * fp.rate_error)
+                and vals[b][0].real > 1e-9]
+        if cand:
+            plateau = min(cand, key=lambda b: points[b].eps_g)
+    return _Branches(points, jacs, vals, vecs, plateau, float("nan"))
+
+
+def _quadrature(experiment: Experiment) -> Any:
+    """The generic engine's quadrature: the analyzers' default ``Quadrature()``."""
+    return None
+
+
+def _engine_attrs(experiment: Experiment, br: Any = None) -> dict[str, Any]:
+    model, norm = experiment.model, experiment.normalization
+    if not eq.needs_generic(model, norm):
+        return {"engine": "closed_form"}
+    q = theory.Quadrature()
+    return {
+        "engine": "generic",
+        "quadrature": q.describe(),
+        "norm_invariance": eq.scale_invariance(model, norm),
+        "plateau_rule_generic": "unstable branch in the symmetric phase with the lowest eps_g",
+    }
+
+
+def _generic_fixedpoint_variables(experiment: Experiment, br: _Branches) -> dict[str, Any]:
+    norm = experiment.normalization
+    out = {
+        "eps_g_error": _var([fp.eps_g_error for fp in br.points], ("branch",),
+                            "error estimate of eps_g (generic engine)"),
+        "rate_error": _var([fp.rate_error for fp in br.points], ("branch",),
+                           "largest error estimate of the scaled right-hand side at the "
+                           "fixed point (generic engine)", "1/(eta alpha)"),
+    }
+    for k in norm.trainable:
+        out[f"param_{k}"] = _var(np.array([fp.params[k] for fp in br.points]),
+                                 ("branch", "student"),
+                                 f"trainable normalization parameter {k} at the fixed point")
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -268,7 +350,7 @@ class FixedPointAnalyzer(Analyzer):
     horizon: float = attrs.field(default=2000.0, converter=float, validator=gt(0.0))
 
     def check(self, experiment: Experiment) -> None:
-        theory.scale_functions(experiment.model, experiment.normalization)
+        experiment.normalization.parameters(experiment.model.K)
         _check_weight_norm(experiment, self.weight_norm)
         eq.symmetric_subspace(experiment.model, self.subspace)
 
@@ -286,6 +368,8 @@ def fixedpoint_dataset(
     if not br.points:
         raise _no_branches(experiment)
     invariant = bool(norm.scale_invariant)
+    generic = eq.needs_generic(model, norm)
+    key = norm if generic else invariant
     sub = br.points[0].subspace
     ref = eq.symmetric_subspace(model, "exchangeable")
     nb = len(br.points)
@@ -294,7 +378,7 @@ def fixedpoint_dataset(
     lam = np.array(br.eigvals)
     kinds, fracs = [], []
     for fp, lam_b, vec in zip(br.points, br.eigvals, br.eigvecs, strict=True):
-        dQ, dR = _mode_matrices(model, invariant, _unstable_vector(model, invariant, lam_b, vec))
+        dQ, dR = _mode_matrices(model, key, _unstable_vector(model, key, lam_b, vec))
         kind, frac = eq.classify_direction(ref, dQ, dR, fp.Q, fp.R)
         kinds.append(kind)
         fracs.append(frac)
@@ -329,7 +413,9 @@ def fixedpoint_dataset(
         "start": _var(np.array([fp.start for fp in br.points], dtype=object), ("branch",),
                       "first start that converged to this branch"),
     }
-    if invariant or not np.allclose(
+    if generic:
+        data.update(_generic_fixedpoint_variables(experiment, br))
+    elif invariant or not np.allclose(
         [norm.scale(fp.Q, norm.parameters(model.K)) for fp in br.points], 1.0, rtol=0, atol=0
     ):
         params = norm.parameters(model.K)
@@ -338,7 +424,7 @@ def fixedpoint_dataset(
                               "normalized overlap s_i Q_ik s_k (what the activation sees)")
         data["R_norm"] = _var(s[:, :, None] * R, ("branch", "student", "teacher"),
                               "normalized overlap s_i R_in")
-    coords = eq.jacobian_coordinates(model.K, model.M, invariant)
+    coords = _coords(model, key)
     ds = xr.Dataset(
         data,
         coords={
@@ -365,6 +451,7 @@ def fixedpoint_dataset(
             "fixed_point_definition": (
                 "Q_ii = weight_norm and stationary angular flow (norms may grow through the "
                 "eta^2 term)" if invariant else "zero of the full ODE right-hand side"),
+            **_engine_attrs(experiment, br),
         },
     )
     return ds
@@ -431,7 +518,7 @@ class HessianAnalyzer(Analyzer):
         return out
 
     def check(self, experiment: Experiment) -> None:
-        theory.scale_functions(experiment.model, experiment.normalization)
+        experiment.normalization.parameters(experiment.model.K)
         _check_weight_norm(experiment, self.weight_norm)
         if self.at is not None and (self.at.K, self.at.M) != (experiment.model.K,
                                                              experiment.model.M):
@@ -462,6 +549,7 @@ class HessianAnalyzer(Analyzer):
             if invariant and q is not None:
                 Q, R = eq.rescale_weight_norm(Q, R, q)
             points = [(Q, R)]
+            point_params = [None]
             plateau = -1
             eps = [theory.generalization_error(model, norm,
                                                eq.to_order_parameters(Q, R, model.T))]
@@ -472,13 +560,19 @@ class HessianAnalyzer(Analyzer):
             if not br.points:
                 raise _no_branches(experiment)
             points = [(fp.Q, fp.R) for fp in br.points]
+            point_params = [getattr(fp, "params", None) for fp in br.points]
             plateau = br.plateau
             eps = [fp.eps_g for fp in br.points]
             source = "fixed points of the symmetric subspace ('fixedpoint' branches)"
-        specs = [eq.weight_space_hessian(model, norm, Q, R) for Q, R in points]
+        generic = eq.hessian_needs_generic(model, norm)
+        if generic:
+            specs = [eq.weight_space_hessian_generic(model, norm, Q, R, pp)
+                     for (Q, R), pp in zip(points, point_params, strict=True)]
+        else:
+            specs = [eq.weight_space_hessian(model, norm, Q, R) for Q, R in points]
         ref = eq.symmetric_subspace(model, "exchangeable")
         K, M = model.K, model.M
-        n_eigen = K * (K + M) + K
+        n_eigen = max(s.span.size for s in specs) + K
         nb = len(specs)
         values = np.full((nb, n_eigen), np.nan)
         mult = np.zeros((nb, n_eigen), dtype=np.int64)
@@ -534,6 +628,8 @@ class HessianAnalyzer(Analyzer):
             "is_plateau": _var(np.arange(nb) == plateau, ("branch",),
                                "the branch the dynamics from the Experiment's init lingers at"),
         }
+        if generic:
+            data.update(_generic_hessian_variables(specs, norm, n_eigen))
         wn = [float(np.mean(np.diagonal(p[0]))) for p in points]
         ds = xr.Dataset(
             data,
@@ -559,6 +655,7 @@ class HessianAnalyzer(Analyzer):
                 "mode_classes": MODE_CLASSES,
                 "trainable_parameters_included": "none (normalization has no trainable "
                 "parameters)",
+                **_generic_hessian_attrs(experiment, generic),
             },
         )
         if invariant and (q is not None or self.at is None):
@@ -570,6 +667,68 @@ class HessianAnalyzer(Analyzer):
                 "long_name": "weight norm Q_ii = |W_i|^2 (mean over students) of the point",
                 "units": "1"}))
         return ds
+
+
+def _generic_hessian_variables(specs: list, norm: Any, n_eigen: int) -> dict[str, Any]:
+    nb = len(specs)
+    K = specs[0].complement.size
+    err = np.full((nb, n_eigen), np.nan)
+    for b, sp in enumerate(specs):
+        err[b, :sp.span.size] = sp.span_error
+        err[b, sp.span.size:sp.span.size + K] = sp.complement_error
+    out = {
+        "eigenvalue_error": _var(err, ("branch", "eigen"),
+                                 "error estimate of the eigenvalue (generic engine: standard "
+                                 "error of replicate Hessians + finite-difference truncation)"),
+        "lambda_min_error": _var([sp.lambda_min_error for sp in specs], ("branch",),
+                                 "error estimate of lambda_min"),
+        "gradient_norm": _var([sp.gradient_norm for sp in specs], ("branch",),
+                              "norm of the gradient of eps_g over (W, theta) at the point "
+                              "(nonzero away from critical points of eps_g)"),
+        "coupling_complement_theta": _var(
+            [sp.coupling_complement_theta for sp in specs], ("branch",),
+            "largest |d^2 eps_g / d(complement) d(theta)| measured (zero in theory)"),
+        "coupling_complement_theta_error": _var(
+            [sp.coupling_complement_theta_error for sp in specs], ("branch",),
+            "error estimate of coupling_complement_theta"),
+        "coupling_complement_span": _var(
+            [sp.coupling_complement_span for sp in specs], ("branch",),
+            "largest |d^2 eps_g / d(complement) d(span)| measured (zero in theory)"),
+        "coupling_complement_span_error": _var(
+            [sp.coupling_complement_span_error for sp in specs], ("branch",),
+            "error estimate of coupling_complement_span"),
+    }
+    for k in norm.trainable:
+        out[f"param_{k}"] = _var(np.array([sp.params[k] for sp in specs]), ("branch", "student"),
+                                 f"value of the trainable parameter {k} at which the Hessian "
+                                 "is evaluated")
+        out[f"escape_d{k}"] = _var(np.array([sp.escape_dtheta[k] for sp in specs]),
+                                   ("branch", "student"),
+                                   f"component of the unit escape mode along {k}")
+    return out
+
+
+def _generic_hessian_attrs(experiment: Experiment, generic: bool) -> dict[str, Any]:
+    norm = experiment.normalization
+    if not generic:
+        return {"engine": "closed_form"}
+    out = {
+        "engine": "generic",
+        "quadrature": theory.Quadrature().describe(),
+        "hessian_method": "generic engine: per-replicate weight gradients (randomized QMC, "
+        "common random numbers) differentiated by central differences with one Richardson "
+        "level; realization in K + M dimensions plus one orthogonal (complement) dimension",
+        "trainable_parameters_included": (
+            "Hessian over (W, theta), theta = " + ", ".join(norm.trainable)
+            + " (theta joins the span block; its coupling to the complement is zero)")
+        if norm.trainable else "none (normalization has no trainable parameters)",
+    }
+    if not norm.statistics_gradient:
+        out["hessian_meaning"] = (
+            "Hessian of the loss landscape eps_g (gradient through the statistics taken by "
+            "finite differences); the SGD drift of this normalization is NOT the gradient of "
+            "eps_g, so lambda_min is not an escape rate")
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -649,7 +808,7 @@ class EscapeAnalyzer(Analyzer):
         return out
 
     def check(self, experiment: Experiment) -> None:
-        theory.scale_functions(experiment.model, experiment.normalization)
+        experiment.normalization.parameters(experiment.model.K)
         _check_weight_norm(experiment, self.weight_norm)
         eta = _resolve_eta(self.eta, experiment)
         if not eta > 0:
@@ -684,18 +843,25 @@ class EscapeAnalyzer(Analyzer):
         fp = br.points[br.plateau]
         if self.plateau == "eta":
             eps_plateau = fp.eps_g
-        spec = eq.weight_space_hessian(model, norm, fp.Q, fp.R)
+        if eq.hessian_needs_generic(model, norm):
+            spec = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R,
+                                                   getattr(fp, "params", None))
+        else:
+            spec = eq.weight_space_hessian(model, norm, fp.Q, fp.R)
         how = "experiment init"
         if self.start == "fixedpoint":
-            vec = _unstable_vector(model, invariant, br.eigvals[br.plateau],
+            key = norm if eq.needs_generic(model, norm) else invariant
+            vec = _unstable_vector(model, key, br.eigvals[br.plateau],
                                    br.eigvecs[br.plateau])
-            initial, how = _perturbed(model, norm, fp, vec, spec, self.perturbation, invariant)
+            initial, how = _perturbed(model, norm, fp, vec, spec, self.perturbation, key)
         grid = (np.linspace(0.0, self.alpha_max, self.n_points) if self.alpha is None
                 else np.asarray(self.alpha))
+        params = getattr(fp, "params", None) if self.start == "fixedpoint" else None
         traj = theory.integrate(
             model, norm, initial, eta=eta, batch_size=experiment.batch_size, alpha=grid,
             rtol=self.rtol, atol=self.atol, method=self.method,
             second_order=self.second_order, max_value=self.max_value,
+            params=params or None,
         )
         ds = trajectory_dataset(exp_eta, traj, grid, self)
         eps = ds.eps_g.values

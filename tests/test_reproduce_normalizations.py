@@ -1,0 +1,28 @@
+"""``symphase reproduce normalizations``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import framework
+from framework.manager import get_registry
+
+
+def test_registered() -> None:
+    assert "normalizations" in get_registry().names("reproduction")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_labelled_dataset(tmp_path, capsys) -> None:
+    from plugins.reproduce_normalizations import normalizations
+
+    assert normalizations(tmp_path, quick=True) == 0
+    ds = framework.load(tmp_path / "normalizations.nc")
+    assert (tmp_path / "normalizations.png").exists()
+    for v in ds.data_vars.values():
+        assert "long_name" in v.attrs and "units" in v.attrs
+    assert "weight_norm" in ds.coords and "gain" in ds.coords
+    ok = ds.status.values == "ok"
+    assert np.all(np.isfinite(ds.lambda_min.values[ok]))
+    assert "| normalization |" in capsys.readouterr().out
