@@ -50,7 +50,7 @@ class Analyzer:
         raise NotImplementedError(f"analyzer {self.name!r} must implement run()")
 
     def to_dict(self) -> dict[str, Any]:
-        fields = attrs.asdict(self) if attrs.has(type(self)) else {}
+        fields = attrs.asdict(self) if attrs.has(type(self)) else {}  # type: ignore[arg-type]
         return {"name": self.name, **fields}
 
     @classmethod

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _extend(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _extend(sub: argparse._SubParsersAction) -> None:
     """Attach the commands defined in ``framework._commands`` (run, show, plot), if present."""
     try:
         from framework import _commands

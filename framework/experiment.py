@@ -120,7 +120,9 @@ class Experiment:
     """
 
     model: TeacherStudent = attrs.field(converter=_to_model)
-    normalization: Normalization = attrs.field(default="plain", converter=_to_normalization)
+    normalization: Normalization = attrs.field(
+        default="plain", converter=_to_normalization  # type: ignore[assignment]
+    )
     analyzers: tuple[Analyzer, ...] = attrs.field(default=(), converter=_to_analyzers)
     eta: float = attrs.field(default=0.1, converter=float, validator=ge(0.0))
     batch_size: int = attrs.field(default=1, validator=integer(minimum=1))

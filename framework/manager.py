@@ -43,7 +43,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.activations",
     "plugins.normalizations",
     "plugins.normalizations_extra",
-    "plugins.analyzers",
     "plugins.simulation",
     "plugins.dynamics",
     "plugins.equilibrium",
@@ -182,18 +181,18 @@ def unregister_plugin(plugin: Any) -> None:
 def get_normalization(name: str, **params: Any) -> Normalization:
     """An instance of the normalization registered as ``name`` with hyper-parameters."""
     cls = get_registry().get("normalization", name)
-    return cls.from_dict(params)  # type: ignore[no-any-return]
+    return cls.from_dict(params)
 
 
 def get_analyzer(name: str, **options: Any) -> Analyzer:
     """An instance of the analyzer registered as ``name`` with its options."""
     cls = get_registry().get("analyzer", name)
-    return cls.from_dict(options)  # type: ignore[no-any-return]
+    return cls.from_dict(options)
 
 
 def get_activation(name: str) -> Activation:
     """The activation registered as ``name``."""
-    return get_registry().get("activation", name)  # type: ignore[no-any-return]
+    return get_registry().get("activation", name)
 
 
 def list_normalizations() -> list[str]:

@@ -192,7 +192,7 @@ class OrderParameters:
             joint,
             " (|R_in| too large for the norms Q_ii and T_nn?)",
         )
-        self.__attrs_init__(Q, R, T)  # type: ignore[attr-defined]
+        self.__attrs_init__(Q, R, T)
 
     @property
     def K(self) -> int:

@@ -171,7 +171,7 @@ class Normalization:
     # -- specification ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """``{"name": ..., **hyper-parameters}``, JSON compatible."""
-        fields = attrs.asdict(self) if attrs.has(type(self)) else {}
+        fields = attrs.asdict(self) if attrs.has(type(self)) else {}  # type: ignore[arg-type]
         return {"name": self.name, **fields}
 
     @classmethod

@@ -72,7 +72,7 @@ LINEAR = Activation(
 
 
 @hookimpl
-def symphase_register_activations(registry):  # type: ignore[no-untyped-def]
+def symphase_register_activations(registry):
     registry.add_activation(ERF)
     registry.add_activation(RELU)
     registry.add_activation(TANH)

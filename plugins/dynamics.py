@@ -8,8 +8,7 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from framework import Analyzer, Experiment, SpecificationError, convention_attrs, hookimpl
-from framework import theory
+from framework import Analyzer, Experiment, SpecificationError, convention_attrs, hookimpl, theory
 from framework._validation import check_int, check_real, gt, integer, one_of
 
 
@@ -206,5 +205,5 @@ def trajectory_dataset(
 
 
 @hookimpl
-def symphase_register_analyzers(registry):  # type: ignore[no-untyped-def]
+def symphase_register_analyzers(registry):
     registry.add_analyzer(Dynamics)

@@ -136,6 +136,6 @@ class BatchNorm(Normalization):
 
 
 @hookimpl
-def symphase_register_normalizations(registry):  # type: ignore[no-untyped-def]
+def symphase_register_normalizations(registry):
     registry.add_normalization(Plain)
     registry.add_normalization(BatchNorm)

@@ -332,7 +332,7 @@ def _figures(ds: xr.Dataset, out: Path) -> None:
 
 
 @hookimpl
-def symphase_register_reproductions(registry):  # type: ignore[no-untyped-def]
+def symphase_register_reproductions(registry):
     registry.add_reproduction(
         "takagi2020", takagi2020,
         "Takagi et al. 2020: Hessian at the symmetric plateau and escape, plain vs batchnorm",

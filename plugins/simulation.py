@@ -246,19 +246,19 @@ def _slow_np(w0: np.ndarray) -> np.ndarray:
 # compiled implementation (scalar; identical values)
 # ----------------------------------------------------------------------------------
 @njit(inline="always", cache=True)
-def _mix_nb(z):  # type: ignore[no-untyped-def]
+def _mix_nb(z):
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
 
 
 @njit(inline="always", cache=True)
-def _word_nb(k, c):  # type: ignore[no-untyped-def]
+def _word_nb(k, c):
     return _mix_nb(k + (c + _ONE) * _GAMMA)
 
 
 @njit(cache=True)
-def _slow_nb(w0):  # type: ignore[no-untyped-def]
+def _slow_nb(w0):
     # The tables are globals, frozen as constants: passing them as arguments costs
     # reference counting on every call (7x slower).
     k2 = w0
@@ -300,7 +300,7 @@ def _slow_nb(w0):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", cache=True)
-def normal_nb(key, i):  # type: ignore[no-untyped-def]
+def normal_nb(key, i):
     """Normal number ``i`` (uint64) of stream ``key`` (uint64)."""
     w = _word_nb(key, i)
     idx = np.intp(w & _FF)
@@ -315,7 +315,7 @@ def normal_nb(key, i):  # type: ignore[no-untyped-def]
 
 
 @njit(parallel=True, cache=True)
-def _fill_nb(keys, start, out):  # type: ignore[no-untyped-def]
+def _fill_nb(keys, start, out):
     P, count = out.shape
     for p in prange(P):
         key = keys[p]
@@ -342,7 +342,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
 def _advance_one(W, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, bn, gamma,
-                 beta, bn_eps):  # type: ignore[no-untyped-def]
+                 beta, bn_eps):
     KM, N = W.shape
     M = KM - K
     inv_sqn = 1.0 / math.sqrt(N)
@@ -419,7 +419,7 @@ def _advance_one(W, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, bn, 
 
 @njit(parallel=True, cache=True)
 def _advance_nb(W, K, keys, keys_noise, step0, nsteps, batch, eta, noise_sd, bn, gamma,
-                beta, bn_eps):  # type: ignore[no-untyped-def]
+                beta, bn_eps):
     for p in prange(W.shape[0]):
         _advance_one(W[p], K, keys[p], keys_noise[p], step0, nsteps, batch, eta, noise_sd,
                      bn, gamma, beta, bn_eps)
@@ -700,7 +700,7 @@ class Simulation(Analyzer):
             ds[f"param_{name}"] = var(data, ("replica", "alpha", "student"),
                                       f"trainable normalization parameter {name}")
         try:
-            from framework import convention_attrs  # type: ignore[attr-defined]
+            from framework import convention_attrs
         except ImportError:  # pragma: no cover - older framework
             conventions: dict[str, Any] = {}
         else:
@@ -749,10 +749,11 @@ class _KernelStepper:
         self.batch = experiment.batch_size
         self.eta = experiment.eta
         self.noise_sd = math.sqrt(experiment.model.noise)
-        self.bn = isinstance(norm, BatchNorm)
+        bn = norm if isinstance(norm, BatchNorm) else None
+        self.bn = bn is not None
         self.gamma = np.ascontiguousarray(params["gamma"][0, 0]) if self.bn else np.ones(K)
         self.beta = np.ascontiguousarray(params["beta"][0, 0]) if self.bn else np.zeros(K)
-        self.bn_eps = float(norm.eps) if self.bn else 0.0
+        self.bn_eps = float(bn.eps) if bn is not None else 0.0
         # about 4e6 multiply-adds between returns to Python (progress bar updates)
         self.chunk = max(1, int(4e6 // (W.shape[0] * W.shape[1] * W.shape[2] * self.batch)))
 
@@ -873,5 +874,5 @@ def _eps_g_monte_carlo(model: Any, norm: Any, Qs: np.ndarray, Rs: np.ndarray,
 
 
 @hookimpl
-def symphase_register_analyzers(registry):  # type: ignore[no-untyped-def]
+def symphase_register_analyzers(registry):
     registry.add_analyzer(Simulation)

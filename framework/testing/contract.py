@@ -112,7 +112,7 @@ class NormalizationContract:
         np.testing.assert_array_equal(out, normalization.forward(x.copy(), stats, params))
 
     # -- backward against finite differences ------------------------------------------
-    def test_backward_x(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_backward_x(self, normalization, x, stats, params, rng) -> None:
         g = rng.standard_normal(x.shape)
         back = normalization.backward(x, stats, params, g)
         assert back.x.shape == x.shape
@@ -120,7 +120,7 @@ class NormalizationContract:
             lambda z: float(np.sum(g * normalization.forward(z, stats, params))), x, back.x, rng
         )
 
-    def test_backward_stats(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_backward_stats(self, normalization, x, stats, params, rng) -> None:
         g = rng.standard_normal(x.shape)
         back = normalization.backward(x, stats, params, g)
         assert set(back.stats) == set(normalization.statistics_names)
@@ -134,7 +134,7 @@ class NormalizationContract:
 
             assert_directional_derivative(f, stats[name], reduced, rng)
 
-    def test_backward_params(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_backward_params(self, normalization, x, stats, params, rng) -> None:
         g = rng.standard_normal(x.shape)
         back = normalization.backward(x, stats, params, g)
         for name in normalization.trainable:
@@ -147,7 +147,7 @@ class NormalizationContract:
 
             assert_directional_derivative(f, params[name], reduced, rng)
 
-    def test_backward_is_linear_in_grad_out(self, normalization, x, stats, params, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_backward_is_linear_in_grad_out(self, normalization, x, stats, params, rng) -> None:
         g1, g2 = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
         b1, b2 = (normalization.backward(x, stats, params, g) for g in (g1, g2))
         b12 = normalization.backward(x, stats, params, 2.0 * g1 - 3.0 * g2)
@@ -157,7 +157,7 @@ class NormalizationContract:
                                        rtol=1e-10, atol=1e-12)
 
     # -- statistics ----------------------------------------------------------------
-    def test_population_statistics_vjp(self, normalization, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_population_statistics_vjp(self, normalization, rng) -> None:
         Q = _random_Q(rng, (2,))
         stats = normalization.population_statistics(Q)
         assert set(stats) == set(normalization.statistics_names)
@@ -176,7 +176,7 @@ class NormalizationContract:
 
         assert_directional_derivative(f, Q, grad, rng)
 
-    def test_batch_statistics_vjp(self, normalization, x, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_batch_statistics_vjp(self, normalization, x, rng) -> None:
         if not normalization.supports_batch_statistics:
             with pytest.raises(NotImplementedError, match=normalization.name):
                 normalization.batch_statistics(x)
@@ -199,7 +199,7 @@ class NormalizationContract:
         assert_directional_derivative(f, x, grad, rng)
 
     # -- diagonal-scale fast path ----------------------------------------------------
-    def test_diagonal_scale(self, normalization, params, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_diagonal_scale(self, normalization, params, rng) -> None:
         if not normalization.is_diagonal_scale():
             pytest.skip(f"{normalization.name!r} is not of the diagonal-scale family")
         Q = _random_Q(rng, (2,))
@@ -223,7 +223,7 @@ class NormalizationContract:
             rng,
         )
 
-    def test_scale_invariance(self, normalization, params, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_scale_invariance(self, normalization, params, rng) -> None:
         if not normalization.scale_invariant:
             pytest.skip(f"{normalization.name!r} does not declare scale invariance")
         Q = _random_Q(rng)
@@ -242,7 +242,7 @@ class NormalizationContract:
         C = A @ A.T / (K + M + 2) + 0.3 * np.eye(K + M)
         return C[:K, :K], C[:K, K:], C[K:, K:]
 
-    def test_generic_engine_runs(self, normalization, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_generic_engine_runs(self, normalization, rng) -> None:
         from framework import theory
 
         Q, R, T = self._order_parameters(rng)
@@ -254,7 +254,7 @@ class NormalizationContract:
         np.testing.assert_allclose(r.dQ, r.dQ.T, rtol=1e-12, atol=1e-14)
         assert set(r.dparams) == set(normalization.trainable)
 
-    def test_generic_engine_matches_closed_form(self, normalization, rng) -> None:  # type: ignore[no-untyped-def]
+    def test_generic_engine_matches_closed_form(self, normalization, rng) -> None:
         from framework import theory
 
         model_probe = TeacherStudent(K, 2)
