@@ -519,8 +519,13 @@ class ExpectationEngine:
         method: str = "DOP853",
         second_order: bool = True,
         max_value: float = 1e8,
+        stop_below: float | None = None,
     ) -> GenericTrajectory:
         """Integrate the general ODE from ``(Q0, R0, params)`` and report on ``alpha``.
+
+        ``stop_below``: if given, stop at the first reported grid point with ``eps_g <
+        stop_below`` (that point is the last one reported; not a divergence), e.g. to
+        measure an escape time without integrating the converged phase.
 
         Divergence (non-finite state, an entry beyond ``max_value``, ``Q`` not positive
         definite, step-size underflow) stops the run like the closed-form integrator;
@@ -558,6 +563,7 @@ class ExpectationEngine:
         out[0] = y0
         status = _status(y0, K, max_value)
         n_rows, t_fail = (0, alpha[0]) if status else (1, math.nan)
+        stopped, reached = False, []
         if status == 0 and alpha.size > 1:
             solver = _SOLVERS[method](fun, alpha[0], y0, alpha[-1], rtol=rtol, atol=atol)
             while solver.status == "running":
@@ -573,8 +579,13 @@ class ExpectationEngine:
                 j_stop = int(np.searchsorted(alpha, solver.t, side="right"))
                 if j_stop > n_rows:
                     out[n_rows:j_stop] = solver.dense_output()(alpha[n_rows:j_stop]).T
+                    if stop_below is not None and _below(self, out, n_rows, j_stop,
+                                                         fixed, stop_below, reached):
+                        n_rows = reached[0] + 1
+                        stopped = True
+                        break
                     n_rows = j_stop
-            if solver.status == "finished":
+            if solver.status == "finished" and not stopped:
                 out[-1] = solver.y
         ys = out[:n_rows]
         Qs, Rs, ps = self.unpack(ys)
@@ -592,6 +603,20 @@ class ExpectationEngine:
             params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
             quadrature=self.quadrature,
         )
+
+
+def _below(eng: ExpectationEngine, out: np.ndarray, start: int, stop: int,
+           fixed: Mapping[str, np.ndarray], threshold: float, reached: list) -> bool:
+    """Is ``eps_g < threshold`` at one of the rows ``start:stop``? (first index in
+    ``reached``)"""
+    Qs, Rs, ps = eng.unpack(out[start:stop])
+    for j in range(stop - start):  # the rows just reported
+        p = {**fixed, **{k: v[j] for k, v in ps.items()}}
+        eps, _ = eng.generalization_error(0.5 * (Qs[j] + Qs[j].T), Rs[j], p, check=False)
+        if eps < threshold:
+            reached.append(start + j)
+            return True
+    return False
 
 
 def _statistics_vjp_fd(

@@ -1063,7 +1063,7 @@ def find_fixed_points_generic(
     subspace: str = "auto",
     weight_norm: float | None = None,
     quadrature: Any = None,
-    starts: Sequence[tuple[str, np.ndarray, np.ndarray]] | None = None,
+    starts: Sequence[tuple] | None = None,
 ) -> list[GenericFixedPoint]:
     """Fixed points in the symmetric subspace with the generic engine (any normalization).
 
@@ -1073,9 +1073,16 @@ def find_fixed_points_generic(
     (:func:`scale_invariance`: per unit, ``Q_ii``; common, ``tr Q / K``) and the
     starts of :func:`default_starts` inside the cone that lie in the symmetric phase
     (``unspecialized ... + orthogonal``). Roots on the cone's boundary (identical
-    students) are discarded: the quadrature is not differentiable there. The root of the smooth quadrature estimate is accepted if its
+    students) are discarded: the quadrature is not differentiable there.
+    The root of the smooth quadrature estimate is accepted if its
     residual is below ``max(1e-10, 10 * rate_error)``. Needs ``eta > 0`` with the
     ``eta^2`` term (else :class:`~framework.SpecificationError`).
+
+    ``starts``: ``(label, Q, R)`` or ``(label, Q, R, params)`` with ``params`` a mapping
+    of trainable parameters' starting values (default: their initial values). The
+    default starts are taken with the trainable parameters at their initial values and
+    again at ``1/sqrt(2K-1)`` times them (the plain plateau's pre-activation scale: a
+    trained gain tends to it, e.g. weightnorm's ``g``, batchnorm_affine's ``gamma``).
     """
     eta = check_real("eta", eta, minimum=0.0)
     if eta == 0.0 or not second_order:
@@ -1090,11 +1097,15 @@ def find_fixed_points_generic(
         raise SpecificationError(
             f"'weight_norm' applies only to norm-conserving normalizations "
             f"({normalization.name!r} is not), got {weight_norm!r}")
+    trainable = tuple(normalization.trainable)
+    p0 = eng.params()
     if starts is None:
         starts = [s for s in default_starts(model, sub)
                   if s[0].startswith("unspecialized") and "orthogonal" in s[0]]
-    trainable = tuple(normalization.trainable)
-    p0 = eng.params()
+        if trainable:  # also with the parameters at Saad & Solla's plateau scale
+            f = 1.0 / math.sqrt(2 * model.K - 1)
+            starts = starts + [(f"{s[0]}, parameters x 1/sqrt(2K-1)", s[1], s[2],
+                                {k: f * p0[k] for k in trainable}) for s in starts]
     free = np.arange(sub.size) if invariance == "none" else np.arange(1, sub.size)
     nf = free.size
 
@@ -1122,7 +1133,12 @@ def find_fixed_points_generic(
         return np.where(np.isfinite(out), out, 1e6)
 
     found: list[GenericFixedPoint] = []
-    for label, Q0, R0 in starts:
+    for start in starts:
+        label, Q0, R0 = start[:3]
+        ps = dict(p0)
+        if len(start) > 3 and start[3] is not None:  # optional parameter start
+            ps.update({k: np.broadcast_to(np.asarray(v, dtype=float), (model.K,))
+                       for k, v in start[3].items()})
         Q0, R0 = np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float)
         if invariance != "none":
             c = math.sqrt(weight_norm * model.K / np.trace(Q0)) if invariance == "common" \
@@ -1130,7 +1146,7 @@ def find_fixed_points_generic(
             Q0, R0 = (Q0 * c * c, R0 * c) if c is not None else \
                 rescale_weight_norm(Q0, R0, weight_norm)
         x0 = np.concatenate([sub.project(Q0, R0)[free],
-                             [float(np.mean(p0[k])) for k in trainable]])
+                             [float(np.mean(ps[k])) for k in trainable]])
         sol = optimize.root(residual, x0, method="hybr", options={"xtol": 1e-12})
         x = sol.x
         Q, R, params, dQ, dR, dth, err = flow(x)

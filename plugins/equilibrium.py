@@ -37,6 +37,7 @@ from framework import (
     theory,
 )
 from framework import equilibrium as eq
+from framework import get_activation as framework_get_activation
 from framework._validation import check_real, gt, integer, one_of
 from plugins.dynamics import _alpha_tuple, order_parameter_variables, trajectory_dataset
 
@@ -79,6 +80,16 @@ def _optional_op(value: Any) -> OrderParameters | None:
     if isinstance(value, Mapping):
         return OrderParameters.from_dict(value)
     raise TypeError(f"'at' must be OrderParameters, a mapping or None, got {value!r}")
+
+
+def _optional_quadrature(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"'quadrature' must be a mapping of Quadrature options or None, "
+                        f"got {value!r}")
+    theory.Quadrature.from_dict(value)  # validates (names the option and value)
+    return dict(value)
 
 
 def _optional_int(name: str, minimum: int):  # type: ignore[no-untyped-def]
@@ -144,11 +155,12 @@ def _branches(
     weight_norm: float | None,
     flag_plateau: bool,
     horizon: float,
+    quadrature: Any = None,
 ) -> _Branches:
     model, norm = experiment.model, experiment.normalization
     if eq.needs_generic(model, norm):
         return _branches_generic(experiment, eta, second_order, subspace, weight_norm,
-                                 flag_plateau)
+                                 flag_plateau, quadrature)
     points = eq.find_fixed_points(
         model, norm, eta=eta, batch_size=experiment.batch_size, second_order=second_order,
         subspace=subspace, weight_norm=weight_norm,
@@ -225,16 +237,18 @@ def _no_branches(experiment: Experiment) -> SpecificationError:
 
 def _branches_generic(
     experiment: Experiment, eta: float, second_order: bool, subspace: str,
-    weight_norm: float | None, flag_plateau: bool,
+    weight_norm: float | None, flag_plateau: bool, quadrature: Any = None,
 ) -> _Branches:
     """Fixed points, Jacobians and the plateau with the generic engine.
 
     The plateau is the unstable branch in the symmetric phase (``R_in`` equal across
-    students within 10 times the rate error estimate, bounded below by 1e-6) with the
-    lowest ``eps_g`` (no trajectory is integrated: that would cost a full generic ODE
-    run)."""
+    students within 30 times the rate error estimate, bounded below by 1e-6) that is not
+    *dead* (:func:`_dead`: ``eps_g`` within 5 error estimates of the best constant
+    predictor's, i.e. the student output does not depend on the input, e.g. a gain
+    collapsed to 0), with the lowest ``eps_g`` (no trajectory is integrated: that would
+    cost a full generic ODE run)."""
     model, norm = experiment.model, experiment.normalization
-    q = _quadrature(experiment)
+    q = quadrature
     points = eq.find_fixed_points_generic(
         model, norm, eta=eta, batch_size=experiment.batch_size, second_order=second_order,
         subspace=subspace, weight_norm=weight_norm, quadrature=q)
@@ -251,15 +265,38 @@ def _branches_generic(
     if flag_plateau:
         cand = [b for b, fp in enumerate(points)
                 if np.max(np.abs(fp.R - fp.R.mean(axis=0))) < max(1e-6, 30.0 * fp.rate_error)
-                and vals[b][0].real > 1e-9]
+                and vals[b][0].real > 1e-9 and not _dead(model, fp)]
         if cand:
             plateau = min(cand, key=lambda b: points[b].eps_g)
     return _Branches(points, jacs, vals, vecs, plateau, float("nan"))
 
 
-def _quadrature(experiment: Experiment) -> Any:
-    """The generic engine's quadrature: the analyzers' default ``Quadrature()``."""
-    return None
+def _constant_predictor_error(model: Any) -> float:
+    """``eps_g`` of the best input-independent student output: ``Var(zeta) / 2 +
+    noise / 2`` (teacher output variance by Gauss-Hermite quadrature, exact for the
+    erf's closed form to ~1e-12)."""
+    act = framework_get_activation(model.activation)
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    w = w / w.sum()
+    L = np.linalg.cholesky(model.T)
+    M = model.M
+    if M <= 3:  # tensor grid over the teachers' M Gaussian coordinates
+        grids = np.meshgrid(*([x] * M), indexing="ij")
+        z = np.stack([g_.ravel() for g_ in grids], axis=-1)
+        wz = np.prod(np.meshgrid(*([w] * M), indexing="ij"), axis=0).ravel()
+    else:  # fixed-seed Monte Carlo
+        z = np.random.default_rng(0).standard_normal((1 << 18, M))
+        wz = np.full(z.shape[0], 1.0 / z.shape[0])
+    zeta = np.sum(act.g(z @ L.T), axis=-1)
+    mean = float(wz @ zeta)
+    return 0.5 * float(wz @ (zeta - mean) ** 2) + 0.5 * model.noise
+
+
+def _dead(model: Any, fp: Any) -> bool:
+    """A dead branch: ``eps_g`` within ``5 eps_g_error`` (at least 1e-9) of the best
+    constant predictor's (:func:`_constant_predictor_error`)."""
+    tol = max(1e-9, 5.0 * float(getattr(fp, "eps_g_error", 0.0)))
+    return bool(fp.eps_g >= _constant_predictor_error(model) - tol)
 
 
 def _engine_attrs(experiment: Experiment, br: Any = None) -> dict[str, Any]:
@@ -271,7 +308,9 @@ def _engine_attrs(experiment: Experiment, br: Any = None) -> dict[str, Any]:
         "engine": "generic",
         "quadrature": q.describe(),
         "norm_invariance": eq.scale_invariance(model, norm),
-        "plateau_rule_generic": "unstable branch in the symmetric phase with the lowest eps_g",
+        "plateau_rule_generic": "unstable branch in the symmetric phase with the lowest eps_g, "
+        "excluding dead branches (eps_g within 5 error estimates of the best constant "
+        "predictor's: the output does not depend on the input, e.g. a gain collapsed to 0)",
     }
 
 
@@ -776,6 +815,15 @@ class EscapeAnalyzer(Analyzer):
         Explicit report grid (strictly increasing, from the start); overrides the above.
     plateau : {"eta", "gradient_flow"}
         Which plateau value defines the threshold (see above).
+    quadrature : mapping, optional
+        Generic engine only: the :class:`framework.theory.Quadrature` options used for
+        the fixed point, its Jacobian and Hessian and the integration (None: defaults).
+        A coarser one (e.g. ``{"samples": 1024, "replicates": 8}``) makes the escape run
+        several times cheaper; the fixed point is re-solved with it, so the start is a
+        fixed point of the integrated ODE. Stored as attr ``quadrature``.
+    stop_at_escape : bool
+        Generic engine only: stop integrating at the first grid point below the
+        threshold (later grid points are NaN).
     rtol, atol, method, second_order, max_value
         As for ``dynamics``.
     """
@@ -801,10 +849,13 @@ class EscapeAnalyzer(Analyzer):
         default="auto", validator=one_of("auto", "matched", "exchangeable"))
     horizon: float = attrs.field(default=2000.0, converter=float, validator=gt(0.0))
     plateau: str = attrs.field(default="eta", validator=one_of("eta", "gradient_flow"))
+    quadrature: dict | None = attrs.field(default=None, converter=_optional_quadrature)
+    stop_at_escape: bool = attrs.field(default=False, converter=bool)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["alpha"] = None if self.alpha is None else list(self.alpha)
+        out["quadrature"] = None if self.quadrature is None else dict(self.quadrature)
         return out
 
     def check(self, experiment: Experiment) -> None:
@@ -835,7 +886,7 @@ class EscapeAnalyzer(Analyzer):
             br = ref  # lambda_min, rate and weight_norm_plateau of the eta -> 0 plateau
         else:
             br = _branches(experiment, eta, self.second_order, self.subspace, q, True,
-                           self.horizon)
+                           self.horizon, self.quadrature)
         if br.plateau < 0:
             raise SpecificationError(
                 f"no unstable symmetric fixed point (plateau) found for K={model.K}, "
@@ -845,7 +896,8 @@ class EscapeAnalyzer(Analyzer):
             eps_plateau = fp.eps_g
         if eq.hessian_needs_generic(model, norm):
             spec = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R,
-                                                   getattr(fp, "params", None))
+                                                   getattr(fp, "params", None),
+                                                   quadrature=self.quadrature)
         else:
             spec = eq.weight_space_hessian(model, norm, fp.Q, fp.R)
         how = "experiment init"
@@ -857,12 +909,21 @@ class EscapeAnalyzer(Analyzer):
         grid = (np.linspace(0.0, self.alpha_max, self.n_points) if self.alpha is None
                 else np.asarray(self.alpha))
         params = getattr(fp, "params", None) if self.start == "fixedpoint" else None
-        traj = theory.integrate(
-            model, norm, initial, eta=eta, batch_size=experiment.batch_size, alpha=grid,
-            rtol=self.rtol, atol=self.atol, method=self.method,
-            second_order=self.second_order, max_value=self.max_value,
-            params=params or None,
-        )
+        if eq.needs_generic(model, norm) or params:
+            eng = theory.expectation_engine(model, norm, self.quadrature)
+            traj = eng.integrate(
+                initial.Q, initial.R, eta=eta, alpha=grid, params=params or None,
+                batch_size=experiment.batch_size, rtol=max(self.rtol, 1e-5),
+                atol=max(self.atol, 1e-8), method=self.method,
+                second_order=self.second_order, max_value=self.max_value,
+                stop_below=0.5 * eps_plateau if self.stop_at_escape else None,
+            )
+        else:
+            traj = theory.integrate(
+                model, norm, initial, eta=eta, batch_size=experiment.batch_size, alpha=grid,
+                rtol=self.rtol, atol=self.atol, method=self.method,
+                second_order=self.second_order, max_value=self.max_value,
+            )
         ds = trajectory_dataset(exp_eta, traj, grid, self)
         eps = ds.eps_g.values
         threshold = 0.5 * eps_plateau
@@ -902,7 +963,10 @@ class EscapeAnalyzer(Analyzer):
             "escape_rule": "first alpha with eps_g < eps_plateau / 2, linear interpolation",
             "plateau": self.plateau,
             "plateau_branch": int(br.plateau),
+            "stop_at_escape": int(self.stop_at_escape),
         })
+        if eq.needs_generic(model, norm):
+            ds.attrs["quadrature"] = theory.Quadrature.from_dict(self.quadrature).describe()
         return ds
 
 

@@ -17,6 +17,9 @@ and prints a table.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import multiprocessing
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,13 @@ from framework import Experiment, TeacherStudent, convention_attrs, hookimpl, sa
 NORMALIZATIONS = ("plain", "batchnorm", "weightnorm", "batchnorm_affine", "meanonly",
                   "layernorm", "batchnorm_stopgrad")
 COMMAND = "symphase reproduce normalizations"
+GENERIC = ("weightnorm", "batchnorm_affine")  # trainable parameters: generic engine
+
+
+#: Coarse quadrature (16 x cheaper than the default 16 x 4096 points) of the second
+#: escape run of the generic engine, whose difference to the default run is the stored
+#: error estimate of alpha_escape (the fixed point is re-solved with it).
+ESCAPE_QUADRATURE = {"samples": 1024, "replicates": 4}
 
 
 def _settings(quick: bool) -> dict[str, Any]:
@@ -44,19 +54,40 @@ def _var(data: Any, dims: tuple[str, ...], long_name: str, units: str = "1") -> 
     return xr.DataArray(data, dims=dims, attrs={"long_name": long_name, "units": units})
 
 
+def _not_defined(name: str, K: int) -> str | None:
+    """Entries without a finite-eta ODE or with a degenerate output, stated up front."""
+    if name == "layernorm" and K == 2:
+        return ("degenerate: with K = 2 layer norm's output is x~ = +-1 (sign of x_1 - x_2) "
+                "and its gradient vanishes almost everywhere (eps = 0); no plateau to analyse")
+    if name == "layernorm" and K == 3:
+        return ("not defined: with eps = 0 the eta^2 term E[a a^T] of the ODE is infinite "
+                "for K <= 3 (gradient ~ 1/std_k(x), density of std near 0 ~ std^(K-2)), so "
+                "no finite-eta ODE (no N -> infinity limit) exists")
+    return None
+
+
 def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]:
     out = {"lambda_min": np.nan, "lambda_min_error": 0.0, "rate": np.nan,
-           "alpha_escape": np.nan, "eps_plateau": np.nan, "weight_norm": np.nan,
-           "gain": np.nan, "status": "ok"}
-    exp = Experiment(TeacherStudent(K, K), normalization=name, eta=eta, seed=0, analyzers=[
-        {"name": "hessian"},
-        {"name": "escape", "alpha_max": cfg["alpha_max"] / eta, "n_points": cfg["n_alpha"]},
-    ])
+           "alpha_escape": np.nan, "alpha_escape_error": 0.0, "eps_plateau": np.nan,
+           "weight_norm": np.nan, "gain": np.nan, "seconds": 0.0, "status": "ok"}
+    t0 = time.time()
+    why = _not_defined(name, K)
+    if why is not None:
+        out["status"] = why
+        return out
+    exp = Experiment(TeacherStudent(K, K), normalization=name, eta=eta, seed=0,
+                     analyzers=[{"name": "hessian"}])
     try:
         h = exp.run()["hessian"]
         b = int(h.attrs["plateau_branch"])
         if b < 0:
-            raise RuntimeError("no plateau branch identified")
+            gains = [k for k in ("param_g", "param_gamma") if k in h]
+            desc = ", ".join(
+                f"eps_g={float(h.eps_g[j]):.4g}"
+                + (f" gain={float(np.mean(h[gains[0]].values[j])):.3g}" if gains else "")
+                for j in range(h.sizes["branch"]))
+            raise RuntimeError(f"no plateau: the branches found ({desc}) are dead (output "
+                               "independent of the input) or not in the symmetric phase")
         hb = h.isel(branch=b)
         out["lambda_min"] = float(hb.lambda_min)
         if "lambda_min_error" in hb:
@@ -65,32 +96,65 @@ def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]
         out["weight_norm"] = float(np.mean(np.diagonal(hb.Q.values)))
         gains = [k for k in ("param_g", "param_gamma") if k in hb]
         out["gain"] = float(np.mean(hb[gains[0]].values)) if gains else np.nan
-        e = exp.evolve(analyzers=[{"name": "escape", "alpha_max": cfg["alpha_max"] / eta,
-                                   "n_points": cfg["n_alpha"]}]).run()["escape"]
+        generic = h.attrs.get("engine") == "generic" and not np.isnan(out["gain"])
+        # (trained gains: generic ODE; closed-form ODEs are cheap and exact)
+        opts = {"name": "escape", "alpha_max": cfg["alpha_max"] / eta,
+                "n_points": cfg["n_alpha"]}
+        # generic engine: the default quadrature (stopping at the escape); its error is
+        # estimated by |difference| to a run with the coarser ESCAPE_QUADRATURE (another
+        # base-point seed), whose own error is the larger one
+        first = dict(opts, stop_at_escape=True) if generic else opts
+        e = exp.evolve(analyzers=[first]).run()["escape"]
+        runs = [e]
         out["alpha_escape"] = float(e.alpha_escape)
-        out["rate"] = float(e.unstable_rate)
+        if generic:
+            try:
+                o = dict(opts, quadrature={**ESCAPE_QUADRATURE, "seed": 1},
+                         stop_at_escape=True)
+                c = exp.evolve(analyzers=[o]).run()["escape"]
+                out["alpha_escape_error"] = float(abs(float(c.alpha_escape)
+                                                      - out["alpha_escape"]))
+            except Exception:  # the coarse run failed: no error estimate
+                out["alpha_escape_error"] = np.nan
+        out["rate"] = float(runs[0].unstable_rate)
+        if not np.isfinite(out["alpha_escape"]):
+            out["status"] = (f"no escape within alpha_max = {cfg['alpha_max'] / eta:g} "
+                             f"(unstable rate {out['rate']:.3g} per eta alpha)")
     except Exception as exc:  # recorded per entry: the table shows why
-        out["status"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+        out["status"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    out["seconds"] = time.time() - t0
     return out
 
 
-def normalizations(out: Path, quick: bool = False, docs: Path | None = None) -> int:
-    """Run the comparison; write ``normalizations.nc``/``.png`` into ``out``."""
+def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
+                   workers: int = 2) -> int:
+    """Run the comparison (entries in ``workers`` processes); write
+    ``normalizations.nc``/``.png`` into ``out``."""
     t0 = time.time()
     cfg = _settings(quick)
     names, Ks, etas = cfg["normalizations"], cfg["Ks"], cfg["etas"]
     shape = (len(names), len(Ks), len(etas))
     res = {k: np.full(shape, np.nan) for k in ("lambda_min", "lambda_min_error", "rate",
-                                               "alpha_escape", "eps_plateau", "weight_norm",
-                                               "gain")}
+                                               "alpha_escape", "alpha_escape_error",
+                                               "eps_plateau", "weight_norm", "gain",
+                                               "seconds")}
     status = np.full(shape, "", dtype=object)
-    for a, name in enumerate(names):
-        for b, K in enumerate(Ks):
-            for c, eta in enumerate(etas):
-                r = _entry(name, K, eta, cfg)
-                for k in res:
-                    res[k][a, b, c] = r[k]
-                status[a, b, c] = r["status"]
+    jobs = [(a, b, c) for a in range(len(names)) for b in range(len(Ks))
+            for c in range(len(etas))]
+    jobs.sort(key=lambda j: (names[j[0]] not in GENERIC, -Ks[j[1]]))  # long ones first
+    workers = max(1, min(workers, len(jobs)))
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_entry, names[a], Ks[b], etas[c], cfg): (a, b, c)
+                   for a, b, c in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            a, b, c = futures[fut]
+            r = fut.result()
+            print(f"{names[a]} K={Ks[b]} eta={etas[c]:g}: {r['seconds']:.1f} s, "
+                  f"{r['status'][:70]}", flush=True)
+            for k in res:
+                res[k][a, b, c] = r[k]
+            status[a, b, c] = r["status"]
     dims = ("normalization", "K", "eta")
     ds = xr.Dataset(
         {
@@ -102,7 +166,12 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None) -> 
                                   "eigenvalues at the plateau", "1/(eta alpha)"),
             "alpha_escape": _var(res["alpha_escape"], dims, "first alpha with eps_g < "
                                  "eps_plateau / 2 from the perturbed plateau"),
+            "alpha_escape_error": _var(res["alpha_escape_error"], dims, "error estimate of "
+                                       "alpha_escape: |difference| to a run with a coarser "
+                                       "quadrature of another seed (0: closed form; NaN: "
+                                       "that run failed)"),
             "eps_plateau": _var(res["eps_plateau"], dims, "eps_g at the plateau"),
+            "entry_seconds": _var(res["seconds"], dims, "wall time of the entry", "s"),
             "status": _var(status.astype(str), dims, "ok, or why the entry is missing"),
         },
         coords={
@@ -126,6 +195,8 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None) -> 
             "hessian_coordinates": "W = J / sqrt(N) plus trainable normalization parameters",
             "escape_start": "plateau perturbed along the most unstable Jacobian eigenvector "
             "(relative size 1e-3)",
+            "escape_quadrature_generic": "default Quadrature(); error run: "
+            + json.dumps(ESCAPE_QUADRATURE) + ", seed 1",
             "runtime_seconds": float(time.time() - t0),
         },
     )
@@ -168,29 +239,121 @@ def _figure(ds: xr.Dataset, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for n in ds.normalization.values:
-        for K in ds.K.values:
+    for i, n in enumerate(ds.normalization.values):
+        for j, K in enumerate(ds.K.values):
             s = ds.sel(normalization=n, K=K)
-            axes[0].plot(ds.eta, s.lambda_min, "o-", label=f"{n} K={K}")
-            axes[1].plot(ds.eta, s.alpha_escape, "o-", label=f"{n} K={K}")
-    axes[0].set(xscale="log", xlabel="eta", ylabel="lambda_min at the plateau")
+            style = dict(color=f"C{i}", linestyle=("-", "--", ":")[j % 3], marker="o")
+            axes[0].plot(ds.eta, s.lambda_min, label=f"{n} K={K}", **style)
+            axes[1].plot(ds.eta, s.alpha_escape, label=f"{n} K={K}", **style)
+    axes[0].set_yscale("symlog", linthresh=0.01)
+    axes[0].set(xscale="log", xlabel="eta",
+                ylabel="lambda_min at the plateau (symlog)")
     axes[1].set(xscale="log", yscale="log", xlabel="eta", ylabel="alpha_escape")
-    axes[0].legend(fontsize=6)
+    axes[0].legend(fontsize=6, title="meanonly = plain", title_fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _pivot(ds: xr.Dataset, K: int) -> str:
+    """Escape time vs eta (rows: normalizations) for one K, with lambda_min."""
+    etas = [float(e) for e in ds.eta.values]
+    head = ("| normalization | weight norm Q_ii (each eta) | gain (each eta) | "
+            + " | ".join(f"lambda_min, eta={e:g}" for e in etas) + " | "
+            + " | ".join(f"alpha_esc, eta={e:g}" for e in etas) + " |")
+    lines = [head, "|" + "---|" * (3 + 2 * len(etas))]
+    for n in ds.normalization.values:
+        s = ds.sel(normalization=n, K=K)
+        st = [str(v) for v in s.status.values]
+        if all(x != "ok" for x in st) and len(set(st)) == 1:
+            lines.append(f"| {n} | — | — | " + " | ".join(
+                [f"n/a ({st[0].split(':')[0]})"] * 2 * len(etas)) + " |")
+            continue
+        lam, esc = [], []
+        for j in range(len(etas)):
+            sj = s.isel(eta=j)
+            if st[j] != "ok":
+                lam.append("n/a")
+                esc.append("n/a")
+                continue
+            err = float(sj.lambda_min_error)
+            lam.append(f"{float(sj.lambda_min):.4f}" + (f" ± {err:.0e}" if err > 0 else ""))
+            ee = float(sj.alpha_escape_error)
+            esc.append(f"{float(sj.alpha_escape):.0f}" + (f" ± {ee:.0f}" if ee > 0 else ""))
+        wn = ", ".join(f"{v:.3g}" if np.isfinite(v) else "–" for v in s.weight_norm.values)
+        gn = ", ".join(f"{v:.3g}" if np.isfinite(v) else "–" for v in s.gain.values) \
+            if np.any(np.isfinite(s.gain.values)) or n in GENERIC else "none"
+        lines.append(f"| {n} | {wn} | {gn} | " + " | ".join(lam) + " | " + " | ".join(esc)
+                     + " |")
+    return "\n".join(lines)
+
+
 def _docs(ds: xr.Dataset, table: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    K_blocks = "\n\n".join(f"### K = M = {int(K)}\n\n" + _pivot(ds, int(K))
+                             for K in ds.K.values)
+    reasons = sorted({str(v) for v in ds.status.values.ravel() if str(v) != "ok"})
     path.write_text(
         "# The symmetric plateau of every built-in normalization\n\n"
-        f"Generated by `{ds.attrs['command']}` (writes datasets/normalizations.nc and "
-        "datasets/normalizations.png). K = M, T = I, erf; the Hessian is of eps_g over "
-        "W = J/sqrt(N) and the trainable parameters, at the plateau fixed point at each eta, "
-        "at the weight norm and gain listed; lambda_min errors are the generic engine's "
-        "estimates (none: closed form).\n\n" + table + "\n"
+        f"Generated by `{ds.attrs['command']}` in {ds.attrs['runtime_seconds']:.0f} s on "
+        "2 cores (writes `datasets/normalizations.nc` and `datasets/normalizations.png`). "
+        "K = M, T = I, erf, seed-0 random initialization for the plateau selection. "
+        "`lambda_min` is the smallest eigenvalue of the Hessian of eps_g over W = J/sqrt(N) "
+        "(and the trainable parameters, where the normalization has them) at the plateau "
+        "fixed point *at that eta*; the 'weight norm' column lists Q_ii = |W_i|^2 and the "
+        "'gain' column the trained gain (weightnorm g, batchnorm_affine gamma) at which each "
+        "Hessian is evaluated, one value per eta (scale-invariant normalizations are "
+        "evaluated at Q_ii = 1). `alpha_esc` is the first alpha with eps_g < eps_plateau/2 "
+        "from the plateau perturbed by 1e-3 along its most unstable ODE direction. "
+        "± are error estimates of the generic engine (none: closed form; escape times of "
+        "the generic engine: the difference to a run with a 16 times coarser quadrature of "
+        "another seed). n/a: not computed, reason in `status` (below).\n\n"
+        + K_blocks + "\n\n" + INTERPRETATION + "\n\n### Entries without a value\n\n"
+        + "\n".join(f"* {r}" for r in reasons)
+        + "\n\n### Full table\n\n" + table + "\n"
     )
+
+
+INTERPRETATION = """### Reading the numbers
+
+* **meanonly = plain** to every digit: under population statistics the mean is 0 and
+  the ODE is the plain one (mean-only BN differs only with minibatch statistics).
+* **batchnorm vs plain** (batchnorm at Q_ii = 1): batchnorm's plateau is higher and its
+  escape later at every eta (K = 2: 2897 vs 1967 at eta = 0.05, 288 vs 109 at eta = 1;
+  K = 3: 5067 vs 2886, 864 vs 214), Takagi et al.'s result; the delay ratio grows with
+  eta (README, "Result"). At small eta its escape curvature is flatter (-0.046 vs
+  -0.066 for K = 2); at large eta the finite-eta plateau moves and lambda_min there is
+  steeper, yet the escape is still later, so at finite eta lambda_min alone does not
+  order the escape times.
+* **weightnorm and batchnorm_affine** (trained gain): the plateau found is the plain
+  plateau in the effective weights W~_i = g W_i/|W_i|: the gain goes to g = 0.577 =
+  1/sqrt(3) (K = 2; plain's Q = 1/(2K-1)), the students are parallel (cos = 1.000) and
+  eps_plateau = 0.0117 is plain's. lambda_min = -0.0219 = plain's -0.0655 times g^2 =
+  1/3: the Hessian is taken in the coordinates W = v/sqrt(N) at |W_i| = 1, whose
+  curvature is the effective one times g^2. The unstable ODE rate is correspondingly
+  small (0.022 per eta alpha), so the escape is ~3 times slower than plain's (K = 2:
+  5886 at eta = 0.05, 3017 at eta = 0.1; the linear estimate ln(1000)/(0.0217 eta) is
+  6366 and 3183). This, not a wrong perturbation direction, is why weightnorm had not
+  escaped within alpha 3000 in the first version. The collapsed branch (gain -> 0,
+  eps_g = K/6, the best constant predictor's) is a fixed point too; it is excluded from
+  plateau selection by the dead-branch rule (eps_g within 5 error estimates of the best
+  constant predictor's).
+* **The generic engine's plateau search fails for most trained-gain entries** (n/a):
+  the trained-gain plateau sits at (or within ~1e-9 of) the boundary of the positive
+  semi-definite cone (parallel students), where the quadrature estimate is not
+  differentiable and roots are discarded; only some (eta, K) root searches land on it,
+  the others find only the dead branch. For K = 3 the weightnorm entry (eta = 0.1) is a
+  slightly specialized point (R_ii = 0.515, R_in = 0.518, g = 0.512), not the exact
+  symmetric plateau, and its escape time is uncertain by a factor ~2 (the run with the
+  coarse quadrature differs by 4525).
+* **batchnorm_stopgrad**: its drift is not the gradient of eps_g (no gradient through
+  the statistics), so its lambda_min (of the eps_g landscape, which is batchnorm's) is
+  not an escape rate. Its plateau has a weight norm proportional to eta (0.0257 / 0.0515
+  / 0.257 / 0.515 for K = 2: the update is no longer orthogonal to W_i) and lambda_min
+  scales as 1/Q_ii; its escape (70-100 for K = 2, 240-300 for K = 3) hardly depends on
+  eta and is the fastest of all.
+* **layernorm** has no entry: degenerate at K = 2 (output +-1), and no finite-eta ODE
+  at K = 3 with eps = 0 (infinite eta^2 term); use eps > 0 or K >= 4."""
 
 
 @hookimpl

@@ -1,0 +1,130 @@
+"""Fixed points of the extra normalizations against finite-N simulation, and the
+small-eta relation lambda_min = -rate on the generic engine (issue #7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import framework
+from framework import Experiment, OrderParameters, TeacherStudent
+
+Z = 5.0  # standard errors
+
+# (normalization spec, K, eta): layernorm with eps > 0 (eps = 0 is degenerate at K = 2
+# and has no finite-eta ODE at K = 3)
+CASES = [
+    ("weightnorm", 2, 0.1),
+    pytest.param("batchnorm_affine", 2, 0.1, marks=pytest.mark.slow),  # ~20 s
+    ("meanonly", 2, 0.1),
+    ("batchnorm_stopgrad", 2, 0.1),
+    ({"name": "layernorm", "eps": 0.1}, 3, 0.1),
+]
+
+
+def _plateau(norm, K: int, eta: float):
+    exp = Experiment(TeacherStudent(K, K), normalization=norm, eta=eta, seed=0,
+                     analyzers=[{"name": "fixedpoint"}])
+    fp = exp.run()["fixedpoint"]
+    flagged = np.flatnonzero(fp.is_plateau.values)
+    # no plateau (layernorm, eps > 0, K = 3: every branch is specialized): the branch
+    # with the fewest unstable directions
+    b = int(flagged[0]) if flagged.size else int(np.argmin(fp.n_unstable.values))
+    return exp, fp.isel(branch=b)
+
+
+@pytest.mark.parametrize("norm,K,eta", CASES,
+                         ids=["weightnorm", "batchnorm_affine", "meanonly", "batchnorm_stopgrad",
+                              "layernorm"])
+def test_simulation_started_at_fixed_point_stays(norm, K: int, eta: float) -> None:
+    exp, p = _plateau(norm, K, eta)
+    Q, R = p.Q.values, p.R.values
+    spec = dict(norm) if isinstance(norm, dict) else {"name": norm}
+    for k in ("g", "gamma"):  # a live branch: the gain has not collapsed to 0
+        if f"param_{k}" in p:
+            assert float(np.mean(p[f"param_{k}"].values)) > 0.1
+    for k in ("g", "gamma", "beta"):  # trainable parameters start at the fixed point
+        if f"param_{k}" in p:
+            spec[k] = float(np.mean(p[f"param_{k}"].values))
+    sim = exp.evolve(normalization=spec, analyzers=[{
+        "name": "simulation", "N": 1500, "replicas": 6, "alpha_max": 5.0, "records": 6,
+        "initial": OrderParameters(Q, R, exp.model.T)}]).run()["simulation"]
+    eps = sim.eps_g.values  # (alpha, replica) or (replica, alpha)
+    ax = sim.eps_g.dims.index("replica")
+    mean = eps.mean(axis=ax)
+    se = eps.std(axis=ax, ddof=1) / np.sqrt(eps.shape[ax])
+    err = float(p.eps_g_error) if "eps_g_error" in p else 0.0
+    dev = np.abs(mean - float(p.eps_g))
+    assert np.all(dev <= Z * (se + err) + 1e-12), (dev, se, err, float(p.eps_g))
+
+
+def _generic_rate_and_lambda(name: str, eta: float):
+    """Generic engine forced: the plateau at eta, its unstable Jacobian rate and the
+    Hessian's lambda_min there, with error estimates."""
+    from framework import equilibrium as eq
+
+    model = TeacherStudent(2, 2)
+    norm = framework.get_normalization(name)
+    found = eq.find_fixed_points_generic(model, norm, eta=eta)
+    # the symmetric phase within the rate error (the analyzers' rule), not dead
+    fps = [f for f in found
+           if np.max(np.abs(f.R - f.R.mean(axis=0))) < max(1e-6, 30.0 * f.rate_error)
+           and f.eps_g < 0.3]
+    assert fps, [(f.eps_g, f.R.tolist()) for f in found]
+    fp = min(fps, key=lambda f: f.eps_g)
+    rates = []
+    for seed in (0, 1):  # the rate's error: difference of two quadrature seeds
+        jac = eq.ode_jacobian_generic(model, norm, fp.Q, fp.R, fp.params, eta=eta,
+                                      quadrature={"seed": seed})
+        rates.append(float(eq.sorted_eigen(jac)[0][0].real))
+    h = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R, fp.params)
+    return rates[0], float(h.lambda_min), float(h.lambda_min_error), abs(rates[1] - rates[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,etas", [("batchnorm", (0.05, 0.1)), ("weightnorm", (0.1, 0.2))])
+def test_small_eta_limit_lambda_min_equals_minus_rate(name: str, etas) -> None:
+    """lambda_min + rate is O(eta): its linear extrapolation to eta = 0 vanishes within
+    the propagated error estimates (Hessian: its replicate error; rate: the difference
+    between two quadrature seeds)."""
+    e1, e2 = etas
+    d, err = [], []
+    for eta in etas:
+        rate, lmin, lerr, rerr = _generic_rate_and_lambda(name, eta)
+        d.append(lmin + rate)
+        err.append(lerr + rerr)
+    d0 = d[0] - e1 * (d[1] - d[0]) / (e2 - e1)
+    # linear extrapolation: |d0| error <= (e2 err1 + e1 err2) / (e2 - e1)
+    bound = (e2 * err[0] + e1 * err[1]) / (e2 - e1)
+    assert abs(d0) <= Z * bound, (d, d0, bound)
+
+
+def test_dead_branch_rule_uses_the_best_constant_predictor() -> None:
+    from plugins.equilibrium import _constant_predictor_error
+
+    # erf, T = I: Var(zeta) / 2 = (M / pi) asin(1/2) = M / 6
+    for K in (2, 3):
+        assert abs(_constant_predictor_error(TeacherStudent(K, K)) - K / 6) < 1e-10
+
+
+def test_generic_integration_stops_below_threshold() -> None:
+    from framework import theory
+
+    model = TeacherStudent(2, 2)
+    exp = Experiment(model, seed=0)
+    eng = theory.expectation_engine(model, framework.get_normalization("plain"),
+                                    {"samples": 2048, "replicates": 4})
+    op = exp.initial_order_parameters()
+    grid = np.linspace(0.0, 400.0, 201)
+    full = eng.integrate(op.Q, op.R, eta=1.0, alpha=grid)
+    threshold = 0.5 * float(full.eps_g[0])
+    cut = eng.integrate(op.Q, op.R, eta=1.0, alpha=grid, stop_below=threshold)
+    j = int(np.argmax(full.eps_g < threshold))
+    assert full.eps_g[j] < threshold <= full.eps_g[j - 1]
+    assert len(cut.alpha) == j + 1 and not cut.diverged
+    np.testing.assert_allclose(cut.eps_g, full.eps_g[: j + 1], rtol=1e-6)
+
+
+def test_escape_quadrature_option_is_validated() -> None:
+    with pytest.raises(framework.SpecificationError, match="samples"):
+        framework.get_analyzer("escape", quadrature={"samples": 1000})
