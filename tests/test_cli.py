@@ -237,8 +237,6 @@ def test_example_toml_is_valid():
 
 def test_example_toml_runs_with_the_real_cli(tmp_path):
     """`symphase run examples/sweep.toml` end to end, in a subprocess (needs dynamics)."""
-    if "dynamics" not in framework.list_analyzers():
-        pytest.skip("the dynamics analyzer is not registered")
     example = (ROOT / "examples" / "sweep.toml").read_text()
     example = example.replace("alpha_max = 200.0", "alpha_max = 20.0").replace(
         "n_points = 101", "n_points = 11")

@@ -284,13 +284,9 @@ def test_dynamics_analyzer_with_the_generic_engine(norm, activation) -> None:
     K = 4 if norm == "layernorm" else 2
     options = {"alpha": [0.0, 0.2, 0.5], "second_order": norm != "layernorm",
                "rtol": 1e-4 if activation == "relu" else 1e-10}
-    try:
-        e = Experiment(TeacherStudent(K, 2, activation=activation), normalization=norm,
-                       analyzers=[{"name": "dynamics", **options}], eta=0.5, init_scale=0.7)
-        ds = e.run()["dynamics"]
-    except theory.ClosedFormUnavailable:  # pragma: no cover - until dynamics.py is patched
-        pytest.skip("plugins/dynamics.py still gates on theory.scale_functions (closed "
-                    "form only); it needs the generic-engine patch")
+    e = Experiment(TeacherStudent(K, 2, activation=activation), normalization=norm,
+                   analyzers=[{"name": "dynamics", **options}], eta=0.5, init_scale=0.7)
+    ds = e.run()["dynamics"]
     assert not bool(ds.diverged), ds.attrs["status"]
     assert np.all(np.isfinite(ds.eps_g.values))
     assert "generic expectation engine" in ds.attrs["theory"]

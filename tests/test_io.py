@@ -157,8 +157,6 @@ def test_load_experiment_errors(tmp_path):
 
 
 def test_run_and_sweep_results_carry_full_provenance(tmp_path):
-    if "dynamics" not in framework.list_analyzers():
-        pytest.skip("the dynamics analyzer is not registered")
     exp = Experiment(TeacherStudent(2, 2), analyzers=[
         {"name": "dynamics", "alpha_max": 2.0, "n_points": 4, "rtol": 1e-6, "atol": 1e-8}])
     single = exp.run()["dynamics"]

@@ -217,8 +217,6 @@ def test_ode_agrees_with_a_short_simulation(name) -> None:
     """Finite-N SGD (the ``simulation`` analyzer, population statistics) against the
     generic engine's ODE from the same start: replicate means within 5 standard errors
     (the O(1/N) drift difference is far below them at N = 1000, alpha <= 1)."""
-    if "simulation" not in framework.list_analyzers():
-        pytest.skip("the simulation analyzer is not installed")
     K = 4 if name == "layernorm" else 2
     options = {"eps": 0.1} if name == "layernorm" else {"g": 0.7} if name == "weightnorm" \
         else {"beta": 0.2}

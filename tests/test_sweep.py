@@ -380,8 +380,6 @@ def test_bad_scheduler_address_is_a_specification_error():
 
 # -- the dynamics analyzer --------------------------------------------------------------
 def test_dynamics_sweep_over_K_and_normalization():
-    if "dynamics" not in framework.list_analyzers():
-        pytest.skip("the dynamics analyzer is not registered")
     exp = Experiment(TeacherStudent(2, 2), analyzers=[
         {"name": "dynamics", "alpha_max": 5.0, "n_points": 6, "rtol": 1e-6, "atol": 1e-8}])
     ds = exp.sweep(K=[1, 2], normalization=["plain", "batchnorm"],
