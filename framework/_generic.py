@@ -61,9 +61,11 @@ from typing import Any, ClassVar
 import attrs
 import numpy as np
 from scipy import special
-from scipy.integrate import BDF, DOP853, LSODA, RK45, Radau
 from scipy.stats import qmc
 
+from framework._theory import _SCIPY_METHODS as _SOLVERS
+from framework._theory import _state_status_py as _status
+from framework._theory import solve_on_grid
 from framework._validation import SpecificationError, gt, integer, one_of
 from framework.activation import Activation
 from framework.model import TeacherStudent
@@ -77,7 +79,6 @@ __all__ = [
     "Quadrature",
 ]
 
-_SOLVERS = {"DOP853": DOP853, "RK45": RK45, "LSODA": LSODA, "Radau": Radau, "BDF": BDF}
 
 
 class AccuracyError(ArithmeticError):
@@ -559,34 +560,18 @@ class ExpectationEngine:
                                second_order=second_order)
             return self.pack(r.dQ, r.dR, r.dparams)
 
-        out = np.full((alpha.size, y0.size), np.nan)
-        out[0] = y0
-        status = _status(y0, K, max_value)
-        n_rows, t_fail = (0, alpha[0]) if status else (1, math.nan)
-        stopped, reached = False, []
-        if status == 0 and alpha.size > 1:
-            solver = _SOLVERS[method](fun, alpha[0], y0, alpha[-1], rtol=rtol, atol=atol)
-            while solver.status == "running":
-                with np.errstate(all="ignore"):
-                    solver.step()
-                if solver.status == "failed":
-                    status, t_fail = 4, solver.t
-                    break
-                status = _status(solver.y, K, max_value)
-                if status:
-                    t_fail = solver.t
-                    break
-                j_stop = int(np.searchsorted(alpha, solver.t, side="right"))
-                if j_stop > n_rows:
-                    out[n_rows:j_stop] = solver.dense_output()(alpha[n_rows:j_stop]).T
-                    if stop_below is not None and _below(self, out, n_rows, j_stop,
-                                                         fixed, stop_below, reached):
-                        n_rows = reached[0] + 1
-                        stopped = True
-                        break
-                    n_rows = j_stop
-            if solver.status == "finished" and not stopped:
-                out[-1] = solver.y
+        reached: list[int] = []
+
+        def stop_rows(out: np.ndarray, n_rows: int, j_stop: int) -> int | None:
+            if stop_below is not None and _below(self, out, n_rows, j_stop, fixed,
+                                                 stop_below, reached):
+                return reached[0] + 1
+            return None
+
+        out, n_rows, status, t_fail = solve_on_grid(
+            fun, y0, alpha, method=method, rtol=rtol, atol=atol,
+            status=lambda y: _status(y, K, max_value), stop_rows=stop_rows,
+        )
         ys = out[:n_rows]
         Qs, Rs, ps = self.unpack(ys)
         Qs = 0.5 * (Qs + np.swapaxes(Qs, -1, -2))
@@ -655,15 +640,4 @@ _MESSAGES = {
 }
 
 
-def _status(y: np.ndarray, K: int, max_value: float) -> int:
-    """0 valid; 1 non-finite; 2 beyond ``max_value``; 3 ``Q`` not positive definite."""
-    if not np.all(np.isfinite(y)):
-        return 1
-    if np.max(np.abs(y)) > max_value:
-        return 2
-    try:
-        np.linalg.cholesky(y[: K * K].reshape(K, K))
-    except np.linalg.LinAlgError:
-        return 3
-    return 0
 

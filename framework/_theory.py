@@ -782,6 +782,50 @@ def _state_status_py(y, K, max_value):
     return 0
 
 
+def solve_on_grid(
+    fun: Callable[[float, Array], Array],
+    y0: Array,
+    alpha: Array,
+    *,
+    method: str,
+    rtol: float,
+    atol: float,
+    status: Callable[[Array], int],
+    stop_rows: Callable[[Array, int, int], int | None] | None = None,
+) -> tuple[Array, int, int, float]:
+    """Step a scipy solver from ``alpha[0]`` and fill the grid ``alpha`` by dense output.
+
+    ``status(y)`` is 0 for a valid state (else a failure code: the run stops there and
+    keeps the rows reached); code 4 marks a solver failure. ``stop_rows(out, n_rows,
+    j_stop)`` may end the run early after new rows are filled, returning the number of
+    rows to keep. Returns ``(out, n_rows, status, t_fail)``; rows past ``n_rows`` are NaN.
+    """
+    out = np.full((alpha.size, y0.size), np.nan)
+    out[0] = y0
+    code = status(y0)
+    n_rows, t_fail = (0, float(alpha[0])) if code else (1, float("nan"))
+    if code or alpha.size < 2:
+        return out, n_rows, code, t_fail
+    solver = _SCIPY_METHODS[method](fun, alpha[0], y0, alpha[-1], rtol=rtol, atol=atol)
+    while solver.status == "running":
+        with np.errstate(all="ignore"):
+            solver.step()
+        if solver.status == "failed":
+            return out, n_rows, 4, float(solver.t)
+        code = status(solver.y)
+        if code:
+            return out, n_rows, code, float(solver.t)
+        j_stop = int(np.searchsorted(alpha, solver.t, side="right"))
+        if j_stop > n_rows:
+            out[n_rows:j_stop] = solver.dense_output()(alpha[n_rows:j_stop]).T
+            keep = None if stop_rows is None else stop_rows(out, n_rows, j_stop)
+            if keep is not None:
+                return out, keep, 0, t_fail
+            n_rows = j_stop
+    out[-1] = solver.y
+    return out, n_rows, 0, t_fail
+
+
 def _run_scipy(Q0, R0, T, scale_fn, scale_jac_fn, eta, batch_size, noise_var, alpha,
                rtol, atol, second_order, max_value, method):
     K, M = R0.shape
@@ -798,28 +842,10 @@ def _run_scipy(Q0, R0, T, scale_fn, scale_jac_fn, eta, batch_size, noise_var, al
         return pack_state(dQ, dR)
 
     y0 = pack_state(Q0, R0)
-    out = np.full((alpha.size, y0.size), np.nan)
-    out[0] = y0
-    status = _state_status_py(y0, K, max_value)
-    n_rows, t_fail = (0, alpha[0]) if status else (1, np.nan)
-    if status == 0 and alpha.size > 1:
-        solver = _SCIPY_METHODS[method](fun, alpha[0], y0, alpha[-1], rtol=rtol, atol=atol)
-        while solver.status == "running":
-            with np.errstate(all="ignore"):
-                solver.step()
-            if solver.status == "failed":
-                status, t_fail = 4, solver.t
-                break
-            status = _state_status_py(solver.y, K, max_value)
-            if status:
-                t_fail = solver.t
-                break
-            j_stop = np.searchsorted(alpha, solver.t, side="right")
-            if j_stop > n_rows:
-                out[n_rows:j_stop] = solver.dense_output()(alpha[n_rows:j_stop]).T
-                n_rows = j_stop
-        if solver.status == "finished":
-            out[-1] = solver.y
+    out, n_rows, status, t_fail = solve_on_grid(
+        fun, y0, alpha, method=method, rtol=rtol, atol=atol,
+        status=lambda y: _state_status_py(y, K, max_value),
+    )
     ys = out[:n_rows]
     Qs, Rs = unpack_state(ys, K, M)
     eps = np.array([
