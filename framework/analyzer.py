@@ -18,13 +18,9 @@ conventions in attrs; the framework adds the experiment's provenance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import attrs
-
-from framework._validation import SpecificationError
-from framework.normalization import _construct
+from framework._named import Named
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -34,11 +30,12 @@ if TYPE_CHECKING:
 __all__ = ["Analyzer"]
 
 
-class Analyzer:
+class Analyzer(Named):
     """Base class of analyzers."""
 
     #: Registry name, e.g. ``"dynamics"``.
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "analyzer"
     #: One-line description shown by ``symphase plugins``.
     description: ClassVar[str] = ""
 
@@ -48,17 +45,3 @@ class Analyzer:
     def run(self, experiment: Experiment) -> xr.Dataset:
         """Compute and return a labelled dataset."""
         raise NotImplementedError(f"analyzer {self.name!r} must implement run()")
-
-    def to_dict(self) -> dict[str, Any]:
-        fields = attrs.asdict(self) if attrs.has(type(self)) else {}  # type: ignore[arg-type]
-        return {"name": self.name, **fields}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Analyzer:
-        data = dict(data)
-        name = data.pop("name", cls.name)
-        if name != cls.name:
-            raise SpecificationError(
-                f"'name' must be {cls.name!r} for {cls.__name__}, got {name!r}"
-            )
-        return _construct(cls, data, kind="analyzer")

@@ -38,12 +38,12 @@ gradients, each broadcast to the shape of ``x``; the caller sums them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 import numpy as np
 
-from framework._validation import SpecificationError
+from framework._named import Named
 
 __all__ = ["Backward", "Normalization"]
 
@@ -70,7 +70,7 @@ class Backward:
     params: dict[str, np.ndarray] = attrs.field(factory=dict)
 
 
-class Normalization:
+class Normalization(Named):
     """Base class of normalizations (see the module docstring for the contract).
 
     Subclasses are frozen attrs classes whose fields are the hyper-parameters
@@ -79,6 +79,7 @@ class Normalization:
 
     #: Registry name, e.g. ``"batchnorm"``.
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = "normalization"
     #: One-line description shown by ``symphase plugins``.
     description: ClassVar[str] = ""
     #: Names of the statistics this normalization consumes (empty: none).
@@ -167,34 +168,3 @@ class Normalization:
         raise NotImplementedError(
             f"normalization {self.name!r} does not provide the diagonal-scale fast path"
         )
-
-    # -- specification ------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """``{"name": ..., **hyper-parameters}``, JSON compatible."""
-        fields = attrs.asdict(self) if attrs.has(type(self)) else {}  # type: ignore[arg-type]
-        return {"name": self.name, **fields}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Normalization:
-        """Build an instance from hyper-parameters (``name`` is ignored if it matches)."""
-        data = dict(data)
-        name = data.pop("name", cls.name)
-        if name != cls.name:
-            raise SpecificationError(
-                f"'name' must be {cls.name!r} for {cls.__name__}, got {name!r}"
-            )
-        return _construct(cls, data, kind="normalization")
-
-
-def _construct(cls: type, options: Mapping[str, Any], *, kind: str) -> Any:
-    """``cls(**options)`` after checking option names against the attrs fields."""
-    if attrs.has(cls):
-        allowed = [f.name for f in attrs.fields(cls) if f.init]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            valid = ", ".join(map(repr, allowed)) or "none"
-            raise SpecificationError(
-                f"unknown option(s) {', '.join(map(repr, unknown))} for {kind} "
-                f"{getattr(cls, 'name', cls.__name__)!r}; valid options: {valid}"
-            )
-    return cls(**options)
