@@ -17,7 +17,7 @@ def _plateau(name: str, K: int = 2, eta: float = 0.1):
     norm = framework.get_normalization(name)
     fps = eq.find_fixed_points(model, norm, eta=eta)
     fp = [f for f in fps if np.ptp(f.R) < 1e-6 or abs(f.R[0, 0] - f.R[0, 1]) < 1e-6]
-    fp = [f for f in fp if eq.psd_margin(f.Q, f.R, model.T) > 1e-6][0]
+    fp = next(f for f in fp if eq.psd_margin(f.Q, f.R, model.T) > 1e-6)
     return model, norm, fp
 
 
