@@ -299,19 +299,16 @@ def integrate(
             batch_size=batch_size, rtol=max(rtol, min_rtol), atol=max(atol, min_atol),
             method=method, second_order=second_order, max_value=max_value,
         )
-    plain = not normalization.scale_invariant and _is_identity(model, normalization, initial)
-    scale, jac = (None, None) if plain else scale_functions(model, normalization)
+    scale, jac = scale_functions(model, normalization)
+    plain = not normalization.scale_invariant and _is_identity(scale, jac, initial.Q)
     return _theory.integrate_diagonal_scale(
-        initial.Q, initial.R, model.T, scale, jac,
+        initial.Q, initial.R, model.T, None if plain else scale, None if plain else jac,
         eta=eta, batch_size=batch_size, noise_var=model.noise, alpha=np.asarray(alpha),
         rtol=rtol, atol=atol, method=method, second_order=second_order, max_value=max_value,
     )
 
 
-def _is_identity(
-    model: TeacherStudent, normalization: Normalization, op: OrderParameters
-) -> bool:
+def _is_identity(scale: ScaleFn, jac: ScaleFn, Q: np.ndarray) -> bool:
     """True if ``s(Q) == 1`` with zero Jacobian at a probe point (the plain fast path)."""
-    scale, jac = scale_functions(model, normalization)
-    probe = op.Q + np.eye(model.K)
+    probe = Q + np.eye(Q.shape[0])
     return bool(np.all(scale(probe) == 1.0) and np.all(jac(probe) == 0.0))
