@@ -200,8 +200,10 @@ class GenericTrajectory:
 
     The fields of :class:`framework._theory.TheoryTrajectory` (``alpha``, ``Q``,
     ``R``, ``eps_g``, ``diverged``, ``alpha_diverged``, ``nfev``, ``message``,
-    ``engine`` = ``"generic"``) plus ``params`` (trainable parameter name -> array
-    ``(n, K)``), ``eps_g_error`` (``(n,)``) and the ``quadrature`` used.
+    ``engine``: ``"generic"``, or ``"closed_form"`` from the exact engine with trainable
+    parameters) plus ``params`` (trainable parameter name -> array ``(n, K)``),
+    ``eps_g_error`` (``(n,)``; zeros when exact) and the ``quadrature`` used (None when
+    exact).
     """
 
     alpha: np.ndarray
@@ -240,6 +242,14 @@ class ExpectationEngine:
         Accuracy settings (default :class:`Quadrature()`).
     """
 
+    #: Engine label stored with results.
+    name = "generic"
+    #: False: values are estimates with error estimates.
+    exact = False
+    #: Trainable parameters held fixed rather than integrated (none here; see
+    #: :class:`framework._closed.ClosedFormEngine`).
+    held: tuple[str, ...] = ()
+
     def __init__(
         self,
         model: TeacherStudent,
@@ -260,6 +270,16 @@ class ExpectationEngine:
         }
         q = self.quadrature
         self._z = _base_points(q.method, self.K + self.M, q.samples, q.replicates, q.seed)
+
+    def describe(self) -> str:
+        """One line for attrs."""
+        return "generic expectation engine: " + self.quadrature.describe()
+
+    def held_hessian(
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
+    ) -> np.ndarray:
+        """Hessian block of the held parameters (none for this engine)."""
+        return np.zeros((0, 0))
 
     # -- parameters -------------------------------------------------------------------
     def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -584,7 +604,7 @@ class ExpectationEngine:
         return GenericTrajectory(
             alpha=alpha[:n_rows].copy(), Q=Qs.copy(), R=Rs.copy(), eps_g=eps,
             diverged=status != 0, alpha_diverged=float(t_fail) if status else math.nan,
-            nfev=nfev, message=_MESSAGES[status], engine="generic",
+            nfev=nfev, message=_MESSAGES[status], engine=self.name,
             params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
             quadrature=self.quadrature,
         )

@@ -73,6 +73,7 @@ __all__ = [
     "HAVE_NUMBA",
     "TheoryTrajectory",
     "effective_covariance",
+    "eps_g_gradient",
     "error_weights",
     "generalization_error",
     "integrate_diagonal_scale",
@@ -153,6 +154,53 @@ def generalization_error(
     Q = np.asarray(Q, dtype=np.float64)
     w = error_weights(Q.shape[0], np.shape(T)[0])
     return float(0.5 * w @ I2(effective_covariance(Q, R, T, s)) @ w + 0.5 * noise_var)
+
+
+def _stacked_effective_covariance(Q: Array, R: Array, T: Array, s: Array) -> Array:
+    """Stacked ``[[S Q S, S R], [R^T S, T]]`` for ``Q (..., K, K)``, ``R (..., K, M)``."""
+    lead = Q.shape[:-2]
+    M = T.shape[-1]
+    SR = s[..., :, None] * R
+    top = np.concatenate([s[..., :, None] * Q * s[..., None, :], SR], axis=-1)
+    bottom = np.concatenate([np.swapaxes(SR, -1, -2), np.broadcast_to(T, (*lead, M, M))], axis=-1)
+    return np.concatenate([top, bottom], axis=-2)
+
+
+def eps_g_gradient(
+    Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike, ds_dQ: ArrayLike | None,
+    noise_var: float = 0.0,
+) -> tuple[Array, Array, Array, Array]:
+    """``eps_g`` and its exact gradient for stacks of order parameters.
+
+    ``Q (..., K, K)``, ``R (..., K, M)``, scale ``s (..., K)`` and its Jacobian
+    ``ds_dQ (..., K, K, K)`` (None: ``s`` independent of ``Q``). Returns ``(eps, G, H,
+    dE_ds)``: ``G = d eps_g / dQ`` (entries independent, chain rule through ``s(Q)``
+    included; only ``G + G^T`` is meaningful on symmetric ``Q``), ``H = d eps_g / dR``
+    and ``dE_ds = d eps_g / d s`` at fixed ``(Q, R)`` (for parameters of the scale).
+    """
+    Q, R, T, s = (np.asarray(a, dtype=np.float64) for a in (Q, R, T, s))
+    K, M = R.shape[-2:]
+    Sig = _stacked_effective_covariance(Q, R, T, s)
+    w = error_weights(K, M)
+    ww = np.outer(w, w)
+    diag = np.diagonal(Sig, axis1=-2, axis2=-1)
+    d = 1.0 + diag
+    dd = d[..., :, None] * d[..., None, :]
+    root = np.sqrt(dd - Sig**2)
+    z = Sig / np.sqrt(dd)
+    eps = np.sum(ww * np.arcsin(np.clip(z, -1.0, 1.0)), axis=(-2, -1)) / np.pi + 0.5 * noise_var
+    A = ww / root / np.pi  # d E / d Sig_ab for a != b (entries independent)
+    cross = np.sum(ww * Sig / root, axis=-1)
+    idx = np.arange(K + M)
+    A[..., idx, idx] = (d / np.sqrt(1.0 + 2.0 * diag) - cross) / (np.pi * d)
+    Ast = A + np.swapaxes(A, -1, -2)
+    Ass, Ast_r = A[..., :K, :K], Ast[..., :K, K:]
+    G = Ass * s[..., :, None] * s[..., None, :]
+    dE_ds = np.sum(Ast[..., :K, :K] * Q * s[..., None, :], axis=-1) + np.sum(Ast_r * R, axis=-1)
+    if ds_dQ is not None:
+        G = G + np.einsum("...i,...ijk->...jk", dE_ds, np.asarray(ds_dQ, dtype=np.float64))
+    H = Ast_r * s[..., :, None]
+    return eps, G, H, dE_ds
 
 
 # --------------------------------------------------------------------------------------

@@ -103,16 +103,6 @@ def _params(model: TeacherStudent, normalization: Normalization) -> dict[str, np
     return normalization.parameters(model.K)
 
 
-def _effective_covariance(Q: np.ndarray, R: np.ndarray, T: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Stacked ``[[S Q S, S R], [R^T S, T]]`` for ``Q (..., K, K)``, ``R (..., K, M)``."""
-    lead = Q.shape[:-2]
-    M = T.shape[-1]
-    SR = s[..., :, None] * R
-    top = np.concatenate([s[..., :, None] * Q * s[..., None, :], SR], axis=-1)
-    bottom = np.concatenate([np.swapaxes(SR, -1, -2), np.broadcast_to(T, (*lead, M, M))], axis=-1)
-    return np.concatenate([top, bottom], axis=-2)
-
-
 def eps_g_gradient(
     model: TeacherStudent, normalization: Normalization, Q: Any, R: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,29 +129,10 @@ def eps_g_gradient(
     _require_closed_form(model, normalization)
     Q = np.asarray(Q, dtype=float)
     R = np.asarray(R, dtype=float)
-    K, M = model.K, model.M
     params = _params(model, normalization)
     s = np.asarray(normalization.scale(Q, params), dtype=float)
     ds = np.asarray(normalization.scale_jacobian(Q, params), dtype=float)
-    Sig = _effective_covariance(Q, R, model.T, s)
-    w = _theory.error_weights(K, M)
-    ww = np.outer(w, w)
-    diag = np.diagonal(Sig, axis1=-2, axis2=-1)
-    d = 1.0 + diag
-    dd = d[..., :, None] * d[..., None, :]
-    root = np.sqrt(dd - Sig**2)
-    z = Sig / np.sqrt(dd)
-    eps = np.sum(ww * np.arcsin(np.clip(z, -1.0, 1.0)), axis=(-2, -1)) / np.pi + 0.5 * model.noise
-    A = ww / root / np.pi  # d E / d Sig_ab for a != b (entries independent)
-    cross = np.sum(ww * Sig / root, axis=-1)
-    idx = np.arange(K + M)
-    A[..., idx, idx] = (d / np.sqrt(1.0 + 2.0 * diag) - cross) / (np.pi * d)
-    Ast = A + np.swapaxes(A, -1, -2)
-    Ass, Ast_r = A[..., :K, :K], Ast[..., :K, K:]
-    G = Ass * s[..., :, None] * s[..., None, :]
-    dE_ds = np.sum(Ast[..., :K, :K] * Q * s[..., None, :], axis=-1) + np.sum(Ast_r * R, axis=-1)
-    G = G + np.einsum("...i,...ijk->...jk", dE_ds, ds)
-    H = Ast_r * s[..., :, None]
+    eps, G, H, _ = _theory.eps_g_gradient(Q, R, model.T, s, ds, model.noise)
     return eps, G, H
 
 
@@ -952,7 +923,10 @@ def parameters_attrs(model: TeacherStudent, normalization: Normalization) -> dic
 #
 # Where no closed form applies (:func:`framework.theory.has_closed_form` is False) or
 # the normalization passes no gradient through its statistics, the analyzers use the
-# functions below. They call only the normalization's per-sample interface through
+# functions below. Their ``engine`` argument ("auto", "closed_form", "generic") is that
+# of :func:`framework.theory.expectation_engine`: with "auto" a normalization whose
+# trainable parameters are scale (or held shift) parameters gets the exact
+# ClosedFormEngine. They call only the normalization's per-sample interface through
 # :class:`framework.theory.ExpectationEngine` and report error estimates (standard
 # errors of independent randomizations, see :class:`framework.theory.Quadrature`).
 
@@ -1064,6 +1038,7 @@ def find_fixed_points_generic(
     weight_norm: float | None = None,
     quadrature: Any = None,
     starts: Sequence[tuple] | None = None,
+    engine: str = "auto",
 ) -> list[GenericFixedPoint]:
     """Fixed points in the symmetric subspace with the generic engine (any normalization).
 
@@ -1078,6 +1053,13 @@ def find_fixed_points_generic(
     residual is below ``max(1e-10, 10 * rate_error)``. Needs ``eta > 0`` with the
     ``eta^2`` term (else :class:`~framework.SpecificationError`).
 
+    With the exact engine (:class:`~framework.theory.ClosedFormEngine`: trainable
+    scale parameters as state, shifts held at 0) none of the quadrature's limitations
+    apply: every start of :func:`default_starts` is used, roots on the cone's boundary
+    are kept (outside it by more than ``1e-9``: discarded), roots are polished by
+    Newton steps and accepted below ``1e-10``, and ``eta = 0`` (gradient flow) is
+    allowed. ``params`` of the result includes the held parameters (0).
+
     ``starts``: ``(label, Q, R)`` or ``(label, Q, R, params)`` with ``params`` a mapping
     of trainable parameters' starting values (default: their initial values). The
     default starts are taken with the trainable parameters at their initial values and
@@ -1085,9 +1067,10 @@ def find_fixed_points_generic(
     trained gain tends to it, e.g. weightnorm's ``g``, batchnorm_affine's ``gamma``).
     """
     eta = check_real("eta", eta, minimum=0.0)
-    if eta == 0.0 or not second_order:
+    eng = theory.expectation_engine(model, normalization, quadrature, engine=engine)
+    exact = bool(eng.exact)
+    if (eta == 0.0 or not second_order) and not exact:
         raise _gradient_flow_refused(normalization, eta)
-    eng = theory.expectation_engine(model, normalization, quadrature)
     sub = symmetric_subspace(model, subspace)
     invariance = scale_invariance(model, normalization)
     if invariance != "none":
@@ -1097,11 +1080,11 @@ def find_fixed_points_generic(
         raise SpecificationError(
             f"'weight_norm' applies only to norm-conserving normalizations "
             f"({normalization.name!r} is not), got {weight_norm!r}")
-    trainable = tuple(normalization.trainable)
+    trainable = tuple(eng.trainable)
     p0 = eng.params()
     if starts is None:
         starts = [s for s in default_starts(model, sub)
-                  if s[0].startswith("unspecialized") and "orthogonal" in s[0]]
+                  if exact or (s[0].startswith("unspecialized") and "orthogonal" in s[0])]
         if trainable:  # also with the parameters at Saad & Solla's plateau scale
             f = 1.0 / math.sqrt(2 * model.K - 1)
             starts = starts + [(f"{s[0]}, parameters x 1/sqrt(2K-1)", s[1], s[2],
@@ -1147,16 +1130,25 @@ def find_fixed_points_generic(
                 rescale_weight_norm(Q0, R0, weight_norm)
         x0 = np.concatenate([sub.project(Q0, R0)[free],
                              [float(np.mean(ps[k])) for k in trainable]])
-        sol = optimize.root(residual, x0, method="hybr", options={"xtol": 1e-12})
-        x = sol.x
+        sol = optimize.root(residual, x0, method="hybr",
+                            options={"xtol": 1e-14 if exact else 1e-12})
+        x = _newton_polish(residual, sol.x) if exact else sol.x
+        if x is None:
+            continue
         Q, R, params, dQ, dR, dth, err = flow(x)
-        if not np.all(np.isfinite(Q)) or psd_margin(Q, R, model.T) < 1e-9:
+        margin = -1e-9 if exact else 1e-9
+        if not np.all(np.isfinite(Q)) or psd_margin(Q, R, model.T) < margin:
+            continue
+        if invariance == "unit" and np.any(np.diagonal(Q) <= 0):
             continue
         res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
                         *[np.max(np.abs(v)) for v in dth.values()]))
         if not res < max(RESIDUAL_TOL, 10.0 * err):
             continue
-        if any(max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R))) < 1e-4 for fp in found):
+        dedupe = DEDUPE_TOL if exact else 1e-4
+        if any(max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R)),
+                   *[np.max(np.abs(fp.params[k] - params[k])) for k in trainable]) < dedupe
+               for fp in found):
             continue
         eng.rates(Q, R, params, eta=eta, batch_size=batch_size,
                   second_order=second_order)  # AccuracyError if the estimate is too noisy
@@ -1167,21 +1159,23 @@ def find_fixed_points_generic(
             theta[0] = weight_norm
         found.append(GenericFixedPoint(
             Q, R, theta, res, float(eps), float(np.mean(np.diagonal(Q))), label, sub,
-            params={k: params[k].copy() for k in trainable}, rate_error=float(err),
+            params={k: np.asarray(params[k], dtype=float).copy()
+                    for k in (*trainable, *eng.held)}, rate_error=float(err),
             eps_g_error=float(eps_err)))
     found.sort(key=lambda fp: -fp.eps_g)
     return found
 
 
 def generic_jacobian_coordinates(
-    model: TeacherStudent, normalization: Normalization
+    model: TeacherStudent, normalization: Normalization, engine: str = "auto"
 ) -> list[tuple[str, int, int]]:
     """Coordinates of :func:`ode_jacobian_generic`: those of :func:`jacobian_coordinates`
     (norms held for per-unit invariance) plus ``("theta:<name>", i, 0)`` per trainable
     parameter and unit."""
     inv = scale_invariance(model, normalization)
     coords = jacobian_coordinates(model.K, model.M, inv == "unit")
-    for k in normalization.trainable:
+    eng = theory.expectation_engine(model, normalization, engine=engine)
+    for k in (*eng.trainable, *eng.held):
         coords += [(f"theta:{k}", i, 0) for i in range(model.K)]
     return coords
 
@@ -1197,16 +1191,22 @@ def ode_jacobian_generic(
     batch_size: int = 1,
     second_order: bool = True,
     quadrature: Any = None,
+    engine: str = "auto",
 ) -> np.ndarray:
     """Jacobian of the scaled (angular) flow including the trainable parameters, per unit
     ``eta alpha``, by central differences of the smooth quadrature estimate (common
-    random numbers; step ``min(1e-3, psd margin / 4)``, two Richardson levels)."""
-    eng = theory.expectation_engine(model, normalization, quadrature)
+    random numbers; step ``min(1e-3, psd margin / 4)``, two Richardson levels).
+
+    With the exact engine the step is ``1e-3`` (the closed forms are analytic a little
+    beyond the cone) and the held shift parameters contribute the decoupled block
+    ``-held_hessian`` (their drift is ``-eta`` times their gradient, no ``eta^2`` term;
+    coordinates last)."""
+    eng = theory.expectation_engine(model, normalization, quadrature, engine=engine)
     inv = scale_invariance(model, normalization)
     K, M = model.K, model.M
-    coords = generic_jacobian_coordinates(model, normalization)
+    coords = generic_jacobian_coordinates(model, normalization, engine)
     p = eng.params(params)
-    trainable = tuple(normalization.trainable)
+    trainable = tuple(eng.trainable)
     iq = np.array([(i, k) for v, i, k in coords if v == "Q"], dtype=int).reshape(-1, 2)
     nq = len(iq)
     x0 = np.concatenate([Q[iq[:, 0], iq[:, 1]], np.ravel(R),
@@ -1224,8 +1224,16 @@ def ode_jacobian_generic(
         return np.concatenate([dQ[iq[:, 0], iq[:, 1]], dR.ravel(),
                                *[dth[k] for k in trainable]])
 
-    h = min(1e-3, max(psd_margin(Q, R, model.T), 1e-8) / 4.0)
-    return _richardson_jacobian(fun, x0, np.full(x0.size, h))
+    h = 1e-3 if eng.exact else min(1e-3, max(psd_margin(Q, R, model.T), 1e-8) / 4.0)
+    jac = _richardson_jacobian(fun, x0, np.full(x0.size, h))
+    held = eng.held_hessian(Q, R, p)
+    if held.size:
+        n, m = jac.shape[0], held.shape[0]
+        full = np.zeros((n + m, n + m))
+        full[:n, :n] = jac
+        full[n:, n:] = -held
+        jac = full
+    return jac
 
 
 @attrs.frozen
@@ -1253,6 +1261,15 @@ class GenericHessian(HessianSpectrum):
     coupling_complement_span_error: float = 0.0
     landscape_only: bool = False
     gradient_norm: float = float("nan")
+    engine: str = "generic"
+
+
+def _replicate_error(values: np.ndarray) -> np.ndarray:
+    """Standard error of the mean over the leading (replicate) axis; 0 for one value."""
+    reps = values.shape[0]
+    if reps < 2:
+        return np.zeros(values.shape[1:])
+    return values.std(axis=0, ddof=1) / math.sqrt(reps)
 
 
 def weight_space_hessian_generic(
@@ -1264,6 +1281,7 @@ def weight_space_hessian_generic(
     *,
     quadrature: Any = None,
     accuracy: float | None = None,
+    engine: str = "auto",
 ) -> GenericHessian:
     """Hessian of ``F(W, theta) = eps_g(W W^T, W Btilde^T; theta)`` by the generic engine.
 
@@ -1271,7 +1289,8 @@ def weight_space_hessian_generic(
     ``W`` and ``Btilde`` (the complement). The per-replicate weight gradients
     (:meth:`ExpectationEngine.weight_moments`, smooth in ``(W, theta)`` with common
     random numbers) are differentiated by central differences (relative step ``1e-2``
-    of each row's norm, ``1e-2 max(1, |theta|)``, one Richardson level, ``O(h^4)``);
+    of each row's norm, ``1e-2 max(1, |theta|)``, one Richardson level, ``O(h^4)``;
+    ``1e-3`` with the exact engine, whose gradients are exact);
     the replicate Hessians give the error estimates. Trainable parameters join the span
     block; the complement block is read off the extra dimension. For a normalization
     with ``statistics_gradient = False`` this is the Hessian of ``eps_g`` (the loss
@@ -1280,8 +1299,12 @@ def weight_space_hessian_generic(
     Raises :class:`~framework.theory.AccuracyError` if ``lambda_min``'s error estimate
     exceeds ``accuracy`` (default: the quadrature's) times ``max(1, |lambda_min|)``.
     """
-    eng = theory.expectation_engine(model, normalization, quadrature)
-    acc = eng.quadrature.accuracy if accuracy is None else float(accuracy)
+    eng = theory.expectation_engine(model, normalization, quadrature, engine=engine)
+    if accuracy is not None:
+        acc = float(accuracy)
+    else:
+        acc = eng.quadrature.accuracy if eng.quadrature is not None else \
+            theory.Quadrature().accuracy
     Q = np.asarray(Q, dtype=float)
     R = np.asarray(R, dtype=float)
     K, M = model.K, model.M
@@ -1290,14 +1313,15 @@ def weight_space_hessian_generic(
     X = np.concatenate([X0, np.zeros((K, 1))], axis=1)
     Bt = np.concatenate([Bt0, np.zeros((M, 1))], axis=1)
     p = eng.params(params)
-    names = tuple(normalization.trainable)
+    names = tuple(eng.trainable)
     nW = K * D
     nT = K * len(names)
     n = nW + nT
     v0 = np.concatenate([X.ravel(), *[p[k] for k in names]])
     rows = np.linalg.norm(X0, axis=1)
-    hW = np.repeat(1e-2 * np.clip(np.minimum(rows, 1.0), 1e-3, None), D)
-    hT = np.concatenate([np.full(K, 1e-2 * max(1.0, float(np.max(np.abs(p[k]))))) for k in names]) \
+    rel = 1e-3 if eng.exact else 1e-2  # exact gradients: a smaller step, O(h^4) ~ 1e-12
+    hW = np.repeat(rel * np.clip(np.minimum(rows, 1.0), 1e-3, None), D)
+    hT = np.concatenate([np.full(K, rel * max(1.0, float(np.max(np.abs(p[k]))))) for k in names]) \
         if names else np.zeros(0)
     h = np.concatenate([hW, hT])
 
@@ -1312,7 +1336,7 @@ def weight_space_hessian_generic(
     _, g0X, g0T = eng.weight_moments(X, Bt, p, landscape=True)
     gnorm = float(np.sqrt(np.sum(g0X.mean(0) ** 2)
                           + sum(np.sum(g0T[k].mean(0) ** 2) for k in names)))
-    reps = eng.quadrature.replicates
+    reps = g0X.shape[0]  # 1 for the exact engine
     d_h = np.empty((reps, n, n))
     d_h2 = np.empty((reps, n, n))
     for j in range(n):  # one coordinate at a time (a few dozen)
@@ -1323,8 +1347,19 @@ def weight_space_hessian_generic(
     hr = (4.0 * d_h2 - d_h) / 3.0  # per replicate, rows: perturbed coordinate
     hr = 0.5 * (hr + np.swapaxes(hr, 1, 2))
     trunc = np.abs(d_h2 - d_h).mean(axis=0) / 3.0 * 0.25  # O(h^2) term -> O(h^4) left
+    held = eng.held_hessian(Q, R, p)  # exact, decoupled from (W, theta)
+    if held.size:
+        nh = held.shape[0]
+        grow = np.zeros((reps, n + nh, n + nh))
+        grow[:, :n, :n] = hr
+        grow[:, n:, n:] = held
+        hr = grow
+        trunc = np.pad(trunc, ((0, nh), (0, nh)))
+        names = (*names, *eng.held)
+        nT += nh
+        n += nh
     hess = hr.mean(axis=0)
-    hess_err = hr.std(axis=0, ddof=1) / math.sqrt(reps) + trunc
+    hess_err = _replicate_error(hr) + trunc
 
     idx = np.arange(nW).reshape(K, D)
     span_idx = np.concatenate([idx[:, :rank].ravel(), nW + np.arange(nT)])
@@ -1338,7 +1373,7 @@ def weight_space_hessian_generic(
     def eig_err(mat, mats, extra):
         vals, vecs = np.linalg.eigh(mat)
         per = np.einsum("ia,rij,ja->ra", vecs, mats, vecs)
-        err = per.std(axis=0, ddof=1) / math.sqrt(reps) + np.sqrt(
+        err = _replicate_error(per) + np.sqrt(
             np.einsum("ia,ij,ja->a", vecs**2, extra**2, vecs**2))
         return vals, vecs, err
 
@@ -1373,7 +1408,7 @@ def weight_space_hessian_generic(
         dQ = X0 @ dW.T + dW @ X0.T
         dR = dW @ Bt0.T
         dth = {k: mode[K * rank + j * K: K * rank + (j + 1) * K] for j, k in enumerate(names)}
-    if not lam_err <= acc * max(1.0, abs(lam_min)):
+    if not lam_err <= acc * max(1.0, abs(lam_min)) and not eng.exact:
         q = eng.quadrature
         raise theory.AccuracyError(
             f"generic Hessian: the error estimate of lambda_min is {lam_err:.3g} (value "
@@ -1386,6 +1421,7 @@ def weight_space_hessian_generic(
         span_vals, comp_vals, int(dim_span), lam_min, block_name, dW, dQ, dR, X0, Bt0, G,
         block, span_error=span_err, complement_error=comp_err, lambda_min_error=lam_err,
         escape_dtheta=dth, theta_names=names, params={k: p[k].copy() for k in names},
+        engine=eng.name,
         coupling_complement_theta=c_t, coupling_complement_theta_error=c_te,
         coupling_complement_span=c_s, coupling_complement_span_error=c_se,
         landscape_only=not normalization.statistics_gradient, gradient_norm=gnorm,

@@ -28,6 +28,14 @@ declares that ``n`` is invariant under rescaling each student vector ``J_i``;
 stop-gradient normalization); ``supports_batch_statistics = False`` that it has no
 minibatch mode.
 
+Trainable parameters on the fast path: a diagonal-scale normalization whose scale
+depends on trainable parameters, ``s_i(Q, theta)``, lists them in
+``scale_parameters`` and implements :meth:`scale_parameter_jacobian`; a trainable
+*shift*, ``x~_i = s_i x_i + theta_i``, is listed in ``shift_parameters`` (the fast
+path then applies at ``theta = 0`` only, where it stays for an odd activation).
+When every trainable parameter is one of the two, the closed form treats the
+parameters as extra state (:func:`framework.theory.expectation_engine`).
+
 Shapes
 ------
 ``x`` has shape ``(..., K)`` (leading axes are samples, batches, replicas).
@@ -95,6 +103,12 @@ class Normalization(Named):
     #: False if the normalization cannot use minibatch statistics
     #: (``batch_statistics`` raises with the reason).
     supports_batch_statistics: ClassVar[bool] = True
+    #: Trainable parameters the diagonal scale ``s(Q, theta)`` depends on (fast path
+    #: with trainable parameters; needs :meth:`scale_parameter_jacobian`).
+    scale_parameters: ClassVar[tuple[str, ...]] = ()
+    #: Trainable parameters that enter as a shift ``x~_i = s_i x_i + theta_i`` (the fast
+    #: path holds them at 0, where :meth:`is_diagonal_scale` must be True).
+    shift_parameters: ClassVar[tuple[str, ...]] = ()
 
     # -- parameters -------------------------------------------------------------
     def parameters(self, K: int) -> dict[str, np.ndarray]:
@@ -168,3 +182,13 @@ class Normalization(Named):
         raise NotImplementedError(
             f"normalization {self.name!r} does not provide the diagonal-scale fast path"
         )
+
+    def scale_parameter_jacobian(self, Q: np.ndarray, params: Params) -> dict[str, np.ndarray]:
+        """``ds_i / dtheta_j`` for each name in ``scale_parameters``: arrays ``(..., K, K)``
+        (row ``i``: scale of unit ``i``; column ``j``: parameter of unit ``j``)."""
+        if self.scale_parameters:
+            raise NotImplementedError(
+                f"normalization {self.name!r} declares scale_parameters "
+                f"{self.scale_parameters} but does not implement scale_parameter_jacobian()"
+            )
+        return {}

@@ -4,7 +4,10 @@ This is the public face of the theory engines. Every function takes ``engine``:
 
 * ``"auto"`` (default): the exact closed form when :func:`has_closed_form` (erf
   activation, a normalization of the diagonal-scale family ``x~_i = s_i(Q) x_i``,
-  no trainable parameters), else the generic engine;
+  no trainable parameters) or :func:`has_closed_form_parameters` (the same with
+  trainable parameters that are parameters of the scale, ``s_i(Q, theta)``, or
+  shifts held at 0: the exact :class:`ClosedFormEngine`, parameters as extra state),
+  else the generic engine;
 * ``"closed_form"``: the closed form, or :class:`ClosedFormUnavailable`;
 * ``"generic"``: the generic expectation engine (:class:`ExpectationEngine`), which
   evaluates the general ODE of DESIGN.md for any normalization and activation from
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from framework import _theory
+from framework._closed import ClosedFormEngine, supports_closed_form_parameters
 from framework._generic import (
     AccuracyError,
     ExpectationEngine,
@@ -48,6 +52,7 @@ from framework.normalization import Normalization
 __all__ = [
     "ENGINES",
     "AccuracyError",
+    "ClosedFormEngine",
     "ClosedFormUnavailable",
     "ExpectationEngine",
     "GenericRates",
@@ -57,6 +62,7 @@ __all__ = [
     "generalization_error",
     "generalization_error_batch",
     "has_closed_form",
+    "has_closed_form_parameters",
     "integrate",
     "ode_rhs",
     "scale_functions",
@@ -83,30 +89,61 @@ def has_closed_form(model: TeacherStudent, normalization: Normalization) -> bool
     )
 
 
-def _use_generic(model: TeacherStudent, normalization: Normalization, engine: str) -> bool:
-    """Resolve ``engine``; raises for an unknown value or an impossible closed form."""
+def has_closed_form_parameters(model: TeacherStudent, normalization: Normalization) -> bool:
+    """True for the erf activation with a diagonal-scale normalization whose trainable
+    parameters are all ``scale_parameters`` or ``shift_parameters`` (at 0): the exact
+    :class:`ClosedFormEngine` integrates them as extra state."""
+    return (
+        get_activation(model.activation).closed_form == "erf"
+        and supports_closed_form_parameters(normalization)
+    )
+
+
+def _check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise SpecificationError(
             f"'engine' must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}"
         )
+
+
+def _use_generic(model: TeacherStudent, normalization: Normalization, engine: str) -> bool:
+    """Resolve ``engine`` for the parameter-free closed form: True means "use an engine
+    object" (:func:`expectation_engine`, which may still be the exact
+    :class:`ClosedFormEngine`); raises for an unknown value or an impossible closed
+    form."""
+    _check_engine(engine)
     if engine == "generic":
         return True
     closed = has_closed_form(model, normalization)
-    if engine == "closed_form" and not closed:
+    if engine == "closed_form" and not closed and \
+            not has_closed_form_parameters(model, normalization):
         raise ClosedFormUnavailable(_no_closed_form(model, normalization))
     return not closed
 
 
 def _no_closed_form(model: TeacherStudent, normalization: Normalization) -> str:
-    why = "has trainable parameters" if normalization.trainable and \
+    why = ("has trainable parameters that are neither scale_parameters nor "
+           "shift_parameters") if normalization.trainable and \
         normalization.is_diagonal_scale() else "is not of the diagonal-scale family"
     if get_activation(model.activation).closed_form != "erf":
         why = f"activation {model.activation!r} has no closed form"
     return (
         f"no closed form for activation {model.activation!r} with normalization "
-        f"{normalization.name!r} ({why}; needs 'erf' and a diagonal-scale normalization "
-        f"with fixed parameters); use engine='generic'"
+        f"{normalization.name!r} ({why}; needs 'erf' and a diagonal-scale normalization); "
+        "use engine='generic'"
     )
+
+
+def _shift_is_zero(normalization: Normalization, params: Mapping[str, Any] | None) -> bool:
+    return all(
+        np.all(np.asarray(v, dtype=float) == 0.0)
+        for k, v in (params or {}).items() if k in normalization.shift_parameters
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _closed_engine_cached(model: TeacherStudent, normalization: Normalization) -> ClosedFormEngine:
+    return ClosedFormEngine(model, normalization, get_activation(model.activation))
 
 
 @functools.lru_cache(maxsize=16)
@@ -120,17 +157,37 @@ def expectation_engine(
     model: TeacherStudent,
     normalization: Normalization,
     quadrature: Quadrature | Mapping[str, Any] | None = None,
+    *,
+    engine: str = "auto",
+    params: Mapping[str, Any] | None = None,
 ) -> ExpectationEngine:
-    """The generic engine for this pair (cached per model, normalization, quadrature).
+    """The engine object for this pair (cached per model, normalization, quadrature).
+
+    With ``engine="auto"`` (or ``"closed_form"``) and :func:`has_closed_form_parameters`
+    (and the shift parameters in ``params``, if given, at 0) this is the exact
+    :class:`ClosedFormEngine` (trainable parameters as state, errors 0, no quadrature);
+    otherwise the generic :class:`ExpectationEngine` (``engine="closed_form"`` then
+    raises :class:`ClosedFormUnavailable`).
 
     ``quadrature`` is a :class:`Quadrature`, a mapping of its options, or None
-    (defaults). The engine's ``rates(Q, R, params, eta=...)`` returns the right-hand
-    side with error estimates (:class:`GenericRates`), ``generalization_error(Q, R)``
-    returns ``(eps_g, error)``, ``integrate(...)`` a :class:`GenericTrajectory`.
+    (defaults; unused by the exact engine). The engine's ``rates(Q, R, params,
+    eta=...)`` returns the right-hand side with error estimates
+    (:class:`GenericRates`), ``generalization_error(Q, R)`` returns ``(eps_g, error)``,
+    ``integrate(...)`` a :class:`GenericTrajectory`; ``name`` is ``"closed_form"`` or
+    ``"generic"`` and ``describe()`` a line for attrs.
     """
+    _check_engine(engine)
     if not isinstance(quadrature, Quadrature):
         quadrature = Quadrature.from_dict(quadrature)
     normalization.parameters(model.K)  # validates K for the normalization
+    if engine != "generic" and has_closed_form_parameters(model, normalization) \
+            and _shift_is_zero(normalization, params):
+        try:
+            return _closed_engine_cached(model, normalization)
+        except TypeError:  # an unhashable plugin instance
+            return ClosedFormEngine(model, normalization, get_activation(model.activation))
+    if engine == "closed_form":
+        raise ClosedFormUnavailable(_no_closed_form(model, normalization))
     try:
         return _engine_cached(model, normalization, quadrature)
     except TypeError:  # an unhashable plugin instance
@@ -179,7 +236,8 @@ def generalization_error(
     """
     op = order_parameters
     if params is not None or _use_generic(model, normalization, engine):
-        eng = expectation_engine(model, normalization, quadrature)
+        eng = expectation_engine(model, normalization, quadrature, engine=engine,
+                                 params=params)
         return eng.generalization_error(op.Q, op.R, params)[0]
     scale, _ = scale_functions(model, normalization)
     return float(
@@ -208,7 +266,8 @@ def generalization_error_batch(
     Qf = Q.reshape(-1, *Q.shape[-2:])
     Rf = R.reshape(-1, *R.shape[-2:])
     if params is not None or _use_generic(model, normalization, engine):
-        eng = expectation_engine(model, normalization, quadrature)
+        eng = expectation_engine(model, normalization, quadrature, engine=engine,
+                                 params=params)
         pf = {k: np.broadcast_to(np.asarray(v, dtype=float), (*lead, model.K)).reshape(
             -1, model.K) for k, v in (params or {}).items()}
         vals = [
@@ -246,7 +305,8 @@ def ode_rhs(
     ``expectation_engine(...).rates(...)``.
     """
     if params is not None or _use_generic(model, normalization, engine):
-        eng = expectation_engine(model, normalization, quadrature)
+        eng = expectation_engine(model, normalization, quadrature, engine=engine,
+                                 params=params)
         r = eng.rates(Q, R, params, eta=eta, batch_size=batch_size, second_order=second_order)
         return r.dQ, r.dR
     scale, jac = scale_functions(model, normalization)
@@ -283,20 +343,25 @@ def integrate(
     the grid points reached. ``max_value`` bounds ``|Q|, |R|`` entries: beyond it the
     weights count as run away (divergent learning).
 
-    With the generic engine the result is a :class:`GenericTrajectory`: the same
-    fields plus ``params`` (trajectories of the trainable parameters, starting from
-    ``params`` or the initial values), ``eps_g_error`` and ``quadrature``; its
-    integrator tolerances are at least ``min_rtol``/``min_atol`` (tighter ones only
-    resolve the quadrature's own error, ~1e-5 relative, at great cost). With an
+    With an engine object (generic engine, or trainable parameters: the exact
+    :class:`ClosedFormEngine`, ``engine = "closed_form"``) the result is a
+    :class:`GenericTrajectory`: the same fields plus ``params`` (trajectories of the
+    trainable parameters, starting from ``params`` or the initial values),
+    ``eps_g_error`` and ``quadrature``; the generic engine's integrator tolerances are
+    at least ``min_rtol``/``min_atol`` (tighter ones only resolve the quadrature's own
+    error, ~1e-5 relative, at great cost). With an
     activation with a kink (relu) the quadrature's right-hand side is only piecewise
     smooth in the state (each sample's ``g'`` jumps as it crosses the kink): pass
     ``rtol=1e-4`` or more, else the adaptive step size chases those jumps.
     """
     if params is not None or _use_generic(model, normalization, engine):
-        eng = expectation_engine(model, normalization, quadrature)
+        eng = expectation_engine(model, normalization, quadrature, engine=engine,
+                                 params=params)
+        if not eng.exact:
+            rtol, atol = max(rtol, min_rtol), max(atol, min_atol)
         return eng.integrate(
             initial.Q, initial.R, eta=eta, alpha=np.asarray(alpha), params=params,
-            batch_size=batch_size, rtol=max(rtol, min_rtol), atol=max(atol, min_atol),
+            batch_size=batch_size, rtol=rtol, atol=atol,
             method=method, second_order=second_order, max_value=max_value,
         )
     scale, jac = scale_functions(model, normalization)

@@ -120,6 +120,15 @@ class Dynamics(Analyzer):
         return trajectory_dataset(experiment, traj, grid, self)
 
 
+def _theory_line(traj: object) -> str:
+    quadrature = getattr(traj, "quadrature", None)
+    if quadrature is not None:
+        return "generic expectation engine: " + quadrature.describe()
+    if hasattr(traj, "params"):
+        return "closed-form erf integrals, trainable parameters as state"
+    return "closed-form erf integrals"
+
+
 def trajectory_dataset(
     experiment: Experiment, traj: object, grid: np.ndarray, analyzer: Analyzer
 ) -> xr.Dataset:
@@ -150,7 +159,7 @@ def trajectory_dataset(
                    "units": "1"},
         ),
     }
-    generic = getattr(traj, "engine", "") == "generic"
+    generic = hasattr(traj, "params")  # an engine object's trajectory (GenericTrajectory)
     if not generic:
         scale, _ = theory.scale_functions(experiment.model, experiment.normalization)
         s = np.array([scale(q) if np.all(np.isfinite(q)) else np.full(K, np.nan) for q in Q])
@@ -176,7 +185,7 @@ def trajectory_dataset(
         data["eps_g_error"] = xr.DataArray(
             pad(traj.eps_g_error, ()), dims=("alpha",),  # type: ignore[attr-defined]
             attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
-                                "replicates)", "units": "1"},
+                                "replicates; 0: exact engine)", "units": "1"},
         )
         for k, v in traj.params.items():  # type: ignore[attr-defined]
             data[f"param_{k}"] = xr.DataArray(
@@ -192,9 +201,10 @@ def trajectory_dataset(
         },
         attrs={
             **convention_attrs(experiment),
-            "theory": "N -> infinity order-parameter ODE (" + (
-                "generic expectation engine: " + traj.quadrature.describe()  # type: ignore[attr-defined]
-                if generic else "closed-form erf integrals") + ")",
+            "theory": "N -> infinity order-parameter ODE (" + _theory_line(traj) + ")",
+            "engine": "generic" if getattr(traj, "quadrature", None) is not None
+            else "closed_form",
+            "integrator_backend": str(getattr(traj, "engine", "")),
             "integrator": f"{analyzer.method} rtol={analyzer.rtol} atol={analyzer.atol}",  # type: ignore[attr-defined]
             "second_order": int(analyzer.second_order),  # type: ignore[attr-defined]
             "nfev": int(traj.nfev),  # type: ignore[attr-defined]

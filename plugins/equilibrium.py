@@ -299,14 +299,16 @@ def _dead(model: Any, fp: Any) -> bool:
     return bool(fp.eps_g >= _constant_predictor_error(model) - tol)
 
 
-def _engine_attrs(experiment: Experiment, br: Any = None) -> dict[str, Any]:
+def _engine_attrs(experiment: Experiment, br: Any = None, quadrature: Any = None
+                  ) -> dict[str, Any]:
     model, norm = experiment.model, experiment.normalization
     if not eq.needs_generic(model, norm):
         return {"engine": "closed_form"}
-    q = theory.Quadrature()
+    eng = theory.expectation_engine(model, norm, quadrature)
     return {
-        "engine": "generic",
-        "quadrature": q.describe(),
+        "engine": eng.name,
+        "engine_description": eng.describe(),
+        **({"quadrature": eng.quadrature.describe()} if eng.quadrature is not None else {}),
         "norm_invariance": eq.scale_invariance(model, norm),
         "plateau_rule_generic": "unstable branch in the symmetric phase with the lowest eps_g, "
         "excluding dead branches (eps_g within 5 error estimates of the best constant "
@@ -318,10 +320,10 @@ def _generic_fixedpoint_variables(experiment: Experiment, br: _Branches) -> dict
     norm = experiment.normalization
     out = {
         "eps_g_error": _var([fp.eps_g_error for fp in br.points], ("branch",),
-                            "error estimate of eps_g (generic engine)"),
+                            "error estimate of eps_g (generic engine; 0: exact)"),
         "rate_error": _var([fp.rate_error for fp in br.points], ("branch",),
                            "largest error estimate of the scaled right-hand side at the "
-                           "fixed point (generic engine)", "1/(eta alpha)"),
+                           "fixed point (generic engine; 0: exact)", "1/(eta alpha)"),
     }
     for k in norm.trainable:
         out[f"param_{k}"] = _var(np.array([fp.params[k] for fp in br.points]),
@@ -747,21 +749,30 @@ def _generic_hessian_variables(specs: list, norm: Any, n_eigen: int) -> dict[str
     return out
 
 
-def _generic_hessian_attrs(experiment: Experiment, generic: bool) -> dict[str, Any]:
-    norm = experiment.normalization
+def _generic_hessian_attrs(experiment: Experiment, generic: bool,
+                           quadrature: Any = None) -> dict[str, Any]:
+    model, norm = experiment.model, experiment.normalization
     if not generic:
         return {"engine": "closed_form"}
+    eng = theory.expectation_engine(model, norm, quadrature)
+    held = (f"; shift parameters {', '.join(eng.held)} at 0: their block (exact closed "
+            "form) is decoupled from (W, theta) by the odd symmetry") if eng.held else ""
     out = {
-        "engine": "generic",
-        "quadrature": theory.Quadrature().describe(),
-        "hessian_method": "generic engine: per-replicate weight gradients (randomized QMC, "
-        "common random numbers) differentiated by central differences with one Richardson "
-        "level; realization in K + M dimensions plus one orthogonal (complement) dimension",
+        "engine": eng.name,
+        "engine_description": eng.describe(),
+        "hessian_method": (
+            "exact weight gradients (closed form with the trainable parameters) "
+            if eng.exact else "generic engine: per-replicate weight gradients (randomized "
+            "QMC, common random numbers) ") + "differentiated by central differences with one "
+        "Richardson level; realization in K + M dimensions plus one orthogonal (complement) "
+        "dimension" + held,
         "trainable_parameters_included": (
             "Hessian over (W, theta), theta = " + ", ".join(norm.trainable)
             + " (theta joins the span block; its coupling to the complement is zero)")
         if norm.trainable else "none (normalization has no trainable parameters)",
     }
+    if eng.quadrature is not None:
+        out["quadrature"] = eng.quadrature.describe()
     if not norm.statistics_gradient:
         out["hessian_meaning"] = (
             "Hessian of the loss landscape eps_g (gradient through the statistics taken by "
@@ -910,11 +921,12 @@ class EscapeAnalyzer(Analyzer):
                 else np.asarray(self.alpha))
         params = getattr(fp, "params", None) if self.start == "fixedpoint" else None
         if eq.needs_generic(model, norm) or params:
-            eng = theory.expectation_engine(model, norm, self.quadrature)
+            eng = theory.expectation_engine(model, norm, self.quadrature, params=params)
+            rtol, atol = (self.rtol, self.atol) if eng.exact else (
+                max(self.rtol, 1e-5), max(self.atol, 1e-8))
             traj = eng.integrate(
                 initial.Q, initial.R, eta=eta, alpha=grid, params=params or None,
-                batch_size=experiment.batch_size, rtol=max(self.rtol, 1e-5),
-                atol=max(self.atol, 1e-8), method=self.method,
+                batch_size=experiment.batch_size, rtol=rtol, atol=atol, method=self.method,
                 second_order=self.second_order, max_value=self.max_value,
                 stop_below=0.5 * eps_plateau if self.stop_at_escape else None,
             )
@@ -966,7 +978,7 @@ class EscapeAnalyzer(Analyzer):
             "stop_at_escape": int(self.stop_at_escape),
         })
         if eq.needs_generic(model, norm):
-            ds.attrs["quadrature"] = theory.Quadrature.from_dict(self.quadrature).describe()
+            ds.attrs.update(_engine_attrs(experiment, quadrature=self.quadrature))
         return ds
 
 

@@ -60,6 +60,11 @@ def _diag_scale_jacobian(Q: np.ndarray, coef: np.ndarray) -> np.ndarray:
     return out
 
 
+def _diag_parameter_jacobian(coef: np.ndarray) -> np.ndarray:
+    """``ds_i / dtheta_j = delta_ij coef_i`` as ``(..., K, K)``."""
+    return coef[..., :, None] * np.eye(np.shape(coef)[-1])
+
+
 def _full(shape: tuple[int, ...], value: np.ndarray) -> np.ndarray:
     return np.broadcast_to(value, shape).copy()
 
@@ -88,6 +93,7 @@ class WeightNorm(Normalization):
     supports_diagonal_scale: ClassVar[bool] = True
     supports_batch_statistics: ClassVar[bool] = False
     scale_invariant: ClassVar[bool] = True
+    scale_parameters: ClassVar[tuple[str, ...]] = ("g",)
 
     g: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
 
@@ -135,6 +141,10 @@ class WeightNorm(Normalization):
 
     def scale_jacobian(self, Q: np.ndarray, params: Arrays) -> np.ndarray:
         return _diag_scale_jacobian(Q, -0.5 * params["g"] * _diag(Q) ** -1.5)
+
+    def scale_parameter_jacobian(self, Q: np.ndarray, params: Arrays) -> dict[str, np.ndarray]:
+        g = np.broadcast_to(params["g"], np.shape(Q)[:-1])
+        return {"g": _diag_parameter_jacobian(np.ones_like(g) / np.sqrt(_diag(Q)))}
 
 
 # ======================================================================================
@@ -206,6 +216,8 @@ class BatchNormAffine(_BatchStatistics):
     name: ClassVar[str] = "batchnorm_affine"
     description: ClassVar[str] = "batch normalization with trainable gamma and beta"
     supports_diagonal_scale: ClassVar[bool] = True
+    scale_parameters: ClassVar[tuple[str, ...]] = ("gamma",)
+    shift_parameters: ClassVar[tuple[str, ...]] = ("beta",)
 
     gamma: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
     beta: float = attrs.field(default=0.0, converter=float, validator=ge(-np.inf))
@@ -220,6 +232,11 @@ class BatchNormAffine(_BatchStatistics):
     @property
     def trainable(self) -> tuple[str, ...]:
         return ("gamma", "beta")
+
+    def scale_parameter_jacobian(self, Q: np.ndarray, params: Arrays) -> dict[str, np.ndarray]:
+        gamma = np.broadcast_to(params["gamma"], np.shape(Q)[:-1])
+        return {"gamma": _diag_parameter_jacobian(
+            np.ones_like(gamma) / np.sqrt(_diag(Q) + self._eps()))}
 
 
 @attrs.frozen

@@ -623,36 +623,49 @@ class Simulation(Analyzer):
             if pbar is not None:
                 pbar.close()
 
-        eps, eps_attrs = self._generalization_error(experiment, Qs, Rs, phist)
-        return self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist,
-                             "numba" if use_kernel else "numpy")
+        eps, eps_attrs, eps_err = self._generalization_error(experiment, Qs, Rs, phist)
+        ds = self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist,
+                           "numba" if use_kernel else "numpy")
+        if eps_err is not None:
+            ds["eps_g_error"] = xr.DataArray(eps_err, dims=("replica", "alpha"), attrs={
+                "long_name": "error estimate of eps_g from the generic engine's quadrature "
+                             "(standard error of its replicates)", "units": "1"})
+        return ds
 
     # -- generalization error ----------------------------------------------------------
     def _generalization_error(
         self, experiment: Experiment, Qs: np.ndarray, Rs: np.ndarray,
         phist: dict[str, np.ndarray],
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    ) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+        """``eps_g`` at the recorded states, how it was computed, and its error estimate
+        (None where exact)."""
         model, norm = experiment.model, experiment.normalization
         if not phist and theory.has_closed_form(model, norm):
             eps = theory.generalization_error_batch(model, norm, Qs, Rs)
             return eps, {"method": "exact closed form (framework.theory."
                                    "generalization_error_batch) at the order parameters "
-                                   "of the trained weights"}
-        try:  # the generic expectation engine of framework.theory, where available
-            params = {k: v for k, v in phist.items()} if phist else None
-            eps = theory.generalization_error_batch(model, norm, Qs, Rs, engine="generic",
-                                                    params=params)
+                                   "of the trained weights"}, None
+        try:  # an engine of framework.theory: exact where it can be, else the generic one
+            eng = theory.expectation_engine(model, norm, params=phist or None)
+            lead = Qs.shape[:2]
+            eps = np.empty(lead)
+            err = np.empty(lead)
+            for j in np.ndindex(*lead):  # records x replicas engine calls
+                eps[j], err[j] = eng.generalization_error(
+                    Qs[j], Rs[j], {k: v[j] for k, v in phist.items()})
         except _THEORY_ERRORS as exc:
             why = f"{type(exc).__name__}: {exc}"
         else:
-            return np.asarray(eps, dtype=float), {
-                "method": "framework.theory.generalization_error_batch(engine='generic') "
-                          "at the recorded order parameters and parameters"}
+            how = ("exact closed form with the recorded parameters" if eng.exact else
+                   "the generic expectation engine (" + eng.describe() + ")")
+            return eps, {
+                "method": f"framework.theory.expectation_engine: {how}, at the recorded "
+                          "order parameters and parameters"}, None if eng.exact else err
         eps = _eps_g_monte_carlo(model, norm, Qs, Rs, phist, self.mc_samples)
         note = (f"Monte Carlo over a fixed sample of {self.mc_samples} Gaussian (x, y) "
                 f"(seed {MC_SEED}, common to all entries) with population statistics "
                 f"and the recorded parameters; fallback because the theory raised {why}")
-        return eps, {"method": note}
+        return eps, {"method": note}, None
 
     # -- dataset -------------------------------------------------------------------------
     def _dataset(self, experiment: Experiment, steps: np.ndarray, Qs: np.ndarray,

@@ -66,7 +66,7 @@ def test_weightnorm_analyzers_include_the_gain() -> None:
     b = h.attrs["plateau_branch"]
     assert b >= 0
     assert "param_g" in h and "lambda_min_error" in h and "eigenvalue_error" in h
-    assert h.attrs["engine"] == "generic"
+    assert h.attrs["engine"] == "closed_form"  # erf + a scale parameter: exact engine
     assert "theta = g" in h.attrs["trainable_parameters_included"]
     assert float(h.lambda_min[b]) < -5 * float(h.lambda_min_error[b])
     for v in h.data_vars.values():
@@ -75,7 +75,7 @@ def test_weightnorm_analyzers_include_the_gain() -> None:
 
 def test_generic_fixed_points_refuse_gradient_flow_by_name() -> None:
     with pytest.raises(framework.SpecificationError, match=r"'eta' must be > 0.*weightnorm"):
-        eq.find_fixed_points_generic(TeacherStudent(2, 2),
+        eq.find_fixed_points_generic(TeacherStudent(2, 2, activation="tanh"),
                                      framework.get_normalization("weightnorm"), eta=0.0)
 
 

@@ -13,6 +13,12 @@ Two optional class attributes of a normalization change what is checked:
     property of the weights): ``batch_statistics`` must raise ``NotImplementedError``
     with an explanation.
 
+``scale_parameters`` / ``shift_parameters``
+    Trainable parameters on the fast path: ``scale_parameter_jacobian`` must match
+    finite differences of ``scale``, a shift must add to ``forward``'s output, and the
+    exact engine with the parameters as state must agree with the generic engine
+    (right-hand side and parameter rates) within its error estimate.
+
 The contract also runs the generic theory engine once on the normalization (finite,
 symmetric right-hand side) and, on the diagonal-scale fast path, checks that the
 generic engine and the closed form agree within the engine's error estimate -- which
@@ -223,6 +229,40 @@ class NormalizationContract:
             rng,
         )
 
+    def test_scale_parameters(self, normalization, params, rng) -> None:
+        names = tuple(normalization.scale_parameters)
+        if not names:
+            pytest.skip(f"{normalization.name!r} declares no scale_parameters")
+        assert set(names) <= set(normalization.trainable), "scale parameters must be trainable"
+        Q = _random_Q(rng, (2,))
+        jac = normalization.scale_parameter_jacobian(Q, params)
+        assert set(jac) == set(names)
+        w = rng.standard_normal((2, K))
+        for name in names:
+            assert np.shape(jac[name]) == (2, K, K)
+            value = np.broadcast_to(np.asarray(params[name], dtype=float), (2, K)).copy()
+
+            def f(theta: np.ndarray, name: str = name) -> float:
+                return float(np.sum(w * normalization.scale(Q, {**params, name: theta})))
+
+            assert_directional_derivative(f, value, np.einsum("ri,rij->rj", w, jac[name]), rng)
+
+    def test_shift_parameters(self, normalization, params, rng) -> None:
+        names = tuple(normalization.shift_parameters)
+        if not names:
+            pytest.skip(f"{normalization.name!r} declares no shift_parameters")
+        assert set(names) <= set(normalization.trainable), "shift parameters must be trainable"
+        Q = _random_Q(rng)
+        x = rng.standard_normal((BATCH, K))
+        stats = normalization.population_statistics(Q) if normalization.statistics_names \
+            else {}
+        base = normalization.forward(x, stats, params)
+        for name in names:
+            b = rng.standard_normal(K)
+            moved = normalization.forward(x, stats, {**params, name: params[name] + b})
+            np.testing.assert_allclose(moved - base, np.broadcast_to(b, base.shape),
+                                       rtol=1e-12, atol=1e-12)
+
     def test_scale_invariance(self, normalization, params, rng) -> None:
         if not normalization.scale_invariant:
             pytest.skip(f"{normalization.name!r} does not declare scale invariance")
@@ -247,7 +287,8 @@ class NormalizationContract:
 
         Q, R, T = self._order_parameters(rng)
         model = TeacherStudent(K, 2, T=T, noise=0.05)
-        engine = theory.expectation_engine(model, normalization, {"accuracy": 1.0})
+        engine = theory.expectation_engine(model, normalization, {"accuracy": 1.0},
+                                           engine="generic")
         r = engine.rates(Q, R, eta=0.3, second_order=False)
         assert np.all(np.isfinite(r.dQ)) and np.all(np.isfinite(r.dR))
         assert np.isfinite(r.eps_g) and r.eps_g >= 0.05 / 2 - 5 * r.eps_g_error
@@ -262,9 +303,33 @@ class NormalizationContract:
             pytest.skip(f"{normalization.name!r} has no closed form to compare with")
         Q, R, T = self._order_parameters(rng)
         model = TeacherStudent(K, 2, T=T, noise=0.05)
-        engine = theory.expectation_engine(model, normalization)
+        engine = theory.expectation_engine(model, normalization, engine="generic")
         r = engine.rates(Q, R, eta=0.3)
         dQ, dR = theory.ode_rhs(model, normalization, Q, R, 0.3, engine="closed_form")
         # 6 standard errors (plus rounding): a deterministic test, rarely this close
         assert np.all(np.abs(r.dQ - dQ) <= 6 * r.dQ_error + 1e-12), (r.dQ, dQ, r.dQ_error)
         assert np.all(np.abs(r.dR - dR) <= 6 * r.dR_error + 1e-12), (r.dR, dR, r.dR_error)
+
+    def test_closed_form_with_parameters_matches_generic(self, normalization, rng) -> None:
+        from framework import theory
+
+        if not theory.has_closed_form_parameters(TeacherStudent(K, 2), normalization):
+            pytest.skip(f"{normalization.name!r} has no closed form with trainable parameters")
+        Q, R, T = self._order_parameters(rng)
+        model = TeacherStudent(K, 2, T=T, noise=0.05)
+        exact = theory.expectation_engine(model, normalization)
+        generic = theory.expectation_engine(model, normalization, engine="generic")
+        assert exact.exact and exact.name == "closed_form"
+        p = exact.params()
+        for name in exact.trainable:  # away from the initial values, unit by unit
+            p[name] = p[name] * rng.uniform(0.6, 1.4, K)
+        a = exact.rates(Q, R, p, eta=0.3)
+        g = generic.rates(Q, R, p, eta=0.3)
+        assert np.all(np.abs(a.dQ - g.dQ) <= 6 * g.dQ_error + 1e-12), (a.dQ, g.dQ, g.dQ_error)
+        assert np.all(np.abs(a.dR - g.dR) <= 6 * g.dR_error + 1e-12), (a.dR, g.dR, g.dR_error)
+        assert set(a.dparams) == set(exact.trainable)
+        for name in exact.trainable:
+            assert np.all(np.abs(a.dparams[name] - g.dparams[name])
+                          <= 6 * g.dparams_error[name] + 1e-12), name
+        for name in exact.held:  # a shift held at 0: no drift there (odd activation)
+            assert np.all(np.abs(g.dparams[name]) <= 6 * g.dparams_error[name] + 1e-12), name
