@@ -7,10 +7,12 @@ same random initialization (seed 0): the plateau branch of ``fixedpoint`` at tha
 ``eta``, the smallest Hessian eigenvalue ``lambda_min`` there (``hessian``; with the
 trainable parameters where the normalization has them, at the weight norm and gain of
 the fixed point, stored as coordinates) and the escape time of the ODE from the
-plateau (``escape``). Normalizations without a closed form use the generic engine
-(error estimates stored as ``*_error``); an entry that cannot be computed accurately
-(e.g. layernorm: the ``eta^2`` term is infinite for ``K <= 3``; ``K = 2`` output is
-``+-1``) is NaN with the reason in ``status``. Writes ``normalizations.nc`` and
+plateau (``escape``). The trained gains (weightnorm ``g``, batchnorm_affine ``gamma``,
+its ``beta`` held at 0 by the odd symmetry) use the exact engine with the gain as
+state; normalizations without a closed form use the generic engine (error estimates
+stored as ``*_error``; the engine of each entry in ``engine``); an entry that cannot
+be computed accurately (e.g. layernorm: the ``eta^2`` term is infinite for ``K <= 3``;
+``K = 2`` output is ``+-1``) is NaN with the reason in ``status``. Writes ``normalizations.nc`` and
 ``normalizations.png`` into ``out``, ``docs/normalizations.md`` when ``docs`` is given,
 and prints a table.
 """
@@ -32,7 +34,7 @@ from framework import Experiment, TeacherStudent, convention_attrs, hookimpl, sa
 NORMALIZATIONS = ("plain", "batchnorm", "weightnorm", "batchnorm_affine", "meanonly",
                   "layernorm", "batchnorm_stopgrad")
 COMMAND = "symphase reproduce normalizations"
-GENERIC = ("weightnorm", "batchnorm_affine")  # trainable parameters: generic engine
+TRAINED_GAIN = ("weightnorm", "batchnorm_affine")  # gains as state (exact engine)
 
 
 #: Coarse quadrature (16 x cheaper than the default 16 x 4096 points) of the second
@@ -43,10 +45,9 @@ ESCAPE_QUADRATURE = {"samples": 1024, "replicates": 4}
 
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"Ks": (2,), "etas": (0.5,), "alpha_max": 400.0, "n_alpha": 81,
-                "normalizations": ("plain", "batchnorm", "meanonly", "batchnorm_stopgrad",
-                                   "layernorm")}
-    return {"Ks": (2, 3), "etas": (0.05, 0.1, 0.5, 1.0), "alpha_max": 4000.0, "n_alpha": 401,
+        return {"Ks": (2,), "etas": (0.5,), "alpha_max": 4000.0, "n_alpha": 801,
+                "normalizations": NORMALIZATIONS}
+    return {"Ks": (2, 3), "etas": (0.05, 0.1, 0.5, 1.0), "alpha_max": 10000.0, "n_alpha": 4001,
             "normalizations": NORMALIZATIONS}
 
 
@@ -69,7 +70,8 @@ def _not_defined(name: str, K: int) -> str | None:
 def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]:
     out = {"lambda_min": np.nan, "lambda_min_error": 0.0, "rate": np.nan,
            "alpha_escape": np.nan, "alpha_escape_error": 0.0, "eps_plateau": np.nan,
-           "weight_norm": np.nan, "gain": np.nan, "seconds": 0.0, "status": "ok"}
+           "weight_norm": np.nan, "gain": np.nan, "seconds": 0.0, "status": "ok",
+           "engine": ""}
     t0 = time.time()
     why = _not_defined(name, K)
     if why is not None:
@@ -89,6 +91,7 @@ def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]
             raise RuntimeError(f"no plateau: the branches found ({desc}) are dead (output "
                                "independent of the input) or not in the symmetric phase")
         hb = h.isel(branch=b)
+        out["engine"] = str(h.attrs.get("engine", ""))
         out["lambda_min"] = float(hb.lambda_min)
         if "lambda_min_error" in hb:
             out["lambda_min_error"] = float(hb.lambda_min_error)
@@ -96,21 +99,20 @@ def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]
         out["weight_norm"] = float(np.mean(np.diagonal(hb.Q.values)))
         gains = [k for k in ("param_g", "param_gamma") if k in hb]
         out["gain"] = float(np.mean(hb[gains[0]].values)) if gains else np.nan
-        generic = h.attrs.get("engine") == "generic" and not np.isnan(out["gain"])
-        # (trained gains: generic ODE; closed-form ODEs are cheap and exact)
-        opts = {"name": "escape", "alpha_max": cfg["alpha_max"] / eta,
-                "n_points": cfg["n_alpha"]}
-        # generic engine: the default quadrature (stopping at the escape); its error is
+        # an engine object (generic engine, or the exact one with the gain as state):
+        # stop integrating at the escape; the generic engine's escape error is
         # estimated by |difference| to a run with the coarser ESCAPE_QUADRATURE (another
         # base-point seed), whose own error is the larger one
-        first = dict(opts, stop_at_escape=True) if generic else opts
-        e = exp.evolve(analyzers=[first]).run()["escape"]
+        engine_object = out["engine"] == "generic" or not np.isnan(out["gain"])
+        generic = out["engine"] == "generic"
+        opts = {"name": "escape", "alpha_max": cfg["alpha_max"] / eta,
+                "n_points": cfg["n_alpha"], "stop_at_escape": engine_object}
+        e = exp.evolve(analyzers=[opts]).run()["escape"]
         runs = [e]
         out["alpha_escape"] = float(e.alpha_escape)
         if generic:
             try:
-                o = dict(opts, quadrature={**ESCAPE_QUADRATURE, "seed": 1},
-                         stop_at_escape=True)
+                o = dict(opts, quadrature={**ESCAPE_QUADRATURE, "seed": 1})
                 c = exp.evolve(analyzers=[o]).run()["escape"]
                 out["alpha_escape_error"] = float(abs(float(c.alpha_escape)
                                                       - out["alpha_escape"]))
@@ -139,9 +141,10 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
                                                "eps_plateau", "weight_norm", "gain",
                                                "seconds")}
     status = np.full(shape, "", dtype=object)
+    engines = np.full(shape, "", dtype=object)
     jobs = [(a, b, c) for a in range(len(names)) for b in range(len(Ks))
             for c in range(len(etas))]
-    jobs.sort(key=lambda j: (names[j[0]] not in GENERIC, -Ks[j[1]]))  # long ones first
+    jobs.sort(key=lambda j: (etas[j[2]], -Ks[j[1]]))  # long ones (small eta) first
     workers = max(1, min(workers, len(jobs)))
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -155,13 +158,16 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
             for k in res:
                 res[k][a, b, c] = r[k]
             status[a, b, c] = r["status"]
+            engines[a, b, c] = r["engine"]
     dims = ("normalization", "K", "eta")
     ds = xr.Dataset(
         {
             "lambda_min": _var(res["lambda_min"], dims, "smallest Hessian eigenvalue of eps_g "
                                "over (W, theta) at the plateau fixed point at eta"),
             "lambda_min_error": _var(res["lambda_min_error"], dims, "error estimate of "
-                                     "lambda_min (0: closed form)"),
+                                     "lambda_min (generic engine: quadrature; closed form "
+                                     "with trained gains: finite-difference truncation; "
+                                     "0: closed form)"),
             "unstable_rate": _var(res["rate"], dims, "largest real part of the ODE Jacobian "
                                   "eigenvalues at the plateau", "1/(eta alpha)"),
             "alpha_escape": _var(res["alpha_escape"], dims, "first alpha with eps_g < "
@@ -173,6 +179,9 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
             "eps_plateau": _var(res["eps_plateau"], dims, "eps_g at the plateau"),
             "entry_seconds": _var(res["seconds"], dims, "wall time of the entry", "s"),
             "status": _var(status.astype(str), dims, "ok, or why the entry is missing"),
+            "engine": _var(engines.astype(str), dims, "theory engine of the entry: "
+                           "closed_form (exact; trained gains as state) or generic "
+                           "(quadrature); empty: not computed"),
         },
         coords={
             "normalization": ("normalization", list(names),
@@ -194,7 +203,11 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
             "init": "random, seed 0 (the same for every entry)",
             "hessian_coordinates": "W = J / sqrt(N) plus trainable normalization parameters",
             "escape_start": "plateau perturbed along the most unstable Jacobian eigenvector "
-            "(relative size 1e-3)",
+            "(relative size 1e-3; where that leaves the PSD cone, e.g. at a plateau of "
+            "identical students, along the Hessian's escape mode in weight space, relative "
+            "size 1e-3 of |W|)",
+            "alpha_max": cfg["alpha_max"],
+            "alpha_max_meaning": "escape runs integrate up to alpha = alpha_max / eta",
             "escape_quadrature_generic": "default Quadrature(); error run: "
             + json.dumps(ESCAPE_QUADRATURE) + ", seed 1",
             "runtime_seconds": float(time.time() - t0),
@@ -221,7 +234,7 @@ def _table(ds: xr.Dataset) -> str:
             for eta in ds.eta.values:
                 s = ds.sel(normalization=n, K=K, eta=eta)
                 lam = float(s.lambda_min)
-                err = float(s.lambda_min_error)
+                err = float(s.lambda_min_error) if str(s.engine.values) == "generic" else 0.0
                 lam_s = "nan" if not np.isfinite(lam) else (
                     f"{lam:.4f} ± {err:.1e}" if err > 0 else f"{lam:.4f}")
                 st = str(s.status.values)
@@ -272,17 +285,21 @@ def _pivot(ds: xr.Dataset, K: int) -> str:
         lam, esc = [], []
         for j in range(len(etas)):
             sj = s.isel(eta=j)
+            if st[j].startswith("no escape"):  # computed: slower than the horizon
+                lam.append(f"{float(sj.lambda_min):.4f}")
+                esc.append(f"> {ds.attrs['alpha_max'] / etas[j]:.0f}")
+                continue
             if st[j] != "ok":
                 lam.append("n/a")
                 esc.append("n/a")
                 continue
-            err = float(sj.lambda_min_error)
+            err = float(sj.lambda_min_error) if str(sj.engine.values) == "generic" else 0.0
             lam.append(f"{float(sj.lambda_min):.4f}" + (f" ± {err:.0e}" if err > 0 else ""))
             ee = float(sj.alpha_escape_error)
             esc.append(f"{float(sj.alpha_escape):.0f}" + (f" ± {ee:.0f}" if ee > 0 else ""))
         wn = ", ".join(f"{v:.3g}" if np.isfinite(v) else "–" for v in s.weight_norm.values)
         gn = ", ".join(f"{v:.3g}" if np.isfinite(v) else "–" for v in s.gain.values) \
-            if np.any(np.isfinite(s.gain.values)) or n in GENERIC else "none"
+            if np.any(np.isfinite(s.gain.values)) or n in TRAINED_GAIN else "none"
         lines.append(f"| {n} | {wn} | {gn} | " + " | ".join(lam) + " | " + " | ".join(esc)
                      + " |")
     return "\n".join(lines)
@@ -305,9 +322,10 @@ def _docs(ds: xr.Dataset, table: str, path: Path) -> None:
         "Hessian is evaluated, one value per eta (scale-invariant normalizations are "
         "evaluated at Q_ii = 1). `alpha_esc` is the first alpha with eps_g < eps_plateau/2 "
         "from the plateau perturbed by 1e-3 along its most unstable ODE direction. "
-        "± are error estimates of the generic engine (none: closed form; escape times of "
-        "the generic engine: the difference to a run with a 16 times coarser quadrature of "
-        "another seed). n/a: not computed, reason in `status` (below).\n\n"
+        "± are error estimates of the generic engine (none: exact closed form, also for the "
+        "trained gains, which are integrated as state; escape times of the generic engine: "
+        "the difference to a run with a 16 times coarser quadrature of another seed). n/a: "
+        "not computed, reason in `status` (below).\n\n"
         + K_blocks + "\n\n" + INTERPRETATION + "\n\n### Entries without a value\n\n"
         + "\n".join(f"* {r}" for r in reasons)
         + "\n\n### Full table\n\n" + table + "\n"

@@ -24,6 +24,13 @@ def test_quick_run_writes_labelled_dataset(tmp_path, capsys) -> None:
     ok = ds.status.values == "ok"
     assert np.all(np.isfinite(ds.lambda_min.values[ok]))
     assert np.all(np.isfinite(ds.alpha_escape.values[ok]))
+    # the trained gains: the exact engine with the gain as state, every entry computed
+    for name in ("weightnorm", "batchnorm_affine"):
+        s = ds.sel(normalization=name, K=2)
+        assert list(s.status.values) == ["ok"], s.status.values
+        assert list(s.engine.values) == ["closed_form"]
+        assert np.all(s.gain.values > 0.5) and np.all(s.lambda_min.values < 0)
+    assert set(ds.engine.values[ok]) <= {"closed_form", "generic"}
     # layernorm at K = 2 is reported as degenerate, not as a silent NaN
     assert str(ds.status.sel(normalization="layernorm", K=2).values[0]).startswith("degenerate")
     assert "| normalization |" in capsys.readouterr().out
