@@ -116,20 +116,6 @@ class ClosedFormEngine(ExpectationEngine):
                for k, v in norm.scale_parameter_jacobian(Q, p).items()}
         return s, ds, dth
 
-    def _e_delta_x(self, Q: np.ndarray, R: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """``E[delta~_i x_i]`` (unscaled ``x``), shape (K,)."""
-        K = self.K
-        SQ = s[:, None] * Q
-        cov = np.block([
-            [SQ * s[None, :], s[:, None] * R, SQ],
-            [R.T * s[None, :], self.T, R.T],
-            [SQ.T, R, Q],
-        ])
-        w = _theory.error_weights(K, self.M)
-        i3 = I3(cov, np.arange(K))  # (K, P, P): E[g'(u_i) g(u_b) u_c]
-        idx = np.arange(K)
-        return np.einsum("ib,b->i", i3[idx, : K + self.M, K + self.M + idx], w)
-
     # -- the interface of ExpectationEngine ---------------------------------------------
     def generalization_error(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
@@ -138,7 +124,7 @@ class ClosedFormEngine(ExpectationEngine):
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         p = self._checked(params)
         s = np.asarray(self.normalization.scale(Q, p), dtype=float)
-        return _theory.generalization_error(Q, R, self.T, s, noise_var=self.noise), 0.0
+        return _theory.scale_moments(Q, R, self.T, s, self.noise)[0], 0.0
 
     def rates(
         self,
@@ -160,9 +146,8 @@ class ClosedFormEngine(ExpectationEngine):
         s, ds, dth = self._scale(Q, p)
         dQ, dR = _theory.ode_rhs(Q, R, self.T, s, ds, eta, batch_size=batch_size,
                                  noise_var=self.noise, second_order=second_order)
-        edx = self._e_delta_x(Q, R, s)
+        eps, edx = _theory.scale_moments(Q, R, self.T, s, self.noise)  # E[delta~_i x_i]
         dp = {k: eta * edx @ dth[k] for k in self.trainable}
-        eps = _theory.generalization_error(Q, R, self.T, s, noise_var=self.noise)
         zero = {k: np.zeros(K) for k in self.trainable}
         return GenericRates(dQ, dR, dp, float(eps), np.zeros((K, K)), np.zeros((K, M)),
                             zero, 0.0)
@@ -209,6 +194,22 @@ class ClosedFormEngine(ExpectationEngine):
         e_dxt = np.einsum("ib,b->i", I3(St, idx)[idx, :, idx], w)  # E[delta~_i x~_i]
         block = J2(St, idx) + np.diag(e_dxt)
         return np.kron(np.eye(h), block)
+
+    def _state_status(self, y: np.ndarray, max_value: float) -> int:
+        """Like the generic engine's, but ``Q`` need only be positive *semi*-definite
+        (smallest eigenvalue above ``-1e-9 max(1, max |Q|)``): the closed forms are
+        analytic there, and states of identical students (rank-deficient ``Q``, an
+        invariant set of the ODE, e.g. the trained-gain plateau) are legitimate."""
+        if not np.all(np.isfinite(y)):
+            return 1
+        if np.max(np.abs(y)) > max_value:
+            return 2
+        K = self.K
+        Q = y[: K * K].reshape(K, K)
+        lam = np.linalg.eigvalsh(0.5 * (Q + Q.T))
+        if lam[0] < -1e-9 * max(1.0, float(np.max(np.abs(Q)))):
+            return 3
+        return 0
 
     def integrate(self, Q0: Any, R0: Any, **kwargs: Any):  # type: ignore[override]
         """As :meth:`ExpectationEngine.integrate` (exact right-hand side)."""

@@ -281,6 +281,11 @@ class ExpectationEngine:
         """Hessian block of the held parameters (none for this engine)."""
         return np.zeros((0, 0))
 
+    def _state_status(self, y: np.ndarray, max_value: float) -> int:
+        """0 for a valid integrator state; else the failure code of
+        :data:`_MESSAGES` (``Q`` must be positive definite: the quadrature needs it)."""
+        return int(_status(y, self.K, max_value))
+
     # -- parameters -------------------------------------------------------------------
     def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Initial parameter values updated with ``overrides`` (each broadcast to (K,))."""
@@ -574,7 +579,7 @@ class ExpectationEngine:
             nfev += 1
             Q, R, p = split(y)
             with np.errstate(all="ignore"):
-                if _status(y, K, max_value):  # trial stage outside the valid region
+                if self._state_status(y, max_value):  # trial stage outside the valid region
                     return np.full_like(y, np.nan)
                 r = self.rates(Q, R, p, eta=eta, batch_size=batch_size,
                                second_order=second_order)
@@ -590,7 +595,7 @@ class ExpectationEngine:
 
         out, n_rows, status, t_fail = solve_on_grid(
             fun, y0, alpha, method=method, rtol=rtol, atol=atol,
-            status=lambda y: _status(y, K, max_value), stop_rows=stop_rows,
+            status=lambda y: self._state_status(y, max_value), stop_rows=stop_rows,
         )
         ys = out[:n_rows]
         Qs, Rs, ps = self.unpack(ys)

@@ -75,6 +75,7 @@ __all__ = [
     "effective_covariance",
     "eps_g_gradient",
     "error_weights",
+    "scale_moments",
     "generalization_error",
     "integrate_diagonal_scale",
     "ode_rhs",
@@ -298,6 +299,53 @@ def _eps_g_nb(S, K, noise_var):
             z = S[a, b] / math.sqrt((1.0 + S[a, a]) * (1.0 + S[b, b]))
             acc += 2.0 * wa * wb * _asin_nb(z)
     return acc / math.pi + 0.5 * noise_var
+
+
+@_njit
+def _scale_moments_nb(Q, R, T, s, noise_var, out):
+    """``eps_g`` and ``out[i] = E[delta~_i x_i]`` (unscaled ``x_i``; finite as
+    ``s_i -> 0``): ``sum_b w_b E[g'(x~_i) g(u_b) x_i]``, the I3 formula with
+    ``Cov(x~_i, x_i) = s_i Q_ii`` and ``Cov(u_b, x_i)`` = ``s_b Q_bi`` or ``R_in``."""
+    K, M = R.shape
+    P = K + M
+    S = np.empty((P, P))
+    _eff_cov_nb(Q, R, T, s, S)
+    for i in range(K):
+        one_aa = 1.0 + S[i, i]
+        c_ac = s[i] * Q[i, i]
+        acc = 0.0
+        for b in range(P):
+            wb = -1.0 if b < K else 1.0
+            c_bc = s[b] * Q[b, i] if b < K else R[i, b - K]
+            c_ab = S[i, b]
+            lam = one_aa * (1.0 + S[b, b]) - c_ab * c_ab
+            acc += wb * (c_bc * one_aa - c_ab * c_ac) / (one_aa * math.sqrt(lam))
+        out[i] = 2.0 / math.pi * acc
+    return _eps_g_nb(S, K, noise_var)
+
+
+def scale_moments(
+    Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike, noise_var: float = 0.0
+) -> tuple[float, Array]:
+    """``(eps_g, E[delta~_i x_i])`` for ``x~ = s x``: the generalization error and the
+    expectation that drives a trainable scale parameter (``x_i`` unscaled, so finite as
+    ``s_i -> 0``). Compiled when numba is available; the numpy fallback evaluates the
+    same I3 formula (:func:`framework._erf.I3` on the joint covariance of ``(x~, y, x)``).
+    """
+    Q, R, T, s = (np.ascontiguousarray(a, dtype=np.float64) for a in (Q, R, T, s))
+    K, M = R.shape
+    if HAVE_NUMBA:
+        out = np.empty(K)
+        eps = _scale_moments_nb(Q, R, T, s, float(noise_var), out)
+        return float(eps), out
+    SQ = s[:, None] * Q
+    cov = np.block([[SQ * s[None, :], s[:, None] * R, SQ],
+                    [R.T * s[None, :], T, R.T],
+                    [SQ.T, R, Q]])
+    i3 = I3(cov, np.arange(K))  # (K, P, P): E[g'(u_i) g(u_b) u_c]
+    idx = np.arange(K)
+    edx = np.einsum("ib,b->i", i3[idx, : K + M, K + M + idx], error_weights(K, M))
+    return generalization_error(Q, R, T, s, noise_var), edx
 
 
 @_njit

@@ -916,10 +916,14 @@ class EscapeAnalyzer(Analyzer):
             key = norm if eq.needs_generic(model, norm) else invariant
             vec = _unstable_vector(model, key, br.eigvals[br.plateau],
                                    br.eigvecs[br.plateau])
-            initial, how = _perturbed(model, norm, fp, vec, spec, self.perturbation, key)
+            initial, how, dparams = _perturbed(model, norm, fp, vec, spec, self.perturbation,
+                                               key)
         grid = (np.linspace(0.0, self.alpha_max, self.n_points) if self.alpha is None
                 else np.asarray(self.alpha))
         params = getattr(fp, "params", None) if self.start == "fixedpoint" else None
+        if params:  # the trainable parameters move along the mode too
+            params = {k: np.asarray(v, dtype=float) + dparams.get(k, 0.0)
+                      for k, v in params.items()}
         if eq.needs_generic(model, norm) or params:
             eng = theory.expectation_engine(model, norm, self.quadrature, params=params)
             rtol, atol = (self.rtol, self.atol) if eng.exact else (
@@ -982,31 +986,88 @@ class EscapeAnalyzer(Analyzer):
         return ds
 
 
+def _theta_parts(coords: list, vec: np.ndarray, K: int) -> dict[str, np.ndarray]:
+    """The trainable-parameter components ``("theta:<name>", i, 0)`` of a Jacobian vector."""
+    out: dict[str, np.ndarray] = {}
+    v = np.real(vec)
+    for value, (kind, i, _) in zip(v, coords, strict=True):
+        if kind.startswith("theta:"):
+            out.setdefault(kind[len("theta:"):], np.zeros(K))[i] = value
+    return out
+
+
+def _realize_mode(model: Any, invariant: Any, vec: np.ndarray, X: np.ndarray,
+                  Bt: np.ndarray) -> np.ndarray | None:
+    """``dW`` (shape of ``X``) whose first-order change of the Jacobian coordinates
+    (``Q_ik``, ``R_in``; norms free where they are not coordinates) is the ``(Q, R)``
+    part of ``vec``; None if no ``dW`` reproduces it to 1e-6 (relative)."""
+    K, D = X.shape
+    coords = [c for c in _coords(model, invariant) if c[0] in ("Q", "R")]
+    target = np.array([v for v, c in zip(np.real(vec), _coords(model, invariant),
+                                          strict=True) if c[0] in ("Q", "R")])
+    basis = np.eye(K * D).reshape(K * D, K, D)
+    dQ = X[None] @ np.swapaxes(basis, 1, 2) + basis @ X.T[None]  # (K D, K, K)
+    dR = basis @ Bt.T[None]  # (K D, K, M)
+    A = np.stack([dQ[:, i, k] if v == "Q" else dR[:, i, k] for v, i, k in coords], axis=0)
+    sol, *_ = np.linalg.lstsq(A, target, rcond=None)
+    if np.linalg.norm(A @ sol - target) > 1e-6 * max(np.linalg.norm(target), 1e-300):
+        return None
+    return sol.reshape(K, D)
+
+
 def _perturbed(
     model: Any, norm: Any, fp: eq.FixedPoint, vec: np.ndarray, spec: eq.HessianSpectrum,
-    size: float, invariant: bool,
-) -> tuple[OrderParameters, str]:
+    size: float, invariant: Any,
+) -> tuple[OrderParameters, str, dict[str, np.ndarray]]:
+    """The plateau moved along its escape direction: ``(start, description, dtheta)``.
+
+    The direction includes the trainable parameters (``dtheta``, zero without them):
+    the step is ``size`` times ``|(Q, R)|`` over the norm of the whole vector ``(dQ, dR,
+    dtheta)`` (Jacobian eigenvector). Where that leaves the PSD cone (a plateau of
+    identical students on its boundary), the same eigenvector is realized in weight
+    space: the displacement ``dW`` of the realization whose first-order change of the
+    Jacobian's coordinates is the eigenvector (least squares, accepted if it reproduces
+    it to 1e-6), so the start moves along the ODE's unstable direction and stays
+    realizable. Last resort: the Hessian's escape mode in weight space (step ``size
+    |W|`` over ``|(dW, dtheta)|``).
+    """
     dQ, dR = _mode_matrices(model, invariant, vec)
+    dth = {} if isinstance(invariant, (bool, np.bool_)) else \
+        _theta_parts(_coords(model, invariant), vec, model.K)
+    extra = sum(float(np.sum(v**2)) for v in dth.values())
     total = math.sqrt(float(np.sum(fp.Q**2) + np.sum(fp.R**2)))
-    scale = size * total / math.sqrt(float(np.sum(dQ**2) + np.sum(dR**2)))
+    scale = size * total / math.sqrt(float(np.sum(dQ**2) + np.sum(dR**2)) + extra)
     for sign in (1.0, -1.0):
         Q, R = fp.Q + sign * scale * dQ, fp.R + sign * scale * dR
         if eq.psd_margin(Q, R, model.T) > 1e-12:
             try:
                 return OrderParameters(Q, R, model.T), (
-                    f"ODE Jacobian's most unstable eigenvector, sign {sign:+g}")
+                    f"ODE Jacobian's most unstable eigenvector, sign {sign:+g}"), \
+                    {k: sign * scale * v for k, v in dth.items()}
             except ValueError:
                 pass
     X, Bt = spec.X, spec.Bt
+    realized = _realize_mode(model, invariant, vec, X, Bt)
+    if realized is not None:
+        dWr = realized
+        step = scale
+        Xp = X + step * dWr
+        op = eq.to_order_parameters(Xp @ Xp.T, Xp @ Bt.T, model.T)
+        return op, ("ODE Jacobian's most unstable eigenvector realized in weight space "
+                    "(first order)"), {k: step * v for k, v in dth.items()}
     dW = spec.escape_dW
-    step = size * np.linalg.norm(X) / np.linalg.norm(dW)
+    dth = {k: np.asarray(v, dtype=float)
+           for k, v in getattr(spec, "escape_dtheta", {}).items()}
+    step = size * np.linalg.norm(X) / math.sqrt(
+        float(np.sum(dW**2)) + sum(float(np.sum(v**2)) for v in dth.values()))
     if spec.escape_block == "span":
         Xp, Btp = X + step * dW, Bt
     else:
         Xp = np.concatenate([X, step * dW], axis=1)
         Btp = np.concatenate([Bt, np.zeros((Bt.shape[0], 1))], axis=1)
     op = eq.to_order_parameters(Xp @ Xp.T, Xp @ Btp.T, model.T)
-    return op, f"Hessian escape mode in weight space ({spec.escape_block} block)"
+    return op, f"Hessian escape mode in weight space ({spec.escape_block} block)", \
+        {k: step * v for k, v in dth.items()}
 
 
 @hookimpl

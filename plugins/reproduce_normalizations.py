@@ -119,7 +119,9 @@ def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]
             except Exception:  # the coarse run failed: no error estimate
                 out["alpha_escape_error"] = np.nan
         out["rate"] = float(runs[0].unstable_rate)
-        if not np.isfinite(out["alpha_escape"]):
+        if bool(e.diverged) and not np.isfinite(out["alpha_escape"]):
+            out["status"] = f"escape run stopped: {e.attrs.get('status', 'diverged')}"
+        elif not np.isfinite(out["alpha_escape"]):
             out["status"] = (f"no escape within alpha_max = {cfg['alpha_max'] / eta:g} "
                              f"(unstable rate {out['rate']:.3g} per eta alpha)")
     except Exception as exc:  # recorded per entry: the table shows why

@@ -216,3 +216,22 @@ def test_exact_ode_with_gain_agrees_with_simulation(name) -> None:
         m, s = ps.mean(0)[1:], ps.std(0, ddof=1)[1:] / np.sqrt(ps.shape[0])
         assert np.all(np.abs(m - v[1:]) <= Z * s), (k, m, v[1:], s)
     assert np.all(np.abs(traj.params[next(iter(traj.params))][-1] - 0.7) > 1e-3)  # trained
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_escape_from_boundary_plateau_grows_at_the_unstable_rate(K) -> None:
+    """The trained-gain plateau has identical students (boundary of the PSD cone): the
+    escape start realizes the Jacobian's unstable eigenvector in weight space, so the
+    students' differences grow from the start at the Jacobian's rate (not after the
+    decay of a stable component)."""
+    eta = 0.1
+    e = Experiment(TeacherStudent(K, K), normalization="weightnorm", eta=eta, seed=0,
+                   analyzers=[{"name": "escape", "alpha": [0.0, 500.0, 1000.0]}])
+    ds = e.run()["escape"]
+    assert "realized in weight space" in ds.attrs["perturbation_mode"]
+    R = ds.R.values
+    spread = np.linalg.norm(R - R.mean(axis=1, keepdims=True), axis=(1, 2))
+    rate = float(ds.unstable_rate) * eta  # per unit alpha
+    growth = np.log(spread[2] / spread[1]) / 500.0
+    assert growth == pytest.approx(rate, rel=0.05), (growth, rate, spread)
+    assert spread[1] > spread[0]
