@@ -60,8 +60,9 @@ def main() -> None:
         C = A @ A.T / (2 * K + 2)
         Q, R = C[:K, :K], C[:K, K:]
         p = {"g": np.full(K, 0.7)}
-        te = best_time(lambda: exact.rates(Q, R, p, eta=ETA))
-        tg = best_time(lambda: generic.rates(Q, R, p, eta=ETA), repeats=3, inner=1)
+        te = best_time(lambda e=exact, Q=Q, R=R, p=p: e.rates(Q, R, p, eta=ETA))
+        tg = best_time(lambda e=generic, Q=Q, R=R, p=p: e.rates(Q, R, p, eta=ETA),
+                       repeats=3, inner=1)
         print(f"{K:>2} {'rates(): s per call':<34} {te:>12.2e} {tg:>12.2e} {tg / te:>8.0f}")
 
         t0 = time.perf_counter()
@@ -77,9 +78,9 @@ def main() -> None:
         tg = time.perf_counter() - t0
         pe, pg = plateau(fe), plateau(fg)
         print(f"{K:>2} {'fixed points: s':<34} {te:>12.2f} {tg:>12.2f} {tg / te:>8.0f}")
-        print(f"{K:>2} {'  plateau found (g)':<34} "
-              f"{(f'{pe.params['g'][0]:.4f}' if pe else 'no'):>12} "
-              f"{(f'{pg.params['g'][0]:.4f}' if pg else 'no ' + why):>12}")
+        found_e = f"{pe.params['g'][0]:.4f}" if pe else "no"
+        found_g = f"{pg.params['g'][0]:.4f}" if pg else "no " + why
+        print(f"{K:>2} {'  plateau found (g)':<34} {found_e:>12} {found_g:>12}")
         if pe is None:
             continue
         t0 = time.perf_counter()

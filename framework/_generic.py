@@ -564,7 +564,6 @@ class ExpectationEngine:
         alpha = np.asarray(alpha, dtype=float).reshape(-1)
         if alpha.size == 0 or np.any(np.diff(alpha) <= 0):
             raise SpecificationError(f"'alpha' must be a strictly increasing grid, got {alpha!r}")
-        K = self.K
         p0 = self.params(params)
         y0 = self.pack(np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float), p0)
         fixed = {k: v for k, v in p0.items() if k not in self.trainable}

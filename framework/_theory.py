@@ -75,12 +75,12 @@ __all__ = [
     "effective_covariance",
     "eps_g_gradient",
     "error_weights",
-    "scale_moments",
     "generalization_error",
     "integrate_diagonal_scale",
     "ode_rhs",
     "ode_rhs_reference",
     "pack_state",
+    "scale_moments",
     "unpack_state",
 ]
 
