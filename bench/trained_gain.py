@@ -55,10 +55,9 @@ def main() -> None:
         model = TeacherStudent(K, K)
         exact = theory.expectation_engine(model, norm)
         generic = theory.expectation_engine(model, norm, engine="generic")
-        rng = np.random.default_rng(K)
-        A = rng.standard_normal((2 * K, 2 * K + 2))
-        C = A @ A.T / (2 * K + 2)
-        Q, R = C[:K, :K], C[:K, K:]
+        rng = np.random.default_rng(K)  # a valid state for T = I: teachers e_1 ... e_K
+        W = rng.standard_normal((K, 2 * K + 2)) / np.sqrt(2 * K + 2)
+        Q, R = W @ W.T, W[:, :K]
         p = {"g": np.full(K, 0.7)}
         te = best_time(lambda e=exact, Q=Q, R=R, p=p: e.rates(Q, R, p, eta=ETA))
         tg = best_time(lambda e=generic, Q=Q, R=R, p=p: e.rates(Q, R, p, eta=ETA),

@@ -246,7 +246,8 @@ def _branches_generic(
     *dead* (:func:`_dead`: ``eps_g`` within 5 error estimates of the best constant
     predictor's, i.e. the student output does not depend on the input, e.g. a gain
     collapsed to 0), with the lowest ``eps_g`` (no trajectory is integrated: that would
-    cost a full generic ODE run)."""
+    cost a full generic ODE run); among mirror images of equal ``eps_g`` the one with
+    non-negative trainable parameters."""
     model, norm = experiment.model, experiment.normalization
     q = quadrature
     points = eq.find_fixed_points_generic(
@@ -266,8 +267,10 @@ def _branches_generic(
         cand = [b for b, fp in enumerate(points)
                 if np.max(np.abs(fp.R - fp.R.mean(axis=0))) < max(1e-6, 30.0 * fp.rate_error)
                 and vals[b][0].real > 1e-9 and not _dead(model, fp)]
-        if cand:
-            plateau = min(cand, key=lambda b: points[b].eps_g)
+        if cand:  # ties (mirror images, e.g. (g, W) -> (-g, -W)): non-negative parameters
+            plateau = min(cand, key=lambda b: (
+                round(points[b].eps_g, 10),
+                any(float(np.mean(v)) < 0 for v in getattr(points[b], "params", {}).values())))
     return _Branches(points, jacs, vals, vecs, plateau, float("nan"))
 
 
