@@ -352,8 +352,8 @@ INTERPRETATION = """### Reading the numbers
   students (on the boundary of the PSD cone), the gain at g = 1/sqrt(2K - 1) (0.577 for
   K = 2, 0.447 for K = 3: plain's Q* = 1/(2K - 1)) and eps_plateau -> plain's eps* as
   eta -> 0 (tested; 0.0117 / 0.0204 at eta = 0.05). Its unstable ODE rate is plain's
-  times g^2 (K = 2: 0.0218 vs 0.0655 per eta alpha; K = 3: 0.00912 vs 0.0457): the weights move with step eta on
-  |W_i| = 1, but the function only feels g times that. So the trained gain escapes
+  times g^2 (K = 2: 0.0218 vs 0.0655 per eta alpha; K = 3: 0.00912 vs 0.0457): the
+  weights move with step eta on |W_i| = 1, but the function only feels g times that. So the trained gain escapes
   latest of all -- 2.7 to 3.7 times later than plain for K = 2 (5346 vs 1968 at
   eta = 0.05, 405 vs 109 at eta = 1) and 4.4 to 7.5 times for K = 3 (12771 vs 2884,
   1605 vs 214), and later than batchnorm with its fixed gain 1 (1.4 to 1.8 times for
