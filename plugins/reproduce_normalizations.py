@@ -336,59 +336,59 @@ def _docs(ds: xr.Dataset, table: str, path: Path) -> None:
 
 INTERPRETATION = """### Reading the numbers
 
-* **meanonly = plain** to every digit: under population statistics the mean is 0 and
-  the ODE is the plain one (mean-only BN differs only with minibatch statistics).
+* **meanonly = plain** to every digit: under population statistics the mean is 0 and the
+  ODE is the plain one (mean-only BN differs only with minibatch statistics).
 * **batchnorm vs plain** (batchnorm at Q_ii = 1): batchnorm's plateau is higher and its
-  escape later at every eta (K = 2: 2898 vs 1968 at eta = 0.05, 288 vs 109 at eta = 1;
-  K = 3: 5068 vs 2884, 864 vs 214), Takagi et al.'s result; the delay ratio grows with
-  eta (README, "Result"). At small eta its escape curvature is flatter (-0.046 vs
-  -0.066 for K = 2); at large eta the finite-eta plateau moves and lambda_min there is
-  steeper, yet the escape is still later, so at finite eta lambda_min alone does not
-  order the escape times (next point but one).
+  escape later at every eta (K = 2: 2898 vs 1968 at eta = 0.05, 288 vs 109 at eta = 1; K
+  = 3: 5068 vs 2884, 864 vs 214), Takagi et al.'s result; the delay ratio grows with eta
+  (README, "Result"). At small eta its escape curvature is flatter (-0.046 vs -0.066 for
+  K = 2); at large eta the finite-eta plateau moves and lambda_min there is steeper, yet
+  the escape is still later, so at finite eta lambda_min alone does not order the escape
+  times (next point but one).
 * **weightnorm = batchnorm_affine** (trained gain; the exact engine with the gain as
   state, batchnorm_affine's beta held at 0 where it stays for the odd erf): under
-  population statistics both are x~_i = g_i x_i / sqrt(Q_ii), so every digit agrees.
-  The plateau is plain's plateau in the effective weights g W_i / |W_i|: identical
-  students (on the boundary of the PSD cone), the gain at g = 1/sqrt(2K - 1) (0.577 for
-  K = 2, 0.447 for K = 3: plain's Q* = 1/(2K - 1)) and eps_plateau -> plain's eps* as
-  eta -> 0 (tested; 0.0117 / 0.0204 at eta = 0.05). Its unstable ODE rate is plain's
-  times g^2 (K = 2: 0.0218 vs 0.0655 per eta alpha; K = 3: 0.00912 vs 0.0457): the
-  weights move with step eta on |W_i| = 1, but the function only feels g times that. So the trained gain escapes
-  latest of all -- 2.7 to 3.7 times later than plain for K = 2 (5346 vs 1968 at
-  eta = 0.05, 405 vs 109 at eta = 1) and 4.4 to 7.5 times for K = 3 (12771 vs 2884,
-  1605 vs 214), and later than batchnorm with its fixed gain 1 (1.4 to 1.8 times for
-  K = 2): training the gain does not undo batch norm's delay, it lengthens it. eta
-  alpha_escape grows with eta (K = 2: 267, 274, 328, 405): the rate drops slightly
-  (0.0218 -> 0.0198) and the weight norms grow through the eta^2 term, which slows the
-  angles (a scale-invariant parametrization's effective step is eta / |W_i|^2). K = 3
-  escapes through a second, partly specialized plateau (eps_g ~ 0.014), which the
-  threshold eps_plateau / 2 lies below. The collapsed branch (gain 0, eps_g = K/6, the
-  best constant predictor's) and the mirror image (g, W) -> (-g, -W) are fixed points
-  too; the first is excluded as dead, the second by preferring g > 0.
+  population statistics both are x~_i = g_i x_i / sqrt(Q_ii), so every digit agrees. The
+  plateau is plain's plateau in the effective weights g W_i / |W_i|: identical students
+  (on the boundary of the PSD cone), the gain at g = 1/sqrt(2K - 1) (0.577 for K = 2,
+  0.447 for K = 3: plain's Q* = 1/(2K - 1)) and eps_plateau -> plain's eps* as eta -> 0
+  (tested; 0.0117 / 0.0204 at eta = 0.05). Its unstable ODE rate is plain's times g^2 (K
+  = 2: 0.0218 vs 0.0655 per eta alpha; K = 3: 0.00912 vs 0.0457): the weights move with
+  step eta on |W_i| = 1, but the function only feels g times that. So the trained gain
+  escapes latest of all -- 2.7 to 3.7 times later than plain for K = 2 (5346 vs 1968 at
+  eta = 0.05, 405 vs 109 at eta = 1) and 4.4 to 7.5 times for K = 3 (12771 vs 2884, 1605
+  vs 214), and later than batchnorm with its fixed gain 1 (1.4 to 1.8 times for K = 2):
+  training the gain does not undo batch norm's delay, it lengthens it. eta alpha_escape
+  grows with eta (K = 2: 267, 274, 328, 405): the rate drops slightly (0.0218 -> 0.0198)
+  and the weight norms grow through the eta^2 term, which slows the angles (a
+  scale-invariant parametrization's effective step is eta / |W_i|^2). K = 3 escapes
+  through a second, partly specialized plateau (eps_g ~ 0.014), which the threshold
+  eps_plateau / 2 lies below. The collapsed branch (gain 0, eps_g = K/6, the best
+  constant predictor's) and the mirror image (g, W) -> (-g, -W) are fixed points too;
+  the first is excluded as dead, the second by preferring g > 0.
 * **lambda_min vs the escape rate at finite eta**: at finite eta the plateau is a fixed
   point of the SGD ODE, not a critical point of eps_g (the eta^2 term balances a
-  gradient: |grad eps_g| = 0.0097 for weightnorm K = 3 at eta = 0.05, 0.047 at
-  eta = 1), so the Hessian's lambda_min is the curvature of the landscape there, not
-  minus the unstable rate (dataset variable `unstable_rate`): -0.0122 vs 0.0091 (K = 3,
-  eta = 0.05), -0.0593 vs 0.0068 (eta = 1). The two agree as eta -> 0 (weightnorm
-  K = 2: -0.0219 and 0.0218; tested), where lambda_min is plain's times g^2 exactly.
-  Escape times follow the rate.
+  gradient: |grad eps_g| = 0.0097 for weightnorm K = 3 at eta = 0.05, 0.047 at eta = 1),
+  so the Hessian's lambda_min is the curvature of the landscape there, not minus the
+  unstable rate (dataset variable `unstable_rate`): -0.0122 vs 0.0091 (K = 3, eta =
+  0.05), -0.0593 vs 0.0068 (eta = 1). The two agree as eta -> 0 (weightnorm K = 2:
+  -0.0219 and 0.0218; tested), where lambda_min is plain's times g^2 exactly. Escape
+  times follow the rate.
 * **The escape start at a boundary plateau**: a perturbation along the Jacobian's
-  unstable eigenvector in (Q, R) leaves the PSD cone when the students are identical,
-  so the start is that eigenvector realized in weight space (first order, gain moved
-  along with it): the students' differences then grow at the Jacobian's rate from the
-  start (tested). (The previous version of this table, with the generic engine, had
-  escape times up to a factor 2.5 off and no plateau for 10 of the 16 trained-gain
-  entries: the quadrature is not differentiable on the cone's boundary, and its noise
-  acted as an extra symmetry-breaking perturbation.)
+  unstable eigenvector in (Q, R) leaves the PSD cone when the students are identical, so
+  the start is that eigenvector realized in weight space (first order, gain moved along
+  with it): the students' differences then grow at the Jacobian's rate from the start
+  (tested). (The previous version of this table, with the generic engine, had escape
+  times up to a factor 2.5 off and no plateau for 10 of the 16 trained-gain entries: the
+  quadrature is not differentiable on the cone's boundary, and its noise acted as an
+  extra symmetry-breaking perturbation.)
 * **batchnorm_stopgrad**: its drift is not the gradient of eps_g (no gradient through
   the statistics), so its lambda_min (of the eps_g landscape, which is batchnorm's) is
   not an escape rate. Its plateau has a weight norm proportional to eta (0.0257 / 0.0515
   / 0.257 / 0.515 for K = 2: the update is no longer orthogonal to W_i) and lambda_min
   scales as 1/Q_ii; its escape (86-92 for K = 2, 237-263 for K = 3) hardly depends on
   eta and is the fastest of all.
-* **layernorm** has no entry: degenerate at K = 2 (output +-1), and no finite-eta ODE
-  at K = 3 with eps = 0 (infinite eta^2 term); use eps > 0 or K >= 4."""
+* **layernorm** has no entry: degenerate at K = 2 (output +-1), and no finite-eta ODE at
+  K = 3 with eps = 0 (infinite eta^2 term); use eps > 0 or K >= 4."""
 
 
 @hookimpl
