@@ -388,7 +388,11 @@ INTERPRETATION = """### Reading the numbers
   scales as 1/Q_ii; its escape (86-92 for K = 2, 237-263 for K = 3) hardly depends on
   eta and is the fastest of all.
 * **layernorm** has no entry: degenerate at K = 2 (output +-1), and no finite-eta ODE at
-  K = 3 with eps = 0 (infinite eta^2 term); use eps > 0 or K >= 4."""
+  K = 3 with eps = 0 (infinite eta^2 term). With eps = 0.1 (where the ODE exists) the
+  symmetric subspace has no plateau either: every fixed point found at eta = 0.1 is
+  (nearly) dead, eps_g = 0.3333 (K = 2, = K/6, the best constant predictor's) and 0.504
+  (K = 3; K/6 = 0.5) -- subtracting the mean across units removes the students' common
+  component, which is what the symmetric phase learns."""
 
 
 @hookimpl
