@@ -154,3 +154,15 @@ def test_generic_integration_stops_below_threshold() -> None:
 def test_escape_quadrature_option_is_validated() -> None:
     with pytest.raises(framework.SpecificationError, match="samples"):
         framework.get_analyzer("escape", quadrature={"samples": 1000})
+
+
+def test_layernorm_has_no_live_symmetric_plateau() -> None:
+    """Mean subtraction across units removes the students' common component: with
+    eps = 0.1 (a finite-eta ODE exists) every symmetric fixed point at K = 2 is dead,
+    eps_g = K/6 (the best constant predictor's), and none is flagged as the plateau."""
+    exp = Experiment(TeacherStudent(2, 2), normalization={"name": "layernorm", "eps": 0.1},
+                     eta=0.1, seed=0, analyzers=[{"name": "fixedpoint"}])
+    fp = exp.run()["fixedpoint"]
+    assert fp.attrs["plateau_branch"] == -1
+    err = fp.eps_g_error.values
+    assert np.all(np.abs(fp.eps_g.values - 2 / 6) <= Z * err + 1e-4), (fp.eps_g.values, err)
