@@ -85,7 +85,7 @@ class ClosedFormEngine(ExpectationEngine):
         self.model = model
         self.normalization = normalization
         self.activation = activation
-        self.quadrature = None
+        self.quadrature = None  # type: ignore[assignment]  # exact: no quadrature
         self.K, self.M = model.K, model.M
         self.T = np.asarray(model.T, dtype=float)
         self.noise = float(model.noise)
@@ -211,7 +211,7 @@ class ClosedFormEngine(ExpectationEngine):
             return 3
         return 0
 
-    def integrate(self, Q0: Any, R0: Any, **kwargs: Any):  # type: ignore[override]
+    def integrate(self, Q0: Any, R0: Any, **kwargs: Any):
         """As :meth:`ExpectationEngine.integrate` (exact right-hand side)."""
         self._checked(kwargs.get("params"))
         return super().integrate(Q0, R0, **kwargs)
