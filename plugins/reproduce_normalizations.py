@@ -68,7 +68,7 @@ def _not_defined(name: str, K: int) -> str | None:
 
 
 def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {"lambda_min": np.nan, "lambda_min_error": 0.0, "rate": np.nan,
+    out: dict[str, Any] = {"lambda_min": np.nan, "lambda_min_error": 0.0, "rate": np.nan,
            "alpha_escape": np.nan, "alpha_escape_error": 0.0, "eps_plateau": np.nan,
            "weight_norm": np.nan, "gain": np.nan, "seconds": 0.0, "status": "ok",
            "engine": ""}
