@@ -797,10 +797,13 @@ class EscapeAnalyzer(Analyzer):
     for scale-invariant normalizations at ``weight_norm``) perturbed along the most
     unstable eigenvector of its ODE Jacobian, ``|d(Q, R)| = perturbation * |(Q, R)|``
     (Frobenius; in a degenerate eigenspace, e.g. ``K >= 3``, the direction that most
-    increases ``sum_i R_ii``: all students specialize at once); if that leaves the
-    positive semi-definite cone (the plateau of gradient flow sits on its boundary) the
-    opposite sign is tried, then the Hessian's escape mode in weight space (always
-    feasible). ``start="init"``: the Experiment's
+    increases ``sum_i R_ii``: all students specialize at once), the trainable
+    parameters moved along with it; if that leaves the positive semi-definite cone (the
+    plateau of gradient flow, and the trained-gain plateau, sit on its boundary) the
+    opposite sign is tried, then the same eigenvector realized in weight space (the
+    displacement of the weights whose first-order change of (Q, R) it is), then the
+    Hessian's escape mode in weight space (always feasible); attr ``perturbation_mode``
+    says which. ``start="init"``: the Experiment's
     initial condition. The ODE (:func:`framework.theory.integrate`, ``eta^2`` term kept
     unless ``second_order=False``) runs to ``alpha_max``; ``alpha_escape`` is the first
     ``alpha`` with ``eps_g < eps_plateau / 2`` (linear interpolation on the grid), NaN
