@@ -519,10 +519,12 @@ class HessianAnalyzer(Analyzer):
     first-order change ``(escape_dQ, escape_dR)`` of the order parameters along it (unit
     ``|dW|``) and classified (symmetric / symmetry-breaking / mixed / norm / complement).
 
-    Trainable normalization parameters are not included: a normalization with a
-    non-empty ``trainable`` raises ``NotImplementedError`` naming it (the built-ins
-    ``plain`` and ``batchnorm`` have none; batchnorm's ``gamma`` is fixed and stored in
-    the attrs).
+    Trainable normalization parameters join the span block (Hessian over ``(W,
+    theta)``; their values are stored as ``param_<name>``): exactly for scale
+    parameters with the erf activation (weightnorm's ``g``, batchnorm_affine's
+    ``gamma``; its ``beta`` held at 0 contributes an exact decoupled block), otherwise by
+    the generic engine with error estimates (attr ``engine``). Fixed parameters (e.g.
+    batchnorm's ``gamma``) are stored in the attrs.
 
     Parameters
     ----------
