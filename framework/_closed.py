@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from framework import _theory
-from framework._erf import I3, J2
+from framework._erf import J2
 from framework._generic import ExpectationEngine, GenericRates
 from framework._validation import SpecificationError
 from framework.activation import Activation
@@ -181,18 +181,15 @@ class ClosedFormEngine(ExpectationEngine):
     ) -> np.ndarray:
         """Hessian of ``eps_g`` over the held shift parameters at 0, ``(K h, K h)`` for
         ``h = len(held)`` (parameter-major), decoupled from ``(W, theta)``."""
-        K, M = self.K, self.M
         h = len(self.held)
         if not h:
             return np.zeros((0, 0))
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         p = self._checked(params)
         s = np.asarray(self.normalization.scale(Q, p), dtype=float)
+        _, edx = _theory.scale_moments(Q, R, self.T, s, self.noise)  # E[delta~_i x_i]
         St = _theory.effective_covariance(Q, R, self.T, s)
-        idx = np.arange(K)
-        w = _theory.error_weights(K, M)
-        e_dxt = np.einsum("ib,b->i", I3(St, idx)[idx, :, idx], w)  # E[delta~_i x~_i]
-        block = J2(St, idx) + np.diag(e_dxt)
+        block = J2(St, np.arange(self.K)) + np.diag(s * edx)  # x~_i = s_i x_i
         return np.kron(np.eye(h), block)
 
     def _state_status(self, y: np.ndarray, max_value: float) -> int:
@@ -212,7 +209,8 @@ class ClosedFormEngine(ExpectationEngine):
         return 0
 
     def integrate(self, Q0: Any, R0: Any, **kwargs: Any):
-        """As :meth:`ExpectationEngine.integrate` (exact right-hand side)."""
+        """As :meth:`ExpectationEngine.integrate` (exact right-hand side); a nonzero
+        shift is refused before anything runs."""
         self._checked(kwargs.get("params"))
         return super().integrate(Q0, R0, **kwargs)
 

@@ -464,8 +464,6 @@ def find_fixed_points(
         Q, R = embed(x)
         if not np.all(np.isfinite(Q)) or psd_margin(Q, R, model.T) < -1e-9:
             continue
-        if invariant and np.any(np.diagonal(Q) <= 0):
-            continue
         with np.errstate(all="ignore"):
             dQ, dR = _flow(model, normalization, Q, R, eta, batch_size, second_order)
         res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR))))
@@ -1138,8 +1136,6 @@ def find_fixed_points_generic(
         Q, R, params, dQ, dR, dth, err = flow(x)
         margin = -1e-9 if exact else 1e-9
         if not np.all(np.isfinite(Q)) or psd_margin(Q, R, model.T) < margin:
-            continue
-        if invariance == "unit" and np.any(np.diagonal(Q) <= 0):
             continue
         res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
                         *[np.max(np.abs(v)) for v in dth.values()]))

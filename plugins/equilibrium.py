@@ -1010,9 +1010,10 @@ def _realize_mode(model: Any, invariant: Any, vec: np.ndarray, X: np.ndarray,
     (``Q_ik``, ``R_in``; norms free where they are not coordinates) is the ``(Q, R)``
     part of ``vec``; None if no ``dW`` reproduces it to 1e-6 (relative)."""
     K, D = X.shape
-    coords = [c for c in _coords(model, invariant) if c[0] in ("Q", "R")]
-    target = np.array([v for v, c in zip(np.real(vec), _coords(model, invariant),
-                                          strict=True) if c[0] in ("Q", "R")])
+    pairs = [(v, c) for v, c in zip(np.real(vec), _coords(model, invariant), strict=True)
+             if c[0] in ("Q", "R")]
+    coords = [c for _, c in pairs]
+    target = np.array([v for v, _ in pairs])
     basis = np.eye(K * D).reshape(K * D, K, D)
     dQ = X[None] @ np.swapaxes(basis, 1, 2) + basis @ X.T[None]  # (K D, K, K)
     dR = basis @ Bt.T[None]  # (K D, K, M)

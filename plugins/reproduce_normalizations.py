@@ -108,7 +108,6 @@ def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]
         opts = {"name": "escape", "alpha_max": cfg["alpha_max"] / eta,
                 "n_points": cfg["n_alpha"], "stop_at_escape": engine_object}
         e = exp.evolve(analyzers=[opts]).run()["escape"]
-        runs = [e]
         out["alpha_escape"] = float(e.alpha_escape)
         if generic:
             try:
@@ -118,7 +117,7 @@ def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]
                                                       - out["alpha_escape"]))
             except Exception:  # the coarse run failed: no error estimate
                 out["alpha_escape_error"] = np.nan
-        out["rate"] = float(runs[0].unstable_rate)
+        out["rate"] = float(e.unstable_rate)
         if bool(e.diverged) and not np.isfinite(out["alpha_escape"]):
             out["status"] = f"escape run stopped: {e.attrs.get('status', 'diverged')}"
         elif not np.isfinite(out["alpha_escape"]):
