@@ -334,6 +334,7 @@ def integrate(
     quadrature: Quadrature | Mapping[str, Any] | None = None,
     min_rtol: float = 1e-5,
     min_atol: float = 1e-8,
+    stop_below: float | None = None,
 ) -> _theory.TheoryTrajectory | GenericTrajectory:
     """Integrate the order-parameter ODE from ``initial`` and report on the grid ``alpha``.
 
@@ -353,6 +354,10 @@ def integrate(
     activation with a kink (relu) the quadrature's right-hand side is only piecewise
     smooth in the state (each sample's ``g'`` jumps as it crosses the kink): pass
     ``rtol=1e-4`` or more, else the adaptive step size chases those jumps.
+
+    ``stop_below`` (engine objects only; the parameter-free closed form, which is cheap,
+    always fills the grid): stop at the first reported grid point with ``eps_g`` below
+    it (see :meth:`ExpectationEngine.integrate`).
     """
     if params is not None or _use_generic(model, normalization, engine):
         eng = expectation_engine(model, normalization, quadrature, engine=engine,
@@ -363,6 +368,7 @@ def integrate(
             initial.Q, initial.R, eta=eta, alpha=np.asarray(alpha), params=params,
             batch_size=batch_size, rtol=rtol, atol=atol,
             method=method, second_order=second_order, max_value=max_value,
+            stop_below=stop_below,
         )
     scale, jac = scale_functions(model, normalization)
     plain = not normalization.scale_invariant and _is_identity(scale, jac, initial.Q)

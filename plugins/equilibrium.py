@@ -932,22 +932,13 @@ class EscapeAnalyzer(Analyzer):
         if params:  # the trainable parameters move along the mode too
             params = {k: np.asarray(v, dtype=float) + dparams.get(k, 0.0)
                       for k, v in params.items()}
-        if eq.needs_generic(model, norm) or params:
-            eng = theory.expectation_engine(model, norm, self.quadrature, params=params)
-            rtol, atol = (self.rtol, self.atol) if eng.exact else (
-                max(self.rtol, 1e-5), max(self.atol, 1e-8))
-            traj = eng.integrate(
-                initial.Q, initial.R, eta=eta, alpha=grid, params=params or None,
-                batch_size=experiment.batch_size, rtol=rtol, atol=atol, method=self.method,
-                second_order=self.second_order, max_value=self.max_value,
-                stop_below=0.5 * eps_plateau if self.stop_at_escape else None,
-            )
-        else:
-            traj = theory.integrate(
-                model, norm, initial, eta=eta, batch_size=experiment.batch_size, alpha=grid,
-                rtol=self.rtol, atol=self.atol, method=self.method,
-                second_order=self.second_order, max_value=self.max_value,
-            )
+        traj = theory.integrate(
+            model, norm, initial, eta=eta, batch_size=experiment.batch_size, alpha=grid,
+            rtol=self.rtol, atol=self.atol, method=self.method,
+            second_order=self.second_order, max_value=self.max_value,
+            params=params or None, quadrature=self.quadrature,
+            stop_below=0.5 * eps_plateau if self.stop_at_escape else None,
+        )
         ds = trajectory_dataset(exp_eta, traj, grid, self)
         eps = ds.eps_g.values
         threshold = 0.5 * eps_plateau
