@@ -297,7 +297,9 @@ def _pivot(ds: xr.Dataset, K: int) -> str:
             err = float(sj.lambda_min_error) if str(sj.engine.values) == "generic" else 0.0
             lam.append(f"{float(sj.lambda_min):.4f}" + (f" ± {err:.0e}" if err > 0 else ""))
             ee = float(sj.alpha_escape_error)
-            esc.append(f"{float(sj.alpha_escape):.0f}" + (f" ± {ee:.0f}" if ee > 0 else ""))
+            generic = str(sj.engine.values) == "generic"
+            esc.append(f"{float(sj.alpha_escape):.0f}" + (
+                "" if not generic else " (± n/a)" if np.isnan(ee) else f" ± {ee:.0f}"))
         wn = ", ".join(f"{v:.3g}" if np.isfinite(v) else "–" for v in s.weight_norm.values)
         gn = ", ".join(f"{v:.3g}" if np.isfinite(v) else "–" for v in s.gain.values) \
             if np.any(np.isfinite(s.gain.values)) or n in TRAINED_GAIN else "none"
@@ -325,8 +327,9 @@ def _docs(ds: xr.Dataset, table: str, path: Path) -> None:
         "from the plateau perturbed by 1e-3 along its most unstable ODE direction. "
         "± are error estimates of the generic engine (none: exact closed form, also for the "
         "trained gains, which are integrated as state; escape times of the generic engine: "
-        "the difference to a run with a 16 times coarser quadrature of another seed). n/a: "
-        "not computed, reason in `status` (below).\n\n"
+        "the difference to a run with a 16 times coarser quadrature of another seed; ± n/a: "
+        "that coarse run failed its own accuracy check). n/a: not computed, reason in "
+        "`status` (below).\n\n"
         + K_blocks + "\n\n" + INTERPRETATION + "\n\n### Entries without a value\n\n"
         + "\n".join(f"* {r}" for r in reasons)
         + "\n\n### Full table\n\n" + table + "\n"
