@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from framework._theory import (
+from framework.theory._kernels import (
     generalization_error,
     integrate_diagonal_scale,
     ode_rhs,

@@ -26,7 +26,7 @@ import numpy as np
 
 import framework
 from framework import TeacherStudent, theory
-from framework import equilibrium as eq
+from framework.theory import equilibrium as eq
 
 ETA = 0.1
 

@@ -26,7 +26,7 @@ from framework.manager import (
     unregister_plugin,
 )
 from framework.model import OrderParameters, TeacherStudent
-from framework.normalization import Backward, Normalization
+from framework.normalization import Backward, Normalization, ScaleKernels
 from framework.plugin import hookimpl
 from framework.registry import PluginError, Registry, UnknownNameError
 from framework.results import convention_attrs, symphase_version
@@ -44,6 +44,7 @@ __all__ = [
     "OrderParameters",
     "PluginError",
     "Registry",
+    "ScaleKernels",
     "SpecificationError",
     "Sweep",
     "SymphasePluginWarning",

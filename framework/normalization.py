@@ -53,7 +53,7 @@ import numpy as np
 
 from framework._named import Named
 
-__all__ = ["Backward", "Normalization"]
+__all__ = ["Backward", "Normalization", "ScaleKernels"]
 
 Stats = Mapping[str, np.ndarray]
 Params = Mapping[str, np.ndarray]
@@ -76,6 +76,43 @@ class Backward:
     x: np.ndarray
     stats: dict[str, np.ndarray] = attrs.field(factory=dict)
     params: dict[str, np.ndarray] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ScaleKernels:
+    """Compiled (numba ``njit``) scale functions of a diagonal-scale normalization.
+
+    Returned by :meth:`Normalization.scale_kernels`; the compiled ODE integrator and
+    the compiled simulation kernel call them instead of Python code. ``p`` is a
+    C-contiguous ``float64`` array of shape ``(len(names), K)``: the parameter values,
+    one row per name in :attr:`names` (the order of ``normalization.parameters(K)``).
+
+    Attributes
+    ----------
+    names : tuple of str
+        Parameter names, the rows of ``p``.
+    scale : numba dispatcher, ``(Q float64[:, ::1], p float64[:, ::1]) -> float64[::1]``
+        ``s(Q, p)``, shape ``(K,)``.
+    jacobian : numba dispatcher, ``(Q, p) -> float64[:, :, ::1]``
+        ``ds_i / dQ_jk``, shape ``(K, K, K)`` (``Q`` entries independent).
+    parameter_jacobian : numba dispatcher, ``(Q, p) -> float64[:, :, ::1]``
+        ``ds_i / dp[a, j]``, shape ``(len(names), K, K)`` (row ``i``: unit ``i``'s
+        scale; column ``j``: unit ``j``'s parameter).
+    """
+
+    names: tuple[str, ...]
+    scale: object
+    jacobian: object
+    parameter_jacobian: object
+
+    def pack(self, params: Params, K: int) -> np.ndarray:
+        """``p`` from a mapping of parameter values (each broadcast to ``(K,)``)."""
+        if not self.names:
+            return np.zeros((0, K))
+        return np.ascontiguousarray(
+            [np.broadcast_to(np.asarray(params[k], dtype=float), (K,)) for k in self.names],
+            dtype=np.float64,
+        )
 
 
 class Normalization(Named):
@@ -182,6 +219,17 @@ class Normalization(Named):
         raise NotImplementedError(
             f"normalization {self.name!r} does not provide the diagonal-scale fast path"
         )
+
+    def scale_kernels(self) -> ScaleKernels | None:
+        """Compiled scale functions (:class:`ScaleKernels`), or None (default).
+
+        Optional. A diagonal-scale normalization that returns them runs on the compiled
+        ODE integrator and the compiled simulation kernel; they must agree with
+        :meth:`scale`, :meth:`scale_jacobian` and :meth:`scale_parameter_jacobian`
+        (``framework.testing.NormalizationContract`` checks it). Return the same object
+        on every call (build it once), so that compiled code is reused.
+        """
+        return None
 
     def scale_parameter_jacobian(self, Q: np.ndarray, params: Params) -> dict[str, np.ndarray]:
         """``ds_i / dtheta_j`` for each name in ``scale_parameters``: arrays ``(..., K, K)``

@@ -36,9 +36,9 @@ from framework import (
     hookimpl,
     theory,
 )
-from framework import equilibrium as eq
 from framework import get_activation as framework_get_activation
 from framework._validation import check_real, gt, integer, one_of
+from framework.theory import equilibrium as eq
 from plugins.dynamics import _alpha_tuple, order_parameter_variables, trajectory_dataset
 
 # --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The exact engine with trainable normalization parameters as state
-(framework._closed.ClosedFormEngine): weightnorm's gain, batchnorm_affine's gamma
+(framework.theory.closed.ClosedFormEngine): weightnorm's gain, batchnorm_affine's gamma
 (and beta held at 0), checked against the generic quadrature engine, finite
 differences, finite-N simulation and the plain network's plateau."""
 
@@ -10,7 +10,7 @@ import pytest
 
 import framework
 from framework import Experiment, OrderParameters, TeacherStudent, theory
-from framework import equilibrium as eq
+from framework.theory import equilibrium as eq
 
 Z = 5.0  # standard errors
 NORMS = ["weightnorm", "batchnorm_affine"]

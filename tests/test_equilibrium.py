@@ -10,7 +10,7 @@ import pytest
 
 import framework
 from framework import Experiment, OrderParameters, SpecificationError, TeacherStudent, theory
-from framework import equilibrium as eq
+from framework.theory import equilibrium as eq
 from plugins.normalizations import BatchNorm
 
 PLAIN = framework.get_normalization("plain")

@@ -7,7 +7,7 @@ import pytest
 
 import framework
 from framework import Experiment, TeacherStudent
-from framework import equilibrium as eq
+from framework.theory import equilibrium as eq
 
 Z = 5.0  # standard errors
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.special import erf
 
-from framework._erf import I2, I3, I4, J2, safe_arcsin
-from framework._theory import effective_covariance, generalization_error
+from framework.theory._erf import I2, I3, I4, J2, safe_arcsin
+from framework.theory._kernels import effective_covariance, generalization_error
 
 N_MC = 300_000
 SEED = 20240601

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import framework
-from framework import Experiment, OrderParameters, TeacherStudent, _theory, theory
+from framework import Experiment, OrderParameters, TeacherStudent, theory
 from framework.testing import strategies as fst
+from framework.theory import _kernels as _theory
 
 Z = 6.0  # standard errors
 

@@ -63,7 +63,7 @@ def test_simulation_started_at_fixed_point_stays(norm, K: int, eta: float) -> No
 def _generic_rate_and_lambda(name: str, eta: float):
     """Generic engine forced: the plateau at eta, its unstable Jacobian rate and the
     Hessian's lambda_min there, with error estimates."""
-    from framework import equilibrium as eq
+    from framework.theory import equilibrium as eq
 
     model = TeacherStudent(2, 2)
     norm = framework.get_normalization(name)
@@ -106,7 +106,7 @@ def test_small_eta_limit_exact_engine(name: str) -> None:
     """The exact engine (gain as state): d(eta) = lambda_min + rate is O(eta); its
     quadratic extrapolation from eta = 0.01, 0.02, 0.04 to eta = 0 vanishes to O(eta^3)
     (|d| ~ 1e-3 eta here)."""
-    from framework import equilibrium as eq
+    from framework.theory import equilibrium as eq
 
     model = TeacherStudent(2, 2)
     norm = framework.get_normalization(name)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import framework
-from framework import Experiment, OrderParameters, TeacherStudent, _theory, theory
+from framework import Experiment, OrderParameters, TeacherStudent, theory
 from framework.testing import NormalizationContract
+from framework.theory import _kernels as _theory
 
 EXTRA = ["weightnorm", "batchnorm_affine", "meanonly", "layernorm", "batchnorm_stopgrad"]
 VARIANTS = [

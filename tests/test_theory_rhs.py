@@ -18,7 +18,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.optimize import fsolve
 from scipy.special import erf
 
-from framework._theory import (
+from framework.theory._kernels import (
     effective_covariance,
     generalization_error,
     integrate_diagonal_scale,

@@ -53,10 +53,11 @@ import attrs
 import numpy as np
 from scipy import optimize
 
-from framework import _theory, theory
+from framework import theory
 from framework._validation import SpecificationError, check_int, check_real
 from framework.model import OrderParameters, TeacherStudent
 from framework.normalization import Normalization
+from framework.theory import _kernels as _theory
 
 __all__ = [
     "FixedPoint",

@@ -1,7 +1,7 @@
 """Generic expectation engine: the general order-parameter ODE for *any* normalization
 and *any* activation, by randomized quasi-Monte Carlo over the pre-activations.
 
-The closed-form engine (:mod:`framework._theory`) covers the erf activation with a
+The closed-form engine (:mod:`framework.theory._kernels`) covers the erf activation with a
 normalization of the diagonal-scale family. Everything else -- layer norm, a learnable
 shift, weight norm with a trained gain, relu/tanh/linear activations, a user's plugin --
 comes here. Only the normalization's per-sample interface is used
@@ -63,13 +63,13 @@ import numpy as np
 from scipy import special
 from scipy.stats import qmc
 
-from framework._theory import _SCIPY_METHODS as _SOLVERS
-from framework._theory import _state_status_py as _status
-from framework._theory import solve_on_grid
 from framework._validation import SpecificationError, gt, integer, one_of
 from framework.activation import Activation
 from framework.model import TeacherStudent
 from framework.normalization import Normalization
+from framework.theory._kernels import _SCIPY_METHODS as _SOLVERS
+from framework.theory._kernels import _state_status_py as _status
+from framework.theory._kernels import solve_on_grid
 
 __all__ = [
     "AccuracyError",
@@ -198,7 +198,7 @@ class GenericRates:
 class GenericTrajectory:
     """Result of :meth:`ExpectationEngine.integrate`.
 
-    The fields of :class:`framework._theory.TheoryTrajectory` (``alpha``, ``Q``,
+    The fields of :class:`framework.theory._kernels.TheoryTrajectory` (``alpha``, ``Q``,
     ``R``, ``eps_g``, ``diverged``, ``alpha_diverged``, ``nfev``, ``message``,
     ``engine``: ``"generic"``, or ``"closed_form"`` from the exact engine with trainable
     parameters) plus ``params`` (trainable parameter name -> array ``(n, K)``),
@@ -247,7 +247,7 @@ class ExpectationEngine:
     #: False: values are estimates with error estimates.
     exact = False
     #: Trainable parameters held fixed rather than integrated (none here; see
-    #: :class:`framework._closed.ClosedFormEngine`).
+    #: :class:`framework.theory.closed.ClosedFormEngine`).
     held: tuple[str, ...] = ()
 
     def __init__(

@@ -37,7 +37,7 @@ E[delta~_i y_n]``, ``E[a a^T]_ik = s_i s_k E[delta~_i delta~_k]`` and, on
 With ``s = 1`` this is Saad & Solla's system.
 
 Two implementations of the right-hand side exist: :func:`ode_rhs_reference`
-(readable numpy on top of :mod:`framework._erf`) and a numba kernel used by
+(readable numpy on top of :mod:`framework.theory._erf`) and a numba kernel used by
 :func:`ode_rhs` and by the compiled integrator when numba is installed (it is
 an optional dependency; without it everything falls back to numpy/scipy).
 """
@@ -54,7 +54,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.integrate import BDF, DOP853, LSODA, RK45, Radau
 from scipy.integrate._ivp import dop853_coefficients as _dop
 
-from framework._erf import I2, I3, I4, J2
+from framework.theory._erf import I2, I3, I4, J2
 
 try:  # optional accelerator
     import numba
@@ -330,7 +330,7 @@ def scale_moments(
     """``(eps_g, E[delta~_i x_i])`` for ``x~ = s x``: the generalization error and the
     expectation that drives a trainable scale parameter (``x_i`` unscaled, so finite as
     ``s_i -> 0``). Compiled when numba is available; the numpy fallback evaluates the
-    same I3 formula (:func:`framework._erf.I3` on the joint covariance of ``(x~, y, x)``).
+    same I3 formula (:func:`framework.theory._erf.I3` on the joint covariance of ``(x~, y, x)``).
     """
     Q, R, T, s = (np.ascontiguousarray(a, dtype=np.float64) for a in (Q, R, T, s))
     K, M = R.shape

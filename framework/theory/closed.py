@@ -3,7 +3,7 @@
 A diagonal-scale normalization ``x~_i = s_i(Q, theta) x_i`` whose scale depends on
 trainable parameters ``theta`` (``normalization.scale_parameters``, e.g. weight
 normalization's gain ``g``, batch norm's ``gamma``) keeps the closed forms of
-:mod:`framework._theory` at every fixed ``theta``; SGD moves ``theta`` with step
+:mod:`framework.theory._kernels` at every fixed ``theta``; SGD moves ``theta`` with step
 ``eta / N`` per sample, so (``alpha = steps / N``, no ``eta^2`` term: the parameter
 noise is ``O(1/N)`` per unit time)::
 
@@ -26,7 +26,7 @@ has no closed form (:class:`ClosedFormEngine` refuses it; the generic engine tak
 it).
 
 :class:`ClosedFormEngine` has the interface of
-:class:`framework._generic.ExpectationEngine` (``rates``, ``generalization_error``,
+:class:`framework.theory.quadrature.ExpectationEngine` (``rates``, ``generalization_error``,
 ``weight_moments``, ``integrate``) with zero error estimates, so every analyzer
 written for the generic engine runs on it unchanged.
 """
@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from framework import _theory
-from framework._erf import J2
-from framework._generic import ExpectationEngine, GenericRates
 from framework._validation import SpecificationError
 from framework.activation import Activation
 from framework.model import TeacherStudent
 from framework.normalization import Normalization
+from framework.theory import _kernels as _theory
+from framework.theory._erf import J2
+from framework.theory.quadrature import ExpectationEngine, GenericRates
 
 __all__ = ["ClosedFormEngine", "supports_closed_form_parameters"]
 

@@ -35,19 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from framework import _theory
-from framework._closed import ClosedFormEngine, supports_closed_form_parameters
-from framework._generic import (
+from framework._validation import SpecificationError
+from framework.manager import get_activation
+from framework.model import OrderParameters, TeacherStudent
+from framework.normalization import Normalization
+from framework.theory import _kernels as _theory
+from framework.theory.closed import ClosedFormEngine, supports_closed_form_parameters
+from framework.theory.quadrature import (
     AccuracyError,
     ExpectationEngine,
     GenericRates,
     GenericTrajectory,
     Quadrature,
 )
-from framework._validation import SpecificationError
-from framework.manager import get_activation
-from framework.model import OrderParameters, TeacherStudent
-from framework.normalization import Normalization
 
 __all__ = [
     "ENGINES",
