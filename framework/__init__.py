@@ -6,7 +6,7 @@ The public API is what this module exports; everything else is private.
 
 from __future__ import annotations
 
-from framework._validation import SpecificationError
+from framework import datasets, streams, theory, validators
 from framework.activation import Activation
 from framework.analyzer import Analyzer
 from framework.experiment import Experiment
@@ -16,30 +16,38 @@ from framework.manager import (
     SymphasePluginWarning,
     get_activation,
     get_analyzer,
+    get_model,
     get_normalization,
     get_plugin_manager,
     get_registry,
     list_analyzers,
+    list_models,
     list_normalizations,
     refresh_plugins,
     register_plugin,
     unregister_plugin,
 )
-from framework.model import OrderParameters, TeacherStudent
+from framework.model import Forward, Model, OrderParameters, TeacherStudent
 from framework.normalization import Backward, Normalization, ScaleKernels
 from framework.plugin import hookimpl
 from framework.registry import PluginError, Registry, UnknownNameError
 from framework.results import convention_attrs, symphase_version
+from framework.streams import STREAM_INIT, STREAM_SIMULATION
 from framework.sweep import Sweep, load_sweep, point_experiment, spec_hash
+from framework.validators import SpecificationError
 
 __version__ = symphase_version()
 
 __all__ = [
     "DEFAULT_PLUGINS",
+    "STREAM_INIT",
+    "STREAM_SIMULATION",
     "Activation",
     "Analyzer",
     "Backward",
     "Experiment",
+    "Forward",
+    "Model",
     "Normalization",
     "OrderParameters",
     "PluginError",
@@ -52,13 +60,16 @@ __all__ = [
     "UnknownNameError",
     "__version__",
     "convention_attrs",
+    "datasets",
     "get_activation",
     "get_analyzer",
+    "get_model",
     "get_normalization",
     "get_plugin_manager",
     "get_registry",
     "hookimpl",
     "list_analyzers",
+    "list_models",
     "list_normalizations",
     "load",
     "load_experiment",
@@ -68,5 +79,8 @@ __all__ = [
     "register_plugin",
     "save",
     "spec_hash",
+    "streams",
+    "theory",
     "unregister_plugin",
+    "validators",
 ]

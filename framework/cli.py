@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"symphase {symphase_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plugins", help="list installed normalizations, analyzers, activations")
+    p = sub.add_parser(
+        "plugins", help="list installed models, normalizations, analyzers, activations"
+    )
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("reproduce", help="reproduce a published result (e.g. takagi2020)")

@@ -9,26 +9,26 @@ from typing import Any
 import attrs
 import numpy as np
 
-from framework._validation import SpecificationError, check_int, ge, gt, integer
 from framework.analyzer import Analyzer
-from framework.manager import get_activation, get_analyzer, get_normalization
-from framework.model import OrderParameters, TeacherStudent, _known_keys, realize_covariance
+from framework.manager import get_analyzer, get_model, get_normalization
+from framework.model import Model, OrderParameters, TeacherStudent, _known_keys
 from framework.normalization import Normalization
+from framework.streams import STREAM_INIT, STREAM_SIMULATION
+from framework.validators import SpecificationError, check_int, ge, gt, integer
 
-__all__ = ["Experiment"]
+__all__ = ["STREAM_INIT", "STREAM_SIMULATION", "Experiment"]
 
-#: Random-stream labels: every random draw of symphase uses
-#: ``np.random.default_rng([seed, STREAM, *more])``.
-STREAM_INIT = 0
-STREAM_SIMULATION = 1
+#: The model a mapping without a ``name`` means (dicts stored before models were plugins).
+DEFAULT_MODEL = TeacherStudent.name
 
 
-def _to_model(value: Any) -> TeacherStudent:
-    if isinstance(value, TeacherStudent):
+def _to_model(value: Any) -> Model:
+    if isinstance(value, Model):
         return value
     if isinstance(value, Mapping):
-        return TeacherStudent.from_dict(value)
-    raise TypeError(f"'model' must be a TeacherStudent or a mapping, got {value!r}")
+        data = dict(value)
+        return get_model(data.pop("name", DEFAULT_MODEL), **data)
+    raise TypeError(f"'model' must be a Model or a mapping, got {value!r}")
 
 
 def _to_normalization(value: Any) -> Normalization:
@@ -94,7 +94,11 @@ class Experiment:
 
     Parameters
     ----------
-    model : TeacherStudent
+    model : Model or mapping
+        A :class:`~framework.Model` instance (``TeacherStudent(K=2, M=2)``) or
+        ``{"name": ..., **specification}`` naming a registered model; a mapping
+        without ``name`` is a ``"teacher_student"`` (the form stored before models were
+        plugins).
     normalization : str, mapping or Normalization
         A registered name (``"batchnorm"``), ``{"name": ..., **hyper-parameters}`` or an
         instance.
@@ -119,7 +123,7 @@ class Experiment:
         Seed of every random stream (>= 0).
     """
 
-    model: TeacherStudent = attrs.field(converter=_to_model)
+    model: Model = attrs.field(converter=_to_model)
     normalization: Normalization = attrs.field(
         default="plain", converter=_to_normalization  # type: ignore[assignment]
     )
@@ -132,37 +136,20 @@ class Experiment:
     seed: int = attrs.field(default=0, validator=integer(minimum=0))
 
     def __attrs_post_init__(self) -> None:
-        get_activation(self.model.activation)  # unknown activation -> error listing them
-        if self.init_N < self.model.K + self.model.M:
-            raise SpecificationError(
-                f"'init_N' must be >= K + M = {self.model.K + self.model.M}, got {self.init_N}"
-            )
-        if isinstance(self.init, OrderParameters):
-            K, M = self.model.K, self.model.M
-            if self.init.K != K or self.init.M != M:
-                raise SpecificationError(
-                    f"'init' must have K={K}, M={M} like the model, got K={self.init.K}, "
-                    f"M={self.init.M}"
-                )
-            if not np.allclose(self.init.T, self.model.T, rtol=1e-10, atol=1e-12):
-                raise SpecificationError("'init.T' must equal the model's T")
+        self.model.check(self)
         for analyzer in self.analyzers:
             analyzer.check(self)
 
     # -- derived quantities ----------------------------------------------------------
     def rng(self, *stream: int) -> np.random.Generator:
-        """The random generator of a labelled stream (see ``STREAM_*``)."""
+        """The random generator of a labelled stream (see :mod:`framework.streams`)."""
         return np.random.default_rng([self.seed, *stream])
 
     def initial_order_parameters(self) -> OrderParameters:
         """The initial order parameters every analyzer starts from."""
         if isinstance(self.init, OrderParameters):
             return self.init
-        K, N = self.model.K, self.init_N
-        rng = self.rng(STREAM_INIT)
-        B = realize_covariance(self.model.T, N, rng)
-        J = self.init_scale * rng.standard_normal((K, N))
-        return OrderParameters.from_weights(J, B)
+        return self.model.random_state(self.init_N, self.init_scale, self.rng(STREAM_INIT))
 
     # -- running ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -210,7 +197,7 @@ class Experiment:
         """A JSON-compatible description that :meth:`from_dict` rebuilds exactly."""
         init = self.init if isinstance(self.init, str) else self.init.to_dict()
         return {
-            "model": self.model.to_dict(),
+            "model": {"name": self.model.name, **self.model.to_dict()},
             "normalization": self.normalization.to_dict(),
             "analyzers": [a.to_dict() for a in self.analyzers],
             "eta": self.eta,

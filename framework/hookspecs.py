@@ -21,6 +21,32 @@ hookspec = pluggy.HookspecMarker("symphase")
 
 
 @hookspec
+def symphase_register_models(registry: Registry) -> None:
+    """Register model classes.
+
+    Call ``registry.add_model(cls)`` for each :class:`~framework.Model` subclass the
+    plugin provides; an experiment then names it as ``{"model": {"name": cls.name,
+    ...}}``.
+
+    Parameters
+    ----------
+    registry : Registry
+        The registry being built; it validates each class (a concrete ``Model``
+        subclass with a ``name`` and a ``description``) and rejects duplicate names.
+
+    Returns
+    -------
+    None
+
+    Fires
+    -----
+    Once per plugin when the registry is built (first look-up, or after
+    :func:`framework.refresh_plugins`), before the plugin's other registration hooks;
+    built-in plugins first, then entry points, then plugins registered at run time.
+    """
+
+
+@hookspec
 def symphase_register_normalizations(registry: Registry) -> None:
     """Register normalization classes.
 

@@ -20,6 +20,7 @@ import pluggy
 from framework import hookspecs
 from framework.activation import Activation
 from framework.analyzer import Analyzer
+from framework.model import Model
 from framework.normalization import Normalization
 from framework.plugin import PROJECT
 from framework.registry import BUILTIN, Registry
@@ -29,10 +30,12 @@ __all__ = [
     "SymphasePluginWarning",
     "get_activation",
     "get_analyzer",
+    "get_model",
     "get_normalization",
     "get_plugin_manager",
     "get_registry",
     "list_analyzers",
+    "list_models",
     "list_normalizations",
     "refresh_plugins",
     "register_plugin",
@@ -40,6 +43,7 @@ __all__ = [
 
 #: Built-in plugin modules, registered in this order before any entry point.
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.models",
     "plugins.activations",
     "plugins.normalizations",
     "plugins.normalizations_extra",
@@ -51,6 +55,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 
 _REGISTRATION_HOOKS = (
+    "symphase_register_models",
     "symphase_register_activations",
     "symphase_register_normalizations",
     "symphase_register_analyzers",
@@ -184,6 +189,16 @@ def get_normalization(name: str, **params: Any) -> Normalization:
     return cls.from_dict(params)
 
 
+def get_model(name: str, **spec: Any) -> Model:
+    """An instance of the model registered as ``name`` built from its specification.
+
+    ``get_model("teacher_student", K=2, M=2)`` is ``TeacherStudent(K=2, M=2)`` (through
+    ``cls.from_dict(spec)``, so unknown fields are an error naming the valid ones).
+    """
+    cls = get_registry().get("model", name)
+    return cls.from_dict(spec)
+
+
 def get_analyzer(name: str, **options: Any) -> Analyzer:
     """An instance of the analyzer registered as ``name`` with its options."""
     cls = get_registry().get("analyzer", name)
@@ -198,6 +213,11 @@ def get_activation(name: str) -> Activation:
 def list_normalizations() -> list[str]:
     """Names of the installed normalizations, sorted."""
     return get_registry().names("normalization")
+
+
+def list_models() -> list[str]:
+    """Names of the installed models, sorted."""
+    return get_registry().names("model")
 
 
 def list_analyzers() -> list[str]:

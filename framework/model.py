@@ -1,4 +1,5 @@
-"""The teacher-student model and its order parameters.
+"""Models: the abstract :class:`Model` interface, the built-in teacher-student model and
+its order parameters.
 
 Conventions (shared by every module, see the README's convention table):
 inputs ``xi ~ N(0, I_N)``; teacher ``y = B xi / sqrt(N)`` (M units), student
@@ -10,15 +11,20 @@ second-layer weights. Order parameters ``Q = J J^T / N``, ``R = J B^T / N``,
 
 from __future__ import annotations
 
+import abc
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import numpy as np
 
-from framework._validation import SpecificationError, check_int, ge, integer, one_of
+from framework.validators import SpecificationError, check_int, ge, integer, one_of
 
-__all__ = ["OrderParameters", "TeacherStudent", "realize_covariance"]
+if TYPE_CHECKING:
+    from framework.experiment import Experiment
+
+__all__ = ["Model", "OrderParameters", "TeacherStudent", "realize_covariance"]
 
 #: Relative tolerance for symmetry and positive semi-definiteness checks.
 _TOL = 1e-10
@@ -86,7 +92,214 @@ def realize_covariance(
 
 
 @attrs.frozen
-class TeacherStudent:
+class Forward:
+    """What a model's simulation step computes for one minibatch (:meth:`Model.forward`).
+
+    Attributes
+    ----------
+    x : ndarray
+        Student pre-activations before the normalization, shape ``(..., B, K)``.
+    zeta : ndarray
+        Teacher outputs, output noise included, shape ``(..., B)``.
+    """
+
+    x: np.ndarray
+    zeta: np.ndarray
+
+
+class Model(abc.ABC):
+    """The interface every model plugin implements.
+
+    A model says what learns from what: its specification (frozen attrs fields,
+    validated on construction), the layout of its order-parameter state and how the
+    state is realized in weights, its generalization error and ODE (computed by an
+    engine of :mod:`framework.theory`), and the per-sample step a finite-N simulation
+    takes. Models are registered through the ``symphase_register_models`` hook
+    (``registry.add_model(cls)``) and named in an experiment's dict form
+    (``{"model": {"name": "teacher_student", "K": 2, "M": 2}}``).
+
+    What a subclass must implement
+    ------------------------------
+    ``name`` and ``description`` (class attributes), :meth:`to_dict`,
+    :meth:`from_dict`, :meth:`state_layout`, :meth:`random_state`, :meth:`forward`
+    and :meth:`readout`.
+
+    What is optional
+    ----------------
+    :meth:`check` (reject an experiment early; default: :meth:`check_state` on an
+    explicit initial state), :meth:`check_state`, :meth:`realize` and
+    :meth:`order_parameters` (defaults: :class:`OrderParameters` ``realize`` /
+    ``from_weights``), :meth:`generalization_error` and :meth:`rates` (defaults:
+    delegate to the engine).
+
+    Attributes the built-in engines and analyzers read
+    --------------------------------------------------
+    ``K`` (student units), ``M`` (teacher units), ``T`` (teacher overlaps, M x M),
+    ``activation`` (a registered activation name) and ``noise`` (output noise
+    variance). A model that leaves them out can only run with analyzers that do not
+    read them (and :func:`framework.results.convention_attrs` reads ``K``, ``M``,
+    ``activation`` and ``noise``).
+    """
+
+    __slots__ = ()
+
+    #: Registry name, a Python identifier (``"teacher_student"``).
+    name: ClassVar[str] = ""
+    #: One-line description shown by ``symphase plugins``.
+    description: ClassVar[str] = ""
+    kind: ClassVar[str] = "model"
+
+    # -- specification ---------------------------------------------------------------
+    @abc.abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The specification as a JSON-compatible dict (without the ``name``).
+
+        :class:`~framework.Experiment` adds ``"name": self.name`` to it in its own
+        dict form; :meth:`from_dict` must rebuild an equal model from either.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Model:
+        """Rebuild from :meth:`to_dict` output; a ``name`` entry, if any, must match
+        ``cls.name``; unknown keys are an error naming the valid ones."""
+
+    def check(self, experiment: Experiment) -> None:
+        """Raise a ``ValueError`` if ``experiment`` cannot run with this model.
+
+        Called once when the :class:`~framework.Experiment` is built, before the
+        analyzers' checks. Default: :meth:`check_state` on an explicit initial state.
+        """
+        if isinstance(experiment.init, OrderParameters):
+            self.check_state(experiment.init, "init")
+
+    # -- order-parameter state ---------------------------------------------------------
+    @abc.abstractmethod
+    def state_layout(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the order parameters that evolve, in state order.
+
+        E.g. ``{"Q": (K, K), "R": (K, M)}`` for the teacher-student model (``T`` is
+        fixed by the specification and not part of the evolving state).
+        """
+
+    def check_state(self, state: OrderParameters, name: str = "state") -> None:
+        """Raise :class:`~framework.SpecificationError` if ``state`` does not fit.
+
+        Default: every array of :meth:`state_layout` has its shape; ``name`` is used
+        in the message (``'init.Q' must have shape (2, 2), got (3, 3)``).
+        """
+        for key, shape in self.state_layout().items():
+            got = np.shape(getattr(state, key))
+            if got != tuple(shape):
+                raise SpecificationError(
+                    f"'{name}.{key}' must have shape {tuple(shape)}, got {got}"
+                )
+
+    @abc.abstractmethod
+    def random_state(self, N: int, scale: float, rng: np.random.Generator) -> OrderParameters:
+        """The random initial state of ``init="random"``.
+
+        Parameters
+        ----------
+        N : int
+            Dimension in which the weights are drawn.
+        scale : float
+            Standard deviation of the student components.
+        rng : numpy.random.Generator
+            The experiment's ``STREAM_INIT`` stream (see :mod:`framework.streams`).
+        """
+
+    def realize(
+        self, state: OrderParameters, N: int, rng: np.random.Generator | int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Weights ``(J (K, N), B (M, N))`` in dimension ``N`` with exactly this state.
+
+        Default: :meth:`OrderParameters.realize`.
+        """
+        return state.realize(N, rng)
+
+    def order_parameters(self, J: Any, B: Any) -> OrderParameters:
+        """The state of student weights ``J`` (K x N) and teacher weights ``B`` (M x N).
+
+        Default: :meth:`OrderParameters.from_weights`.
+        """
+        return OrderParameters.from_weights(J, B)
+
+    # -- theory, through an engine -----------------------------------------------------
+    def generalization_error(
+        self, engine: Any, Q: Any, R: Any, params: Mapping[str, Any] | None = None
+    ) -> tuple[float, float]:
+        """``(eps_g, error estimate)`` at ``(Q, R)`` and the normalization parameters.
+
+        Default: ``engine.generalization_error(Q, R, params)`` with ``engine`` from
+        :func:`framework.theory.expectation_engine` (error 0 when exact).
+        """
+        return engine.generalization_error(Q, R, params)
+
+    def rates(
+        self,
+        engine: Any,
+        Q: Any,
+        R: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        eta: float,
+        batch_size: int = 1,
+        second_order: bool = True,
+    ) -> Any:
+        """The right-hand side of the order-parameter ODE at ``(Q, R)``.
+
+        Default: ``engine.rates(Q, R, params, eta=eta, batch_size=batch_size,
+        second_order=second_order)``, a :class:`framework.theory.GenericRates`
+        (``dQ``, ``dR``, ``dparams``, ``eps_g`` and their error estimates).
+        """
+        return engine.rates(
+            Q, R, params, eta=eta, batch_size=batch_size, second_order=second_order
+        )
+
+    # -- the simulation step -------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, W: np.ndarray, xi: np.ndarray, noise: np.ndarray | None = None) -> Forward:
+        """Student pre-activations and teacher outputs of a minibatch.
+
+        Parameters
+        ----------
+        W : ndarray, shape (..., K + M, N)
+            Student rows ``J`` then teacher rows ``B`` (as :meth:`realize` returns them,
+            stacked); leading axes are replicas.
+        xi : ndarray, shape (..., B, N)
+            Inputs, one row per sample of the minibatch.
+        noise : ndarray, shape (..., B), optional
+            Standard normal draws of the output noise (None: no noise drawn).
+
+        Returns
+        -------
+        Forward
+            ``x`` (..., B, K), the pre-activations the normalization receives, and
+            ``zeta`` (..., B), the teacher outputs.
+        """
+
+    @abc.abstractmethod
+    def readout(self, xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Student outputs of normalized pre-activations and their gradient.
+
+        Parameters
+        ----------
+        xt : ndarray, shape (..., B, K)
+            Pre-activations after the normalization.
+
+        Returns
+        -------
+        sigma : ndarray, shape (..., B)
+            Student outputs.
+        dsigma : ndarray, shape (..., B, K)
+            ``d sigma / d xt``; the per-sample loss ``(zeta - sigma)^2 / 2`` has gradient
+            ``-(zeta - sigma)[..., None] * dsigma`` with respect to ``xt``.
+        """
+
+
+@attrs.frozen
+class TeacherStudent(Model):
     """A two-layer soft-committee teacher-student model.
 
     Parameters
@@ -105,7 +318,15 @@ class TeacherStudent:
     second_layer : str
         ``"fixed"``: second-layer weights fixed to one (soft committee machine), the only
         option implemented so far.
+
+    Registered as the model ``"teacher_student"`` by the built-in plugin
+    ``plugins.models``.
     """
+
+    name: ClassVar[str] = "teacher_student"
+    description: ClassVar[str] = (
+        "soft committee machine: K student units learn from M teacher units"
+    )
 
     K: int = attrs.field(validator=integer(minimum=1))
     M: int = attrs.field(validator=integer(minimum=1))
@@ -147,9 +368,75 @@ class TeacherStudent:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TeacherStudent:
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
+        """Rebuild from :meth:`to_dict` output; unknown keys are an error.
+
+        A ``name`` entry (the experiment's dict form) must be ``"teacher_student"``.
+        """
+        data = _without_name(cls, data)
         return cls(**_known_keys(cls.__name__, data, ("K", "M", "activation", "T", "noise",
                                                       "second_layer")))
+
+    # -- the Model interface -----------------------------------------------------------
+    def check(self, experiment: Experiment) -> None:
+        """The activation is registered, ``init_N >= K + M`` and an explicit ``init``
+        has this ``K``, ``M`` and ``T``."""
+        from framework.manager import get_activation
+
+        get_activation(self.activation)  # unknown activation -> error listing them
+        if experiment.init_N < self.K + self.M:
+            raise SpecificationError(
+                f"'init_N' must be >= K + M = {self.K + self.M}, got {experiment.init_N}"
+            )
+        if isinstance(experiment.init, OrderParameters):
+            self.check_state(experiment.init, "init")
+
+    def state_layout(self) -> dict[str, tuple[int, ...]]:
+        """``{"Q": (K, K), "R": (K, M)}``."""
+        return {"Q": (self.K, self.K), "R": (self.K, self.M)}
+
+    def check_state(self, state: OrderParameters, name: str = "state") -> None:
+        """``state`` has this ``K`` and ``M`` and its ``T`` equals the model's."""
+        K, M = self.K, self.M
+        if state.K != K or state.M != M:
+            raise SpecificationError(
+                f"{name!r} must have K={K}, M={M} like the model, got K={state.K}, "
+                f"M={state.M}"
+            )
+        if not np.allclose(state.T, self.T, rtol=1e-10, atol=1e-12):
+            raise SpecificationError(f"'{name}.T' must equal the model's T")
+
+    def random_state(self, N: int, scale: float, rng: np.random.Generator) -> OrderParameters:
+        """A teacher realizing ``T`` exactly, then K student vectors with iid
+        ``N(0, scale^2)`` components, both in dimension ``N`` and drawn from ``rng``."""
+        B = realize_covariance(self.T, N, rng)
+        J = scale * rng.standard_normal((self.K, N))
+        return OrderParameters.from_weights(J, B)
+
+    def forward(self, W: np.ndarray, xi: np.ndarray, noise: np.ndarray | None = None) -> Forward:
+        """``x = J xi / sqrt(N)``, ``zeta = sum_n g(B_n xi / sqrt(N)) + sqrt(noise) * noise``."""
+        from framework.manager import get_activation
+
+        K, N = self.K, W.shape[-1]
+        pre = np.matmul(xi, np.swapaxes(W, -1, -2)) * (1.0 / math.sqrt(N))  # (..., B, K + M)
+        zeta = get_activation(self.activation).g(pre[..., K:]).sum(axis=-1)
+        if noise is not None:
+            zeta = zeta + math.sqrt(self.noise) * noise
+        return Forward(pre[..., :K], zeta)
+
+    def readout(self, xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``sigma = sum_i g(xt_i)`` and ``d sigma / d xt_i = g'(xt_i)``."""
+        from framework.manager import get_activation
+
+        act = get_activation(self.activation)
+        return act.g(xt).sum(axis=-1), act.gprime(xt)
+
+
+def _without_name(cls: type[Model], data: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    name = data.pop("name", cls.name)
+    if name != cls.name:
+        raise SpecificationError(f"'name' must be {cls.name!r} for {cls.__name__}, got {name!r}")
+    return data
 
 
 def _known_keys(owner: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:

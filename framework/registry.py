@@ -11,6 +11,7 @@ import attrs
 
 from framework.activation import Activation
 from framework.analyzer import Analyzer
+from framework.model import Model
 from framework.normalization import Normalization
 
 __all__ = ["Entry", "PluginError", "Registry"]
@@ -38,14 +39,14 @@ class Entry:
 
 
 class Registry:
-    """Normalizations, analyzers, activations and reproductions by name.
+    """Models, normalizations, analyzers, activations and reproductions by name.
 
     Registration hooks receive an instance; the plugin manager sets
     :attr:`source` before calling each plugin so that every entry records where it
     came from.
     """
 
-    KINDS = ("normalization", "analyzer", "activation", "reproduction")
+    KINDS = ("model", "normalization", "analyzer", "activation", "reproduction")
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in self.KINDS}
@@ -70,12 +71,25 @@ class Registry:
         if not (inspect.isclass(cls) and issubclass(cls, base)):
             raise PluginError(f"{kind} must be a subclass of {base.__name__}, got {cls!r}")
         if inspect.isabstract(cls):
-            raise PluginError(f"{kind} class {cls.__name__} is abstract")
+            missing_abstract = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+            raise PluginError(
+                f"{kind} class {cls.__name__} is abstract: it must implement {missing_abstract}"
+            )
         missing = [m for m in methods if getattr(cls, m) is getattr(base, m)]
         if missing:
             raise PluginError(
                 f"{kind} class {cls.__name__} must implement {', '.join(missing)}"
             )
+
+    def add_model(self, cls: type[Model]) -> None:
+        """Register a :class:`~framework.Model` subclass under ``cls.name``.
+
+        The class must be a concrete subclass of ``Model`` (every abstract method
+        implemented) with an identifier ``name`` and a one-line ``description``; a name
+        already registered is refused.
+        """
+        self._check_class("model", cls, Model, ())
+        self._add("model", cls.name, cls, cls.description)
 
     def add_normalization(self, cls: type[Normalization]) -> None:
         """Register a :class:`~framework.Normalization` subclass under ``cls.name``."""
