@@ -66,7 +66,7 @@ def add_commands(sub: Any, UsageError: type[Exception]) -> None:
 
 # -- run ------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace, UsageError: type[Exception]) -> int:
-    from framework.sweep import read_toml
+    from framework._toml import read_toml
 
     sweep, options = read_toml(args.experiment)
     out = Path(args.out) if args.out else options.get("out")

@@ -225,3 +225,42 @@ class Experiment:
     @classmethod
     def from_json(cls, text: str) -> Experiment:
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> Experiment:
+        """Rebuild the experiment that produced a result, from its attrs.
+
+        Parameters
+        ----------
+        dataset : xarray.Dataset
+            A result of :meth:`run` or :meth:`sweep` (in memory or loaded with
+            :func:`framework.load`); its ``symphase_spec_json`` attr holds the
+            specification. For a sweep this is the base experiment
+            (:func:`framework.point_experiment` rebuilds one grid point's).
+
+        Raises
+        ------
+        ValueError
+            The attr is absent, not a string or not valid JSON.
+        SpecificationError
+            The stored specification is invalid (e.g. it names a plugin that is not
+            installed).
+        """
+        attrs_ = getattr(dataset, "attrs", None)
+        if not isinstance(attrs_, Mapping):
+            raise TypeError(f"'dataset' must be an xarray.Dataset, got {type(dataset).__name__}")
+        try:
+            text = attrs_["symphase_spec_json"]
+        except KeyError:
+            raise ValueError(
+                "dataset has no 'symphase_spec_json' attr: it was not produced by an Experiment"
+            ) from None
+        if not isinstance(text, str):
+            raise ValueError(f"'symphase_spec_json' must be a JSON string, got {text!r}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"'symphase_spec_json' is not valid JSON: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ValueError(f"'symphase_spec_json' must hold a JSON object, got {text!r}")
+        return cls.from_dict(data)

@@ -15,7 +15,6 @@ strings are netCDF strings.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -121,22 +120,12 @@ def load(path: str | os.PathLike[str]) -> xr.Dataset:
 def load_experiment(path_or_dataset: Any) -> Any:
     """Rebuild the :class:`~framework.Experiment` stored in a result's attrs.
 
-    For a sweep this is the base experiment; :func:`framework.point_experiment` rebuilds
-    the experiment of one grid point.
+    ``path_or_dataset`` is a stored file (read with :func:`load`) or a dataset; see
+    :meth:`Experiment.from_dataset <framework.Experiment.from_dataset>`. For a sweep
+    this is the base experiment; :func:`framework.point_experiment` rebuilds the
+    experiment of one grid point.
     """
     from framework.experiment import Experiment
 
     ds = path_or_dataset if isinstance(path_or_dataset, xr.Dataset) else load(path_or_dataset)
-    try:
-        text = ds.attrs["symphase_spec_json"]
-    except KeyError:
-        raise ValueError(
-            "dataset has no 'symphase_spec_json' attr: it was not produced by an Experiment"
-        ) from None
-    if not isinstance(text, str):
-        raise ValueError(f"'symphase_spec_json' must be a JSON string, got {text!r}")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"'symphase_spec_json' is not valid JSON: {exc}") from None
-    return Experiment.from_dict(data)
+    return Experiment.from_dataset(ds)

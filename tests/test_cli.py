@@ -16,8 +16,8 @@ import xarray as xr
 
 import framework
 from framework import Analyzer, Experiment, TeacherStudent, hookimpl
+from framework._toml import read_toml
 from framework.cli import main
-from framework.sweep import read_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 

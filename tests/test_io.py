@@ -173,3 +173,26 @@ def test_run_and_sweep_results_carry_full_provenance(tmp_path):
     for f in tmp_path.rglob("*.nc"):
         with xr.open_dataset(f) as plain:
             plain.load()
+
+
+def test_experiment_from_dataset_round_trip(tmp_path):
+    exp = Experiment(TeacherStudent(2, 3), normalization="batchnorm", eta=0.3, seed=7,
+                     init_N=40, analyzers=[{"name": "dynamics", "alpha_max": 2.0,
+                                            "n_points": 4}])
+    ds = finalize(xr.Dataset({"x": ("i", [1.0, 2.0])}), exp, exp.analyzers[0])
+    assert Experiment.from_dataset(ds) == exp
+    stored = framework.load(framework.save(ds, tmp_path / "r.nc"))
+    assert Experiment.from_dataset(stored) == exp
+    assert framework.load_experiment(tmp_path / "r.nc") == exp  # load_experiment uses it
+    assert Experiment.from_dataset(stored).to_json() == exp.to_json()
+
+
+def test_experiment_from_dataset_errors():
+    with pytest.raises(ValueError, match="no 'symphase_spec_json' attr"):
+        Experiment.from_dataset(xr.Dataset())
+    with pytest.raises(ValueError, match="'symphase_spec_json' must be a JSON string, got 3"):
+        Experiment.from_dataset(xr.Dataset(attrs={"symphase_spec_json": 3}))
+    with pytest.raises(ValueError, match="'symphase_spec_json' must hold a JSON object"):
+        Experiment.from_dataset(xr.Dataset(attrs={"symphase_spec_json": "[1]"}))
+    with pytest.raises(TypeError, match=r"'dataset' must be an xarray\.Dataset, got str"):
+        Experiment.from_dataset("r.nc")

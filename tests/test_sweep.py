@@ -192,6 +192,56 @@ def test_varying_K_pads_student_dims_with_nan_and_M_follows_K():
     assert [e.model.M for _, e in sweep.points()] == [3, 3]  # M != K: M stays
 
 
+def test_combine_with_K_changing_outer_joins_and_documents_the_fill(tmp_path):
+    ds = base().sweep(K=[1, 3], scheduler="synchronous", results_dir=tmp_path)["toy"]
+    # Toy gives 'student' no coordinate: the sweep labels it by position, and says so
+    assert ds["student"].values.tolist() == [0, 1, 2]
+    assert "by position" in ds["student"].attrs["symphase_positional"]
+    R = ds["R"].sel(K=1).isel(alpha=1)
+    assert np.isfinite(R.values[0, 0]) and np.isnan(R.values[1:, :]).all()
+    assert np.isnan(R.values[:, 1:]).all()
+    for name in ("Q", "R"):
+        assert ds[name].attrs["symphase_fill"].startswith("NaN: the entry does not exist")
+        assert "symphase_fill_from_dtype" not in ds[name].attrs  # float stays float
+    assert ds["count"].dtype == np.int64 and "symphase_fill" not in ds["count"].attrs
+    assert ds["eps_g"].attrs.get("symphase_fill") is None  # nothing missing: no fill
+    stored = framework.load(tmp_path / "toy.nc")
+    xr.testing.assert_identical(stored, ds)
+
+
+def test_combine_parts_aligns_by_label_with_a_fill_per_dtype():
+    from framework.sweep.combine import combine_parts
+
+    def part(K, alpha):
+        return xr.Dataset(
+            {"q": (("alpha", "student"), np.ones((len(alpha), K))),
+             "n": ("student", np.arange(K)), "ok": ("student", np.ones(K, dtype=bool)),
+             "tag": ("student", np.array(["a"] * K, dtype=object)),
+             "c": ((), np.int64(K))},
+            coords={"alpha": alpha, "student": np.arange(K)})
+
+    combined = combine_parts([part(1, [0.0, 1.0]), part(2, [0.0, 0.5, 1.0])],
+                             {"K": np.array([1, 2])})
+    assert combined["alpha"].values.tolist() == [0.0, 0.5, 1.0]
+    q1 = combined["q"].sel(K=1).values  # aligned by label: the gap is in the middle
+    assert q1[[0, 2], 0].tolist() == [1.0, 1.0] and np.isnan(q1[1]).all()
+    assert np.isnan(q1[:, 1]).all()
+    assert combined["n"].dtype == np.float64
+    assert combined["n"].values.tolist()[1] == [0.0, 1.0]
+    assert np.isnan(combined["n"].values[0, 1])
+    assert combined["n"].attrs["symphase_fill_from_dtype"] == "int64"
+    assert combined["ok"].dtype == np.float64 and np.isnan(combined["ok"].values[0, 1])
+    assert combined["ok"].attrs["symphase_fill_from_dtype"] == "bool"
+    assert combined["tag"].values.tolist() == [["a", ""], ["a", "a"]]
+    assert combined["tag"].attrs["symphase_fill"].startswith("'' (the netCDF string fill")
+    assert combined["c"].dtype == np.int64 and combined["c"].values.tolist() == [1, 2]
+    # a missing part (a failed point): every variable is missing there
+    failed = combine_parts([part(2, [0.0]), None], {"K": np.array([2, 3])})
+    assert np.isnan(failed["q"].sel(K=3)).all() and failed["tag"].sel(K=3).values.tolist() == [
+        "", ""]
+    assert np.isnan(failed["c"].sel(K=3)) and failed["c"].attrs["symphase_fill_from_dtype"]
+
+
 def test_sweeping_M_needs_identity_T():
     exp = Experiment(TeacherStudent(2, 2, T=[[1, 0.5], [0.5, 1]]), analyzers=["toy"], init_N=9)
     with pytest.raises(SpecificationError, match=r"'M' can only change in a sweep"):
@@ -203,7 +253,13 @@ def test_failures_and_divergence_are_recorded_and_other_points_complete(tmp_path
     ds = exp.sweep(eta=[0.1, 0.5, 1.0], results_dir=tmp_path, scheduler="synchronous")["toy"]
     assert ds["sweep_failed"].values.tolist() == [False, False, True]
     assert ds["sweep_error"].values[2] == "FloatingPointError: eta=1.0 blew up"
-    assert ds["diverged"].values.tolist() == [False, True, False]
+    # a failed point has no divergence flag: missing (NaN), not False
+    diverged = ds["diverged"].values
+    assert diverged.dtype == np.float64 and diverged[:2].tolist() == [0.0, 1.0]
+    assert np.isnan(diverged[2])
+    assert ds["diverged"].attrs["symphase_fill_from_dtype"] == "bool"
+    assert ds["diverged"].attrs["symphase_fill"].startswith("NaN: ")
+    assert ds["eps_g"].attrs["symphase_fill"].startswith("NaN: ")
     assert np.isnan(ds["eps_g"].sel(eta=1.0)).all()
     assert np.isfinite(ds["eps_g"].sel(eta=0.5)).all()
     # every stored file reopens, with plain xarray too

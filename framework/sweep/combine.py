@@ -1,0 +1,248 @@
+"""Combining labelled parts: one dataset per grid point into one sweep dataset.
+
+Parts are aligned by label with xarray's outer join (``xr.combine_nested(...,
+join="outer", fill_value=...)``): along every analyzer dimension the result has the
+union of the parts' labels (sorted when they are sortable, e.g. two ``alpha`` grids
+of different resolution, or ``student = 0..K-1`` for different ``K``), and an entry a
+part does not have is *missing*. A missing entry holds the fill value of its variable's
+dtype (:func:`fill_value`):
+
+- floating point: ``NaN`` (complex: ``NaN + NaN j``; datetimes: ``NaT``);
+- integers and booleans: the variable becomes ``float64`` and missing entries are
+  ``NaN`` (booleans as ``0.0``/``1.0``). No integer or boolean value can mark "missing"
+  without being mistaken for data (a count of -1 enters sums, ``False`` claims that
+  nothing happened);
+- strings: ``""``, the netCDF string fill value.
+
+Only variables that do have a missing entry are converted and filled; each of them
+gets the attrs ``symphase_fill`` (what the fill value means) and, when its dtype
+changed, ``symphase_fill_from_dtype`` (the analyzer's dtype). Every variable of a part
+that failed is missing at that point.
+
+Alignment needs an index coordinate on every dimension. A dimension an analyzer left
+without one gets ``arange(size)`` here, on the fly, with the attr
+``symphase_positional`` saying so: such parts are aligned by position, which is right
+for positions (``student``, ``teacher``) and only as meaningful as the analyzer's
+ordering otherwise. Analyzers should label their dimensions themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from framework._validation import SpecificationError
+
+__all__ = ["combine_parts", "combine_sweep", "fill_value", "label_dimensions"]
+
+POSITIONAL = ("the analyzer gave this dimension no coordinate; the sweep labelled it by "
+              "position (0, 1, ...) to align the grid points")
+_WHERE = ("the entry does not exist at this sweep point (the point failed, or its "
+          "analyzer returned no such label along a dimension, e.g. a smaller K)")
+
+
+def fill_value(dtype: np.dtype) -> tuple[Any, np.dtype, str]:
+    """``(fill value, dtype of the filled variable, meaning)`` for a variable of ``dtype``.
+
+    See the module docstring for the choices.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.nan, dtype, f"NaN: {_WHERE}; NaN may also be a value the analyzer computed"
+    if dtype.kind == "c":
+        return complex(np.nan, np.nan), dtype, f"NaN+NaNj: {_WHERE}"
+    if dtype.kind in "mM":
+        return np.array("NaT", dtype=dtype)[()], dtype, f"NaT: {_WHERE}"
+    if dtype.kind in "iub":
+        what = "0.0 false, 1.0 true" if dtype.kind == "b" else "integers as float64"
+        return (np.nan, np.dtype(np.float64),
+                f"NaN: {_WHERE}; converted to float64 so that missing can be NaN ({what})")
+    if dtype.kind in "OUS":
+        return "", np.dtype(object), f"'' (the netCDF string fill value): {_WHERE}"
+    raise SpecificationError(
+        f"cannot combine sweep points: no fill value for a variable of dtype {dtype}"
+    )
+
+
+def label_dimensions(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with ``arange(size)`` as coordinate of each dimension that has no index."""
+    missing = [d for d in ds.dims if d not in ds.indexes]
+    if not missing:
+        return ds
+    return ds.assign_coords({
+        d: (d, np.arange(ds.sizes[d]), {"long_name": f"position along {d}", "units": "1",
+                                        "symphase_positional": POSITIONAL})
+        for d in missing
+    })
+
+
+def _union(indexes: list[pd.Index]) -> pd.Index:
+    return functools.reduce(pd.Index.union, indexes)
+
+
+def _to_fill(parts: Sequence[xr.Dataset | None]) -> dict[str, np.dtype]:
+    """``{variable: dtype}`` of the variables that will have a missing entry."""
+    present = [p for p in parts if p is not None]
+    unions = {}
+    for dim in {d for p in present for d in p.indexes}:
+        unions[dim] = _union([p.indexes[dim] for p in present if dim in p.indexes])
+    names: dict[str, np.dtype] = {}
+    for p in present:
+        for name, var in p.variables.items():
+            if name not in p.dims:
+                names.setdefault(str(name), var.dtype)
+    out = {}
+    for name, dtype in names.items():
+        missing = any(p is None or name not in p.variables for p in parts)
+        missing = missing or any(
+            not p.indexes[d].equals(unions[d])
+            for p in present if name in p.variables for d in p[name].dims
+        )
+        if missing:
+            out[name] = dtype
+    return out
+
+
+def _cast(ds: xr.Dataset, casts: Mapping[str, tuple[np.dtype, str]]) -> xr.Dataset:
+    """``ds`` with the variables of ``casts`` converted to their filled dtype."""
+    for name, (out_dtype, _) in casts.items():
+        if name in ds.variables:
+            var = ds[name].astype(out_dtype)
+            ds = ds.assign_coords({name: var}) if name in ds.coords else ds.assign({name: var})
+    return ds
+
+
+def _blank(ds: xr.Dataset, fills: Mapping[str, Any]) -> xr.Dataset:
+    """A missing part shaped like ``ds``: every variable but the indexes is fill."""
+    out = ds.copy()
+    for name, var in ds.variables.items():
+        if name not in ds.indexes:
+            new = var.copy(data=np.full(var.shape, fills[str(name)], dtype=var.dtype))
+            out = (out.assign_coords({name: new}) if name in ds.coords
+                   else out.assign({name: new}))
+    return out
+
+
+def combine_parts(
+    parts: Sequence[xr.Dataset | None], coords: Mapping[str, np.ndarray]
+) -> xr.Dataset:
+    """Combine one dataset per grid point (C order; ``None``: missing) into one dataset.
+
+    Parameters
+    ----------
+    parts : sequence of Dataset or None
+        ``prod(len(c) for c in coords.values())`` parts in C order over the grid.
+    coords : mapping
+        ``{dimension: labels}``: the grid, leading dimensions of the result.
+
+    Returns
+    -------
+    Dataset
+        The outer join of the parts along every analyzer dimension (see the module
+        docstring for the fill values), with the grid dimensions first.
+    """
+    dims = list(coords)
+    shape = tuple(len(c) for c in coords.values())
+    if len(parts) != int(np.prod(shape, dtype=int)):
+        raise ValueError(f"'parts' must have {int(np.prod(shape, dtype=int))} entries for "
+                         f"a grid of shape {shape}, got {len(parts)}")
+    labelled = [None if p is None else label_dimensions(p) for p in parts]
+    filled = _to_fill(labelled)
+    fills, meanings, casts = {}, {}, {}
+    for name, dtype in filled.items():
+        fills[name], out_dtype, meanings[name] = fill_value(dtype)
+        if out_dtype != dtype:
+            casts[name] = (out_dtype, str(dtype))
+    cast = [None if p is None else _cast(p, casts) for p in labelled]
+    template = xr.Dataset()  # a failed point: every variable missing
+    if any(p is None for p in cast):
+        template = next((_blank(p, fills) for p in cast if p is not None), template)
+    expanded = []
+    for index, part in zip(itertools.product(*(range(n) for n in shape)), cast,
+                           strict=True):
+        ds = template if part is None else part
+        expanded.append(ds.expand_dims({k: [coords[k][i]] for k, i in zip(dims, index,
+                                                                           strict=True)}))
+    if not dims:
+        combined = expanded[0]
+    else:
+        nested: Any = np.empty(shape, dtype=object)
+        for flat, ds in enumerate(expanded):
+            nested.flat[flat] = ds
+        combined = xr.combine_nested(
+            nested.tolist(), concat_dim=dims, data_vars="all", coords="different",
+            compat="equals", join="outer", fill_value=fills,
+            combine_attrs="drop_conflicts",
+        )
+    for name in filled:
+        if name in combined.variables:
+            var = combined[name]
+            if name in casts and var.dtype != casts[name][0]:
+                var = var.astype(casts[name][0])
+            var.attrs["symphase_fill"] = meanings[name]
+            if name in casts:
+                var.attrs["symphase_fill_from_dtype"] = casts[name][1]
+            combined = (combined.assign_coords({name: var}) if name in combined.coords
+                        else combined.assign({name: var}))
+    return combined
+
+
+def combine_sweep(
+    sweep: Any, analyzer: Any, datasets: list[xr.Dataset], keys: list[str]
+) -> xr.Dataset:
+    """The result of ``analyzer`` over ``sweep`` from its task datasets (grid C order).
+
+    Adds ``sweep_failed``, ``sweep_error`` and ``sweep_sha256`` and the sweep's
+    provenance attrs (see :mod:`framework.sweep`).
+    """
+    from framework.results import flatten_attrs, provenance_attrs
+    from framework.sweep.storage import is_failure
+
+    failed = np.array([is_failure(ds) for ds in datasets], dtype=bool)
+    errors = np.array(
+        [str(ds.attrs.get("symphase_error", "")) if f else "" for ds, f in
+         zip(datasets, failed, strict=True)], dtype=object)
+    dims = sweep.dims
+    parts: list[xr.Dataset | None] = []
+    for ds, f in zip(datasets, failed, strict=True):
+        if f:
+            parts.append(None)
+            continue
+        for key in dims:
+            if key in ds.variables:
+                if ds[key].ndim or key in ds.dims:
+                    raise SpecificationError(
+                        f"analyzer {analyzer.name!r} returns a variable {key!r} with "
+                        f"dimensions {ds[key].dims}, which collides with the sweep "
+                        f"dimension {key!r}"
+                    )
+                ds = ds.drop_vars(key)
+        parts.append(ds)
+    combined = combine_parts(parts, sweep.coords())
+    shape = sweep.shape
+    for key in dims:
+        combined[key].attrs.update({"long_name": f"sweep parameter {key}", "units": "1"})
+    combined["sweep_failed"] = (dims, failed.reshape(shape), {
+        "long_name": "the analyzer raised an exception at this sweep point",
+        "units": "1"})
+    combined["sweep_error"] = (dims, errors.reshape(shape), {
+        "long_name": "exception raised at this sweep point ('' if none)",
+        "units": "1"})
+    combined["sweep_sha256"] = (dims, np.array(keys, dtype=object).reshape(shape), {
+        "long_name": "sha256 of the point specification (stored as points/<key>.nc)",
+        "units": "1"})
+    attrs_ = {k: v for k, v in combined.attrs.items()
+              if not k.startswith(("spec.", "symphase_", "sweep."))}
+    attrs_.update(provenance_attrs(sweep.experiment, analyzer))
+    attrs_["symphase_sweep_grid_json"] = sweep.grid_json()
+    attrs_["symphase_sweep_dims"] = json.dumps(list(dims))
+    attrs_.update(flatten_attrs({"grid": sweep.to_dict()["grid"]}, prefix="sweep."))
+    combined.attrs = attrs_
+    return combined
