@@ -97,13 +97,33 @@ class ScaleKernels:
         ``ds_i / dQ_jk``, shape ``(K, K, K)`` (``Q`` entries independent).
     parameter_jacobian : numba dispatcher, ``(Q, p) -> float64[:, :, ::1]``
         ``ds_i / dp[a, j]``, shape ``(len(names), K, K)`` (row ``i``: unit ``i``'s
-        scale; column ``j``: unit ``j``'s parameter).
+        scale; column ``j``: unit ``j``'s parameter); zero for a shift row.
+    shift : tuple of str
+        Names (a subset of :attr:`names`) of parameters that enter as a shift: under
+        population statistics ``x~_i = s_i(Q, p) x_i + sum_{a in shift} p[a, i]`` at
+        every parameter value (default: none, ``x~_i = s_i x_i``). The compiled
+        simulation kernel applies and trains them (``d loss / d p[a, i] = d loss / d
+        x~_i``); where the theory's diagonal-scale form is needed they must be 0
+        (:meth:`Normalization.is_diagonal_scale`).
+
+    The functions are passed to compiled code as first-class numba function types of
+    the signatures above, so ``Q`` and ``p`` arrive C-contiguous and the results must
+    be C-contiguous ``float64`` arrays (``np.empty``/``np.zeros`` of the shape).
     """
 
     names: tuple[str, ...]
     scale: object
     jacobian: object
     parameter_jacobian: object
+    shift: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        extra = [k for k in self.shift if k not in self.names]
+        if extra:
+            raise ValueError(
+                f"'shift' must be a subset of 'names' {self.names!r}, got {self.shift!r} "
+                f"({extra!r} not in names)"
+            )
 
     def pack(self, params: Params, K: int) -> np.ndarray:
         """``p`` from a mapping of parameter values (each broadcast to ``(K,)``)."""

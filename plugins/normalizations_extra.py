@@ -26,14 +26,21 @@ statistics exist; use population statistics, which are exact).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import ClassVar
 
 import attrs
 import numpy as np
 
-from framework import Backward, Normalization, SpecificationError, hookimpl
+from framework import Backward, Normalization, ScaleKernels, SpecificationError, hookimpl
 from framework._validation import ge, gt
+
+try:  # numba is optional (extra "fast"): without it there are no compiled scale kernels
+    import numba
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -67,6 +74,49 @@ def _diag_parameter_jacobian(coef: np.ndarray) -> np.ndarray:
 
 def _full(shape: tuple[int, ...], value: np.ndarray) -> np.ndarray:
     return np.broadcast_to(value, shape).copy()
+
+
+# -- compiled scale functions (Normalization.scale_kernels) --------------------------
+@functools.cache
+def _gain_kernels(names: tuple[str, ...], shift: tuple[str, ...], eps: float,
+                  gradient: bool) -> ScaleKernels | None:
+    """``s_i = p[0, i] / sqrt(Q_ii + eps)`` (row 0 the gain ``names[0]``; further rows
+    have no effect on ``s``); ``gradient=False``: ``ds/dQ = 0`` (stop-gradient).
+    ``names=()``: ``s = 1``. One object per argument tuple (compile-time constants)."""
+    if numba is None:  # pragma: no cover - exercised only without numba
+        return None
+    gain = bool(names)
+
+    @numba.njit
+    def scale(Q, p):
+        K = Q.shape[0]
+        out = np.ones(K)
+        if gain:
+            for i in range(K):
+                out[i] = p[0, i] / math.sqrt(Q[i, i] + eps)
+        return out
+
+    @numba.njit
+    def jacobian(Q, p):
+        K = Q.shape[0]
+        out = np.zeros((K, K, K))
+        if gain and gradient:
+            for i in range(K):
+                v = Q[i, i] + eps
+                out[i, i, i] = -0.5 * p[0, i] / (v * math.sqrt(v))
+        return out
+
+    @numba.njit
+    def parameter_jacobian(Q, p):
+        K = Q.shape[0]
+        out = np.zeros((p.shape[0], K, K))
+        if gain:
+            for i in range(K):
+                out[0, i, i] = 1.0 / math.sqrt(Q[i, i] + eps)
+        return out
+
+    return ScaleKernels(names=names, scale=scale, jacobian=jacobian,
+                        parameter_jacobian=parameter_jacobian, shift=shift)
 
 
 # ======================================================================================
@@ -145,6 +195,9 @@ class WeightNorm(Normalization):
     def scale_parameter_jacobian(self, Q: np.ndarray, params: Arrays) -> dict[str, np.ndarray]:
         g = np.broadcast_to(params["g"], np.shape(Q)[:-1])
         return {"g": _diag_parameter_jacobian(np.ones_like(g) / np.sqrt(_diag(Q)))}
+
+    def scale_kernels(self) -> ScaleKernels | None:
+        return _gain_kernels(("g",), (), 0.0, True)
 
 
 # ======================================================================================
@@ -238,6 +291,11 @@ class BatchNormAffine(_BatchStatistics):
         return {"gamma": _diag_parameter_jacobian(
             np.ones_like(gamma) / np.sqrt(_diag(Q) + self._eps()))}
 
+    def scale_kernels(self) -> ScaleKernels | None:
+        """Compiled scale functions, rows ``gamma`` (gain) and ``beta`` (a shift): the
+        compiled simulation trains both, at any ``beta``."""
+        return _gain_kernels(("gamma", "beta"), ("beta",), self.eps, True)
+
 
 @attrs.frozen
 class BatchNormStopGrad(_BatchStatistics):
@@ -278,6 +336,9 @@ class BatchNormStopGrad(_BatchStatistics):
         """Zero: the gradient does not flow through the statistics (``C = 0``)."""
         shape = np.shape(Q)
         return np.zeros((*shape, shape[-1]))
+
+    def scale_kernels(self) -> ScaleKernels | None:
+        return _gain_kernels(("gamma", "beta"), ("beta",), self.eps, False)
 
 
 # ======================================================================================
@@ -326,6 +387,10 @@ class MeanOnly(Normalization):
     def scale_jacobian(self, Q: np.ndarray, params: Arrays) -> np.ndarray:
         shape = np.shape(Q)
         return np.zeros((*shape, shape[-1]))
+
+    def scale_kernels(self) -> ScaleKernels | None:
+        """``s = 1`` (population mean 0); the minibatch mode runs the numpy path."""
+        return _gain_kernels((), (), 0.0, True)
 
 
 # ======================================================================================

@@ -45,16 +45,26 @@ Backends
 --------
 ``"numpy"``: the generic path, any registered normalization through its
 per-sample API, replicas advancing together as ``(replicas, K + M, N)`` arrays.
-``"numba"``: a compiled kernel for the erf activation with ``plain`` or
-``batchnorm`` (population statistics, fixed parameters), parallel over replicas.
-``"auto"`` picks the kernel when it applies. Both consume the same random stream
-and agree step for step (``tests/test_simulation.py``).
+``"numba"``: a compiled kernel for the erf activation and population statistics,
+parallel over replicas, for any normalization that provides compiled scale
+functions (:meth:`~framework.Normalization.scale_kernels`: ``x~_i = s_i(Q, p) x_i``
+plus optional shift parameters). The gradient through the statistics comes from the
+compiled ``ds_i / dQ_jk``, trainable parameters are stepped with ``ds_i / dp`` (or,
+for a shift, ``d loss / d x~``), and ``Q = J J^T / N`` is updated in closed form
+(O(B N (K + M + B)) work a step; a term K^2 N more where ``ds/dQ`` couples units).
+The built-in ``plain``, ``batchnorm``,
+``weightnorm``, ``batchnorm_affine`` (``gamma`` and ``beta`` trained),
+``batchnorm_stopgrad`` and ``meanonly`` provide them. ``"auto"`` picks the kernel
+when it applies. Both consume the same random stream and agree step for step
+(``tests/test_simulation.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -334,34 +344,89 @@ def normals(keys: np.ndarray, start: int, count: int) -> np.ndarray:
 
 
 # ==================================================================================
-# Compiled kernel: erf activation, plain or batchnorm with population statistics
+# Compiled kernel: erf activation, a normalization with compiled scale kernels
 # ==================================================================================
+# Under population statistics the normalization is x~_i = s_i(Q, p) x_i + t_i (t the sum
+# of its shift rows of p). Its compiled scale functions (Normalization.scale_kernels())
+# enter as first-class numba function types, so this kernel is compiled (and cached
+# on disk) once for every normalization. Per step, with go = d loss / d x~:
+#   d loss / d x_i      = go_i s_i
+#   d loss / d Q_jk     = sum_i go_i x_i ds_i/dQ_jk         (batch mean: G)
+#   d loss / d p[a, j]  = sum_i go_i x_i ds_i/dp[a, j]      (a scale row)
+#                       = go_j                               (a shift row)
+#   J <- A J + C Xi,  A = I - (eta/N) (G + G^T),  C_kb = -(eta / (B sqrt N)) go_bk s_k
+# Q = J J^T / N is then updated in closed form, Q <- A Q A^T + A X C^T + C X^T A^T
+# + C H C^T with X = J Xi^T / N (= the pre-activations / sqrt N, already known) and
+# H = Xi Xi^T / N: O(B^2 N) instead of O(K^2 N) (when B (B + 1) <= K (K + 1); else Q is
+# recomputed from the updated weights). Q is also recomputed from the weights at every
+# step number divisible by _Q_REFRESH, which bounds the rounding drift of the update and,
+# being a function of the step number, keeps results independent of chunking.
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_Q_REFRESH = np.uint64(1024)
+
+#: Roles of the rows of p (parameters of the scale kernels) in the kernel.
+_FIXED, _TRAINED_SCALE, _FIXED_SHIFT, _TRAINED_SHIFT = 0, 1, 2, 3
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
-def _advance_one(W, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, bn, gamma,
-                 beta, bn_eps):
+def _gram_nb(W, K, Q):
+    N = W.shape[1]
+    for k in range(K):
+        for m in range(k + 1):
+            acc = 0.0
+            for n in range(N):
+                acc += W[k, n] * W[m, n]
+            Q[k, m] = acc / N
+            Q[m, k] = Q[k, m]
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
+                  fns):
     KM, N = W.shape
     M = KM - K
+    npar = p.shape[0]
     inv_sqn = 1.0 / math.sqrt(N)
     xi = np.empty((batch, N))
     pre = np.empty((batch, KM))
-    ca = np.empty((batch, K))
+    go = np.empty((batch, K))  # d loss / d x~
+    ca = np.empty((batch, K))  # coefficient of xi_b in the step of J_k (C^T)
     xt = np.empty(K)
-    q = np.ones(K)
-    G = np.zeros(K)
-    if bn:
-        for k in range(K):
-            acc = 0.0
-            for n in range(N):
-                acc += W[k, n] * W[k, n]
-            q[k] = acc / N
+    shift = np.zeros(K)
+    wq = np.empty(K)  # sum_b go_bi x_bi
+    G = np.empty((K, K))
+    A = np.empty((K, K))
+    H = np.empty((batch, batch))
+    AX = np.empty((K, batch))
+    CH = np.empty((K, batch))
+    AQ = np.empty((K, K))
+    Qn = np.empty((K, K))
+    Jold = np.empty((K, N))
+    dp = np.zeros((npar, K))
+    train_scale = False
+    any_shift = False
+    for a in range(npar):
+        train_scale = train_scale or role[a] == _TRAINED_SCALE
+        any_shift = any_shift or role[a] >= _FIXED_SHIFT
+    incremental = batch * (batch + 1) <= K * (K + 1)
     per_step = np.uint64(batch * N)
-    c = eta * inv_sqn / batch
+    c = -eta * inv_sqn / batch
     for s in range(nsteps):
         step = step0 + np.uint64(s)
+        if step % _Q_REFRESH == np.uint64(0):
+            _gram_nb(W, K, Q)
+        sv = fns[0](Q, p)
+        jac = fns[1](Q, p)
+        pj = fns[2](Q, p) if train_scale else np.zeros((npar, K, K))
+        for k in range(K):
+            shift[k] = 0.0
+        if any_shift:
+            for a in range(npar):
+                if role[a] >= _FIXED_SHIFT:
+                    for k in range(K):
+                        shift[k] += p[a, k]
+        # forward: inputs, pre-activations (and their Gram matrix)
         base = step * per_step
         for b in range(batch):
             off = base + np.uint64(b * N)
@@ -372,8 +437,17 @@ def _advance_one(W, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, bn, 
                 for n in range(N):
                     acc += W[u, n] * xi[b, n]
                 pre[b, u] = acc * inv_sqn
+        if incremental:
+            for b in range(batch):
+                for b2 in range(b + 1):
+                    acc = 0.0
+                    for n in range(N):
+                        acc += xi[b, n] * xi[b2, n]
+                    H[b, b2] = acc / N
+                    H[b2, b] = H[b, b2]
+        # backward through the erf committee and the scale
         for k in range(K):
-            G[k] = 0.0
+            wq[k] = 0.0
         for b in range(batch):
             zeta = 0.0
             for m in range(M):
@@ -384,45 +458,133 @@ def _advance_one(W, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, bn, 
                 )
             sigma = 0.0
             for k in range(K):
-                if bn:
-                    xt[k] = gamma[k] / math.sqrt(q[k] + bn_eps) * pre[b, k] + beta[k]
-                else:
-                    xt[k] = pre[b, k]
+                xt[k] = sv[k] * pre[b, k] + shift[k]
                 sigma += math.erf(xt[k] * _INV_SQRT2)
             err = zeta - sigma
             for k in range(K):
-                d = err * _SQRT_2_OVER_PI * math.exp(-0.5 * xt[k] * xt[k])
-                if bn:
-                    v = q[k] + bn_eps
-                    sc = gamma[k] / math.sqrt(v)
-                    ca[b, k] = c * d * sc
-                    # d loss / d Q_kk = d * gamma * x / (2 v^1.5)
-                    G[k] += 0.5 * d * gamma[k] * pre[b, k] / (v * math.sqrt(v))
-                else:
-                    ca[b, k] = c * d
-        # loops over n innermost (vectorized)
-        for k in range(K):
-            if bn:
-                shrink = 1.0 - 2.0 * eta * G[k] / (batch * N)
+                gk = -err * _SQRT_2_OVER_PI * math.exp(-0.5 * xt[k] * xt[k])
+                go[b, k] = gk
+                ca[b, k] = c * gk * sv[k]
+                wq[k] += gk * pre[b, k]
+        # the path through the population statistics: G = batch mean of d loss / d Q
+        offdiag = False
+        for j in range(K):
+            for m in range(K):
+                acc = 0.0
+                for i in range(K):
+                    acc += wq[i] * jac[i, j, m]
+                G[j, m] = acc / batch
+        for j in range(K):
+            for m in range(K):
+                A[j, m] = -(eta / N) * (G[j, m] + G[m, j])
+                if j != m and A[j, m] != 0.0:
+                    offdiag = True
+            A[j, j] += 1.0
+        # parameter gradients (applied after the weight step, like the numpy path)
+        for a in range(npar):
+            if role[a] == _TRAINED_SCALE:
+                for j in range(K):
+                    acc = 0.0
+                    for i in range(K):
+                        acc += wq[i] * pj[a, i, j]
+                    dp[a, j] = acc / batch
+            elif role[a] == _TRAINED_SHIFT:
+                for j in range(K):
+                    acc = 0.0
+                    for b in range(batch):
+                        acc += go[b, j]
+                    dp[a, j] = acc / batch
+        if incremental:  # A X and C H before the weights change
+            for k in range(K):
+                for b in range(batch):
+                    acc = 0.0
+                    for m in range(K):
+                        acc += A[k, m] * pre[b, m]
+                    AX[k, b] = acc * inv_sqn
+                    acc = 0.0
+                    for b2 in range(batch):
+                        acc += ca[b2, k] * H[b2, b]
+                    CH[k, b] = acc
+        # the weight step, loops over n innermost (vectorized)
+        if offdiag:
+            for k in range(K):
                 for n in range(N):
-                    W[k, n] *= shrink
+                    Jold[k, n] = W[k, n]
+        for k in range(K):
+            if offdiag:
+                for n in range(N):
+                    W[k, n] = 0.0
+                for m in range(K):
+                    a_km = A[k, m]
+                    if a_km != 0.0:
+                        for n in range(N):
+                            W[k, n] += a_km * Jold[m, n]
+            elif A[k, k] != 1.0:
+                a_kk = A[k, k]
+                for n in range(N):
+                    W[k, n] *= a_kk
             for b in range(batch):
                 cb = ca[b, k]
                 for n in range(N):
                     W[k, n] += cb * xi[b, n]
-            if bn:
-                acc = 0.0
-                for n in range(N):
-                    acc += W[k, n] * W[k, n]
-                q[k] = acc / N
+        # Q of the new weights
+        if incremental:
+            for k in range(K):
+                for m in range(K):
+                    acc = 0.0
+                    for l2 in range(K):
+                        acc += A[k, l2] * Q[l2, m]
+                    AQ[k, m] = acc
+            for k in range(K):
+                for m in range(k + 1):
+                    acc = 0.0
+                    for l2 in range(K):
+                        acc += AQ[k, l2] * A[m, l2]
+                    for b in range(batch):
+                        acc += AX[k, b] * ca[b, m] + AX[m, b] * ca[b, k] + CH[k, b] * ca[b, m]
+                    Qn[k, m] = acc
+            for k in range(K):
+                for m in range(k + 1):
+                    Q[k, m] = Qn[k, m]
+                    Q[m, k] = Qn[k, m]
+        else:
+            _gram_nb(W, K, Q)
+        for a in range(npar):
+            if role[a] == _TRAINED_SCALE or role[a] == _TRAINED_SHIFT:
+                for j in range(K):
+                    p[a, j] -= (eta / N) * dp[a, j]
 
 
-@njit(parallel=True, cache=True)
-def _advance_nb(W, K, keys, keys_noise, step0, nsteps, batch, eta, noise_sd, bn, gamma,
-                beta, bn_eps):
-    for p in prange(W.shape[0]):
-        _advance_one(W[p], K, keys[p], keys_noise[p], step0, nsteps, batch, eta, noise_sd,
-                     bn, gamma, beta, bn_eps)
+def _advance_one(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
+                 fns):
+    _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
+                  fns)
+
+
+def _advance_replicas(W, Q, p, K, keys, keys_noise, step0, nsteps, batch, eta, noise_sd,
+                      role, fns):
+    for r in prange(W.shape[0]):
+        _advance_impl(W[r], Q[r], p[r], K, keys[r], keys_noise[r], step0, nsteps, batch,
+                      eta, noise_sd, role, fns)
+
+
+@functools.cache
+def _kernel_entry_points() -> tuple[Any, Any]:
+    """The kernel for one replica and for all (parallel), typed once for any scale
+    functions (first-class function types, so compiled once and cached on disk)."""
+    t = numba.types
+    f2 = t.float64[:, ::1]
+    f3 = t.float64[:, :, ::1]
+    with warnings.catch_warnings():  # first-class function types are "experimental"
+        warnings.simplefilter("ignore", numba.NumbaExperimentalFeatureWarning)
+        fns = t.Tuple((t.FunctionType(t.float64[::1](f2, f2)), t.FunctionType(f3(f2, f2)),
+                       t.FunctionType(f3(f2, f2))))
+        common = (t.int64, t.uint64, t.uint64, t.uint64, t.int64, t.int64, t.float64,
+                  t.float64, t.int64[::1], fns)
+        one = numba.njit((f2, f2, f2, *common), cache=True)(_advance_one)
+        common = (t.int64, t.uint64[::1], t.uint64[::1], *common[3:])
+        par = numba.njit((f3, f3, f3, *common), parallel=True, cache=True)(_advance_replicas)
+    return one, par
 
 
 # ==================================================================================
@@ -493,8 +655,8 @@ class Simulation(Analyzer):
     initial : OrderParameters, optional
         Start from these order parameters instead of the experiment's.
     backend : str
-        ``"auto"``, ``"numpy"`` (generic) or ``"numba"`` (erf with plain/batchnorm,
-        population statistics).
+        ``"auto"``, ``"numpy"`` (generic) or ``"numba"`` (erf, population
+        statistics, a normalization with compiled scale functions).
     mc_samples : int
         Size of the fixed Gaussian sample of the Monte Carlo ``eps_g`` used when no
         closed form applies (>= 1000).
@@ -532,20 +694,25 @@ class Simulation(Analyzer):
 
     def _kernel_applies(self, experiment: Experiment) -> str:
         """'' if the compiled kernel applies, else the reason it does not."""
-        from plugins.normalizations import BatchNorm, Plain
-
         act = get_activation(experiment.model.activation)
         norm = experiment.normalization
         if not HAVE_NUMBA:
             return "numba is not installed"
         if act.closed_form != "erf":
             return f"activation {act.name!r} is not erf"
-        if type(norm) not in (Plain, BatchNorm):
-            return f"normalization {norm.name!r} has no compiled kernel"
-        if norm.trainable:
-            return f"normalization {norm.name!r} has trainable parameters"
         if self.statistics != "population":
             return "statistics='batch'"
+        kernels = norm.scale_kernels()
+        if kernels is None:
+            return (f"normalization {norm.name!r} provides no compiled scale functions "
+                    "(scale_kernels() is None)")
+        if not (norm.is_diagonal_scale() or kernels.shift):
+            return (f"normalization {norm.name!r} is not a diagonal scale with these "
+                    "parameters and its scale kernels declare no shift")
+        missing = [k for k in norm.trainable if k not in kernels.names]
+        if missing:
+            return (f"trainable parameters {missing!r} of normalization {norm.name!r} are "
+                    f"not parameters of its scale kernels {tuple(kernels.names)!r}")
         return ""
 
     def check(self, experiment: Experiment) -> None:
@@ -748,37 +915,49 @@ class Simulation(Analyzer):
 
 
 class _KernelStepper:
-    """Advance all replicas with the compiled kernel."""
+    """Advance all replicas with the compiled kernel and the normalization's compiled
+    scale functions (:meth:`~framework.Normalization.scale_kernels`)."""
 
     def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
                  keys: np.ndarray, params: dict[str, np.ndarray]) -> None:
-        from plugins.normalizations import BatchNorm
-
         norm = experiment.normalization
+        kernels = norm.scale_kernels()
         K = experiment.model.K
-        self.W, self.K = W, K
+        P, _, N = W.shape
+        self.W, self.K, self.params = W, K, params
         self.keys = np.ascontiguousarray(keys[:, 0])
         self.keys_noise = np.ascontiguousarray(keys[:, 1])
         self.batch = experiment.batch_size
         self.eta = experiment.eta
         self.noise_sd = math.sqrt(experiment.model.noise)
-        bn = norm if isinstance(norm, BatchNorm) else None
-        self.bn = bn is not None
-        self.gamma = np.ascontiguousarray(params["gamma"][0, 0]) if self.bn else np.ones(K)
-        self.beta = np.ascontiguousarray(params["beta"][0, 0]) if self.bn else np.zeros(K)
-        self.bn_eps = float(bn.eps) if bn is not None else 0.0
+        self.names = tuple(kernels.names)
+        trainable = set(norm.trainable)
+        self.role = np.array([(_FIXED_SHIFT if k in kernels.shift else _FIXED)
+                              + (1 if k in trainable else 0) for k in self.names],
+                             dtype=np.int64)
+        self.trained = tuple((a, k) for a, k in enumerate(self.names) if k in trainable)
+        self.p = np.zeros((P, len(self.names), K))
+        for a, k in enumerate(self.names):
+            self.p[:, a] = params[k][:, 0]
+        J = W[:, :K]
+        self.Q = np.ascontiguousarray(J @ J.transpose(0, 2, 1) / N)
+        self.fns = (kernels.scale, kernels.jacobian, kernels.parameter_jacobian)
+        self.one, self.par = _kernel_entry_points()
         # about 4e6 multiply-adds between returns to Python (progress bar updates)
         self.chunk = max(1, int(4e6 // (W.shape[0] * W.shape[1] * W.shape[2] * self.batch)))
 
     def advance(self, step0: int, nsteps: int) -> None:
-        if self.W.shape[0] == 1:  # one replica: stay on this thread (no parallel region)
-            _advance_one(self.W[0], self.K, self.keys[0], self.keys_noise[0],
-                         np.uint64(step0), nsteps, self.batch, self.eta, self.noise_sd,
-                         self.bn, self.gamma, self.beta, self.bn_eps)
-            return
-        _advance_nb(self.W, self.K, self.keys, self.keys_noise, np.uint64(step0), nsteps,
-                    self.batch, self.eta, self.noise_sd, self.bn, self.gamma, self.beta,
-                    self.bn_eps)
+        args = (self.K, self.keys, self.keys_noise, np.uint64(step0), nsteps, self.batch,
+                self.eta, self.noise_sd, self.role, self.fns)
+        with warnings.catch_warnings():  # first-class function types are "experimental"
+            warnings.simplefilter("ignore", numba.NumbaExperimentalFeatureWarning)
+            if self.W.shape[0] == 1:  # one replica: stay on this thread (no parallel region)
+                self.one(self.W[0], self.Q[0], self.p[0], self.K, self.keys[0],
+                         self.keys_noise[0], *args[3:])
+            else:
+                self.par(self.W, self.Q, self.p, *args)
+        for a, k in self.trained:
+            self.params[k][:, 0] = self.p[:, a]
 
 
 class _GenericStepper:
