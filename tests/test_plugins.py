@@ -222,3 +222,57 @@ def test_every_hook_is_prefixed_and_documented() -> None:
         opts = getattr(func, "symphase_spec", {})
         if opts.get("firstresult"):
             assert "Stops at first non-None result" in doc, name
+
+
+# -- models ------------------------------------------------------------------------------
+class _HalfModel(framework.Model):
+    """A model that forgot most of the interface."""
+
+    name = "half"
+    description = "incomplete"
+
+    def to_dict(self):  # type: ignore[no-untyped-def]
+        return {}
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (int, r"model must be a subclass of Model, got <class 'int'>"),
+        (framework.Normalization, r"model must be a subclass of Model, got "),
+        (_HalfModel, r"model class _HalfModel is abstract: it must implement forward, "
+                     r"from_dict, random_state, readout, state_layout"),
+    ],
+)
+def test_registry_validates_model_classes(cls: type, message: str) -> None:
+    with pytest.raises(PluginError, match=message):
+        Registry().add_model(cls)
+
+
+def test_registry_rejects_a_second_model_of_the_same_name() -> None:
+    registry = Registry()
+    registry.add_model(framework.TeacherStudent)
+    registry.source = "other 1.0"
+    renamed = type("Renamed", (framework.TeacherStudent,), {})
+    with pytest.raises(PluginError, match=r"model 'teacher_student' from other 1.0 is already "
+                       r"registered by built-in"):
+        registry.add_model(renamed)
+    nameless = type("Nameless", (framework.TeacherStudent,), {"name": "not an identifier"})
+    with pytest.raises(PluginError, match=r"model name must be a Python identifier"):
+        registry.add_model(nameless)
+
+
+def test_builtin_model_plugin_registers_teacher_student_first() -> None:
+    assert framework.DEFAULT_PLUGINS[0] == "plugins.models"
+    entry = {e.name: e for e in framework.get_registry().entries("model")}["teacher_student"]
+    assert entry.obj is framework.TeacherStudent and entry.source == "built-in"
+    with pytest.raises(LookupError, match=r"unknown model 'nope'; installed models: "
+                       r"'teacher_student'"):
+        framework.get_model("nope")
+
+
+def test_cli_lists_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("models:\n  teacher_student  ")
+    assert "[built-in]" in out.splitlines()[1]
