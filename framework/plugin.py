@@ -35,7 +35,10 @@ and in the distribution's ``pyproject.toml``::
     mynorm = "mynorm.plugin"
 
 In a notebook, ``framework.register_plugin(module_or_object)`` does the same without
-packaging.
+packaging. Models (``symphase_register_models``, ``registry.add_model``) and analyzers
+(``symphase_register_analyzers``, ``registry.add_analyzer``) are registered the same way;
+``docs/plugins.md`` describes the interfaces and the public kit (``framework.validators``,
+``framework.datasets``, ``framework.streams``).
 """
 
 from __future__ import annotations
