@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from framework._validation import SpecificationError
 from framework.experiment import Experiment
 from framework.sweep import Sweep
+from framework.validators import SpecificationError
 
 __all__ = ["RUN_KEYS", "TOML_KEYS", "read_toml"]
 

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from framework._validation import SpecificationError
+from framework.validators import SpecificationError
 
 __all__ = ["combine_parts", "combine_sweep", "fill_value", "label_dimensions"]
 

@@ -21,7 +21,6 @@ from typing import Any
 import attrs
 import xarray as xr
 
-from framework._validation import SpecificationError
 from framework.experiment import Experiment
 from framework.sweep.combine import combine_sweep
 from framework.sweep.grid import Sweep, _describe, spec_hash
@@ -32,6 +31,7 @@ from framework.sweep.storage import (
     store_combined,
     store_point,
 )
+from framework.validators import SpecificationError
 
 __all__ = ["run", "sweep"]
 

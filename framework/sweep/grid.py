@@ -20,10 +20,10 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from framework._validation import SpecificationError
 from framework.experiment import Experiment
 from framework.model import TeacherStudent
 from framework.normalization import Normalization
+from framework.validators import SpecificationError
 
 __all__ = [
     "EXPERIMENT_KEYS",
@@ -184,7 +184,7 @@ def _apply(base: Experiment, assignment: Mapping[str, Any]) -> Experiment:
             name, option = key.split(".", 1)
             options.setdefault(name, {})[option] = value
     if "batch_size" in changes or "seed" in changes or "init_N" in changes:
-        from framework._validation import check_int
+        from framework.validators import check_int
 
         for k in ("batch_size", "seed", "init_N"):
             if k in changes:
