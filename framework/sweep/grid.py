@@ -21,7 +21,6 @@ import numpy as np
 import xarray as xr
 
 from framework.experiment import Experiment
-from framework.model import TeacherStudent
 from framework.normalization import Normalization
 from framework.validators import SpecificationError
 
@@ -202,7 +201,7 @@ def _apply(base: Experiment, assignment: Mapping[str, Any]) -> Experiment:
                 )
             data["T"] = None
         data.update(model_changes)
-        changes["model"] = TeacherStudent.from_dict(data)
+        changes["model"] = type(model).from_dict(data)  # keeps the model plugin's class
     if options:
         analyzers = []
         for a in base.analyzers:
