@@ -44,15 +44,11 @@ an optional dependency; without it everything falls back to numpy/scipy).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.integrate import BDF, DOP853, LSODA, RK45, Radau
-from scipy.integrate._ivp import dop853_coefficients as _dop
 
 from framework.theory._erf import I2, I3, I4, J2
 
@@ -71,12 +67,12 @@ except ImportError:  # pragma: no cover - exercised only without numba
 
 __all__ = [
     "HAVE_NUMBA",
-    "TheoryTrajectory",
+    "TheoryTrajectory",  # noqa: F822 - re-exported by __getattr__
     "effective_covariance",
     "eps_g_gradient",
     "error_weights",
     "generalization_error",
-    "integrate_diagonal_scale",
+    "integrate_diagonal_scale",  # noqa: F822 - re-exported by __getattr__
     "ode_rhs",
     "ode_rhs_reference",
     "pack_state",
@@ -86,8 +82,6 @@ __all__ = [
 
 Array = NDArray[np.float64]
 ScaleFn = Callable[[Array], Array]
-
-_SCIPY_METHODS = {"DOP853": DOP853, "RK45": RK45, "LSODA": LSODA, "Radau": Radau, "BDF": BDF}
 
 
 # --------------------------------------------------------------------------------------
@@ -544,327 +538,8 @@ _STATUS_MESSAGES = {
 }
 
 
-# --------------------------------------------------------------------------------------
-# Compiled DOP853 (Hairer's 8(5,3) pair with 7th-order dense output, as in scipy)
-# --------------------------------------------------------------------------------------
-
-_N_ST = _dop.N_STAGES
-_DOP_A = np.ascontiguousarray(_dop.A, dtype=np.float64)
-_DOP_B = np.ascontiguousarray(_dop.B, dtype=np.float64)
-_DOP_E3 = np.ascontiguousarray(_dop.E3, dtype=np.float64)
-_DOP_E5 = np.ascontiguousarray(_dop.E5, dtype=np.float64)
-_DOP_D = np.ascontiguousarray(_dop.D, dtype=np.float64)
-
-
-# The integrator's argument tuple is ``(T, K, M, eta, inv_batch, noise_var,
-# second_order)`` for the plain network, extended by ``(scale_fn, jac_fn,
-# has_jac)`` for a Q-dependent scale.  ``_scale_of``/``_jac_of`` resolve the
-# scale at compile time from the tuple's length.  The user's functions enter
-# as first-class function types (``_SCALED_ARGS``), not as dispatcher types:
-# the compiled code is shared by all scale functions and safely cached on disk.
-_N_PLAIN_ARGS = 7
-
-
-def _scale_of(Q, args):  # pragma: no cover - compiled through the overload below
-    raise NotImplementedError
-
-
-def _jac_of(Q, args):  # pragma: no cover - compiled through the overload below
-    raise NotImplementedError
-
-
-if HAVE_NUMBA:
-    from numba import types as _nt
-
-    _SCALE_SIG = _nt.float64[::1](_nt.float64[:, ::1])
-    _JAC_SIG = _nt.float64[:, :, ::1](_nt.float64[:, ::1])
-    _SCALED_ARGS = _nt.Tuple((
-        _nt.float64[:, ::1], _nt.int64, _nt.int64, _nt.float64, _nt.float64, _nt.float64,
-        _nt.boolean, _nt.FunctionType(_SCALE_SIG), _nt.FunctionType(_JAC_SIG), _nt.boolean,
-    ))
-
-    @numba.extending.overload(_scale_of, jit_options={"cache": True})
-    def _ol_scale_of(Q, args):
-        if len(args) == _N_PLAIN_ARGS:
-            return lambda Q, args: np.ones(Q.shape[0])
-        return lambda Q, args: args[7](Q)
-
-    @numba.extending.overload(_jac_of, jit_options={"cache": True})
-    def _ol_jac_of(Q, args):
-        if len(args) == _N_PLAIN_ARGS:
-            return lambda Q, args: (np.zeros((1, 1, 1)), False)
-
-        def impl(Q, args):
-            if args[9]:
-                return args[8](Q), True
-            return np.zeros((1, 1, 1)), False
-
-        return impl
-
-
-@_njit
-def _packed_rhs(y, out, args):
-    T, K, M, eta, inv_batch, noise_var, second_order = args[:_N_PLAIN_ARGS]
-    Q = y[: K * K].reshape((K, K))
-    R = y[K * K :].reshape((K, M))
-    jac, has_jac = _jac_of(Q, args)
-    _rhs_nb(Q, R, T, _scale_of(Q, args), jac, has_jac, eta, inv_batch, noise_var,
-            second_order, out[: K * K].reshape((K, K)), out[K * K :].reshape((K, M)))
-
-
-@_njit
-def _rms(v):
-    return math.sqrt(np.sum(v * v) / v.size)
-
-
-@_njit
-def _dop853_initial_step(args, y0, f0, t_span, rtol, atol):
-    scale = atol + np.abs(y0) * rtol
-    d0 = _rms(y0 / scale)
-    d1 = _rms(f0 / scale)
-    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-    h0 = min(h0, t_span)
-    f1 = np.empty_like(y0)
-    _packed_rhs(y0 + h0 * f0, f1, args)
-    d2 = _rms((f1 - f0) / scale) / h0
-    if d1 <= 1e-15 and d2 <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
-    else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / 8.0)
-    return min(100.0 * h0, h1, t_span)
-
-
-@_njit
-def _dop853_dense(args, K, t_old, h, y_old, y_new, f_new, t_eval, j0, j1, out, ytmp):
-    """Evaluate the 7th-order interpolant of the last step at ``t_eval[j0:j1]``."""
-    n = y_old.size
-    for s in range(_N_ST + 1, _DOP_A.shape[0]):
-        ytmp[:] = y_old
-        for r in range(s):
-            ytmp += (h * _DOP_A[s, r]) * K[r]
-        _packed_rhs(ytmp, K[s], args)
-    F = np.empty((7, n))
-    F[0] = y_new - y_old
-    F[1] = h * K[0] - F[0]
-    F[2] = 2.0 * F[0] - h * (f_new + K[0])
-    for m in range(4):
-        F[3 + m] = 0.0
-        for r in range(K.shape[0]):
-            F[3 + m] += (h * _DOP_D[m, r]) * K[r]
-    for j in range(j0, j1):
-        x = (t_eval[j] - t_old) / h
-        yv = np.zeros(n)
-        for i in range(7):
-            yv += F[6 - i]
-            yv *= x if i % 2 == 0 else 1.0 - x
-        out[j] = yv + y_old
-
-
-@_njit
-def _dop853_nb(args, y0, t_eval, rtol, atol, Kdim, max_value):
-    """Adaptive DOP853 from ``t_eval[0]`` to ``t_eval[-1]``, output on ``t_eval``.
-
-    A line-by-line port of :class:`scipy.integrate.DOP853` (same tableau, error
-    norm, step control and dense output).  Returns ``(out, n_out, status,
-    t_fail, nfev)``; ``out[:n_out]`` are valid rows, ``status`` as in
-    ``_STATUS_MESSAGES``, ``t_fail`` the alpha where the failure was detected.
-    """
-    n = y0.size
-    n_t = t_eval.size
-    out = np.full((n_t, n), np.nan)
-    out[0] = y0
-    t = t_eval[0]
-    t_end = t_eval[-1]
-    y = y0.copy()
-    Kst = np.empty((_DOP_A.shape[0], n))
-    _packed_rhs(y, Kst[0], args)
-    fcur = Kst[0].copy()
-    nfev = 1
-    status = _state_status(y, Kdim, max_value)
-    if status != 0 or n_t == 1:
-        return out, (0 if status != 0 else 1), status, (t if status != 0 else np.nan), nfev
-    h_abs = _dop853_initial_step(args, y, fcur, t_end - t, rtol, atol)
-    nfev += 1
-    j_next = 1
-    ytmp = np.empty(n)
-    y_new = np.empty(n)
-    f_new = np.empty(n)
-    while t < t_end:
-        min_step = 10.0 * abs(np.nextafter(t, np.inf) - t)
-        if not h_abs >= min_step:  # also catches NaN
-            h_abs = min_step
-        rejected = False
-        while True:
-            if not h_abs >= min_step:
-                return out, j_next, 4, t, nfev
-            t_new = min(t + h_abs, t_end)
-            h = t_new - t
-            Kst[0] = fcur
-            for s in range(1, _N_ST):
-                ytmp[:] = y
-                for r in range(s):
-                    ytmp += (h * _DOP_A[s, r]) * Kst[r]
-                _packed_rhs(ytmp, Kst[s], args)
-            y_new[:] = y
-            for r in range(_N_ST):
-                y_new += (h * _DOP_B[r]) * Kst[r]
-            _packed_rhs(y_new, f_new, args)
-            Kst[_N_ST] = f_new
-            nfev += _N_ST
-            err5 = 0.0
-            err3 = 0.0
-            for m in range(n):
-                sc = atol + max(abs(y[m]), abs(y_new[m])) * rtol
-                e5 = 0.0
-                e3 = 0.0
-                for r in range(_N_ST + 1):
-                    e5 += _DOP_E5[r] * Kst[r, m]
-                    e3 += _DOP_E3[r] * Kst[r, m]
-                err5 += (e5 / sc) ** 2
-                err3 += (e3 / sc) ** 2
-            if err5 == 0.0 and err3 == 0.0:
-                err = 0.0
-            else:
-                err = h * err5 / math.sqrt((err5 + 0.01 * err3) * n)
-            if err < 1.0:  # NaN compares False: rejected below
-                factor = 10.0 if err == 0.0 else min(10.0, 0.9 * err ** (-1.0 / 8.0))
-                if rejected:
-                    factor = min(1.0, factor)
-                h_abs *= factor
-                break
-            factor = 0.9 * err ** (-1.0 / 8.0)
-            h_abs *= factor if factor > 0.2 else 0.2  # also for NaN
-            rejected = True
-        status = _state_status(y_new, Kdim, max_value)
-        if status != 0:
-            return out, j_next, status, t_new, nfev
-        j_stop = j_next
-        while j_stop < n_t and t_eval[j_stop] <= t_new:
-            j_stop += 1
-        if j_stop > j_next:
-            _dop853_dense(args, Kst, t, h, y, y_new, f_new, t_eval, j_next, j_stop, out, ytmp)
-            nfev += Kst.shape[0] - _N_ST - 1
-            if t_new == t_end:
-                out[n_t - 1] = y_new
-            j_next = j_stop
-        t = t_new
-        y[:] = y_new
-        fcur[:] = f_new
-    return out, j_next, 0, np.nan, nfev
-
-
-@_njit
-def _zero_jac(Q):  # stands in for an absent Jacobian (never called)
-    K = Q.shape[0]
-    return np.zeros((K, K, K))
-
-
-@_njit
-def _eps_g_path_nb(ys, n_rows, args):
-    T, K, M, noise_var = args[0], args[1], args[2], args[5]
-    eps = np.full(ys.shape[0], np.nan)
-    S = np.empty((K + M, K + M))
-    for j in range(n_rows):
-        Q = ys[j, : K * K].reshape((K, K))
-        R = ys[j, K * K :].reshape((K, M))
-        _eff_cov_nb(Q, R, T, _scale_of(Q, args), S)
-        eps[j] = _eps_g_nb(S, K, noise_var)
-    return eps
-
-
-def _dop853_scaled(args, y0, t_eval, rtol, atol, Kdim, max_value):
-    return _dop853_nb(args, y0, t_eval, rtol, atol, Kdim, max_value)
-
-
-def _eps_g_path_scaled(ys, n_rows, args):
-    return _eps_g_path_nb(ys, n_rows, args)
-
-
-@functools.cache
-def _scaled_entry_points():
-    """Compiled integrator and eps_g path for user scale functions (typed once)."""
-    f64, i64 = numba.types.float64, numba.types.int64
-    jit = functools.partial(numba.njit, cache=True, error_model="numpy")
-    dop = jit((_SCALED_ARGS, f64[::1], f64[::1], f64, f64, i64, f64))(_dop853_scaled)
-    eps = jit((f64[:, ::1], i64, _SCALED_ARGS))(_eps_g_path_scaled)
-    return dop, eps
-
-
-# --------------------------------------------------------------------------------------
-# Public integrator
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TheoryTrajectory:
-    """Result of :func:`integrate_diagonal_scale`.
-
-    Attributes
-    ----------
-    alpha : ndarray, shape (n,)
-        Output times actually reached (a prefix of the requested grid).
-    Q : ndarray, shape (n, K, K)
-    R : ndarray, shape (n, K, M)
-    eps_g : ndarray, shape (n,)
-        Generalization error, output-noise term included.
-    diverged : bool
-        True if the integration stopped early (see ``message``).
-    alpha_diverged : float
-        Time at which the failure was detected (NaN if not diverged).
-    nfev : int
-        Number of right-hand-side evaluations.
-    message : str
-        Human-readable status.
-    engine : str
-        ``"numba"`` (compiled DOP853) or ``"scipy"`` (solver class of ``method``).
-    """
-
-    alpha: Array
-    Q: Array
-    R: Array
-    eps_g: Array
-    diverged: bool
-    alpha_diverged: float
-    nfev: int
-    message: str
-    engine: str
-
-
-def _choose_engine(engine: str, method: str, scale_fn, scale_jac_fn) -> str:
-    if engine not in ("auto", "numba", "scipy"):
-        raise ValueError(f"engine must be 'auto', 'numba' or 'scipy', got {engine!r}")
-    if method not in _SCIPY_METHODS:
-        raise ValueError(f"method must be one of {sorted(_SCIPY_METHODS)}, got {method!r}")
-    compilable = (
-        HAVE_NUMBA
-        and method == "DOP853"
-        and all(fn is None or _is_jitted(fn) for fn in (scale_fn, scale_jac_fn))
-    )
-    if engine == "numba" and not compilable:
-        raise ValueError(
-            "engine='numba' needs numba, method='DOP853' and numba-jitted scale functions"
-        )
-    if engine == "auto":
-        return "numba" if compilable else "scipy"
-    return engine
-
-
-def _run_numba(Q0, R0, T, scale_fn, scale_jac_fn, eta, batch_size, noise_var, alpha,
-               rtol, atol, second_order, max_value):
-    K, M = R0.shape
-    args = (T, K, M, float(eta), 1.0 / batch_size, float(noise_var), bool(second_order))
-    dop, eps_path = _dop853_nb, _eps_g_path_nb
-    if scale_fn is not None:
-        has_jac = scale_jac_fn is not None
-        args = (*args, scale_fn, scale_jac_fn if has_jac else _zero_jac, has_jac)
-        dop, eps_path = _scaled_entry_points()
-    y0 = pack_state(Q0, R0)
-    ys, n_rows, status, t_fail, nfev = dop(args, y0, alpha, rtol, atol, K, max_value)
-    eps = eps_path(ys, n_rows, args)
-    return ys[:n_rows], eps[:n_rows], int(status), float(t_fail), int(nfev)
-
-
 def _state_status_py(y, K, max_value):
+    """:func:`_state_status` from Python (numpy fallback without numba)."""
     if HAVE_NUMBA:
         return int(_state_status(y, K, max_value))
     if not np.all(np.isfinite(y)):
@@ -878,173 +553,17 @@ def _state_status_py(y, K, max_value):
     return 0
 
 
-def solve_on_grid(
-    fun: Callable[[float, Array], Array],
-    y0: Array,
-    alpha: Array,
-    *,
-    method: str,
-    rtol: float,
-    atol: float,
-    status: Callable[[Array], int],
-    stop_rows: Callable[[Array, int, int], int | None] | None = None,
-) -> tuple[Array, int, int, float]:
-    """Step a scipy solver from ``alpha[0]`` and fill the grid ``alpha`` by dense output.
+# --------------------------------------------------------------------------------------
+# Integrators (re-exported from framework.theory._integrate, imported on first use: it
+# imports this module)
+# --------------------------------------------------------------------------------------
 
-    ``status(y)`` is 0 for a valid state (else a failure code: the run stops there and
-    keeps the rows reached); code 4 marks a solver failure. ``stop_rows(out, n_rows,
-    j_stop)`` may end the run early after new rows are filled, returning the number of
-    rows to keep. Returns ``(out, n_rows, status, t_fail)``; rows past ``n_rows`` are NaN.
-    """
-    out = np.full((alpha.size, y0.size), np.nan)
-    out[0] = y0
-    code = status(y0)
-    n_rows, t_fail = (0, float(alpha[0])) if code else (1, float("nan"))
-    if code or alpha.size < 2:
-        return out, n_rows, code, t_fail
-    solver = _SCIPY_METHODS[method](fun, alpha[0], y0, alpha[-1], rtol=rtol, atol=atol)
-    while solver.status == "running":
-        with np.errstate(all="ignore"):
-            solver.step()
-        if solver.status == "failed":
-            return out, n_rows, 4, float(solver.t)
-        code = status(solver.y)
-        if code:
-            return out, n_rows, code, float(solver.t)
-        j_stop = int(np.searchsorted(alpha, solver.t, side="right"))
-        if j_stop > n_rows:
-            out[n_rows:j_stop] = solver.dense_output()(alpha[n_rows:j_stop]).T
-            keep = None if stop_rows is None else stop_rows(out, n_rows, j_stop)
-            if keep is not None:
-                return out, keep, 0, t_fail
-            n_rows = j_stop
-    out[-1] = solver.y
-    return out, n_rows, 0, t_fail
+_REEXPORTED = ("TheoryTrajectory", "integrate_diagonal_scale")
 
 
-def _run_scipy(Q0, R0, T, scale_fn, scale_jac_fn, eta, batch_size, noise_var, alpha,
-               rtol, atol, second_order, max_value, method):
-    K, M = R0.shape
-    nfev = 0
+def __getattr__(name: str):
+    if name in _REEXPORTED:
+        from framework.theory import _integrate
 
-    def fun(_t, y):
-        nonlocal nfev
-        nfev += 1
-        Q, R = unpack_state(y, K, M)
-        s = None if scale_fn is None else scale_fn(Q)
-        jac = None if (scale_fn is None or scale_jac_fn is None) else scale_jac_fn(Q)
-        with np.errstate(all="ignore"):  # trial stages may leave the valid region
-            dQ, dR = ode_rhs(Q, R, T, s, jac, eta, batch_size, noise_var, second_order)
-        return pack_state(dQ, dR)
-
-    y0 = pack_state(Q0, R0)
-    out, n_rows, status, t_fail = solve_on_grid(
-        fun, y0, alpha, method=method, rtol=rtol, atol=atol,
-        status=lambda y: _state_status_py(y, K, max_value),
-    )
-    ys = out[:n_rows]
-    Qs, Rs = unpack_state(ys, K, M)
-    eps = np.array([
-        generalization_error(Q, R, T, None if scale_fn is None else scale_fn(Q), noise_var)
-        for Q, R in zip(Qs, Rs, strict=True)
-    ])
-    return ys, eps, status, float(t_fail), nfev
-
-
-def integrate_diagonal_scale(
-    Q0: ArrayLike,
-    R0: ArrayLike,
-    T: ArrayLike,
-    scale_fn: ScaleFn | None = None,
-    scale_jac_fn: ScaleFn | None = None,
-    eta: float = 1.0,
-    batch_size: int = 1,
-    noise_var: float = 0.0,
-    alpha: ArrayLike = (0.0, 1.0),
-    rtol: float = 1e-10,
-    atol: float = 1e-12,
-    method: str = "DOP853",
-    second_order: bool = True,
-    engine: str = "auto",
-    max_value: float = 1e10,
-) -> TheoryTrajectory:
-    """Integrate the order-parameter ODE of a diagonal-scale normalization.
-
-    The packed state is ``concatenate(Q.ravel(), R.ravel())`` with the full
-    symmetric ``Q`` (:func:`pack_state`); the right-hand side keeps ``Q``
-    exactly symmetric.
-
-    Parameters
-    ----------
-    Q0, R0 : array_like, shapes (K, K), (K, M)
-        Initial order parameters at ``alpha[0]``.
-    T : array_like, shape (M, M)
-        Teacher overlaps (constant).
-    scale_fn : callable ``Q -> s`` (shape (K,)), optional
-        Scale of the normalization ``x~_i = s_i(Q) x_i``. ``None``: plain
-        network (``s = 1``, fastest path).
-    scale_jac_fn : callable ``Q -> ds_dQ`` (shape (K, K, K)), optional
-        Its Jacobian, ``ds_dQ[i, j, k] = d s_i / d Q_jk`` (``Q_jk``, ``Q_kj``
-        independent). ``None`` with a ``scale_fn``: no gradient flows through
-        the statistics (``C = 0``).
-    eta : float
-        Learning rate (step ``eta / sqrt(N)`` on ``J``, ``alpha = steps / N``).
-    batch_size : int
-        Minibatch size (divides the ``eta^2`` term).
-    noise_var : float
-        Output-noise variance (in the ``eta^2`` term and in ``eps_g``).
-    alpha : array_like
-        Increasing output grid; the integration runs from ``alpha[0]`` to
-        ``alpha[-1]``.
-    rtol, atol : float
-        Tolerances of the adaptive solver.
-    method : {"DOP853", "RK45", "LSODA", "Radau", "BDF"}
-        Solver; the scipy solver class of that name unless the compiled path
-        is used.
-    second_order : bool
-        Keep the ``eta^2`` term.
-    engine : {"auto", "numba", "scipy"}
-        ``"auto"`` uses a compiled DOP853 (a port of scipy's, same results to
-        rounding) when numba is installed, ``method == "DOP853"`` and the scale
-        functions are ``None`` or numba-jitted; otherwise scipy's solver.
-        Jitted scale functions must compile as ``float64[::1](float64[:, ::1])``
-        and ``float64[:, :, ::1](float64[:, ::1])`` (C-contiguous results); they
-        enter as first-class functions, so the integrator is compiled (and
-        cached on disk) once for all of them.
-    max_value : float
-        Any state entry beyond this magnitude counts as divergence.
-
-    Returns
-    -------
-    TheoryTrajectory
-        On divergence (non-finite state, ``|state| > max_value``, ``Q`` not
-        positive definite, or step size underflow) the integration stops; the
-        result holds the grid points reached before, ``diverged=True`` and
-        ``alpha_diverged``.
-    """
-    Q0, R0, T = (np.ascontiguousarray(a, dtype=np.float64) for a in (Q0, R0, T))
-    alpha = np.ascontiguousarray(alpha, dtype=np.float64).reshape(-1)
-    if alpha.size == 0 or np.any(np.diff(alpha) <= 0):
-        raise ValueError("alpha must be a non-empty, strictly increasing grid")
-    if int(batch_size) < 1:
-        raise ValueError("batch_size must be a positive integer")
-    K, M = R0.shape
-    chosen = _choose_engine(engine, method, scale_fn, scale_jac_fn)
-    args = (Q0, R0, T, scale_fn, scale_jac_fn, eta, int(batch_size), noise_var, alpha,
-            rtol, atol, second_order, max_value)
-    if chosen == "numba":
-        ys, eps, status, t_fail, nfev = _run_numba(*args)
-    else:
-        ys, eps, status, t_fail, nfev = _run_scipy(*args, method)
-    Qs, Rs = unpack_state(ys, K, M)
-    return TheoryTrajectory(
-        alpha=alpha[: ys.shape[0]].copy(),
-        Q=Qs.copy(),
-        R=Rs.copy(),
-        eps_g=eps,
-        diverged=status != 0,
-        alpha_diverged=t_fail if status != 0 else float("nan"),
-        nfev=nfev,
-        message=_STATUS_MESSAGES[status],
-        engine=chosen,
-    )
+        return getattr(_integrate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,9 +67,9 @@ from framework._validation import SpecificationError, gt, integer, one_of
 from framework.activation import Activation
 from framework.model import TeacherStudent
 from framework.normalization import Normalization
-from framework.theory._kernels import _SCIPY_METHODS as _SOLVERS
+from framework.theory._integrate import _SCIPY_METHODS as _SOLVERS
+from framework.theory._integrate import solve_grid
 from framework.theory._kernels import _state_status_py as _status
-from framework.theory._kernels import solve_on_grid
 
 __all__ = [
     "AccuracyError",
@@ -584,19 +584,18 @@ class ExpectationEngine:
                                second_order=second_order)
             return self.pack(r.dQ, r.dR, r.dparams)
 
-        reached: list[int] = []
-
-        def stop_rows(out: np.ndarray, n_rows: int, j_stop: int) -> int | None:
-            if stop_below is not None and _below(self, out, n_rows, j_stop, fixed,
-                                                 stop_below, reached):
-                return reached[0] + 1
-            return None
-
-        out, n_rows, status, t_fail = solve_on_grid(
-            fun, y0, alpha, method=method, rtol=rtol, atol=atol,
-            status=lambda y: self._state_status(y, max_value), stop_rows=stop_rows,
+        # The engine's own status check decides the definiteness criterion of the event:
+        # one that accepts a singular Q (the closed form with trainable parameters:
+        # positive semidefinite) gets the semidefinite one, else positive definite.
+        probe = y0.copy()
+        probe[: self.K * self.K] = 0.0
+        ys, status, t_fail = solve_grid(
+            fun, y0, alpha, K=self.K, method=method, rtol=rtol, atol=atol,
+            max_value=max_value, semidefinite=self._state_status(probe, max_value) == 0,
+            status=lambda y: self._state_status(y, max_value),
+            eps_g=_eps_g_of_state(self, fixed), stop_below=stop_below,
         )
-        ys = out[:n_rows]
+        n_rows = ys.shape[0]
         Qs, Rs, ps = self.unpack(ys)
         Qs = 0.5 * (Qs + np.swapaxes(Qs, -1, -2))
         eps = np.empty(n_rows)
@@ -614,18 +613,18 @@ class ExpectationEngine:
         )
 
 
-def _below(eng: ExpectationEngine, out: np.ndarray, start: int, stop: int,
-           fixed: Mapping[str, np.ndarray], threshold: float, reached: list) -> bool:
-    """Is ``eps_g < threshold`` at one of the rows ``start:stop``? (first index in
-    ``reached``)"""
-    Qs, Rs, ps = eng.unpack(out[start:stop])
-    for j in range(stop - start):  # the rows just reported
-        p = {**fixed, **{k: v[j] for k, v in ps.items()}}
-        eps, _ = eng.generalization_error(0.5 * (Qs[j] + Qs[j].T), Rs[j], p, check=False)
-        if eps < threshold:
-            reached.append(start + j)
-            return True
-    return False
+def _eps_g_of_state(
+    eng: ExpectationEngine, fixed: Mapping[str, np.ndarray]
+) -> Callable[[np.ndarray], float]:
+    """``y -> eps_g`` of a packed state of ``eng`` (``fixed``: the parameters that are
+    not state), for the ``stop_below`` event of :meth:`ExpectationEngine.integrate`."""
+
+    def eps_g(y: np.ndarray) -> float:
+        Q, R, tp = eng.unpack(y)
+        eps, _ = eng.generalization_error(0.5 * (Q + Q.T), R, {**fixed, **tp}, check=False)
+        return float(eps)
+
+    return eps_g
 
 
 def _statistics_vjp_fd(
