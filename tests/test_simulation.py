@@ -20,21 +20,25 @@ from framework import (
     Experiment,
     Normalization,
     OrderParameters,
+    ScaleKernels,
     SpecificationError,
     TeacherStudent,
     get_activation,
     get_analyzer,
+    get_normalization,
     list_analyzers,
     list_normalizations,
     load,
     save,
     theory,
 )
+from framework.testing import NormalizationContract
 from plugins import simulation as simmod
 
 Z = 4.0  # standard errors allowed in statistical comparisons
 
 needs_numba = pytest.mark.skipif(not simmod.HAVE_NUMBA, reason="numba not installed")
+njit_or_none = simmod.njit()  # numba.njit, or the identity without numba
 
 
 def experiment(norm: str | Normalization = "plain", **kw) -> Experiment:  # type: ignore[no-untyped-def]
@@ -402,3 +406,177 @@ def test_every_registered_normalization_runs(name: str, statistics: str) -> None
     assert not np.allclose(ds["Q"].isel(alpha=1), ds["Q"].isel(alpha=0))
     for param in ex.normalization.trainable:
         assert f"param_{param}" in ds
+
+
+# ---------------------------------------------------------------------------------
+# the compiled kernel through the normalization's compiled scale functions
+# ---------------------------------------------------------------------------------
+@njit_or_none
+def _rownorm_scale(Q, p):  # s_i = c_i m_i^(-1/4), m_i = sum_j Q_ij^2
+    K = Q.shape[0]
+    out = np.empty(K)
+    for i in range(K):
+        m = 0.0
+        for j in range(K):
+            m += Q[i, j] * Q[i, j]
+        out[i] = p[0, i] * m**-0.25
+    return out
+
+
+@njit_or_none
+def _rownorm_jacobian(Q, p):  # ds_i/dQ_ik = -c_i m_i^(-5/4) Q_ik / 2 (couples units)
+    K = Q.shape[0]
+    out = np.zeros((K, K, K))
+    for i in range(K):
+        m = 0.0
+        for j in range(K):
+            m += Q[i, j] * Q[i, j]
+        for k in range(K):
+            out[i, i, k] = -0.5 * p[0, i] * m**-1.25 * Q[i, k]
+    return out
+
+
+@njit_or_none
+def _rownorm_parameter_jacobian(Q, p):
+    K = Q.shape[0]
+    out = np.zeros((2, K, K))
+    for i in range(K):
+        m = 0.0
+        for j in range(K):
+            m += Q[i, j] * Q[i, j]
+        out[0, i, i] = m**-0.25
+    return out
+
+
+@attrs.frozen
+class RowNorm(Normalization):
+    """Third-party diagonal scale with a shift, ``x~_i = c_i x_i / m_i^(1/4) + b_i``,
+    ``m_i = sum_j Q_ij^2``: ``ds_i/dQ`` couples the units (off-diagonal ``G``), ``c`` is
+    a trained scale parameter, ``b`` a trained shift; compiled scale functions."""
+
+    name: ClassVar[str] = "test-rownorm"
+    description: ClassVar[str] = "x~_i = c_i x_i / (sum_j Q_ij^2)^(1/4) + b_i"
+    statistics_names: ClassVar[tuple[str, ...]] = ("m",)
+    supports_diagonal_scale: ClassVar[bool] = True
+    supports_batch_statistics: ClassVar[bool] = False
+    scale_parameters: ClassVar[tuple[str, ...]] = ("c",)
+    shift_parameters: ClassVar[tuple[str, ...]] = ("b",)
+    b0: float = 0.0
+
+    def is_diagonal_scale(self) -> bool:
+        return self.b0 == 0.0
+
+    def parameters(self, K: int) -> dict[str, np.ndarray]:
+        return {"c": np.linspace(0.9, 1.2, K), "b": np.full(K, self.b0)}
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return ("c", "b")
+
+    def population_statistics(self, Q):  # type: ignore[no-untyped-def]
+        return {"m": np.sum(np.square(Q), axis=-1)}
+
+    def population_statistics_vjp(self, Q, grad):  # type: ignore[no-untyped-def]
+        return 2.0 * grad["m"][..., :, None] * Q
+
+    def batch_statistics(self, x):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("test-rownorm has no minibatch statistics")
+
+    def forward(self, x, stats, params):  # type: ignore[no-untyped-def]
+        return params["c"] * x * stats["m"] ** -0.25 + params["b"]
+
+    def backward(self, x, stats, params, grad_out):  # type: ignore[no-untyped-def]
+        inv = stats["m"] ** -0.25
+        shape = np.broadcast_shapes(np.shape(x), np.shape(grad_out), np.shape(inv))
+
+        def full(v):  # type: ignore[no-untyped-def]
+            return np.broadcast_to(v, shape).copy()
+
+        return Backward(x=full(grad_out * params["c"] * inv),
+                        stats={"m": full(-0.25 * grad_out * params["c"] * x * inv / stats["m"])},
+                        params={"c": full(grad_out * x * inv), "b": full(grad_out)})
+
+    def scale(self, Q, params):  # type: ignore[no-untyped-def]
+        return params["c"] * np.sum(np.square(Q), axis=-1) ** -0.25
+
+    def scale_jacobian(self, Q, params):  # type: ignore[no-untyped-def]
+        m = np.sum(np.square(Q), axis=-1)
+        K = np.shape(Q)[-1]
+        out = np.zeros((*np.shape(Q)[:-2], K, K, K))
+        idx = np.arange(K)
+        out[..., idx, idx, :] = -0.5 * (params["c"] * m**-1.25)[..., :, None] * Q
+        return out
+
+    def scale_parameter_jacobian(self, Q, params):  # type: ignore[no-untyped-def]
+        m = np.sum(np.square(Q), axis=-1)
+        return {"c": m[..., :, None] ** -0.25 * np.eye(np.shape(Q)[-1])}
+
+    def scale_kernels(self):  # type: ignore[no-untyped-def]
+        return _ROWNORM_KERNELS
+
+
+_ROWNORM_KERNELS = None if not simmod.HAVE_NUMBA else ScaleKernels(
+    names=("c", "b"), scale=_rownorm_scale, jacobian=_rownorm_jacobian,
+    parameter_jacobian=_rownorm_parameter_jacobian, shift=("b",))
+
+
+@needs_numba
+def test_third_party_scale_kernels_satisfy_the_contract() -> None:
+    norm = RowNorm(b0=0.2)
+    NormalizationContract().test_scale_kernels(norm, norm.parameters(3),
+                                               np.random.default_rng(7))
+    NormalizationContract().test_diagonal_scale(RowNorm(), RowNorm().parameters(3),
+                                                np.random.default_rng(8))
+
+
+@needs_numba
+@pytest.mark.parametrize(("norm", "K"), [
+    (("batchnorm_affine", {}), 2),
+    (("batchnorm_affine", {"gamma": 1.3, "beta": 0.3, "eps": 0.1}), 2),
+    (("weightnorm", {"g": 1.2}), 2),
+    (("batchnorm_stopgrad", {"gamma": 0.8}), 2),
+    (("batchnorm", {"beta": 0.4, "eps": 0.1}), 2),
+    (RowNorm(), 3),
+    (RowNorm(b0=0.2), 2),
+])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_compiled_kernel_agrees_with_generic_path_through_scale_kernels(
+        norm: tuple | Normalization, K: int, batch_size: int) -> None:
+    """Kernel vs numpy path step for step: statistics gradient from ``ds/dQ`` (diagonal
+    and coupling units), trained scale parameters and shifts; both updates of ``Q``
+    (closed form for B (B + 1) <= K (K + 1), recomputed otherwise)."""
+    if isinstance(norm, tuple):
+        norm = get_normalization(norm[0], **norm[1])
+    ex = experiment(norm, model=TeacherStudent(K, 3, noise=0.05), batch_size=batch_size,
+                    eta=0.8, seed=4)
+    opts = dict(N=150, alpha=[0, 0.02, 1.0, 3.0], replicas=3, mc_samples=1000)
+    a = simulate(ex, backend="numpy", **opts)
+    b = simulate(ex, backend="numba", **opts)
+    assert a.attrs["backend"] == "numpy" and b.attrs["backend"] == "numba"
+    np.testing.assert_allclose(a["Q"], b["Q"], rtol=0, atol=1e-11)
+    np.testing.assert_allclose(a["R"], b["R"], rtol=0, atol=1e-11)
+    assert not np.allclose(a["Q"].isel(alpha=-1), a["Q"].isel(alpha=0))  # it did move
+    for name in norm.trainable:
+        np.testing.assert_allclose(a[f"param_{name}"], b[f"param_{name}"], rtol=0, atol=1e-11)
+        assert not np.allclose(a[f"param_{name}"].isel(alpha=-1),
+                               a[f"param_{name}"].isel(alpha=0)), name  # trained
+
+
+@needs_numba
+def test_kernel_state_carries_across_chunks_and_q_refreshes() -> None:
+    """Results do not depend on chunking; Q stays J J^T / N past a refresh step."""
+    ex = experiment("weightnorm", model=TeacherStudent(2, 2), eta=0.8, seed=1)
+    opts = dict(N=40, replicas=2, backend="numba")
+    one = simulate(ex, alpha=[0.0, 2100 / 40], **opts)
+    many = simulate(ex, alpha=list(np.arange(0, 2101, 300) / 40), **opts)
+    np.testing.assert_allclose(one["Q"].isel(alpha=-1), many["Q"].isel(alpha=-1), rtol=0,
+                               atol=1e-13)
+    ref = simulate(ex, alpha=[0.0, 2100 / 40], N=40, replicas=2, backend="numpy")
+    np.testing.assert_allclose(one["Q"], ref["Q"], rtol=0, atol=1e-11)
+    np.testing.assert_allclose(one["param_g"], ref["param_g"], rtol=0, atol=1e-11)
+
+
+@needs_numba
+def test_numba_backend_refused_without_scale_kernels() -> None:
+    with pytest.raises(SpecificationError, match=r"'backend' must be.*scale_kernels\(\) is None"):
+        get_analyzer("simulation", backend="numba").check(experiment(Gain()))
