@@ -34,12 +34,8 @@ import time
 
 import numpy as np
 
-from framework.theory._kernels import (
-    generalization_error,
-    integrate_diagonal_scale,
-    ode_rhs,
-    ode_rhs_reference,
-)
+from framework.theory._integrate import integrate_diagonal_scale
+from framework.theory._kernels import generalization_error, ode_rhs, ode_rhs_reference
 
 ETA = 0.5
 INIT_SCALE = 1e-3

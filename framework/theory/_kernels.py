@@ -40,6 +40,10 @@ Two implementations of the right-hand side exist: :func:`ode_rhs_reference`
 (readable numpy on top of :mod:`framework.theory._erf`) and a numba kernel used by
 :func:`ode_rhs` and by the compiled integrator when numba is installed (it is
 an optional dependency; without it everything falls back to numpy/scipy).
+
+The integrators are in :mod:`framework.theory._dop853` (the compiled DOP853) and
+:mod:`framework.theory._integrate` (:func:`integrate_diagonal_scale`, the scipy grid
+solver); ``integrate_diagonal_scale`` and ``TheoryTrajectory`` are re-exported here.
 """
 
 from __future__ import annotations
