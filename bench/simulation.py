@@ -10,7 +10,9 @@ reference is the flop bound of a step, about 6 K N flops (x = J xi, y = B xi,
 J += ...), timed in this process as a
 numpy matmul of the same size: X (8 x N) @ W (N x 3K) costs 8 * 6KN flops, so its
 time per row is the time numpy's BLAS needs for one step's flops. ``ratio`` = step
-time / that. For scale: the fastest public peer (C++) needs ~44 us a step at
+time / that. A last line compares, in the same process, ``batchnorm_affine`` (gain and
+shift trained) on the compiled kernel (through its ``scale_kernels()``) with the numpy
+path. For scale: the fastest public peer (C++) needs ~44 us a step at
 N = 1000, K = M = 2; the target here is <= 5 us per step per replica.
 """
 
@@ -44,9 +46,10 @@ def flop_bound_us(N: int, K: int, repeats: int = 5) -> float:
     return best * 1e6
 
 
-def step_us(N: int, K: int, replicas: int, backend: str, steps: int) -> float:
+def step_us(N: int, K: int, replicas: int, backend: str, steps: int,
+            normalization: str = "plain") -> float:
     """us per step per replica of the analyzer (difference of two run lengths)."""
-    ex = Experiment(TeacherStudent(K, K), normalization="plain", eta=0.5, seed=0)
+    ex = Experiment(TeacherStudent(K, K), normalization=normalization, eta=0.5, seed=0)
 
     def run(n: int) -> float:
         sim = get_analyzer("simulation", N=N, alpha=[0.0, n / N], replicas=replicas,
@@ -86,6 +89,17 @@ def main() -> None:
                           f"{bound:>14.3f} {us / bound:>7.1f}", flush=True)
     print("reference: fastest public peer (C++) ~44 us/step at N=1000, K=M=2; "
           "target <= 5 us/step/replica")
+    if HAVE_NUMBA:  # a normalization with trained scale and shift, through scale_kernels()
+        N, K = 1000, 2
+        for replicas in (1, 32):
+            work = 4e6 if replicas == 1 else 1e6
+            fast = step_us(N, K, replicas, "numba", max(20, int(scale * work / (N * K))),
+                           "batchnorm_affine")
+            slow = step_us(N, K, replicas, "numpy", max(20, int(scale * work / (8 * N * K))),
+                           "batchnorm_affine")
+            print(f"batchnorm_affine (gamma, beta trained) N={N} K=M={K} replicas={replicas}: "
+                  f"numba {fast:.2f} us/step/replica, numpy {slow:.2f}, "
+                  f"numpy/numba {slow / fast:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

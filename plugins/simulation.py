@@ -430,16 +430,19 @@ def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_s
         base = step * per_step
         for b in range(batch):
             off = base + np.uint64(b * N)
+            sq = 0.0
             for n in range(N):
-                xi[b, n] = normal_nb(key, off + np.uint64(n))
+                z = normal_nb(key, off + np.uint64(n))
+                xi[b, n] = z
+                sq += z * z
+            H[b, b] = sq / N
             for u in range(KM):
                 acc = 0.0
                 for n in range(N):
                     acc += W[u, n] * xi[b, n]
                 pre[b, u] = acc * inv_sqn
-        if incremental:
-            for b in range(batch):
-                for b2 in range(b + 1):
+            if incremental:
+                for b2 in range(b):
                     acc = 0.0
                     for n in range(N):
                         acc += xi[b, n] * xi[b2, n]
