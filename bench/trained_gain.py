@@ -3,7 +3,7 @@
 Run ``python bench/trained_gain.py``. Prints a table, asserts nothing.
 
 Set-up: weight normalization (trainable gain ``g``), erf, K = M in {2, 3}, T = I,
-eta = 0.1. Both engines are :func:`framework.theory.expectation_engine` objects with
+eta = 0.1. Both engines are :func:`framework.theory.select_engine` objects with
 the same interface: the exact ``ClosedFormEngine`` (``engine="auto"``: the gain as
 state of the closed-form ODE) and the baseline, the generic randomized-QMC engine at
 its default quadrature (16 replicates x 4096 points; ``engine="generic"``), both run in
@@ -53,8 +53,8 @@ def main() -> None:
     print(f"{'K':>2} {'quantity':<34} {'exact':>12} {'generic':>12} {'ratio':>8}")
     for K in (2, 3):
         model = TeacherStudent(K, K)
-        exact = theory.expectation_engine(model, norm)
-        generic = theory.expectation_engine(model, norm, engine="generic")
+        exact = theory.select_engine(model, norm)
+        generic = theory.select_engine(model, norm, engine="generic")
         rng = np.random.default_rng(K)  # a valid state for T = I: teachers e_1 ... e_K
         W = rng.standard_normal((K, 2 * K + 2)) / np.sqrt(2 * K + 2)
         Q, R = W @ W.T, W[:, :K]
@@ -65,11 +65,11 @@ def main() -> None:
         print(f"{K:>2} {'rates(): s per call':<34} {te:>12.2e} {tg:>12.2e} {tg / te:>8.0f}")
 
         t0 = time.perf_counter()
-        fe = eq.find_fixed_points_generic(model, norm, eta=ETA)
+        fe = eq.find_fixed_points(model, norm, eta=ETA)
         te = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            fg = eq.find_fixed_points_generic(model, norm, eta=ETA, engine="generic")
+            fg = eq.find_fixed_points(model, norm, eta=ETA, engine="generic")
         except Exception as exc:  # reported, not hidden
             fg, why = [], f"{type(exc).__name__}"
         else:
@@ -83,11 +83,11 @@ def main() -> None:
         if pe is None:
             continue
         t0 = time.perf_counter()
-        he = eq.weight_space_hessian_generic(model, norm, pe.Q, pe.R, pe.params)
+        he = eq.weight_space_hessian(model, norm, pe.Q, pe.R, pe.params)
         te = time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
-            hg = eq.weight_space_hessian_generic(model, norm, pe.Q, pe.R, pe.params,
+            hg = eq.weight_space_hessian(model, norm, pe.Q, pe.R, pe.params,
                                                  engine="generic")
             gtxt = f"{hg.lambda_min:.5f}+-{hg.lambda_min_error:.0e}"
         except Exception as exc:

@@ -120,20 +120,11 @@ class Dynamics(Analyzer):
         return trajectory_dataset(experiment, traj, grid, self)
 
 
-def _theory_line(traj: object) -> str:
-    quadrature = getattr(traj, "quadrature", None)
-    if quadrature is not None:
-        return "generic expectation engine: " + quadrature.describe()
-    if hasattr(traj, "params"):
-        return "closed-form erf integrals, trainable parameters as state"
-    return "closed-form erf integrals"
-
-
 def trajectory_dataset(
-    experiment: Experiment, traj: object, grid: np.ndarray, analyzer: Analyzer
+    experiment: Experiment, traj: theory.Trajectory, grid: np.ndarray, analyzer: Analyzer
 ) -> xr.Dataset:
     """A dataset of an ODE trajectory on ``grid``; unreached points are NaN."""
-    n, reached = len(grid), len(traj.alpha)  # type: ignore[attr-defined]
+    n, reached = len(grid), len(traj.alpha)
     K, M = experiment.model.K, experiment.model.M
 
     def pad(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -141,36 +132,31 @@ def trajectory_dataset(
         out[:reached] = values
         return out
 
-    Q = pad(traj.Q, (K, K))  # type: ignore[attr-defined]
-    R = pad(traj.R, (K, M))  # type: ignore[attr-defined]
+    Q = pad(traj.Q, (K, K))
+    R = pad(traj.R, (K, M))
     data = {
         "eps_g": xr.DataArray(
-            pad(traj.eps_g, ()), dims=("alpha",),  # type: ignore[attr-defined]
+            pad(traj.eps_g, ()), dims=("alpha",),
             attrs={"long_name": "generalization error", "units": "1"},
         ),
         **order_parameter_variables(Q, R),
         "diverged": xr.DataArray(
-            bool(traj.diverged),  # type: ignore[attr-defined]
+            bool(traj.diverged),
             attrs={"long_name": "integration stopped on divergence", "units": "1"},
         ),
         "alpha_diverged": xr.DataArray(
-            float(traj.alpha_diverged),  # type: ignore[attr-defined]
+            float(traj.alpha_diverged),
             attrs={"long_name": "alpha at which divergence was detected (NaN if none)",
                    "units": "1"},
         ),
     }
-    generic = hasattr(traj, "params")  # an engine object's trajectory (GenericTrajectory)
-    if not generic:
-        scale, _ = theory.scale_functions(experiment.model, experiment.normalization)
-        s = np.array([scale(q) if np.all(np.isfinite(q)) else np.full(K, np.nan) for q in Q])
-    elif experiment.normalization.is_diagonal_scale():  # report s at the current params
-        norm, fixed = experiment.normalization, experiment.normalization.parameters(K)
-        s = np.full((n, K), np.nan)
+    norm = experiment.normalization
+    s = np.ones((n, K))  # no per-unit scale outside the diagonal-scale family
+    if norm.is_diagonal_scale():  # s at the current parameters
+        fixed = norm.parameters(K)
         for j in range(reached):
-            p = {**fixed, **{k: v[j] for k, v in traj.params.items()}}  # type: ignore[attr-defined]
-            s[j] = norm.scale(Q[j], p)
-    else:
-        s = np.ones((n, K))  # no per-unit scale outside the diagonal-scale family
+            p = {**fixed, **{k: v[j] for k, v in traj.params.items()}}
+            s[j] = norm.scale(Q[j], p) if np.all(np.isfinite(Q[j])) else np.nan
     if not np.allclose(s[:reached], 1.0, rtol=0, atol=0):
         data["Q_norm"] = xr.DataArray(
             s[:, :, None] * Q * s[:, None, :], dims=("alpha", "student", "student_"),
@@ -181,17 +167,16 @@ def trajectory_dataset(
             s[:, :, None] * R, dims=("alpha", "student", "teacher"),
             attrs={"long_name": "normalized overlap s_i R_in", "units": "1"},
         )
-    if generic:
-        data["eps_g_error"] = xr.DataArray(
-            pad(traj.eps_g_error, ()), dims=("alpha",),  # type: ignore[attr-defined]
-            attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
-                                "replicates; 0: exact engine)", "units": "1"},
+    data["eps_g_error"] = xr.DataArray(
+        pad(traj.eps_g_error, ()), dims=("alpha",),
+        attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
+                            "replicates; 0: exact engine)", "units": "1"},
+    )
+    for k, v in traj.params.items():
+        data[f"param_{k}"] = xr.DataArray(
+            pad(v, (K,)), dims=("alpha", "student"),
+            attrs={"long_name": f"trainable normalization parameter {k}", "units": "1"},
         )
-        for k, v in traj.params.items():  # type: ignore[attr-defined]
-            data[f"param_{k}"] = xr.DataArray(
-                pad(v, (K,)), dims=("alpha", "student"),
-                attrs={"long_name": f"trainable normalization parameter {k}", "units": "1"},
-            )
     ds = xr.Dataset(
         data,
         coords={
@@ -201,14 +186,14 @@ def trajectory_dataset(
         },
         attrs={
             **convention_attrs(experiment),
-            "theory": "N -> infinity order-parameter ODE (" + _theory_line(traj) + ")",
-            "engine": "generic" if getattr(traj, "quadrature", None) is not None
-            else "closed_form",
-            "integrator_backend": str(getattr(traj, "engine", "")),
-            "integrator": f"{analyzer.method} rtol={analyzer.rtol} atol={analyzer.atol}",  # type: ignore[attr-defined]
-            "second_order": int(analyzer.second_order),  # type: ignore[attr-defined]
-            "nfev": int(traj.nfev),  # type: ignore[attr-defined]
-            "status": str(traj.message),  # type: ignore[attr-defined]
+            "theory": "N -> infinity order-parameter ODE (" + traj.description + ")",
+            "engine": traj.engine,
+            "engine_description": traj.description,
+            "integrator_backend": traj.integrator,
+            "integrator": f"{analyzer.method} rtol={analyzer.rtol} atol={analyzer.atol}",
+            "second_order": int(analyzer.second_order),
+            "nfev": int(traj.nfev),
+            "status": str(traj.message),
         },
     )
     return ds

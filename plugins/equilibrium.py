@@ -1,7 +1,10 @@
 """Analyzers of the symmetric (plateau) equilibrium: ``fixedpoint``, ``hessian``, ``escape``.
 
-They work for any normalization of the diagonal-scale family with the erf activation
-(closed forms); the mathematics is in :mod:`framework.equilibrium`.
+They work for any model, normalization and activation: the engine is chosen once per
+run by :func:`framework.theory.select_engine` (exact closed forms where they apply,
+quadrature with error estimates otherwise; attr ``engine``) and the mathematics is in
+:mod:`framework.theory.equilibrium`, written once against it. Every dataset has the same
+variables whichever engine ran (error estimates 0 when exact).
 
 Shared conventions (stored as dataset attrs)
 --------------------------------------------
@@ -19,7 +22,6 @@ Shared conventions (stored as dataset attrs)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -38,6 +40,7 @@ from framework import (
 )
 from framework import get_activation as framework_get_activation
 from framework._validation import check_real, gt, integer, one_of
+from framework.theory import Engine
 from framework.theory import equilibrium as eq
 from plugins.dynamics import _alpha_tuple, order_parameter_variables, trajectory_dataset
 
@@ -110,9 +113,7 @@ def _resolve_eta(option: float | None, experiment: Experiment) -> float:
 
 def _check_weight_norm(experiment: Experiment, weight_norm: Any) -> None:
     model, norm = experiment.model, experiment.normalization
-    conserving = norm.scale_invariant or (
-        eq.needs_generic(model, norm) and eq.scale_invariance(model, norm) != "none")
-    if weight_norm is not None and not conserving:
+    if weight_norm is not None and eq.scale_invariance(model, norm) == "none":
         raise SpecificationError(
             "'weight_norm' applies only to scale-invariant normalizations "
             f"({experiment.normalization.name!r} is not), got {weight_norm!r}"
@@ -139,12 +140,21 @@ def _common_attrs(experiment: Experiment, eta: float, second_order: bool) -> dic
 
 @attrs.frozen
 class _Branches:
+    engine: Engine
     points: list[eq.FixedPoint]
+    coords: list[tuple[str, int, int]]
     jacobians: list[np.ndarray]
     eigvals: list[np.ndarray]
     eigvecs: list[np.ndarray]
     plateau: int
-    plateau_distance: float
+
+
+def _engine(experiment: Experiment, quadrature: Any = None) -> Engine:
+    """The engine of this experiment (the one choice, :func:`theory.select_engine`)."""
+    model = experiment.model
+    return theory.select_engine(model, experiment.normalization,
+                                framework_get_activation(model.activation),
+                                quadrature=quadrature)
 
 
 def _branches(
@@ -154,69 +164,26 @@ def _branches(
     subspace: str,
     weight_norm: float | None,
     flag_plateau: bool,
-    horizon: float,
     quadrature: Any = None,
 ) -> _Branches:
+    """Fixed points, their Jacobians and the plateau (:func:`eq.plateau_branch`)."""
     model, norm = experiment.model, experiment.normalization
-    if eq.needs_generic(model, norm):
-        return _branches_generic(experiment, eta, second_order, subspace, weight_norm,
-                                 flag_plateau, quadrature)
+    eng = _engine(experiment, quadrature)
     points = eq.find_fixed_points(
         model, norm, eta=eta, batch_size=experiment.batch_size, second_order=second_order,
-        subspace=subspace, weight_norm=weight_norm,
-    )
+        subspace=subspace, weight_norm=weight_norm, engine=eng)
+    coords = eq.jacobian_coordinates(model, norm, eng)
     jacs, vals, vecs = [], [], []
     for fp in points:  # a handful of branches
-        jac = eq.ode_jacobian(model, norm, fp.Q, fp.R, eta=eta,
-                              batch_size=experiment.batch_size, second_order=second_order)
+        jac = eq.ode_jacobian(model, norm, fp.Q, fp.R, fp.params, eta=eta,
+                              batch_size=experiment.batch_size, second_order=second_order,
+                              engine=eng)
         lam, vec = eq.sorted_eigen(jac)
         jacs.append(jac)
         vals.append(lam)
         vecs.append(vec)
-    plateau, distance = -1, float("nan")
-    if flag_plateau and points:
-        unstable = [int(np.sum(lam.real > 1e-9)) for lam in vals]
-        plateau, distance = eq.plateau_index(
-            model, norm, points, unstable, experiment.initial_order_parameters(), eta=eta,
-            batch_size=experiment.batch_size, second_order=second_order, horizon=horizon,
-        )
-    return _Branches(points, jacs, vals, vecs, plateau, distance)
-
-
-def _coords(model: Any, invariant: Any) -> list:
-    """Jacobian coordinates: ``invariant`` is a bool (closed form) or the normalization
-    (generic engine: the invariance is probed and trainable parameters are included)."""
-    if isinstance(invariant, (bool, np.bool_)):
-        return eq.jacobian_coordinates(model.K, model.M, bool(invariant))
-    return eq.generic_jacobian_coordinates(model, invariant)
-
-
-def _mode_matrices(model: Any, invariant: Any, vec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    K, M = model.K, model.M
-    coords = _coords(model, invariant)
-    dQ, dR = np.zeros((K, K)), np.zeros((K, M))
-    v = np.real(vec)
-    for value, (kind, i, k) in zip(v, coords, strict=True):  # a few dozen coordinates
-        if kind == "Q":
-            dQ[i, k] = dQ[k, i] = value
-        elif kind == "R":
-            dR[i, k] = value
-    return dQ, dR
-
-
-def _unstable_vector(model: Any, invariant: bool, values: np.ndarray,
-                     vectors: np.ndarray) -> np.ndarray:
-    """The most unstable Jacobian eigenvector; in a degenerate eigenspace the one that
-    most increases ``sum_i R_ii`` (every student towards its own teacher: the escape
-    inside the matched subspace), the same at every ``eta``."""
-    coords = _coords(model, invariant)
-    reference = np.array([1.0 if c[0] == "R" and c[1] == c[2] else 0.0 for c in coords])
-    return eq.canonical_mode(values.real, vectors, reference)
-
-
-def _specialized(R: np.ndarray) -> np.ndarray:
-    """Per branch: does ``R_in`` differ between students (broken student symmetry)?"""
-    return np.max(np.abs(R - R.mean(axis=-2, keepdims=True)), axis=(-2, -1)) > 1e-6
+    plateau = eq.plateau_branch(eng, points, vals) if flag_plateau else -1
+    return _Branches(eng, points, coords, jacs, vals, vecs, plateau)
 
 
 MODE_CLASSES = (
@@ -235,104 +202,21 @@ def _no_branches(experiment: Experiment) -> SpecificationError:
     )
 
 
-def _branches_generic(
-    experiment: Experiment, eta: float, second_order: bool, subspace: str,
-    weight_norm: float | None, flag_plateau: bool, quadrature: Any = None,
-) -> _Branches:
-    """Fixed points, Jacobians and the plateau with the generic engine.
-
-    The plateau is the unstable branch in the symmetric phase (``R_in`` equal across
-    students within 30 times the rate error estimate, bounded below by 1e-6) that is not
-    *dead* (:func:`_dead`: ``eps_g`` within 5 error estimates of the best constant
-    predictor's, i.e. the student output does not depend on the input, e.g. a gain
-    collapsed to 0), with the lowest ``eps_g`` (no trajectory is integrated: that would
-    cost a full generic ODE run); among mirror images of equal ``eps_g`` the one with
-    non-negative trainable parameters."""
-    model, norm = experiment.model, experiment.normalization
-    q = quadrature
-    points = eq.find_fixed_points_generic(
-        model, norm, eta=eta, batch_size=experiment.batch_size, second_order=second_order,
-        subspace=subspace, weight_norm=weight_norm, quadrature=q)
-    jacs, vals, vecs = [], [], []
-    for fp in points:  # a handful of branches
-        jac = eq.ode_jacobian_generic(model, norm, fp.Q, fp.R, fp.params, eta=eta,
-                                      batch_size=experiment.batch_size,
-                                      second_order=second_order, quadrature=q)
-        lam, vec = eq.sorted_eigen(jac)
-        jacs.append(jac)
-        vals.append(lam)
-        vecs.append(vec)
-    plateau = -1
-    if flag_plateau:
-        cand = [b for b, fp in enumerate(points)
-                if np.max(np.abs(fp.R - fp.R.mean(axis=0))) < max(1e-6, 30.0 * fp.rate_error)
-                and vals[b][0].real > 1e-9 and not _dead(model, fp)]
-        if cand:  # ties (mirror images, e.g. (g, W) -> (-g, -W)): non-negative parameters
-            plateau = min(cand, key=lambda b: (
-                round(points[b].eps_g, 10),
-                any(float(np.mean(v)) < 0 for v in getattr(points[b], "params", {}).values())))
-    return _Branches(points, jacs, vals, vecs, plateau, float("nan"))
-
-
-def _constant_predictor_error(model: Any) -> float:
-    """``eps_g`` of the best input-independent student output: ``Var(zeta) / 2 +
-    noise / 2`` (teacher output variance by Gauss-Hermite quadrature, exact for the
-    erf's closed form to ~1e-12)."""
-    act = framework_get_activation(model.activation)
-    x, w = np.polynomial.hermite_e.hermegauss(80)
-    w = w / w.sum()
-    L = np.linalg.cholesky(model.T)
-    M = model.M
-    if M <= 3:  # tensor grid over the teachers' M Gaussian coordinates
-        grids = np.meshgrid(*([x] * M), indexing="ij")
-        z = np.stack([g_.ravel() for g_ in grids], axis=-1)
-        wz = np.prod(np.meshgrid(*([w] * M), indexing="ij"), axis=0).ravel()
-    else:  # fixed-seed Monte Carlo
-        z = np.random.default_rng(0).standard_normal((1 << 18, M))
-        wz = np.full(z.shape[0], 1.0 / z.shape[0])
-    zeta = np.sum(act.g(z @ L.T), axis=-1)
-    mean = float(wz @ zeta)
-    return 0.5 * float(wz @ (zeta - mean) ** 2) + 0.5 * model.noise
-
-
-def _dead(model: Any, fp: Any) -> bool:
-    """A dead branch: ``eps_g`` within ``5 eps_g_error`` (at least 1e-9) of the best
-    constant predictor's (:func:`_constant_predictor_error`)."""
-    tol = max(1e-9, 5.0 * float(getattr(fp, "eps_g_error", 0.0)))
-    return bool(fp.eps_g >= _constant_predictor_error(model) - tol)
-
-
-def _engine_attrs(experiment: Experiment, br: Any = None, quadrature: Any = None
-                  ) -> dict[str, Any]:
-    model, norm = experiment.model, experiment.normalization
-    if not eq.needs_generic(model, norm):
-        return {"engine": "closed_form"}
-    eng = theory.expectation_engine(model, norm, quadrature)
+def _engine_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
     return {
-        "engine": eng.name,
-        "engine_description": eng.describe(),
-        **({"quadrature": eng.quadrature.describe()} if eng.quadrature is not None else {}),
-        "norm_invariance": eq.scale_invariance(model, norm),
-        "plateau_rule_generic": "unstable branch in the symmetric phase with the lowest eps_g, "
-        "excluding dead branches (eps_g within 5 error estimates of the best constant "
-        "predictor's: the output does not depend on the input, e.g. a gain collapsed to 0)",
+        **eng.attrs(),
+        "norm_invariance": eq.scale_invariance(experiment.model, experiment.normalization),
     }
 
 
-def _generic_fixedpoint_variables(experiment: Experiment, br: _Branches) -> dict[str, Any]:
-    norm = experiment.normalization
-    out = {
-        "eps_g_error": _var([fp.eps_g_error for fp in br.points], ("branch",),
-                            "error estimate of eps_g (generic engine; 0: exact)"),
-        "rate_error": _var([fp.rate_error for fp in br.points], ("branch",),
-                           "largest error estimate of the scaled right-hand side at the "
-                           "fixed point (generic engine; 0: exact)", "1/(eta alpha)"),
+def _parameter_variables(experiment: Experiment, params: list[dict], what: str
+                         ) -> dict[str, Any]:
+    """``param_<name>`` (branch, student) for each trainable parameter."""
+    return {
+        f"param_{k}": _var(np.array([p[k] for p in params]), ("branch", "student"),
+                           f"trainable normalization parameter {k} {what}")
+        for k in experiment.normalization.trainable
     }
-    for k in norm.trainable:
-        out[f"param_{k}"] = _var(np.array([fp.params[k] for fp in br.points]),
-                                 ("branch", "student"),
-                                 f"trainable normalization parameter {k} at the fixed point")
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -374,11 +258,11 @@ class FixedPointAnalyzer(Analyzer):
         None otherwise (the norm is then an outcome, reported as the ``weight_norm``
         coordinate).
     flag_plateau : bool
-        Integrate the ODE from the Experiment's initial condition (same ``eta``, up to
-        ``eta * alpha = horizon``) and flag as ``is_plateau`` the unstable branch it comes
-        closest to.
+        Flag the plateau as ``is_plateau`` (rule :data:`framework.theory.equilibrium.
+        PLATEAU_RULE`, attr ``plateau_rule``: no integration, polynomial in ``K``).
     horizon : float
-        See ``flag_plateau``.
+        No longer used (the plateau is chosen without integrating the ODE); kept so
+        that stored specifications load.
     """
 
     name: ClassVar[str] = "fixedpoint"
@@ -401,7 +285,7 @@ class FixedPointAnalyzer(Analyzer):
     def run(self, experiment: Experiment) -> xr.Dataset:
         eta = _resolve_eta(self.eta, experiment)
         br = _branches(experiment, eta, self.second_order, self.subspace, self.weight_norm,
-                       self.flag_plateau, self.horizon)
+                       self.flag_plateau)
         return fixedpoint_dataset(experiment, br, eta, self.second_order)
 
 
@@ -411,9 +295,7 @@ def fixedpoint_dataset(
     model, norm = experiment.model, experiment.normalization
     if not br.points:
         raise _no_branches(experiment)
-    invariant = bool(norm.scale_invariant)
-    generic = eq.needs_generic(model, norm)
-    key = norm if generic else invariant
+    invariant = eq.scale_invariance(model, norm) == "unit"
     sub = br.points[0].subspace
     ref = eq.symmetric_subspace(model, "exchangeable")
     nb = len(br.points)
@@ -422,7 +304,7 @@ def fixedpoint_dataset(
     lam = np.array(br.eigvals)
     kinds, fracs = [], []
     for fp, lam_b, vec in zip(br.points, br.eigvals, br.eigvecs, strict=True):
-        dQ, dR = _mode_matrices(model, key, _unstable_vector(model, key, lam_b, vec))
+        dQ, dR, _ = eq.mode_matrices(model, br.coords, eq.unstable_vector(br.coords, lam_b, vec))
         kind, frac = eq.classify_direction(ref, dQ, dR, fp.Q, fp.R)
         kinds.append(kind)
         fracs.append(frac)
@@ -451,24 +333,31 @@ def fixedpoint_dataset(
             fracs, ("branch",),
             "fraction of the most unstable eigenvector's norm inside the symmetric subspace"),
         "is_plateau": _var(np.arange(nb) == br.plateau, ("branch",),
-                           "the branch the dynamics from the Experiment's init lingers at"),
-        "specialized": _var(_specialized(R), ("branch",),
+                           "the plateau branch (attr plateau_rule)"),
+        "specialized": _var(eq.specialized(R), ("branch",),
                             "students distinguished (R_in not the same for all students i)"),
         "start": _var(np.array([fp.start for fp in br.points], dtype=object), ("branch",),
                       "first start that converged to this branch"),
     }
-    if generic:
-        data.update(_generic_fixedpoint_variables(experiment, br))
-    elif invariant or not np.allclose(
-        [norm.scale(fp.Q, norm.parameters(model.K)) for fp in br.points], 1.0, rtol=0, atol=0
-    ):
-        params = norm.parameters(model.K)
-        s = np.array([norm.scale(fp.Q, params) for fp in br.points])
-        data["Q_norm"] = _var(s[:, :, None] * Q * s[:, None, :], ("branch", "student", "student_"),
-                              "normalized overlap s_i Q_ik s_k (what the activation sees)")
-        data["R_norm"] = _var(s[:, :, None] * R, ("branch", "student", "teacher"),
-                              "normalized overlap s_i R_in")
-    coords = _coords(model, key)
+    data.update({
+        "eps_g_error": _var([fp.eps_g_error for fp in br.points], ("branch",),
+                            "error estimate of eps_g (0: exact engine)"),
+        "rate_error": _var([fp.rate_error for fp in br.points], ("branch",),
+                           "largest error estimate of the scaled right-hand side at the "
+                           "fixed point (0: exact engine)", "1/(eta alpha)"),
+        **_parameter_variables(experiment, [fp.params for fp in br.points],
+                               "at the fixed point"),
+    })
+    if norm.is_diagonal_scale():
+        fixed = norm.parameters(model.K)
+        s = np.array([norm.scale(fp.Q, {**fixed, **fp.params}) for fp in br.points])
+        if invariant or not np.all(s == 1.0):
+            data["Q_norm"] = _var(s[:, :, None] * Q * s[:, None, :],
+                                  ("branch", "student", "student_"),
+                                  "normalized overlap s_i Q_ik s_k (what the activation sees)")
+            data["R_norm"] = _var(s[:, :, None] * R, ("branch", "student", "teacher"),
+                                  "normalized overlap s_i R_in")
+    coords = br.coords
     ds = xr.Dataset(
         data,
         coords={
@@ -486,16 +375,14 @@ def fixedpoint_dataset(
             **_common_attrs(experiment, eta, second_order),
             "subspace": sub.kind,
             "plateau_branch": int(br.plateau),
-            "plateau_distance": float(br.plateau_distance),
-            "plateau_rule": "unstable branch closest (max-abs, over student permutations; angles "
-            "for scale-invariant normalizations) to the ODE trajectory from the Experiment's init",
+            "plateau_rule": eq.PLATEAU_RULE,
             "jacobian_coordinates": ", ".join(f"{v}[{i},{k}]" for v, i, k in coords),
             "jacobian_method": "central differences, two Richardson levels (h = 1e-3)",
             "mode_classes": MODE_CLASSES,
             "fixed_point_definition": (
                 "Q_ii = weight_norm and stationary angular flow (norms may grow through the "
                 "eta^2 term)" if invariant else "zero of the full ODE right-hand side"),
-            **_engine_attrs(experiment, br),
+            **_engine_attrs(experiment, br.engine),
         },
     )
     return ds
@@ -520,11 +407,12 @@ class HessianAnalyzer(Analyzer):
     ``|dW|``) and classified (symmetric / symmetry-breaking / mixed / norm / complement).
 
     Trainable normalization parameters join the span block (Hessian over ``(W,
-    theta)``; their values are stored as ``param_<name>``): exactly for scale
-    parameters with the erf activation (weightnorm's ``g``, batchnorm_affine's
-    ``gamma``; its ``beta`` held at 0 contributes an exact decoupled block), otherwise by
-    the generic engine with error estimates (attr ``engine``). Fixed parameters (e.g.
-    batchnorm's ``gamma``) are stored in the attrs.
+    theta)``; their values are stored as ``param_<name>``): exactly with the closed-form
+    engine (weightnorm's ``g``, batchnorm_affine's ``gamma``; its ``beta`` held at 0
+    contributes an exact decoupled block), otherwise with the quadrature's error
+    estimates (attr ``engine``; ``eigenvalue_error`` is the finite-difference truncation
+    estimate alone when exact). Fixed parameters (e.g. batchnorm's ``gamma``) are stored
+    in the attrs.
 
     Parameters
     ----------
@@ -589,33 +477,30 @@ class HessianAnalyzer(Analyzer):
 
     def _one(self, experiment: Experiment, eta: float, N: int, q: float | None) -> xr.Dataset:
         model, norm = experiment.model, experiment.normalization
-        invariant = bool(norm.scale_invariant)
+        invariant = eq.scale_invariance(model, norm) == "unit"
         if self.at is not None:
+            eng = _engine(experiment)
             Q, R = np.array(self.at.Q), np.array(self.at.R)
             if invariant and q is not None:
                 Q, R = eq.rescale_weight_norm(Q, R, q)
             points = [(Q, R)]
-            point_params = [None]
+            point_params: list[dict] = [{}]
             plateau = -1
-            eps = [theory.generalization_error(model, norm,
-                                               eq.to_order_parameters(Q, R, model.T))]
+            eps = [eng.generalization_error(Q, R)[0]]
             source = "given order parameters ('at')"
         else:
             br = _branches(experiment, eta, self.second_order, self.subspace, q,
-                           self.flag_plateau, self.horizon)
+                           self.flag_plateau)
             if not br.points:
                 raise _no_branches(experiment)
+            eng = br.engine
             points = [(fp.Q, fp.R) for fp in br.points]
-            point_params = [getattr(fp, "params", None) for fp in br.points]
+            point_params = [fp.params for fp in br.points]
             plateau = br.plateau
             eps = [fp.eps_g for fp in br.points]
             source = "fixed points of the symmetric subspace ('fixedpoint' branches)"
-        generic = eq.hessian_needs_generic(model, norm)
-        if generic:
-            specs = [eq.weight_space_hessian_generic(model, norm, Q, R, pp)
-                     for (Q, R), pp in zip(points, point_params, strict=True)]
-        else:
-            specs = [eq.weight_space_hessian(model, norm, Q, R) for Q, R in points]
+        specs = [eq.weight_space_hessian(model, norm, Q, R, pp or None, engine=eng)
+                 for (Q, R), pp in zip(points, point_params, strict=True)]
         ref = eq.symmetric_subspace(model, "exchangeable")
         K, M = model.K, model.M
         n_eigen = max(s.span.size for s in specs) + K
@@ -672,10 +557,9 @@ class HessianAnalyzer(Analyzer):
                               "first-order change of R along the unit escape mode dW"),
             "eps_g": _var(eps, ("branch",), "generalization error"),
             "is_plateau": _var(np.arange(nb) == plateau, ("branch",),
-                               "the branch the dynamics from the Experiment's init lingers at"),
+                               "the plateau branch (attr plateau_rule)"),
         }
-        if generic:
-            data.update(_generic_hessian_variables(specs, norm, n_eigen))
+        data.update(_hessian_error_variables(specs, norm, n_eigen))
         wn = [float(np.mean(np.diagonal(p[0]))) for p in points]
         ds = xr.Dataset(
             data,
@@ -692,16 +576,12 @@ class HessianAnalyzer(Analyzer):
                 "(dim S = dim_span)",
                 "hessian_coordinates": "W = J / sqrt(N) (Q = W W^T, R = W B^T / sqrt(N)); "
                 "eps_g as a function of the K x N entries of W",
-                "hessian_method": "exact split span + complement; span block from the analytic "
-                "gradient by central differences with two Richardson levels (~1e-11)",
                 "hessian_scaling": "scale-invariant normalization: lambda(c W) = lambda(W) / c^2 "
                 "with weight_norm = Q_ii = |W_i|^2, so lambda is proportional to 1/weight_norm",
                 "evaluated_at": source,
                 "plateau_branch": int(plateau),
                 "mode_classes": MODE_CLASSES,
-                "trainable_parameters_included": "none (normalization has no trainable "
-                "parameters)",
-                **_generic_hessian_attrs(experiment, generic),
+                **_hessian_attrs(experiment, eng),
             },
         )
         if invariant and (q is not None or self.at is None):
@@ -715,7 +595,7 @@ class HessianAnalyzer(Analyzer):
         return ds
 
 
-def _generic_hessian_variables(specs: list, norm: Any, n_eigen: int) -> dict[str, Any]:
+def _hessian_error_variables(specs: list, norm: Any, n_eigen: int) -> dict[str, Any]:
     nb = len(specs)
     K = specs[0].complement.size
     err = np.full((nb, n_eigen), np.nan)
@@ -724,8 +604,8 @@ def _generic_hessian_variables(specs: list, norm: Any, n_eigen: int) -> dict[str
         err[b, sp.span.size:sp.span.size + K] = sp.complement_error
     out = {
         "eigenvalue_error": _var(err, ("branch", "eigen"),
-                                 "error estimate of the eigenvalue (generic engine: standard "
-                                 "error of replicate Hessians + finite-difference truncation)"),
+                                 "error estimate of the eigenvalue (standard error of replicate "
+                                 "Hessians + finite-difference truncation)"),
         "lambda_min_error": _var([sp.lambda_min_error for sp in specs], ("branch",),
                                  "error estimate of lambda_min"),
         "gradient_norm": _var([sp.gradient_norm for sp in specs], ("branch",),
@@ -754,30 +634,22 @@ def _generic_hessian_variables(specs: list, norm: Any, n_eigen: int) -> dict[str
     return out
 
 
-def _generic_hessian_attrs(experiment: Experiment, generic: bool,
-                           quadrature: Any = None) -> dict[str, Any]:
-    model, norm = experiment.model, experiment.normalization
-    if not generic:
-        return {"engine": "closed_form"}
-    eng = theory.expectation_engine(model, norm, quadrature)
+def _hessian_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
+    norm = experiment.normalization
     held = (f"; shift parameters {', '.join(eng.held)} at 0: their block (exact closed "
             "form) is decoupled from (W, theta) by the odd symmetry") if eng.held else ""
     out = {
-        "engine": eng.name,
-        "engine_description": eng.describe(),
+        **_engine_attrs(experiment, eng),
         "hessian_method": (
-            "exact weight gradients (closed form with the trainable parameters) "
-            if eng.exact else "generic engine: per-replicate weight gradients (randomized "
-            "QMC, common random numbers) ") + "differentiated by central differences with one "
-        "Richardson level; realization in K + M dimensions plus one orthogonal (complement) "
-        "dimension" + held,
+            "exact weight gradients " if eng.exact else "per-replicate weight gradients "
+            "(randomized QMC, common random numbers) ") + "differentiated by central "
+        "differences with one Richardson level; realization in K + M dimensions plus one "
+        "orthogonal (complement) dimension" + held,
         "trainable_parameters_included": (
             "Hessian over (W, theta), theta = " + ", ".join(norm.trainable)
             + " (theta joins the span block; its coupling to the complement is zero)")
         if norm.trainable else "none (normalization has no trainable parameters)",
     }
-    if eng.quadrature is not None:
-        out["quadrature"] = eng.quadrature.describe()
     if not norm.statistics_gradient:
         out["hessian_meaning"] = (
             "Hessian of the loss landscape eps_g (gradient through the statistics taken by "
@@ -821,6 +693,8 @@ class EscapeAnalyzer(Analyzer):
     Parameters
     ----------
     start : {"fixedpoint", "init"}
+        Where the run starts: the perturbed plateau branch, or the Experiment's initial
+        condition (see above).
     perturbation : float
         Relative size of the initial displacement (``start="fixedpoint"``).
     eta : float, optional
@@ -845,6 +719,12 @@ class EscapeAnalyzer(Analyzer):
         threshold (later grid points are NaN).
     rtol, atol, method, second_order, max_value
         As for ``dynamics``.
+    subspace : {"auto", "matched", "exchangeable"}
+        The symmetric subspace of the plateau's fixed-point search (as for
+        ``fixedpoint``).
+    horizon : float
+        No longer used (the plateau is chosen without integrating the ODE); kept so that
+        stored specifications load.
     """
 
     name: ClassVar[str] = "escape"
@@ -887,7 +767,7 @@ class EscapeAnalyzer(Analyzer):
     def run(self, experiment: Experiment) -> xr.Dataset:
         eta = _resolve_eta(self.eta, experiment)
         model, norm = experiment.model, experiment.normalization
-        invariant = bool(norm.scale_invariant)
+        invariant = eq.scale_invariance(model, norm) == "unit"
         exp_eta = experiment if eta == experiment.eta else experiment.evolve(eta=eta)
         if self.start == "init":
             initial = experiment.initial_order_parameters()
@@ -895,7 +775,7 @@ class EscapeAnalyzer(Analyzer):
         else:
             q = (1.0 if self.weight_norm is None else self.weight_norm) if invariant else None
         if self.plateau == "gradient_flow":
-            ref = _branches(experiment, 0.0, False, self.subspace, q, True, self.horizon)
+            ref = _branches(experiment, 0.0, False, self.subspace, q, True, self.quadrature)
             if ref.plateau < 0:
                 raise SpecificationError(
                     f"no unstable symmetric fixed point (plateau) of gradient flow found for "
@@ -905,7 +785,7 @@ class EscapeAnalyzer(Analyzer):
             br = ref  # lambda_min, rate and weight_norm_plateau of the eta -> 0 plateau
         else:
             br = _branches(experiment, eta, self.second_order, self.subspace, q, True,
-                           self.horizon, self.quadrature)
+                           self.quadrature)
         if br.plateau < 0:
             raise SpecificationError(
                 f"no unstable symmetric fixed point (plateau) found for K={model.K}, "
@@ -913,22 +793,17 @@ class EscapeAnalyzer(Analyzer):
         fp = br.points[br.plateau]
         if self.plateau == "eta":
             eps_plateau = fp.eps_g
-        if eq.hessian_needs_generic(model, norm):
-            spec = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R,
-                                                   getattr(fp, "params", None),
-                                                   quadrature=self.quadrature)
-        else:
-            spec = eq.weight_space_hessian(model, norm, fp.Q, fp.R)
+        spec = eq.weight_space_hessian(model, norm, fp.Q, fp.R, fp.params or None,
+                                       engine=br.engine)
         how = "experiment init"
+        dparams: dict[str, np.ndarray] = {}
         if self.start == "fixedpoint":
-            key = norm if eq.needs_generic(model, norm) else invariant
-            vec = _unstable_vector(model, key, br.eigvals[br.plateau],
-                                   br.eigvecs[br.plateau])
-            initial, how, dparams = _perturbed(model, norm, fp, vec, spec, self.perturbation,
-                                               key)
+            vec = eq.unstable_vector(br.coords, br.eigvals[br.plateau], br.eigvecs[br.plateau])
+            initial, how, dparams = eq.escape_start(model, fp, br.coords, vec, spec,
+                                                    self.perturbation)
         grid = (np.linspace(0.0, self.alpha_max, self.n_points) if self.alpha is None
                 else np.asarray(self.alpha))
-        params = getattr(fp, "params", None) if self.start == "fixedpoint" else None
+        params = fp.params if self.start == "fixedpoint" else None
         if params:  # the trainable parameters move along the mode too
             params = {k: np.asarray(v, dtype=float) + dparams.get(k, 0.0)
                       for k, v in params.items()}
@@ -980,94 +855,8 @@ class EscapeAnalyzer(Analyzer):
             "plateau_branch": int(br.plateau),
             "stop_at_escape": int(self.stop_at_escape),
         })
-        if eq.needs_generic(model, norm):
-            ds.attrs.update(_engine_attrs(experiment, quadrature=self.quadrature))
+        ds.attrs.update(_engine_attrs(experiment, br.engine))
         return ds
-
-
-def _theta_parts(coords: list, vec: np.ndarray, K: int) -> dict[str, np.ndarray]:
-    """The trainable-parameter components ``("theta:<name>", i, 0)`` of a Jacobian vector."""
-    out: dict[str, np.ndarray] = {}
-    v = np.real(vec)
-    for value, (kind, i, _) in zip(v, coords, strict=True):
-        if kind.startswith("theta:"):
-            out.setdefault(kind[len("theta:"):], np.zeros(K))[i] = value
-    return out
-
-
-def _realize_mode(model: Any, invariant: Any, vec: np.ndarray, X: np.ndarray,
-                  Bt: np.ndarray) -> np.ndarray | None:
-    """``dW`` (shape of ``X``) whose first-order change of the Jacobian coordinates
-    (``Q_ik``, ``R_in``; norms free where they are not coordinates) is the ``(Q, R)``
-    part of ``vec``; None if no ``dW`` reproduces it to 1e-6 (relative)."""
-    K, D = X.shape
-    pairs = [(v, c) for v, c in zip(np.real(vec), _coords(model, invariant), strict=True)
-             if c[0] in ("Q", "R")]
-    coords = [c for _, c in pairs]
-    target = np.array([v for v, _ in pairs])
-    basis = np.eye(K * D).reshape(K * D, K, D)
-    dQ = X[None] @ np.swapaxes(basis, 1, 2) + basis @ X.T[None]  # (K D, K, K)
-    dR = basis @ Bt.T[None]  # (K D, K, M)
-    A = np.stack([dQ[:, i, k] if v == "Q" else dR[:, i, k] for v, i, k in coords], axis=0)
-    sol, *_ = np.linalg.lstsq(A, target, rcond=None)
-    if np.linalg.norm(A @ sol - target) > 1e-6 * max(np.linalg.norm(target), 1e-300):
-        return None
-    return sol.reshape(K, D)
-
-
-def _perturbed(
-    model: Any, norm: Any, fp: eq.FixedPoint, vec: np.ndarray, spec: eq.HessianSpectrum,
-    size: float, invariant: Any,
-) -> tuple[OrderParameters, str, dict[str, np.ndarray]]:
-    """The plateau moved along its escape direction: ``(start, description, dtheta)``.
-
-    The direction includes the trainable parameters (``dtheta``, zero without them):
-    the step is ``size`` times ``|(Q, R)|`` over the norm of the whole vector ``(dQ, dR,
-    dtheta)`` (Jacobian eigenvector). Where that leaves the PSD cone (a plateau of
-    identical students on its boundary), the same eigenvector is realized in weight
-    space: the displacement ``dW`` of the realization whose first-order change of the
-    Jacobian's coordinates is the eigenvector (least squares, accepted if it reproduces
-    it to 1e-6), so the start moves along the ODE's unstable direction and stays
-    realizable. Last resort: the Hessian's escape mode in weight space (step ``size
-    |W|`` over ``|(dW, dtheta)|``).
-    """
-    dQ, dR = _mode_matrices(model, invariant, vec)
-    dth = {} if isinstance(invariant, (bool, np.bool_)) else \
-        _theta_parts(_coords(model, invariant), vec, model.K)
-    extra = sum(float(np.sum(v**2)) for v in dth.values())
-    total = math.sqrt(float(np.sum(fp.Q**2) + np.sum(fp.R**2)))
-    scale = size * total / math.sqrt(float(np.sum(dQ**2) + np.sum(dR**2)) + extra)
-    for sign in (1.0, -1.0):
-        Q, R = fp.Q + sign * scale * dQ, fp.R + sign * scale * dR
-        if eq.psd_margin(Q, R, model.T) > 1e-12:
-            try:
-                return OrderParameters(Q, R, model.T), (
-                    f"ODE Jacobian's most unstable eigenvector, sign {sign:+g}"), \
-                    {k: sign * scale * v for k, v in dth.items()}
-            except ValueError:
-                pass
-    X, Bt = spec.X, spec.Bt
-    realized = _realize_mode(model, invariant, vec, X, Bt)
-    if realized is not None:
-        dWr = realized
-        step = scale
-        Xp = X + step * dWr
-        op = eq.to_order_parameters(Xp @ Xp.T, Xp @ Bt.T, model.T)
-        return op, ("ODE Jacobian's most unstable eigenvector realized in weight space "
-                    "(first order)"), {k: step * v for k, v in dth.items()}
-    dW = spec.escape_dW
-    dth = {k: np.asarray(v, dtype=float)
-           for k, v in getattr(spec, "escape_dtheta", {}).items()}
-    step = size * np.linalg.norm(X) / math.sqrt(
-        float(np.sum(dW**2)) + sum(float(np.sum(v**2)) for v in dth.values()))
-    if spec.escape_block == "span":
-        Xp, Btp = X + step * dW, Bt
-    else:
-        Xp = np.concatenate([X, step * dW], axis=1)
-        Btp = np.concatenate([Bt, np.zeros((Bt.shape[0], 1))], axis=1)
-    op = eq.to_order_parameters(Xp @ Xp.T, Xp @ Btp.T, model.T)
-    return op, f"Hessian escape mode in weight space ({spec.escape_block} block)", \
-        {k: step * v for k, v in dth.items()}
 
 
 @hookimpl

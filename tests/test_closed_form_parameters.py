@@ -38,11 +38,10 @@ def _engines(name: str, K: int = 3, M: int = 2, noise: float = 0.02, seed: int =
 def test_auto_engine_is_exact_and_names_itself(name) -> None:
     model, norm, exact, *_ = _engines(name)
     assert isinstance(exact, theory.ClosedFormEngine) and exact.exact
-    assert exact.name == "closed_form" and exact.quadrature is None
+    assert exact.name == "closed_form" and "quadrature" not in exact.attrs()
     assert exact.trainable == tuple(norm.scale_parameters)
     assert exact.held == tuple(norm.shift_parameters)
-    assert not theory.has_closed_form(model, norm)  # the parameter-free closed form: no
-    assert theory.has_closed_form_parameters(model, norm)
+    assert theory.has_closed_form(model, norm)
     generic = theory.expectation_engine(model, norm, engine="generic")
     assert generic.name == "generic" and not generic.exact
     tanh = TeacherStudent(model.K, model.M, T=model.T, activation="tanh")
@@ -150,7 +149,7 @@ def test_gradient_flow_plateau_is_plains_in_effective_weights(name, K) -> None:
     |W_i| = 1 are plain's directions scaled by g)."""
     model = TeacherStudent(K, K)
     norm = framework.get_normalization(name)
-    fps = eq.find_fixed_points_generic(model, norm, eta=0.0)
+    fps = eq.find_fixed_points(model, norm, eta=0.0)
     live = [f for f in fps if f.eps_g < 0.9 * K / 6 and np.ptp(f.R) < 1e-9
             and np.all(f.params[norm.scale_parameters[0]] > 0)]
     assert live, [(f.eps_g, f.R.tolist()) for f in fps]
@@ -166,7 +165,7 @@ def test_gradient_flow_plateau_is_plains_in_effective_weights(name, K) -> None:
            if np.ptp(f.R) < 1e-9 and abs(f.Q[0, 0] - 1 / (2 * K - 1)) < 1e-9]
     assert ref
     assert fp.eps_g == pytest.approx(ref[0].eps_g, rel=1e-10)
-    h = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R, fp.params)
+    h = eq.weight_space_hessian(model, norm, fp.Q, fp.R, fp.params)
     hp = eq.weight_space_hessian(model, plain, ref[0].Q, ref[0].R)
     assert h.engine == "closed_form"
     assert h.lambda_min == pytest.approx(hp.lambda_min / (2 * K - 1), rel=1e-6)
@@ -179,7 +178,7 @@ def test_exact_and_generic_integrations_agree() -> None:
     op = OrderParameters([[0.9, 0.2], [0.2, 0.5]], [[0.3, 0.1], [0.0, 0.2]])
     alpha = np.array([0.0, 1.0, 3.0])
     exact = theory.integrate(model, norm, op, eta=0.8, alpha=alpha)
-    assert exact.engine == "closed_form" and exact.quadrature is None
+    assert exact.engine == "closed_form" and "quadrature" not in exact.description
     assert np.all(exact.eps_g_error == 0) and not exact.diverged
     runs = [theory.integrate(model, norm, op, eta=0.8, alpha=alpha, engine="generic",
                              quadrature={"seed": s, "samples": 1024, "replicates": 4})

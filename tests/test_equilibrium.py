@@ -10,6 +10,7 @@ import pytest
 
 import framework
 from framework import Experiment, OrderParameters, SpecificationError, TeacherStudent, theory
+from framework.theory import _kernels
 from framework.theory import equilibrium as eq
 from plugins.normalizations import BatchNorm
 
@@ -288,7 +289,10 @@ def test_hessian_at_given_order_parameters_and_plain_has_no_zero_scale_mode() ->
     assert framework.Experiment.from_json(ds.attrs["symphase_spec_json"]).analyzers[0].at == op
 
 
-def test_trainable_and_stopgrad_normalizations_are_refused_by_name() -> None:
+def test_trainable_and_stopgrad_normalizations_get_the_same_hessian_fields() -> None:
+    """No refusal: a trained parameter outside the closed form's reach joins the span
+    block on the quadrature engine; a stop-gradient normalization gets the exact
+    Hessian of its loss landscape (flagged), equal to the quadrature's within errors."""
     @attrs.frozen
     class TrainedBN(BatchNorm):
         name = "trained_bn_test"
@@ -297,17 +301,28 @@ def test_trainable_and_stopgrad_normalizations_are_refused_by_name() -> None:
         def trainable(self) -> tuple[str, ...]:
             return ("gamma",)
 
+    model = TeacherStudent(2, 2)
     Q, R = np.eye(2) * 0.5, np.full((2, 2), 0.3)
-    with pytest.raises(NotImplementedError, match=r"'trained_bn_test' trains \['gamma'\]"):
-        eq.weight_space_hessian(TeacherStudent(2, 2), TrainedBN(), Q, R)
+    spec = eq.weight_space_hessian(model, TrainedBN(), Q, R)
+    assert spec.engine == "generic" and spec.theta_names == ("gamma",)
+    assert spec.span.size == 2 * 4 + 2 and spec.lambda_min_error > 0
 
     @attrs.frozen
     class FrozenStats(BatchNorm):
         name = "frozen_stats_test"
         statistics_gradient = False
 
-    with pytest.raises(NotImplementedError, match=r"'frozen_stats_test' passes no gradient"):
-        eq.weight_space_hessian(TeacherStudent(2, 2), FrozenStats(), Q, R)
+    exact = eq.weight_space_hessian(model, FrozenStats(), Q, R)
+    quad = eq.weight_space_hessian(model, FrozenStats(), Q, R, engine="generic")
+    assert exact.engine == "closed_form" and exact.landscape_only and quad.landscape_only
+    assert exact.theta_names == () and exact.params == {}
+    err = quad.span_error + exact.span_error
+    assert np.all(np.abs(exact.span - quad.span) <= 6 * err + 1e-9), (exact.span, quad.span)
+    # the landscape is batchnorm's eps_g (same forward map): the same Hessian, up to the
+    # central differences of the scale (h = 1e-6) that stand in for its zeroed Jacobian
+    bn = eq.weight_space_hessian(model, BN, Q, R)
+    np.testing.assert_allclose(exact.span, bn.span, atol=1e-7)
+    np.testing.assert_allclose(exact.complement, bn.complement, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------
@@ -403,7 +418,9 @@ def test_gradient_is_the_first_order_drift() -> None:
     model = TeacherStudent(3, 2)
     Q, R = _random_point(model, seed=11)
     for norm in (PLAIN, BN):
-        _, G, H = eq.eps_g_gradient(model, norm, Q, R)
+        p = norm.parameters(model.K)
+        _, G, H, _ = _kernels.eps_g_gradient(Q, R, model.T, norm.scale(Q, p),
+                                             norm.scale_jacobian(Q, p), model.noise)
         S = G + G.T
         dQ, dR = theory.ode_rhs(model, norm, Q, R, 1.0, second_order=False)
         np.testing.assert_allclose(dR, -(S @ R + H @ model.T), atol=1e-14)

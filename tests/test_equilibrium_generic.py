@@ -25,7 +25,7 @@ def _plateau(name: str, K: int = 2, eta: float = 0.1):
 def test_generic_hessian_matches_closed_form(name: str) -> None:
     model, norm, fp = _plateau(name)
     exact = eq.weight_space_hessian(model, norm, fp.Q, fp.R)
-    gen = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R)
+    gen = eq.weight_space_hessian(model, norm, fp.Q, fp.R, engine="generic")
     assert abs(gen.lambda_min - exact.lambda_min) <= Z * gen.lambda_min_error
     np.testing.assert_array_less(np.abs(gen.complement - exact.complement),
                                  Z * gen.complement_error)
@@ -39,7 +39,7 @@ def test_stopgrad_landscape_hessian_is_batchnorms() -> None:
     model, bn, fp = _plateau("batchnorm")
     sg = framework.get_normalization("batchnorm_stopgrad")
     exact = eq.weight_space_hessian(model, bn, fp.Q, fp.R)
-    gen = eq.weight_space_hessian_generic(model, sg, fp.Q, fp.R)
+    gen = eq.weight_space_hessian(model, sg, fp.Q, fp.R, engine="generic")
     assert gen.landscape_only
     assert abs(gen.lambda_min - exact.lambda_min) <= Z * gen.lambda_min_error
 
@@ -52,7 +52,7 @@ def test_complement_decouples_from_trainable_parameters(name: str) -> None:
     Q = np.array([[0.9, 0.2], [0.2, 0.7]])
     R = np.array([[0.5, 0.1], [0.2, 0.4]])
     params = {k: np.array([0.8, 1.2]) for k in norm.trainable if k != "beta"}
-    gen = eq.weight_space_hessian_generic(model, norm, Q, R, params)
+    gen = eq.weight_space_hessian(model, norm, Q, R, params)
     assert gen.theta_names == tuple(norm.trainable)
     assert gen.coupling_complement_theta <= Z * gen.coupling_complement_theta_error + 1e-12
     assert gen.coupling_complement_span <= Z * gen.coupling_complement_span_error + 1e-12
@@ -75,16 +75,16 @@ def test_weightnorm_analyzers_include_the_gain() -> None:
 
 def test_generic_fixed_points_refuse_gradient_flow_by_name() -> None:
     with pytest.raises(framework.SpecificationError, match=r"'eta' must be > 0.*weightnorm"):
-        eq.find_fixed_points_generic(TeacherStudent(2, 2, activation="tanh"),
+        eq.find_fixed_points(TeacherStudent(2, 2, activation="tanh"),
                                      framework.get_normalization("weightnorm"), eta=0.0)
 
 
 def test_generic_hessian_raises_accuracy_error_rather_than_noise() -> None:
     model, norm, fp = _plateau("plain")
     with pytest.raises(framework.theory.AccuracyError, match="lambda_min"):
-        eq.weight_space_hessian_generic(
+        eq.weight_space_hessian(
             model, norm, fp.Q, fp.R, quadrature={"samples": 16, "replicates": 2},
-            accuracy=1e-9)
+            accuracy=1e-9, engine="generic")
 
 
 def test_scale_invariance_probe() -> None:

@@ -199,7 +199,8 @@ def test_engine_option_and_dispatch() -> None:
     ln = framework.get_normalization("layernorm")
     with pytest.raises(theory.ClosedFormUnavailable, match=r"'layernorm'.*engine='generic'"):
         theory.generalization_error(model, ln, op, engine="closed_form")
-    assert not theory.has_closed_form(model, framework.get_normalization("weightnorm"))
+    assert theory.has_closed_form(model, framework.get_normalization("weightnorm"))
+    assert not theory.has_closed_form(model, ln)
     assert theory.has_closed_form(model, framework.get_normalization("batchnorm_stopgrad"))
     # auto: closed form for plain (exactly), generic for layer norm
     assert theory.generalization_error(model, plain, op) == theory.generalization_error(
@@ -219,15 +220,19 @@ def test_engine_option_and_dispatch() -> None:
     assert theory.Quadrature(method="montecarlo", samples=1000).samples == 1000
 
 
-def test_scale_functions_stays_the_gate_of_closed_form_code() -> None:
-    """Closed-form callers (e.g. framework.equilibrium) rely on it raising."""
-    model = TeacherStudent(3, 2)
-    for norm, act in [("layernorm", "erf"), ("weightnorm", "erf"), ("batchnorm", "relu")]:
-        with pytest.raises(theory.ClosedFormUnavailable, match=f"'{norm}'"):
-            theory.scale_functions(TeacherStudent(3, 2, activation=act),
-                                   framework.get_normalization(norm))
-    s, _ = theory.scale_functions(model, framework.get_normalization("batchnorm"))
-    np.testing.assert_allclose(s(np.eye(3) * 2.0), np.full(3, 2**-0.5))
+def test_closed_form_is_refused_with_the_reason() -> None:
+    """engine='closed_form' raises naming the pair and why; 'auto' falls back."""
+    for norm, act, why in [("layernorm", "erf", "diagonal-scale"),
+                           ("batchnorm", "relu", "no closed form")]:
+        model = TeacherStudent(3, 2, activation=act)
+        normalization = framework.get_normalization(norm)
+        with pytest.raises(theory.ClosedFormUnavailable, match=f"'{norm}'.*{why}"):
+            theory.select_engine(model, normalization, engine="closed_form")
+        assert theory.select_engine(model, normalization).name == "generic"
+    eng = theory.select_engine(TeacherStudent(3, 2), framework.get_normalization("batchnorm"))
+    assert eng.name == "closed_form" and eng.exact and eng.trainable == ()
+    rates = eng.rates(2.0 * np.eye(3), np.zeros((3, 2)), eta=0.5)
+    assert rates.dparams == {} and np.all(rates.dQ_error == 0) and rates.eps_g_error == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,8 +282,7 @@ def test_integrate_runs_for_every_normalization_and_activation(norm, activation)
                             rtol=1e-4 if activation == "relu" else 1e-10)
     assert not traj.diverged, traj.message
     assert np.all(np.isfinite(traj.eps_g)) and traj.Q.shape == (2, K, K)
-    exact = theory.has_closed_form(model, e.normalization) or \
-        theory.has_closed_form_parameters(model, e.normalization)
+    exact = theory.has_closed_form(model, e.normalization)
     assert (traj.engine == "generic") == (not exact)
 
 

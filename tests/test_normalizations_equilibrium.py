@@ -67,7 +67,7 @@ def _generic_rate_and_lambda(name: str, eta: float):
 
     model = TeacherStudent(2, 2)
     norm = framework.get_normalization(name)
-    found = eq.find_fixed_points_generic(model, norm, eta=eta, engine="generic")
+    found = eq.find_fixed_points(model, norm, eta=eta, engine="generic")
     # the symmetric phase within the rate error (the analyzers' rule), not dead
     fps = [f for f in found
            if np.max(np.abs(f.R - f.R.mean(axis=0))) < max(1e-6, 30.0 * f.rate_error)
@@ -76,10 +76,10 @@ def _generic_rate_and_lambda(name: str, eta: float):
     fp = min(fps, key=lambda f: f.eps_g)
     rates = []
     for seed in (0, 1):  # the rate's error: difference of two quadrature seeds
-        jac = eq.ode_jacobian_generic(model, norm, fp.Q, fp.R, fp.params, eta=eta,
+        jac = eq.ode_jacobian(model, norm, fp.Q, fp.R, fp.params, eta=eta,
                                       quadrature={"seed": seed}, engine="generic")
         rates.append(float(eq.sorted_eigen(jac)[0][0].real))
-    h = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R, fp.params, engine="generic")
+    h = eq.weight_space_hessian(model, norm, fp.Q, fp.R, fp.params, engine="generic")
     return rates[0], float(h.lambda_min), float(h.lambda_min_error), abs(rates[1] - rates[0])
 
 
@@ -113,12 +113,12 @@ def test_small_eta_limit_exact_engine(name: str) -> None:
     etas = np.array([0.01, 0.02, 0.04])
     d = []
     for eta in etas:
-        fps = [f for f in eq.find_fixed_points_generic(model, norm, eta=eta)
+        fps = [f for f in eq.find_fixed_points(model, norm, eta=eta)
                if np.ptp(f.R) < 1e-9 and 0.0 < f.eps_g < 0.3]
         fp = min(fps, key=lambda f: f.eps_g)
-        rate = float(eq.sorted_eigen(eq.ode_jacobian_generic(
+        rate = float(eq.sorted_eigen(eq.ode_jacobian(
             model, norm, fp.Q, fp.R, fp.params, eta=eta))[0][0].real)
-        h = eq.weight_space_hessian_generic(model, norm, fp.Q, fp.R, fp.params)
+        h = eq.weight_space_hessian(model, norm, fp.Q, fp.R, fp.params)
         assert h.engine == "closed_form"
         d.append(h.lambda_min + rate)
     d0 = np.polyval(np.polyfit(etas, d, 2), 0.0)
@@ -126,11 +126,13 @@ def test_small_eta_limit_exact_engine(name: str) -> None:
 
 
 def test_dead_branch_rule_uses_the_best_constant_predictor() -> None:
-    from plugins.equilibrium import _constant_predictor_error
+    from framework import theory
+    from framework.theory import equilibrium as eq
 
     # erf, T = I: Var(zeta) / 2 = (M / pi) asin(1/2) = M / 6
     for K in (2, 3):
-        assert abs(_constant_predictor_error(TeacherStudent(K, K)) - K / 6) < 1e-10
+        engine = theory.select_engine(TeacherStudent(K, K), framework.get_normalization("plain"))
+        assert abs(eq.constant_predictor_error(engine) - K / 6) < 1e-10
 
 
 def test_generic_integration_stops_below_threshold() -> None:
@@ -139,7 +141,7 @@ def test_generic_integration_stops_below_threshold() -> None:
     model = TeacherStudent(2, 2)
     exp = Experiment(model, seed=0)
     eng = theory.expectation_engine(model, framework.get_normalization("plain"),
-                                    {"samples": 2048, "replicates": 4})
+                                    {"samples": 2048, "replicates": 4}, engine="generic")
     op = exp.initial_order_parameters()
     grid = np.linspace(0.0, 400.0, 201)
     full = eng.integrate(op.Q, op.R, eta=1.0, alpha=grid)

@@ -141,7 +141,7 @@ def test_ode_is_the_expected_one_step_sgd_increment(name, options, activation, K
     assert np.abs(r.dQ).max() > 10 * sQ.max() and np.abs(r.dR).max() > 10 * sR.max()
     # where a closed form exists the facade uses it, and it agrees too
     if theory.has_closed_form(model0, norm):
-        dQ, dR = theory.ode_rhs(model, norm, Q, R, eta)
+        dQ, dR = theory.ode_rhs(model, norm, Q, R, eta, params=params)
         assert np.all(np.abs(mQ - dQ) <= z * sQ + inc["bias"])
         assert np.all(np.abs(mR - dR) <= z * sR)
 

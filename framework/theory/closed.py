@@ -25,10 +25,11 @@ theta)``. Their block (:meth:`ClosedFormEngine.held_hessian`) is exact::
 has no closed form (:class:`ClosedFormEngine` refuses it; the generic engine takes
 it).
 
-:class:`ClosedFormEngine` has the interface of
-:class:`framework.theory.quadrature.ExpectationEngine` (``rates``, ``generalization_error``,
-``weight_moments``, ``integrate``) with zero error estimates, so every analyzer
-written for the generic engine runs on it unchanged.
+:class:`ClosedFormEngine` implements :class:`framework.theory.base.Engine` with zero
+error estimates. Without trainable parameters (``plain``, ``batchnorm`` with a fixed
+``gamma``, ...) it integrates on the compiled DOP853 where it can (the plain network;
+normalizations that provide :meth:`~framework.Normalization.scale_kernels`), else on
+scipy's solver with the same tolerances.
 """
 
 from __future__ import annotations
@@ -44,31 +45,17 @@ from framework.model import TeacherStudent
 from framework.normalization import Normalization
 from framework.theory import _kernels as _theory
 from framework.theory._erf import J2
-from framework.theory.quadrature import ExpectationEngine, GenericRates
+from framework.theory.base import Engine, Rates, Trajectory
 
-__all__ = ["ClosedFormEngine", "supports_closed_form_parameters"]
-
-
-def supports_closed_form_parameters(normalization: Normalization) -> bool:
-    """True if every trainable parameter is a scale or a shift parameter of a
-    diagonal-scale normalization (at its initial values) that passes gradients through
-    its statistics."""
-    trainable = tuple(normalization.trainable)
-    allowed = set(normalization.scale_parameters) | set(normalization.shift_parameters)
-    return bool(
-        trainable
-        and normalization.is_diagonal_scale()
-        and normalization.statistics_gradient
-        and set(trainable) <= allowed
-    )
+__all__ = ["ClosedFormEngine"]
 
 
-class ClosedFormEngine(ExpectationEngine):
-    """Exact rates, ``eps_g`` and weight gradients with trainable parameters as state.
+class ClosedFormEngine(Engine):
+    """Exact rates, ``eps_g`` and weight gradients for the erf activation with a
+    diagonal-scale normalization; trainable scale parameters as state.
 
     ``trainable`` lists the scale parameters (state of the ODE); ``held`` the shift
-    parameters, fixed at 0 (module docstring). Error estimates are zero; there is no
-    quadrature (``quadrature`` is None).
+    parameters, fixed at 0 (module docstring). Error estimates are zero.
     """
 
     name = "closed_form"
@@ -77,24 +64,44 @@ class ClosedFormEngine(ExpectationEngine):
     def __init__(
         self, model: TeacherStudent, normalization: Normalization, activation: Activation
     ) -> None:
-        if activation.closed_form != "erf" or not supports_closed_form_parameters(normalization):
+        why = self.supports(model, normalization, activation)
+        if why is not None:
             raise SpecificationError(
-                f"no closed form with trainable parameters for normalization "
-                f"{normalization.name!r} and activation {activation.name!r}"
+                f"no closed form for normalization {normalization.name!r} with activation "
+                f"{activation.name!r}: {why}"
             )
-        self.model = model
-        self.normalization = normalization
-        self.activation = activation
-        self.quadrature = None  # type: ignore[assignment]  # exact: no quadrature
-        self.K, self.M = model.K, model.M
-        self.T = np.asarray(model.T, dtype=float)
-        self.noise = float(model.noise)
+        super().__init__(model, normalization, activation)
         names = tuple(normalization.trainable)
         self.trainable = tuple(k for k in names if k in normalization.scale_parameters)
         self.held = tuple(k for k in names if k in normalization.shift_parameters)
-        self.initial_params = {
-            k: np.asarray(v, dtype=float) for k, v in normalization.parameters(self.K).items()
-        }
+
+    @classmethod
+    def supports(
+        cls,
+        model: TeacherStudent,
+        normalization: Normalization,
+        activation: Activation,
+        params: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """The erf activation and a diagonal-scale normalization whose trainable
+        parameters (if any) are ``scale_parameters`` or ``shift_parameters`` at 0, with
+        gradients through its statistics."""
+        if activation.closed_form != "erf":
+            return f"activation {activation.name!r} has no closed form (needs 'erf')"
+        if not normalization.is_diagonal_scale():
+            return f"normalization {normalization.name!r} is not of the diagonal-scale family"
+        trainable = tuple(normalization.trainable)
+        allowed = set(normalization.scale_parameters) | set(normalization.shift_parameters)
+        if not set(trainable) <= allowed:
+            return (f"normalization {normalization.name!r} has trainable parameters that are "
+                    "neither scale_parameters nor shift_parameters")
+        if trainable and not normalization.statistics_gradient:
+            return (f"normalization {normalization.name!r} trains parameters but passes no "
+                    "gradient through its statistics")
+        for k, v in (params or {}).items():
+            if k in normalization.shift_parameters and np.any(np.asarray(v, dtype=float) != 0):
+                return f"its shift parameter {k!r} is nonzero"
+        return None
 
     # -- the scale at the current parameters --------------------------------------------
     def _checked(self, params: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
@@ -116,7 +123,21 @@ class ClosedFormEngine(ExpectationEngine):
                for k, v in norm.scale_parameter_jacobian(Q, p).items()}
         return s, ds, dth
 
-    # -- the interface of ExpectationEngine ---------------------------------------------
+    def _landscape_jacobian(self, Q: np.ndarray, p: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``ds/dQ`` by central differences of :meth:`Normalization.scale` (for a
+        normalization whose ``scale_jacobian`` is zero by design: stop-gradient)."""
+        K = self.K
+        h = 1e-6 * max(1.0, float(np.max(np.abs(Q))))
+        out = np.zeros((K, K, K))
+        for j in range(K):  # K^2 evaluations of a cheap deterministic map
+            for k in range(K):
+                E = np.zeros((K, K))
+                E[j, k] = h
+                out[:, j, k] = (np.asarray(self.normalization.scale(Q + E, p))
+                                - np.asarray(self.normalization.scale(Q - E, p))) / (2 * h)
+        return out
+
+    # -- the Engine interface -------------------------------------------------------------
     def generalization_error(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
     ) -> tuple[float, float]:
@@ -136,7 +157,7 @@ class ClosedFormEngine(ExpectationEngine):
         batch_size: int = 1,
         second_order: bool = True,
         check: bool = True,
-    ) -> GenericRates:
+    ) -> Rates:
         """``dQ/dalpha``, ``dR/dalpha``, ``dtheta/dalpha`` (scale parameters) and
         ``eps_g``, exact (errors 0)."""
         K, M = self.K, self.M
@@ -149,8 +170,7 @@ class ClosedFormEngine(ExpectationEngine):
         eps, edx = _theory.scale_moments(Q, R, self.T, s, self.noise)  # E[delta~_i x_i]
         dp = {k: eta * edx @ dth[k] for k in self.trainable}
         zero = {k: np.zeros(K) for k in self.trainable}
-        return GenericRates(dQ, dR, dp, float(eps), np.zeros((K, K)), np.zeros((K, M)),
-                            zero, 0.0)
+        return Rates(dQ, dR, dp, float(eps), np.zeros((K, K)), np.zeros((K, M)), zero, 0.0)
 
     def weight_moments(
         self,
@@ -160,10 +180,11 @@ class ClosedFormEngine(ExpectationEngine):
         *,
         landscape: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """``eps_g``, ``dF/dX`` and ``dF/dtheta`` (scale parameters) in weight space, exact.
+        """``eps_g``, ``dF/dX`` and ``dF/dtheta`` (scale parameters) in weight space, exact,
+        as one "replicate": ``(eps (1,), dF/dX (1, K, D), {name: (1, K)})``.
 
-        Same shapes as :meth:`ExpectationEngine.weight_moments` with one "replicate":
-        ``(eps (1,), dF/dX (1, K, D), {name: (1, K)})``.
+        ``landscape=True`` with ``statistics_gradient = False``: ``ds/dQ`` is taken by
+        central differences of the scale (the gradient of ``eps_g``, not the drift).
         """
         X = np.asarray(X, dtype=float)
         Bt = np.asarray(Bt, dtype=float)
@@ -171,6 +192,8 @@ class ClosedFormEngine(ExpectationEngine):
         Q = X @ X.T
         R = X @ Bt.T
         s, ds, dth = self._scale(Q, p)
+        if landscape and not self.normalization.statistics_gradient:
+            ds = self._landscape_jacobian(Q, p)
         eps, G, H, dE_ds = _theory.eps_g_gradient(Q, R, self.T, s, ds, self.noise)
         gX = (G + G.T) @ X + H @ Bt
         gT = {k: (dE_ds @ dth[k])[None] for k in self.trainable}
@@ -193,10 +216,10 @@ class ClosedFormEngine(ExpectationEngine):
         return np.kron(np.eye(h), block)
 
     def _state_status(self, y: np.ndarray, max_value: float) -> int:
-        """Like the generic engine's, but ``Q`` need only be positive *semi*-definite
-        (smallest eigenvalue above ``-1e-9 max(1, max |Q|)``): the closed forms are
-        analytic there, and states of identical students (rank-deficient ``Q``, an
-        invariant set of the ODE, e.g. the trained-gain plateau) are legitimate."""
+        """0 for a valid state; ``Q`` need only be positive *semi*-definite (smallest
+        eigenvalue above ``-1e-9 max(1, max |Q|)``): the closed forms are analytic there,
+        and states of identical students (rank-deficient ``Q``, an invariant set of the
+        ODE, e.g. the trained-gain plateau) are legitimate."""
         if not np.all(np.isfinite(y)):
             return 1
         if np.max(np.abs(y)) > max_value:
@@ -208,14 +231,61 @@ class ClosedFormEngine(ExpectationEngine):
             return 3
         return 0
 
-    def integrate(self, Q0: Any, R0: Any, **kwargs: Any):
-        """As :meth:`ExpectationEngine.integrate` (exact right-hand side); a nonzero
-        shift is refused before anything runs."""
-        self._checked(kwargs.get("params"))
-        return super().integrate(Q0, R0, **kwargs)
+    def integrate(self, Q0: Any, R0: Any, **kwargs: Any) -> Trajectory:
+        """See :meth:`Engine.integrate`. Without trainable parameters: the compiled
+        DOP853 for the plain network (or a normalization with ``scale_kernels``), else
+        scipy's solver. With trainable parameters: the ODE over ``(Q, R, theta)``
+        through :meth:`rates`. ``stop_below`` keeps the rows up to the first one below it
+        (the semantics of every engine). A nonzero shift is refused before anything
+        runs."""
+        p = self._checked(kwargs.get("params"))
+        if self.trainable:
+            from framework.theory.quadrature import ExpectationEngine
+            return ExpectationEngine.integrate(self, Q0, R0, **kwargs)  # type: ignore[arg-type]
+        norm = self.normalization
+
+        def scale(Q: np.ndarray) -> np.ndarray:
+            return norm.scale(Q, p)
+
+        def jacobian(Q: np.ndarray) -> np.ndarray:
+            return norm.scale_jacobian(Q, p)
+
+        Q0 = np.asarray(Q0, dtype=float)
+        plain = not norm.scale_invariant and _is_identity(scale, jacobian, Q0)
+        traj = _theory.integrate_diagonal_scale(
+            Q0, np.asarray(R0, dtype=float), self.T, None if plain else scale,
+            None if plain else jacobian, eta=kwargs["eta"],
+            batch_size=kwargs.get("batch_size", 1), noise_var=self.noise,
+            alpha=np.asarray(kwargs["alpha"]), rtol=kwargs.get("rtol", 1e-10),
+            atol=kwargs.get("atol", 1e-12), method=kwargs.get("method", "DOP853"),
+            second_order=kwargs.get("second_order", True),
+            max_value=kwargs.get("max_value", 1e8),
+        )
+        n = traj.alpha.size
+        stop = kwargs.get("stop_below")
+        if stop is not None and np.any(traj.eps_g < stop):
+            n = int(np.argmax(traj.eps_g < stop)) + 1
+        cut = n < traj.alpha.size  # stopped below the threshold before any failure
+        return Trajectory(
+            alpha=traj.alpha[:n], Q=traj.Q[:n], R=traj.R[:n], eps_g=traj.eps_g[:n],
+            diverged=traj.diverged and not cut,
+            alpha_diverged=np.nan if cut else traj.alpha_diverged, nfev=traj.nfev,
+            message="integration successful" if cut else traj.message,
+            engine=self.name, params={}, eps_g_error=np.zeros(n),
+            integrator=traj.engine, description=self.describe(),
+        )
 
     def describe(self) -> str:
         """One line for attrs."""
+        if not self.trainable and not self.held:
+            return "closed-form erf integrals"
         extra = f"; {', '.join(self.held)} held at 0 (odd activation)" if self.held else ""
-        return ("closed-form erf integrals with trainable parameters "
-                f"{', '.join(self.trainable)} as state{extra}")
+        state = (f" with trainable parameters {', '.join(self.trainable)} as state"
+                 if self.trainable else "")
+        return "closed-form erf integrals" + state + extra
+
+
+def _is_identity(scale: Any, jac: Any, Q: np.ndarray) -> bool:
+    """True if ``s(Q) == 1`` with zero Jacobian at a probe point (the plain fast path)."""
+    probe = Q + np.eye(Q.shape[0])
+    return bool(np.all(scale(probe) == 1.0) and np.all(jac(probe) == 0.0))

@@ -1,10 +1,11 @@
 """Equilibria of the order-parameter ODE and the exact weight-space Hessian.
 
-Generic mathematics for any normalization of the *diagonal-scale* family
-(``x~_i = s_i(Q) x_i``, erf activation): it uses only the model, a
-:class:`~framework.Normalization` instance (its :meth:`scale`,
-:meth:`scale_jacobian`, :meth:`parameters`, ``scale_invariant`` and
-``trainable``) and :mod:`framework.theory`. It knows no particular normalization.
+Written once against :class:`framework.theory.Engine`: every function takes the model
+and the normalization and an ``engine`` (a name for :func:`framework.theory.select_engine`,
+or an engine object already chosen), and uses only the engine's ``rates``,
+``generalization_error``, ``weight_moments`` and ``held_hessian``. Results carry the
+trainable parameters and error estimates whichever engine ran (errors 0 when exact,
+``params`` empty without trainable parameters). It knows no particular normalization.
 
 Conventions (DESIGN.md, "Mathematics")
 --------------------------------------
@@ -43,21 +44,20 @@ and for ``"matched"`` of students and teachers together).
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 from scipy import optimize
 
-from framework import theory
 from framework._validation import SpecificationError, check_int, check_real
+from framework.activation import Activation
 from framework.model import OrderParameters, TeacherStudent
 from framework.normalization import Normalization
-from framework.theory import _kernels as _theory
+from framework.theory import AccuracyError, Engine, Quadrature, select_engine
 
 __all__ = [
     "FixedPoint",
@@ -66,20 +66,26 @@ __all__ = [
     "angular_rhs",
     "canonical_mode",
     "classify_direction",
+    "common_angular_rhs",
+    "constant_predictor_error",
     "default_starts",
-    "eps_g_gradient",
+    "escape_start",
     "find_fixed_points",
+    "is_dead",
     "jacobian_coordinates",
+    "mode_matrices",
     "ode_jacobian",
     "parameters_attrs",
-    "plateau_index",
+    "plateau_branch",
     "psd_margin",
+    "realize_mode",
     "rescale_weight_norm",
-    "scaled_rhs",
+    "scale_invariance",
     "sorted_eigen",
+    "specialized",
     "symmetric_subspace",
     "to_order_parameters",
-    "weight_gradient",
+    "unstable_vector",
     "weight_space_hessian",
 ]
 
@@ -90,86 +96,24 @@ RESIDUAL_TOL = 1e-10
 #: Two roots closer than this (max abs difference of Q, R) are the same branch.
 DEDUPE_TOL = 1e-6
 
-
-# --------------------------------------------------------------------------------------
-# eps_g and its analytic gradient
-# --------------------------------------------------------------------------------------
+EngineArg = str | Engine
 
 
-def _require_closed_form(model: TeacherStudent, normalization: Normalization) -> None:
-    theory.scale_functions(model, normalization)  # raises ClosedFormUnavailable
-
-
-def _params(model: TeacherStudent, normalization: Normalization) -> dict[str, np.ndarray]:
-    return normalization.parameters(model.K)
-
-
-def eps_g_gradient(
-    model: TeacherStudent, normalization: Normalization, Q: Any, R: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``eps_g`` and its exact gradient ``(G, H) = (d eps_g / dQ, d eps_g / dR)``.
-
-    The normalization enters through ``s(Q)`` and its Jacobian (the chain rule through
-    the statistics). ``Q``'s entries are treated as independent (``G`` need not be
-    symmetric; only ``G + G^T`` is meaningful on symmetric ``Q``).
-
-    Parameters
-    ----------
-    model, normalization
-        Erf activation and a diagonal-scale normalization (closed form).
-    Q, R : array_like, shapes (..., K, K), (..., K, M)
-        Stacks of order parameters (any leading shape).
-
-    Returns
-    -------
-    eps : ndarray (...)
-        Generalization error (noise term included).
-    G : ndarray (..., K, K)
-    H : ndarray (..., K, M)
-    """
-    _require_closed_form(model, normalization)
-    Q = np.asarray(Q, dtype=float)
-    R = np.asarray(R, dtype=float)
-    params = _params(model, normalization)
-    s = np.asarray(normalization.scale(Q, params), dtype=float)
-    ds = np.asarray(normalization.scale_jacobian(Q, params), dtype=float)
-    eps, G, H, _ = _theory.eps_g_gradient(Q, R, model.T, s, ds, model.noise)
-    return eps, G, H
-
-
-def weight_gradient(
-    model: TeacherStudent, normalization: Normalization, X: np.ndarray, Bt: np.ndarray
-) -> np.ndarray:
-    """``dF/dX`` for ``F(X) = eps_g(X X^T, X Bt^T)``; ``X (..., K, D)``, ``Bt (M, D)``."""
-    Q = X @ np.swapaxes(X, -1, -2)
-    R = X @ Bt.T
-    _, G, H = eps_g_gradient(model, normalization, Q, R)
-    return (G + np.swapaxes(G, -1, -2)) @ X + H @ Bt
+def _engine(
+    model: TeacherStudent, normalization: Normalization, engine: EngineArg,
+    quadrature: Quadrature | Mapping[str, Any] | None = None,
+    activation: Activation | None = None,
+) -> Engine:
+    """``engine`` itself if it is an engine object, else :func:`select_engine`."""
+    if isinstance(engine, Engine):
+        return engine
+    return select_engine(model, normalization, activation, engine=engine,
+                         quadrature=quadrature)
 
 
 # --------------------------------------------------------------------------------------
 # Right-hand sides
 # --------------------------------------------------------------------------------------
-
-
-def scaled_rhs(
-    model: TeacherStudent,
-    normalization: Normalization,
-    Q: np.ndarray,
-    R: np.ndarray,
-    eta: float,
-    batch_size: int = 1,
-    second_order: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(dQ, dR) / d(eta alpha)``: the ODE per unit of ``eta * alpha``.
-
-    ``eta = 0`` (or ``second_order=False``) gives the first-order drift alone (the
-    gradient-flow limit); otherwise the drift plus ``(eta / B) E[a a^T]``.
-    """
-    if eta == 0.0 or not second_order:
-        return theory.ode_rhs(model, normalization, Q, R, 1.0, batch_size, second_order=False)
-    dQ, dR = theory.ode_rhs(model, normalization, Q, R, eta, batch_size, second_order=True)
-    return dQ / eta, dR / eta
 
 
 def angular_rhs(
@@ -185,13 +129,6 @@ def angular_rhs(
     aQ = dQ - Q * (rate[..., :, None] + rate[..., None, :])
     aR = dR - R * rate[..., :, None]
     return aQ, aR
-
-
-def _flow(model, normalization, Q, R, eta, batch_size, second_order):
-    dQ, dR = scaled_rhs(model, normalization, Q, R, eta, batch_size, second_order)
-    if normalization.scale_invariant:
-        return angular_rhs(Q, R, dQ, dR)
-    return dQ, dR
 
 
 def rescale_weight_norm(
@@ -354,6 +291,7 @@ def default_starts(
     return starts
 
 
+
 # --------------------------------------------------------------------------------------
 # Fixed points
 # --------------------------------------------------------------------------------------
@@ -366,17 +304,24 @@ class FixedPoint:
     Attributes
     ----------
     Q, R : ndarray
-        The order parameters (for scale-invariant normalizations ``Q_ii = weight_norm``).
+        The order parameters (norm-conserving normalizations: ``Q_ii = weight_norm``).
     theta : ndarray
         Its coordinates in :attr:`subspace` (names ``subspace.names``).
     residual : float
-        ``max |r|`` of the full scaled right-hand side (angular part for scale-invariant
+        ``max |r|`` of the full scaled right-hand side (angular part for norm-conserving
         normalizations), per unit of ``eta * alpha``.
     eps_g : float
     weight_norm : float
         Mean ``Q_ii``.
     start : str
         Label of the first start that converged to it.
+    subspace : SymmetricSubspace
+    params : dict
+        Trainable (and held) parameter name -> value per unit (K,); empty without.
+    rate_error : float
+        Largest error estimate of the scaled right-hand side there (0: exact engine).
+    eps_g_error : float
+        Error estimate of ``eps_g`` (0: exact engine).
     """
 
     Q: np.ndarray = attrs.field(eq=False)
@@ -387,6 +332,9 @@ class FixedPoint:
     weight_norm: float
     start: str
     subspace: SymmetricSubspace
+    params: dict = attrs.field(factory=dict, eq=False)
+    rate_error: float = 0.0
+    eps_g_error: float = 0.0
 
 
 def psd_margin(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> float:
@@ -394,96 +342,6 @@ def psd_margin(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> float:
     cov = np.block([[Q, R], [R.T, T]])
     lam = np.linalg.eigvalsh(cov)
     return float(lam[0] / max(1.0, lam[-1]))
-
-
-def find_fixed_points(
-    model: TeacherStudent,
-    normalization: Normalization,
-    *,
-    eta: float,
-    batch_size: int = 1,
-    second_order: bool = True,
-    subspace: str = "auto",
-    weight_norm: float | None = None,
-    starts: Sequence[tuple[str, np.ndarray, np.ndarray]] | None = None,
-) -> list[FixedPoint]:
-    """All distinct fixed points in the symmetric subspace reached from ``starts``.
-
-    The scaled right-hand side (:func:`scaled_rhs`, ``eta = 0``: gradient flow) is
-    restricted to the subspace (it stays there by symmetry) and solved by Powell's
-    hybrid method from each start (:func:`default_starts` unless given), then polished
-    by Newton steps. The closed forms are analytic a little beyond the positive
-    semi-definite cone, so roots on its boundary (``Q = C``, the plateau of gradient
-    flow) are regular; roots outside the cone (joint covariance with an eigenvalue
-    below ``-1e-9``) are discarded. A root is kept if ``max |r| < 1e-10`` (the full,
-    unrestricted right-hand side: this also checks the subspace's invariance); roots
-    closer than ``1e-6`` are merged. Sorted by ``eps_g`` (descending).
-
-    Scale-invariant normalizations: ``Q_ii`` is held at ``weight_norm`` (default 1)
-    and the angular flow is solved (module docstring). Otherwise ``weight_norm`` must
-    be None.
-    """
-    _require_closed_form(model, normalization)
-    eta = check_real("eta", eta, minimum=0.0)
-    sub = symmetric_subspace(model, subspace)
-    invariant = bool(normalization.scale_invariant)
-    if invariant:
-        weight_norm = 1.0 if weight_norm is None else check_real(
-            "weight_norm", weight_norm, minimum=0.0, strict=True)
-    elif weight_norm is not None:
-        raise SpecificationError(
-            f"'weight_norm' applies only to scale-invariant normalizations "
-            f"({normalization.name!r} is not), got {weight_norm!r}"
-        )
-    if starts is None:
-        starts = default_starts(model, sub)
-    free = np.arange(sub.size) if not invariant else np.arange(1, sub.size)
-
-    def embed(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        theta = np.empty(sub.size)
-        if invariant:
-            theta[0] = weight_norm
-        theta[free] = x
-        return sub.embed(theta)
-
-    def residual(x: np.ndarray) -> np.ndarray:
-        Q, R = embed(x)
-        with np.errstate(all="ignore"):
-            dQ, dR = _flow(model, normalization, Q, R, eta, batch_size, second_order)
-        out = sub.project(dQ, dR)[free]
-        return np.where(np.isfinite(out), out, 1e6)
-
-    found: list[FixedPoint] = []
-    for label, Q0, R0 in starts:
-        if invariant:
-            Q0, R0 = rescale_weight_norm(np.asarray(Q0), np.asarray(R0), weight_norm)
-        x0 = sub.project(np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float))[free]
-        sol = optimize.root(residual, x0, method="hybr", options={"xtol": 1e-14})
-        x = _newton_polish(residual, sol.x)
-        if x is None:
-            continue
-        Q, R = embed(x)
-        if not np.all(np.isfinite(Q)) or psd_margin(Q, R, model.T) < -1e-9:
-            continue
-        with np.errstate(all="ignore"):
-            dQ, dR = _flow(model, normalization, Q, R, eta, batch_size, second_order)
-        res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR))))
-        if not res < RESIDUAL_TOL:
-            continue
-        if any(
-            max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R))) < DEDUPE_TOL for fp in found
-        ):
-            continue
-        eps = theory.generalization_error(
-            model, normalization, to_order_parameters(Q, R, model.T)
-        )
-        theta = np.empty(sub.size)
-        theta[free] = x
-        if invariant:
-            theta[0] = weight_norm
-        found.append(FixedPoint(Q, R, theta, res, eps, float(np.mean(np.diagonal(Q))), label, sub))
-    found.sort(key=lambda fp: -fp.eps_g)
-    return found
 
 
 def to_order_parameters(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> OrderParameters:
@@ -539,53 +397,14 @@ def _richardson_jacobian(fun, x: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.array(cols).T
 
 
-# --------------------------------------------------------------------------------------
-# ODE Jacobian in the full order-parameter space
-# --------------------------------------------------------------------------------------
-
-
-def jacobian_coordinates(K: int, M: int, scale_invariant: bool) -> list[tuple[str, int, int]]:
-    """The coordinates of :func:`ode_jacobian`: ``("Q", i, k)`` (``i <= k``; ``i < k`` for
-    scale-invariant normalizations, whose norms are held fixed) and ``("R", i, n)``."""
-    first = 1 if scale_invariant else 0
+def _order_parameter_coordinates(
+    K: int, M: int, norms_held: bool
+) -> list[tuple[str, int, int]]:
+    """``("Q", i, k)`` (``i <= k``; ``i < k`` when the norms are held) and ``("R", i, n)``."""
+    first = 1 if norms_held else 0
     coords = [("Q", i, k) for i in range(K) for k in range(i + first, K)]
     coords += [("R", i, n) for i in range(K) for n in range(M)]
     return coords
-
-
-def ode_jacobian(
-    model: TeacherStudent,
-    normalization: Normalization,
-    Q: np.ndarray,
-    R: np.ndarray,
-    *,
-    eta: float,
-    batch_size: int = 1,
-    second_order: bool = True,
-) -> np.ndarray:
-    """Jacobian of the scaled flow in the full order-parameter space, per unit ``eta alpha``.
-
-    Coordinates :func:`jacobian_coordinates` (``Q`` perturbed symmetrically). For a
-    scale-invariant normalization this is the angular flow at fixed weight norms (for
-    ``eta = 0`` its eigenvalues are those of the full ODE without the ``K`` zeros of
-    the conserved norms). Central differences with two Richardson levels (error
-    ``O(h^6)``, ``h = 1e-3``).
-    """
-    K, M = model.K, model.M
-    coords = jacobian_coordinates(K, M, bool(normalization.scale_invariant))
-    x0 = np.array([Q[i, k] if v == "Q" else R[i, k] for v, i, k in coords])
-    iq = np.array([(i, k) for v, i, k in coords if v == "Q"], dtype=int).reshape(-1, 2)
-    nq = len(iq)
-
-    def fun(x: np.ndarray) -> np.ndarray:
-        Qx = np.array(Q, dtype=float)
-        Qx[iq[:, 0], iq[:, 1]] = x[:nq]
-        Qx[iq[:, 1], iq[:, 0]] = x[:nq]
-        Rx = x[nq:].reshape(K, M)
-        dQ, dR = _flow(model, normalization, Qx, Rx, eta, batch_size, second_order)
-        return np.concatenate([dQ[iq[:, 0], iq[:, 1]], dR.ravel()])
-
-    return _richardson_jacobian(fun, x0, np.full(x0.size, 1e-3))
 
 
 def canonical_mode(
@@ -621,83 +440,6 @@ def sorted_eigen(jac: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lam[order], vec[:, order]
 
 
-# --------------------------------------------------------------------------------------
-# Which branch is the plateau
-# --------------------------------------------------------------------------------------
-
-
-def _angles(Q: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = np.sqrt(np.diagonal(Q, axis1=-2, axis2=-1))
-    return Q / (n[..., :, None] * n[..., None, :]), R / n[..., :, None]
-
-
-def plateau_index(
-    model: TeacherStudent,
-    normalization: Normalization,
-    fixed_points: Sequence[FixedPoint],
-    unstable: Sequence[int],
-    initial: OrderParameters,
-    *,
-    eta: float,
-    batch_size: int = 1,
-    second_order: bool = True,
-    horizon: float = 2000.0,
-) -> tuple[int, float]:
-    """The branch the dynamics from ``initial`` lingers at: ``(index, distance)``.
-
-    Candidates are the *unspecialized* unstable branches (``unstable[b] > 0`` unstable
-    directions, and ``R_in`` the same for every student ``i``: the symmetric phase);
-    if there is none, every unstable branch. The ODE (``eta``; gradient flow if
-    ``eta = 0``) is integrated up to ``eta alpha = horizon`` and, for each candidate, the
-    closest approach of the trajectory is measured (max-abs distance of ``(Q, R)``,
-    minimized over student permutations; angles for scale-invariant normalizations,
-    whose norms drift). Among the candidates within ``2 d_min + 0.02`` of the closest it
-    returns the one with the fewest unstable directions (a generic trajectory lingers at
-    a saddle of low unstable dimension; e.g. at ``eta > 0`` the point of identical
-    students ``Q = C`` lies next to the plateau ``Q > C`` but is unstable in more
-    directions), ties broken by distance. ``(-1, nan)`` if no branch is unstable.
-    """
-    unstable_b = [b for b, u in enumerate(unstable) if u]
-    symmetric = [
-        b for b in unstable_b
-        if np.max(np.abs(fixed_points[b].R - fixed_points[b].R.mean(axis=0))) < 1e-6
-    ]
-    candidates = symmetric or unstable_b
-    if not candidates:
-        return -1, float("nan")
-    rate = eta if (eta > 0 and second_order) else 1.0
-    grid = np.linspace(0.0, horizon / rate, 4001)
-    traj = theory.integrate(
-        model, normalization, initial, eta=rate, alpha=grid, batch_size=batch_size,
-        second_order=bool(second_order and eta > 0), rtol=1e-7, atol=1e-9,
-    )
-    Qt, Rt = traj.Q, traj.R
-    if normalization.scale_invariant:
-        Qt, Rt = _angles(Qt, Rt)
-    perms = np.array(list(itertools.permutations(range(model.K))))
-    dists = {}
-    for b in candidates:
-        Qb, Rb = fixed_points[b].Q, fixed_points[b].R
-        if normalization.scale_invariant:
-            Qb, Rb = _angles(Qb, Rb)
-        Qp = Qb[perms[:, :, None], perms[:, None, :]]  # (P, K, K)
-        Rp = Rb[perms]  # (P, K, M)
-        dist = np.maximum(
-            np.max(np.abs(Qt[:, None] - Qp[None]), axis=(-2, -1)),
-            np.max(np.abs(Rt[:, None] - Rp[None]), axis=(-2, -1)),
-        ).min()
-        dists[b] = float(dist)
-    d_min = min(dists.values())
-    near = [b for b in candidates if dists[b] <= 2.0 * d_min + 0.02]
-    best = min(near, key=lambda b: (int(unstable[b]), dists[b]))
-    return best, dists[best]
-
-
-# --------------------------------------------------------------------------------------
-# Weight-space Hessian
-# --------------------------------------------------------------------------------------
-
-
 @attrs.frozen
 class HessianSpectrum:
     """The exact spectrum of the Hessian of ``F(W) = eps_g(W W^T, W Btilde^T)``.
@@ -707,9 +449,9 @@ class HessianSpectrum:
 
     Attributes
     ----------
-    span : ndarray (K * dim_span,)
-        Eigenvalues of the block on ``{dW : each dW_i in S}``, ``S`` the span of the rows
-        of ``W`` and ``Btilde``, ascending.
+    span : ndarray (K * dim_span + K * len(theta_names),)
+        Eigenvalues of the block on ``{dW : each dW_i in S}`` (``S`` the span of the rows
+        of ``W`` and ``Btilde``) and the parameters, ascending.
     complement : ndarray (K,)
         Eigenvalues of ``G + G^T`` (``G = d eps_g / dQ``), ascending.
     dim_span : int
@@ -726,9 +468,29 @@ class HessianSpectrum:
         The realization ``W`` (K x D) and ``Btilde`` (M x D) in ``D = K + M`` dimensions,
         columns ordered so that the first ``dim_span`` span ``S``.
     G : ndarray (K, K)
-    span_matrix : ndarray (K * dim_span, K * dim_span)
+    span_matrix : ndarray
         The span block itself, coordinates ``(i, d)`` = component ``d`` of ``dW_i``
-        (row-major), in the realization's basis.
+        (row-major) in the realization's basis, then the trainable parameters.
+    span_error, complement_error : ndarray
+        Error estimates of the eigenvalues (standard error of replicate Hessians plus
+        the finite-difference truncation estimate; only the latter for an exact engine).
+    lambda_min_error : float
+    escape_dtheta : dict
+        Components of the unit escape mode along each parameter (K,).
+    theta_names : tuple of str
+        Parameters in the span block (trainable, then held).
+    params : dict
+        Their values at the point.
+    coupling_complement_theta, coupling_complement_span : float
+        Largest measured cross-derivatives between the complement direction and theta /
+        the span (exactly zero in theory), with their ``*_error``.
+    landscape_only : bool
+        True for a normalization with ``statistics_gradient = False``: the Hessian of
+        the loss landscape ``eps_g``, not of the SGD drift.
+    gradient_norm : float
+        Norm of the gradient of ``eps_g`` over ``(W, theta)`` at the point.
+    engine : str
+        Name of the engine that computed it.
     """
 
     span: np.ndarray = attrs.field(eq=False)
@@ -743,6 +505,19 @@ class HessianSpectrum:
     Bt: np.ndarray = attrs.field(eq=False)
     G: np.ndarray = attrs.field(eq=False)
     span_matrix: np.ndarray = attrs.field(eq=False)
+    span_error: np.ndarray = attrs.field(factory=lambda: np.zeros(0), eq=False)
+    complement_error: np.ndarray = attrs.field(factory=lambda: np.zeros(0), eq=False)
+    lambda_min_error: float = 0.0
+    escape_dtheta: dict = attrs.field(factory=dict, eq=False)
+    theta_names: tuple = ()
+    params: dict = attrs.field(factory=dict, eq=False)
+    coupling_complement_theta: float = 0.0
+    coupling_complement_theta_error: float = 0.0
+    coupling_complement_span: float = 0.0
+    coupling_complement_span_error: float = 0.0
+    landscape_only: bool = False
+    gradient_norm: float = float("nan")
+    engine: str = ""
 
     def full(self, N: int) -> np.ndarray:
         """All ``K N`` eigenvalues at input dimension ``N``, ascending."""
@@ -760,98 +535,6 @@ def _realize(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, n
     L = vec * np.sqrt(np.where(keep, lam, 0.0))  # rounding-level eigenvalues -> exactly 0
     K = Q.shape[0]
     return L[:K], L[K:], rank
-
-
-def weight_space_hessian(
-    model: TeacherStudent, normalization: Normalization, Q: Any, R: Any
-) -> HessianSpectrum:
-    """Exact Hessian spectrum of ``F(W) = eps_g(W W^T, W Btilde^T)`` at ``(Q, R)``.
-
-    Coordinates ``W = J / sqrt(N)`` (DESIGN.md, "Weight-space Hessian"): the order
-    parameters are realized in ``D = K + M`` dimensions (a factor of the joint
-    covariance, columns by decreasing eigenvalue); the Hessian of ``F`` on that
-    ``K x D`` block is computed from the *analytic* gradient
-    ``dF/dW = (G + G^T) W + H Btilde`` (chain rule through ``s(Q)`` and its Jacobian)
-    by central differences with two Richardson levels (relative step ``1e-2`` of each
-    row's norm, error ``O(h^6)``, ~1e-11). Directions orthogonal to the span ``S`` of
-    the rows of ``W`` and ``Btilde`` see exactly ``(G + G^T) (x) I``; the block is split
-    accordingly (checked numerically) so ``dim_span = dim S``.
-
-    Trainable normalization parameters are not included: a normalization with a
-    non-empty ``trainable`` raises ``NotImplementedError`` naming it (``plain`` and
-    ``batchnorm`` with fixed ``gamma`` have none; e.g. ``weightnorm`` and
-    ``batchnorm_affine`` do). So does a normalization with ``statistics_gradient =
-    False`` (e.g. ``batchnorm_stopgrad``), whose ``scale_jacobian`` is zero by design.
-    The Hessian is taken at the normalization's own (fixed) parameter values, e.g.
-    batchnorm's ``gamma``.
-    """
-    if normalization.trainable:
-        raise NotImplementedError(
-            f"the weight-space Hessian does not include trainable normalization parameters "
-            f"yet; normalization {normalization.name!r} trains {list(normalization.trainable)}"
-        )
-    if not normalization.statistics_gradient:
-        raise NotImplementedError(
-            f"normalization {normalization.name!r} passes no gradient through its statistics "
-            "(statistics_gradient = False): its SGD drift is not the gradient of eps_g and its "
-            "scale_jacobian is zero by design, so the Hessian of eps_g is not available"
-        )
-    _require_closed_form(model, normalization)
-    Q = np.asarray(Q, dtype=float)
-    R = np.asarray(R, dtype=float)
-    K, M = model.K, model.M
-    X, Bt, rank = _realize(Q, R, model.T)
-    D = K + M
-    n = K * D
-    rows = np.linalg.norm(X, axis=1)
-    h_row = 1e-2 * np.clip(np.minimum(rows, 1.0), 1e-3, None)
-    h = np.repeat(h_row, D)  # step of coordinate (i, d)
-    eye = np.eye(n).reshape(n, K, D)
-    steps = np.array([1.0, 0.5, 0.25])
-    pert = eye[None] * steps[:, None, None, None] * h[None, :, None, None]  # (3, n, K, D)
-    stack = np.concatenate([X + pert, X - pert], axis=0)  # (6, n, K, D)
-    grads = weight_gradient(model, normalization, stack, Bt).reshape(6, n, n)
-    diffs = (grads[:3] - grads[3:]) / (2.0 * steps[:, None, None] * h[None, :, None])
-    d1 = (4.0 * diffs[1:] - diffs[:-1]) / 3.0
-    hess = (16.0 * d1[1] - d1[0]) / 15.0  # rows: perturbed coordinate
-    hess = 0.5 * (hess + hess.T)
-    _, G, _ = eps_g_gradient(model, normalization, Q, R)
-    comp_mat = G + G.T
-    complement = np.linalg.eigvalsh(comp_mat)
-
-    dim_span = D
-    if rank < D:
-        idx = np.arange(n).reshape(K, D)
-        span_idx = idx[:, :rank].ravel()
-        rest_idx = idx[:, rank:].ravel()
-        coupling = np.max(np.abs(hess[np.ix_(span_idx, rest_idx)]))
-        scale = max(1.0, float(np.max(np.abs(hess))))
-        expected = np.kron(comp_mat, np.eye(D - rank))
-        rest = hess[np.ix_(rest_idx, rest_idx)]
-        if coupling < 1e-8 * scale and np.max(np.abs(rest - expected)) < 1e-8 * scale:
-            dim_span = rank
-    idx = np.arange(n).reshape(K, D)[:, :dim_span].ravel()
-    block = hess[np.ix_(idx, idx)]
-    span_vals, span_vecs = np.linalg.eigh(block)
-
-    comp_vals, comp_vecs = np.linalg.eigh(comp_mat)
-    if comp_vals[0] < span_vals[0] - 1e-12 * max(1.0, abs(span_vals[0])):
-        lam_min, block_name = float(comp_vals[0]), "complement"
-        dW = comp_vecs[:, 0].reshape(K, 1)
-        dQ, dR = np.zeros((K, K)), np.zeros((K, M))
-    else:
-        lam_min, block_name = float(span_vals[0]), "span"
-        reference = np.zeros((K, dim_span))  # d(sum_i R_ii)/d dW: every student i moves
-        L = min(K, M)                         # towards teacher i (reproducible choice)
-        reference[:L] = Bt[:L, :dim_span]
-        mode = canonical_mode(span_vals, span_vecs, reference.ravel(), rtol=1e-8)
-        dW = np.zeros((K, D))
-        dW[:, :dim_span] = mode.reshape(K, dim_span)
-        dQ = X @ dW.T + dW @ X.T
-        dR = dW @ Bt.T
-    return HessianSpectrum(
-        span_vals, complement, int(dim_span), lam_min, block_name, dW, dQ, dR, X, Bt, G, block
-    )
 
 
 def classify_direction(
@@ -916,31 +599,6 @@ def parameters_attrs(model: TeacherStudent, normalization: Normalization) -> dic
     return out
 
 
-# ======================================================================================
-# Generic engine (any normalization, any activation, trainable parameters)
-# ======================================================================================
-#
-# Where no closed form applies (:func:`framework.theory.has_closed_form` is False) or
-# the normalization passes no gradient through its statistics, the analyzers use the
-# functions below. Their ``engine`` argument ("auto", "closed_form", "generic") is that
-# of :func:`framework.theory.expectation_engine`: with "auto" a normalization whose
-# trainable parameters are scale (or held shift) parameters gets the exact
-# ClosedFormEngine. They call only the normalization's per-sample interface through
-# :class:`framework.theory.ExpectationEngine` and report error estimates (standard
-# errors of independent randomizations, see :class:`framework.theory.Quadrature`).
-
-
-def needs_generic(model: TeacherStudent, normalization: Normalization) -> bool:
-    """True if the fixed points and the Hessian need the generic engine."""
-    return not theory.has_closed_form(model, normalization)
-
-
-def hessian_needs_generic(model: TeacherStudent, normalization: Normalization) -> bool:
-    """The Hessian also needs it when gradients do not flow through the statistics
-    (``statistics_gradient = False``: the closed form's ``scale_jacobian`` is zero)."""
-    return needs_generic(model, normalization) or not normalization.statistics_gradient
-
-
 def scale_invariance(model: TeacherStudent, normalization: Normalization) -> str:
     """How the first-order flow conserves weight norms: ``"unit"``, ``"common"``, ``"none"``.
 
@@ -984,24 +642,10 @@ def common_angular_rhs(
     return dQ - 2.0 * Q * rate[..., None, None], dR - R * rate[..., None, None]
 
 
-@attrs.frozen
-class GenericFixedPoint(FixedPoint):
-    """A :class:`FixedPoint` of the generic engine: also the trainable parameters'
-    values and error estimates.
-
-    ``params`` maps each trainable parameter to its (common) value per unit (K,);
-    ``residual`` is ``max |r|`` of the *estimated* flow (the root of the smooth
-    quadrature estimate); ``rate_error`` is the largest error estimate of the scaled
-    right-hand side there, ``eps_g_error`` that of ``eps_g``.
-    """
-
-    params: dict = attrs.field(factory=dict, eq=False)
-    rate_error: float = float("nan")
-    eps_g_error: float = float("nan")
-
-
-def _generic_flow(eng, invariance, Q, R, params, eta, batch_size, second_order):
-    """Scaled flow ``(dQ, dR, dtheta) / eta`` of the generic engine (angular part)."""
+def _scaled_flow(eng, invariance, Q, R, params, eta, batch_size, second_order):
+    """Scaled flow ``(dQ, dR, dtheta) / eta`` (angular part where norms are conserved) and
+    the largest error estimate. ``eta = 0`` or ``second_order=False``: the first-order
+    drift alone (gradient-flow limit)."""
     gf = eta == 0.0 or not second_order
     r = eng.rates(Q, R, params, eta=1.0 if gf else eta, batch_size=batch_size,
                   second_order=not gf, check=False)
@@ -1026,7 +670,7 @@ def _gradient_flow_refused(normalization: Normalization, eta: float) -> Specific
     )
 
 
-def find_fixed_points_generic(
+def find_fixed_points(
     model: TeacherStudent,
     normalization: Normalization,
     *,
@@ -1037,27 +681,30 @@ def find_fixed_points_generic(
     weight_norm: float | None = None,
     quadrature: Any = None,
     starts: Sequence[tuple] | None = None,
-    engine: str = "auto",
-) -> list[GenericFixedPoint]:
-    """Fixed points in the symmetric subspace with the generic engine (any normalization).
+    engine: EngineArg = "auto",
+) -> list[FixedPoint]:
+    """All distinct fixed points in the symmetric subspace reached from ``starts``.
 
-    Like :func:`find_fixed_points`, with the trainable parameters as extra coordinates
-    (one common value per parameter: the symmetric subspace), the weight norms held at
-    ``weight_norm`` (default 1) for norm-conserving normalizations
-    (:func:`scale_invariance`: per unit, ``Q_ii``; common, ``tr Q / K``) and the
-    starts of :func:`default_starts` inside the cone that lie in the symmetric phase
-    (``unspecialized ... + orthogonal``). Roots on the cone's boundary (identical
-    students) are discarded: the quadrature is not differentiable there.
-    The root of the smooth quadrature estimate is accepted if its
-    residual is below ``max(1e-10, 10 * rate_error)``. Needs ``eta > 0`` with the
-    ``eta^2`` term (else :class:`~framework.SpecificationError`).
+    The scaled right-hand side (per unit of ``eta alpha``; ``eta = 0``: gradient flow)
+    is restricted to the subspace (it stays there by symmetry), with the trainable
+    parameters as extra coordinates (one common value per parameter), and solved by
+    Powell's hybrid method from each start. Norm-conserving normalizations
+    (:func:`scale_invariance`: per unit, ``Q_ii``; common, ``tr Q / K``) are held at
+    ``weight_norm`` (default 1) and their angular flow is solved; otherwise
+    ``weight_norm`` must be None. Sorted by ``eps_g`` (descending).
 
-    With the exact engine (:class:`~framework.theory.ClosedFormEngine`: trainable
-    scale parameters as state, shifts held at 0) none of the quadrature's limitations
-    apply: every start of :func:`default_starts` is used, roots on the cone's boundary
-    are kept (outside it by more than ``1e-9``: discarded), roots are polished by
-    Newton steps and accepted below ``1e-10``, and ``eta = 0`` (gradient flow) is
-    allowed. ``params`` of the result includes the held parameters (0).
+    With an exact engine (:attr:`Engine.exact`): every start of :func:`default_starts`;
+    roots polished by Newton steps, kept on the cone's boundary (identical students,
+    the plateau of gradient flow; outside it by more than ``1e-9``: discarded),
+    accepted if ``max |r| < 1e-10`` (the full right-hand side: this also checks the
+    subspace's invariance), merged when closer than ``1e-6``; ``eta = 0`` allowed.
+    With an engine of estimates the quadrature is not differentiable on the cone's
+    boundary: only the starts inside the cone in the symmetric phase
+    (``unspecialized ... + orthogonal``), roots within ``1e-9`` of the boundary
+    discarded, a root accepted if its residual is below ``max(1e-10, 10 *
+    rate_error)``, merged when closer than ``1e-4``; it needs ``eta > 0`` with the
+    ``eta^2`` term (else :class:`~framework.SpecificationError`). ``params`` of the
+    result includes the held parameters (0).
 
     ``starts``: ``(label, Q, R)`` or ``(label, Q, R, params)`` with ``params`` a mapping
     of trainable parameters' starting values (default: their initial values). The
@@ -1066,7 +713,7 @@ def find_fixed_points_generic(
     trained gain tends to it, e.g. weightnorm's ``g``, batchnorm_affine's ``gamma``).
     """
     eta = check_real("eta", eta, minimum=0.0)
-    eng = theory.expectation_engine(model, normalization, quadrature, engine=engine)
+    eng = _engine(model, normalization, engine, quadrature)
     exact = bool(eng.exact)
     if (eta == 0.0 or not second_order) and not exact:
         raise _gradient_flow_refused(normalization, eta)
@@ -1105,7 +752,7 @@ def find_fixed_points_generic(
     def flow(x: np.ndarray):
         Q, R, params = embed(x)
         with np.errstate(all="ignore"):
-            return (Q, R, params, *_generic_flow(eng, invariance, Q, R, params, eta,
+            return (Q, R, params, *_scaled_flow(eng, invariance, Q, R, params, eta,
                                                  batch_size, second_order))
 
     def residual(x: np.ndarray) -> np.ndarray:
@@ -1114,7 +761,7 @@ def find_fixed_points_generic(
                               [float(np.mean(dth[k])) for k in trainable]])
         return np.where(np.isfinite(out), out, 1e6)
 
-    found: list[GenericFixedPoint] = []
+    found: list[FixedPoint] = []
     for start in starts:
         label, Q0, R0 = start[:3]
         ps = dict(p0)
@@ -1154,7 +801,7 @@ def find_fixed_points_generic(
         theta[free] = x[:nf]
         if invariance != "none":
             theta[0] = weight_norm
-        found.append(GenericFixedPoint(
+        found.append(FixedPoint(
             Q, R, theta, res, float(eps), float(np.mean(np.diagonal(Q))), label, sub,
             params={k: np.asarray(params[k], dtype=float).copy()
                     for k in (*trainable, *eng.held)}, rate_error=float(err),
@@ -1163,21 +810,21 @@ def find_fixed_points_generic(
     return found
 
 
-def generic_jacobian_coordinates(
-    model: TeacherStudent, normalization: Normalization, engine: str = "auto"
+def jacobian_coordinates(
+    model: TeacherStudent, normalization: Normalization, engine: EngineArg = "auto"
 ) -> list[tuple[str, int, int]]:
-    """Coordinates of :func:`ode_jacobian_generic`: those of :func:`jacobian_coordinates`
-    (norms held for per-unit invariance) plus ``("theta:<name>", i, 0)`` per trainable
-    parameter and unit."""
+    """Coordinates of :func:`ode_jacobian`: ``("Q", i, k)`` (``i <= k``; ``i < k`` for
+    per-unit norm-conserving normalizations, whose norms are held fixed), ``("R", i,
+    n)``, then ``("theta:<name>", i, 0)`` per trainable and held parameter and unit."""
     inv = scale_invariance(model, normalization)
-    coords = jacobian_coordinates(model.K, model.M, inv == "unit")
-    eng = theory.expectation_engine(model, normalization, engine=engine)
+    coords = _order_parameter_coordinates(model.K, model.M, inv == "unit")
+    eng = _engine(model, normalization, engine)
     for k in (*eng.trainable, *eng.held):
         coords += [(f"theta:{k}", i, 0) for i in range(model.K)]
     return coords
 
 
-def ode_jacobian_generic(
+def ode_jacobian(
     model: TeacherStudent,
     normalization: Normalization,
     Q: np.ndarray,
@@ -1188,20 +835,22 @@ def ode_jacobian_generic(
     batch_size: int = 1,
     second_order: bool = True,
     quadrature: Any = None,
-    engine: str = "auto",
+    engine: EngineArg = "auto",
 ) -> np.ndarray:
     """Jacobian of the scaled (angular) flow including the trainable parameters, per unit
-    ``eta alpha``, by central differences of the smooth quadrature estimate (common
-    random numbers; step ``min(1e-3, psd margin / 4)``, two Richardson levels).
-
-    With the exact engine the step is ``1e-3`` (the closed forms are analytic a little
-    beyond the cone) and the held shift parameters contribute the decoupled block
+    ``eta alpha``, in the coordinates :func:`jacobian_coordinates`, by central
+    differences with two Richardson levels (error ``O(h^6)``): step ``1e-3`` with an
+    exact engine (the closed forms are analytic a little beyond the cone), ``min(1e-3,
+    psd margin / 4)`` for an engine of estimates (its estimate is smooth in the state:
+    common random numbers). Held parameters contribute the decoupled block
     ``-held_hessian`` (their drift is ``-eta`` times their gradient, no ``eta^2`` term;
-    coordinates last)."""
-    eng = theory.expectation_engine(model, normalization, quadrature, engine=engine)
+    coordinates last). For a per-unit norm-conserving normalization at ``eta = 0`` its
+    eigenvalues are those of the full ODE without the ``K`` zeros of the conserved
+    norms."""
+    eng = _engine(model, normalization, engine, quadrature)
     inv = scale_invariance(model, normalization)
     K, M = model.K, model.M
-    coords = generic_jacobian_coordinates(model, normalization, engine)
+    coords = jacobian_coordinates(model, normalization, eng)
     p = eng.params(params)
     trainable = tuple(eng.trainable)
     iq = np.array([(i, k) for v, i, k in coords if v == "Q"], dtype=int).reshape(-1, 2)
@@ -1217,7 +866,7 @@ def ode_jacobian_generic(
         px = dict(p)
         for j, k in enumerate(trainable):
             px[k] = x[nq + K * M + j * K: nq + K * M + (j + 1) * K]
-        dQ, dR, dth, _ = _generic_flow(eng, inv, Qx, Rx, px, eta, batch_size, second_order)
+        dQ, dR, dth, _ = _scaled_flow(eng, inv, Qx, Rx, px, eta, batch_size, second_order)
         return np.concatenate([dQ[iq[:, 0], iq[:, 1]], dR.ravel(),
                                *[dth[k] for k in trainable]])
 
@@ -1233,34 +882,6 @@ def ode_jacobian_generic(
     return jac
 
 
-@attrs.frozen
-class GenericHessian(HessianSpectrum):
-    """:class:`HessianSpectrum` of ``eps_g`` over ``(W, theta)`` by the generic engine.
-
-    The span block includes the trainable parameters (coordinates after the ``K
-    dim_span`` weight coordinates, ``theta_names``); the complement block is ``G + G^T``
-    measured on an extra dimension orthogonal to ``W`` and ``Btilde``. Errors are
-    standard errors of the replicate estimates plus the finite-difference truncation
-    estimate. ``coupling_complement_theta`` / ``coupling_complement_span`` are the
-    largest measured cross-derivatives between the complement direction and theta /
-    the span (exactly zero in theory) with their errors.
-    """
-
-    span_error: np.ndarray = attrs.field(factory=lambda: np.zeros(0), eq=False)
-    complement_error: np.ndarray = attrs.field(factory=lambda: np.zeros(0), eq=False)
-    lambda_min_error: float = float("nan")
-    escape_dtheta: dict = attrs.field(factory=dict, eq=False)
-    theta_names: tuple = ()
-    params: dict = attrs.field(factory=dict, eq=False)
-    coupling_complement_theta: float = 0.0
-    coupling_complement_theta_error: float = 0.0
-    coupling_complement_span: float = 0.0
-    coupling_complement_span_error: float = 0.0
-    landscape_only: bool = False
-    gradient_norm: float = float("nan")
-    engine: str = "generic"
-
-
 def _replicate_error(values: np.ndarray) -> np.ndarray:
     """Standard error of the mean over the leading (replicate) axis; 0 for one value."""
     reps = values.shape[0]
@@ -1269,7 +890,7 @@ def _replicate_error(values: np.ndarray) -> np.ndarray:
     return values.std(axis=0, ddof=1) / math.sqrt(reps)
 
 
-def weight_space_hessian_generic(
+def weight_space_hessian(
     model: TeacherStudent,
     normalization: Normalization,
     Q: Any,
@@ -1278,9 +899,13 @@ def weight_space_hessian_generic(
     *,
     quadrature: Any = None,
     accuracy: float | None = None,
-    engine: str = "auto",
-) -> GenericHessian:
-    """Hessian of ``F(W, theta) = eps_g(W W^T, W Btilde^T; theta)`` by the generic engine.
+    engine: EngineArg = "auto",
+) -> HessianSpectrum:
+    """Hessian of ``F(W, theta) = eps_g(W W^T, W Btilde^T; theta)``, exact for every ``N``.
+
+    Coordinates ``W = J / sqrt(N)`` (DESIGN.md, "Weight-space Hessian"); the Hessian is
+    taken at the normalization's parameter values ``params`` (default: its own, e.g.
+    batchnorm's fixed ``gamma``), trainable ones joining the span block.
 
     ``W`` is realized in ``D = K + M`` dimensions plus one extra dimension orthogonal to
     ``W`` and ``Btilde`` (the complement). The per-replicate weight gradients
@@ -1288,20 +913,21 @@ def weight_space_hessian_generic(
     random numbers) are differentiated by central differences (relative step ``1e-2``
     of each row's norm, ``1e-2 max(1, |theta|)``, one Richardson level, ``O(h^4)``;
     ``1e-3`` with the exact engine, whose gradients are exact);
-    the replicate Hessians give the error estimates. Trainable parameters join the span
+    the replicate Hessians give the error estimates (an exact engine has one
+    "replicate": the truncation estimate only). Trainable parameters join the span
     block; the complement block is read off the extra dimension. For a normalization
     with ``statistics_gradient = False`` this is the Hessian of ``eps_g`` (the loss
     landscape; its SGD drift is not a gradient), ``landscape_only = True``.
 
     Raises :class:`~framework.theory.AccuracyError` if ``lambda_min``'s error estimate
-    exceeds ``accuracy`` (default: the quadrature's) times ``max(1, |lambda_min|)``.
+    exceeds ``accuracy`` (default: the quadrature's) times ``max(1, |lambda_min|)``
+    (engines of estimates only).
     """
-    eng = theory.expectation_engine(model, normalization, quadrature, engine=engine)
+    eng = _engine(model, normalization, engine, quadrature)
     if accuracy is not None:
         acc = float(accuracy)
     else:
-        acc = eng.quadrature.accuracy if eng.quadrature is not None else \
-            theory.Quadrature().accuracy
+        acc = getattr(eng, "quadrature", Quadrature()).accuracy
     Q = np.asarray(Q, dtype=float)
     R = np.asarray(R, dtype=float)
     K, M = model.K, model.M
@@ -1406,15 +1032,14 @@ def weight_space_hessian_generic(
         dR = dW @ Bt0.T
         dth = {k: mode[K * rank + j * K: K * rank + (j + 1) * K] for j, k in enumerate(names)}
     if not lam_err <= acc * max(1.0, abs(lam_min)) and not eng.exact:
-        q = eng.quadrature
-        raise theory.AccuracyError(
-            f"generic Hessian: the error estimate of lambda_min is {lam_err:.3g} (value "
+        raise AccuracyError(
+            f"Hessian: the error estimate of lambda_min is {lam_err:.3g} (value "
             f"{lam_min:.6g}), above accuracy={acc:g} * max(1, |value|), with "
-            f"{q.replicates} x {q.samples} {q.method} points for normalization "
-            f"{normalization.name!r} and activation {model.activation!r}; increase "
-            "'samples' or relax 'accuracy' (or the integrand has infinite variance here)"
+            f"{eng.describe()} for normalization {normalization.name!r} and activation "
+            f"{model.activation!r}; increase 'samples' or relax 'accuracy' (or the "
+            "integrand has infinite variance here)"
         )
-    return GenericHessian(
+    return HessianSpectrum(
         span_vals, comp_vals, int(dim_span), lam_min, block_name, dW, dQ, dR, X0, Bt0, G,
         block, span_error=span_err, complement_error=comp_err, lambda_min_error=lam_err,
         escape_dtheta=dth, theta_names=names, params={k: p[k].copy() for k in names},
@@ -1423,3 +1048,176 @@ def weight_space_hessian_generic(
         coupling_complement_span=c_s, coupling_complement_span_error=c_se,
         landscape_only=not normalization.statistics_gradient, gradient_norm=gnorm,
     )
+
+
+# --------------------------------------------------------------------------------------
+# The plateau and the escape geometry
+# --------------------------------------------------------------------------------------
+
+
+def specialized(R: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """Per branch: does ``R_in`` differ between students by more than ``tol`` (broken
+    student symmetry)? ``R`` of shape ``(..., K, M)``."""
+    return np.max(np.abs(R - R.mean(axis=-2, keepdims=True)), axis=(-2, -1)) > tol
+
+
+def constant_predictor_error(engine: Engine) -> float:
+    """``eps_g`` of the best input-independent student output: ``Var(zeta) / 2 +
+    noise / 2`` (the teacher output's variance by Gauss-Hermite quadrature over the
+    teachers' fields, tensor grid of 80 points per teacher for ``M <= 3``, exact for the
+    erf to ~1e-12; a fixed-seed Monte Carlo of 2^18 points beyond)."""
+    model = engine.model
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    w = w / w.sum()
+    L = np.linalg.cholesky(model.T)
+    M = model.M
+    if M <= 3:  # tensor grid over the teachers' M Gaussian coordinates
+        grids = np.meshgrid(*([x] * M), indexing="ij")
+        z = np.stack([g_.ravel() for g_ in grids], axis=-1)
+        wz = np.prod(np.meshgrid(*([w] * M), indexing="ij"), axis=0).ravel()
+    else:
+        z = np.random.default_rng(0).standard_normal((1 << 18, M))
+        wz = np.full(z.shape[0], 1.0 / z.shape[0])
+    zeta = np.sum(engine.activation.g(z @ L.T), axis=-1)
+    mean = float(wz @ zeta)
+    return 0.5 * float(wz @ (zeta - mean) ** 2) + 0.5 * model.noise
+
+
+def is_dead(engine: Engine, fp: FixedPoint) -> bool:
+    """A dead branch: ``eps_g`` within ``5 eps_g_error`` (at least 1e-9) of the best
+    constant predictor's (:func:`constant_predictor_error`): the student output does not
+    depend on the input (e.g. a gain collapsed to 0)."""
+    tol = max(1e-9, 5.0 * float(fp.eps_g_error))
+    return bool(fp.eps_g >= constant_predictor_error(engine) - tol)
+
+
+#: How :func:`plateau_branch` chooses (stored in attrs).
+PLATEAU_RULE = (
+    "among the unstable branches in the symmetric phase (R_in equal across students "
+    "within max(1e-6, 30 rate errors)) that are not dead (eps_g within 5 error estimates "
+    "of the best constant predictor's), the one with the fewest unstable directions, "
+    "then the lowest eps_g, then non-negative trainable parameters (mirror images)"
+)
+
+
+def plateau_branch(
+    engine: Engine, points: Sequence[FixedPoint], eigenvalues: Sequence[np.ndarray]
+) -> int:
+    """Index of the plateau among ``points`` (:data:`PLATEAU_RULE`), -1 if none.
+
+    ``eigenvalues[b]`` are the ODE Jacobian's eigenvalues at branch ``b`` (a generic
+    trajectory lingers at a saddle of low unstable dimension: at ``eta > 0`` the point
+    of identical students lies next to the plateau but is unstable in more directions).
+    Cost: no integration and nothing that grows faster than polynomially in ``K``.
+    """
+    cand = []
+    for b, fp in enumerate(points):
+        n_unstable = int(np.sum(np.real(eigenvalues[b]) > 1e-9))
+        if not n_unstable or specialized(fp.R, max(1e-6, 30.0 * fp.rate_error)):
+            continue
+        if is_dead(engine, fp):
+            continue
+        mirror = any(float(np.mean(v)) < 0 for v in fp.params.values())
+        cand.append(((n_unstable, round(fp.eps_g, 10), mirror), b))
+    return min(cand)[1] if cand else -1
+
+
+def mode_matrices(
+    model: TeacherStudent, coords: Sequence[tuple[str, int, int]], vec: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``(dQ, dR, dtheta)`` of a vector in the Jacobian coordinates ``coords``
+    (:func:`jacobian_coordinates`; real part)."""
+    K, M = model.K, model.M
+    dQ, dR = np.zeros((K, K)), np.zeros((K, M))
+    dth: dict[str, np.ndarray] = {}
+    for value, (kind, i, k) in zip(np.real(vec), coords, strict=True):  # a few dozen
+        if kind == "Q":
+            dQ[i, k] = dQ[k, i] = value
+        elif kind == "R":
+            dR[i, k] = value
+        else:
+            dth.setdefault(kind[len("theta:"):], np.zeros(K))[i] = value
+    return dQ, dR, dth
+
+
+def unstable_vector(
+    coords: Sequence[tuple[str, int, int]], values: np.ndarray, vectors: np.ndarray
+) -> np.ndarray:
+    """The most unstable Jacobian eigenvector; in a degenerate eigenspace the one that
+    most increases ``sum_i R_ii`` (every student towards its own teacher: the escape
+    inside the matched subspace), the same at every ``eta``."""
+    reference = np.array([1.0 if c[0] == "R" and c[1] == c[2] else 0.0 for c in coords])
+    return canonical_mode(np.real(values), vectors, reference)
+
+
+def realize_mode(
+    coords: Sequence[tuple[str, int, int]], vec: np.ndarray, X: np.ndarray, Bt: np.ndarray
+) -> np.ndarray | None:
+    """``dW`` (shape of ``X``) whose first-order change of the Jacobian coordinates
+    (``Q_ik``, ``R_in``; norms free where they are not coordinates) is the ``(Q, R)``
+    part of ``vec``; None if no ``dW`` reproduces it to 1e-6 (relative)."""
+    K, D = X.shape
+    pairs = [(v, c) for v, c in zip(np.real(vec), coords, strict=True) if c[0] in ("Q", "R")]
+    target = np.array([v for v, _ in pairs])
+    basis = np.eye(K * D).reshape(K * D, K, D)
+    dQ = X[None] @ np.swapaxes(basis, 1, 2) + basis @ X.T[None]  # (K D, K, K)
+    dR = basis @ Bt.T[None]  # (K D, K, M)
+    A = np.stack([dQ[:, i, k] if v == "Q" else dR[:, i, k] for _, (v, i, k) in pairs], axis=0)
+    sol, *_ = np.linalg.lstsq(A, target, rcond=None)
+    if np.linalg.norm(A @ sol - target) > 1e-6 * max(np.linalg.norm(target), 1e-300):
+        return None
+    return sol.reshape(K, D)
+
+
+def escape_start(
+    model: TeacherStudent,
+    fp: FixedPoint,
+    coords: Sequence[tuple[str, int, int]],
+    vec: np.ndarray,
+    spec: HessianSpectrum,
+    size: float,
+) -> tuple[OrderParameters, str, dict[str, np.ndarray]]:
+    """The plateau ``fp`` moved along its escape direction: ``(start, description,
+    dtheta)``.
+
+    The direction is the Jacobian eigenvector ``vec`` (coordinates ``coords``),
+    including the trainable parameters (``dtheta``, empty without them): the step is
+    ``size`` times ``|(Q, R)|`` over the norm of the whole vector ``(dQ, dR, dtheta)``,
+    either sign. Where that leaves the PSD cone (a plateau of identical students on its
+    boundary), the same eigenvector is realized in weight space (:func:`realize_mode`,
+    the realization ``spec.X``, ``spec.Bt``), so the start moves along the ODE's unstable
+    direction and stays realizable. Last resort: the Hessian's escape mode in weight
+    space (step ``size |W|`` over ``|(dW, dtheta)|``).
+    """
+    dQ, dR, dth = mode_matrices(model, coords, vec)
+    extra = sum(float(np.sum(v**2)) for v in dth.values())
+    total = math.sqrt(float(np.sum(fp.Q**2) + np.sum(fp.R**2)))
+    scale = size * total / math.sqrt(float(np.sum(dQ**2) + np.sum(dR**2)) + extra)
+    for sign in (1.0, -1.0):
+        Q, R = fp.Q + sign * scale * dQ, fp.R + sign * scale * dR
+        if psd_margin(Q, R, model.T) > 1e-12:
+            try:
+                return OrderParameters(Q, R, model.T), (
+                    f"ODE Jacobian's most unstable eigenvector, sign {sign:+g}"), \
+                    {k: sign * scale * v for k, v in dth.items()}
+            except ValueError:
+                pass
+    X, Bt = spec.X, spec.Bt
+    realized = realize_mode(coords, vec, X, Bt)
+    if realized is not None:
+        Xp = X + scale * realized
+        op = to_order_parameters(Xp @ Xp.T, Xp @ Bt.T, model.T)
+        return op, ("ODE Jacobian's most unstable eigenvector realized in weight space "
+                    "(first order)"), {k: scale * v for k, v in dth.items()}
+    dW = spec.escape_dW
+    dth = {k: np.asarray(v, dtype=float) for k, v in spec.escape_dtheta.items()}
+    step = size * np.linalg.norm(X) / math.sqrt(
+        float(np.sum(dW**2)) + sum(float(np.sum(v**2)) for v in dth.values()))
+    if spec.escape_block == "span":
+        Xp, Btp = X + step * dW, Bt
+    else:
+        Xp = np.concatenate([X, step * dW], axis=1)
+        Btp = np.concatenate([Bt, np.zeros((Bt.shape[0], 1))], axis=1)
+    op = to_order_parameters(Xp @ Xp.T, Xp @ Btp.T, model.T)
+    return op, f"Hessian escape mode in weight space ({spec.escape_block} block)", \
+        {k: step * v for k, v in dth.items()}

@@ -55,7 +55,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import attrs
@@ -70,6 +69,7 @@ from framework.normalization import Normalization
 from framework.theory._integrate import _SCIPY_METHODS as _SOLVERS
 from framework.theory._integrate import solve_grid
 from framework.theory._kernels import _state_status_py as _status
+from framework.theory.base import AccuracyError, Engine, Rates, Trajectory
 
 __all__ = [
     "AccuracyError",
@@ -79,10 +79,6 @@ __all__ = [
     "Quadrature",
 ]
 
-
-
-class AccuracyError(ArithmeticError):
-    """The generic engine's error estimate exceeds the requested accuracy."""
 
 
 def _power_of_two(instance: Any, attribute: Any, value: int) -> None:
@@ -176,48 +172,9 @@ def _sqrtm_psd(S: np.ndarray) -> np.ndarray | None:
     return (vec * np.sqrt(np.clip(lam, 0.0, None))) @ vec.T
 
 
-@dataclass(frozen=True)
-class GenericRates:
-    """Right-hand side of the ODE and ``eps_g`` at one state, with error estimates.
-
-    Every ``*_error`` is the standard error of the replicate means (same shape as its
-    value). ``dparams`` maps each trainable parameter name to ``dtheta/dalpha`` (K,).
-    """
-
-    dQ: np.ndarray
-    dR: np.ndarray
-    dparams: dict[str, np.ndarray]
-    eps_g: float
-    dQ_error: np.ndarray
-    dR_error: np.ndarray
-    dparams_error: dict[str, np.ndarray]
-    eps_g_error: float
-
-
-@dataclass(frozen=True)
-class GenericTrajectory:
-    """Result of :meth:`ExpectationEngine.integrate`.
-
-    The fields of :class:`framework.theory._kernels.TheoryTrajectory` (``alpha``, ``Q``,
-    ``R``, ``eps_g``, ``diverged``, ``alpha_diverged``, ``nfev``, ``message``,
-    ``engine``: ``"generic"``, or ``"closed_form"`` from the exact engine with trainable
-    parameters) plus ``params`` (trainable parameter name -> array ``(n, K)``),
-    ``eps_g_error`` (``(n,)``; zeros when exact) and the ``quadrature`` used (None when
-    exact).
-    """
-
-    alpha: np.ndarray
-    Q: np.ndarray
-    R: np.ndarray
-    eps_g: np.ndarray
-    diverged: bool
-    alpha_diverged: float
-    nfev: int
-    message: str
-    engine: str
-    params: dict[str, np.ndarray] = field(default_factory=dict)
-    eps_g_error: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    quadrature: Quadrature = field(default_factory=Quadrature)
+#: Former names of the result types (kept for plugin code written against them).
+GenericRates = Rates
+GenericTrajectory = Trajectory
 
 
 _NAMES = {
@@ -229,8 +186,9 @@ _NAMES = {
 }
 
 
-class ExpectationEngine:
-    """The general ODE of one (model, normalization) pair by quadrature.
+class ExpectationEngine(Engine):
+    """The general ODE of one (model, normalization) pair by quadrature (any
+    normalization, any activation; :class:`~framework.theory.base.Engine`).
 
     Parameters
     ----------
@@ -242,13 +200,8 @@ class ExpectationEngine:
         Accuracy settings (default :class:`Quadrature()`).
     """
 
-    #: Engine label stored with results.
     name = "generic"
-    #: False: values are estimates with error estimates.
     exact = False
-    #: Trainable parameters held fixed rather than integrated (none here; see
-    #: :class:`framework.theory.closed.ClosedFormEngine`).
-    held: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -257,48 +210,34 @@ class ExpectationEngine:
         activation: Activation,
         quadrature: Quadrature | None = None,
     ) -> None:
-        self.model = model
-        self.normalization = normalization
-        self.activation = activation
+        super().__init__(model, normalization, activation)
         self.quadrature = quadrature if quadrature is not None else Quadrature()
-        self.K, self.M = model.K, model.M
-        self.T = np.asarray(model.T, dtype=float)
-        self.noise = float(model.noise)
-        self.trainable = tuple(normalization.trainable)
-        self.initial_params = {
-            k: np.asarray(v, dtype=float) for k, v in normalization.parameters(self.K).items()
-        }
         q = self.quadrature
         self._z = _base_points(q.method, self.K + self.M, q.samples, q.replicates, q.seed)
+
+    @classmethod
+    def supports(
+        cls,
+        model: TeacherStudent,
+        normalization: Normalization,
+        activation: Activation,
+        params: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Every triple: only the per-sample ``forward``/``backward`` are used."""
+        return None
 
     def describe(self) -> str:
         """One line for attrs."""
         return "generic expectation engine: " + self.quadrature.describe()
 
-    def held_hessian(
-        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
-    ) -> np.ndarray:
-        """Hessian block of the held parameters (none for this engine)."""
-        return np.zeros((0, 0))
+    def attrs(self) -> dict[str, Any]:
+        """The base attrs plus ``quadrature`` (its description)."""
+        return {**super().attrs(), "quadrature": self.quadrature.describe()}
 
     def _state_status(self, y: np.ndarray, max_value: float) -> int:
         """0 for a valid integrator state; else the failure code of
         :data:`_MESSAGES` (``Q`` must be positive definite: the quadrature needs it)."""
         return int(_status(y, self.K, max_value))
-
-    # -- parameters -------------------------------------------------------------------
-    def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """Initial parameter values updated with ``overrides`` (each broadcast to (K,))."""
-        out = dict(self.initial_params)
-        for name, value in (overrides or {}).items():
-            if name not in out:
-                valid = ", ".join(map(repr, out)) or "none"
-                raise SpecificationError(
-                    f"unknown parameter {name!r} of normalization "
-                    f"{self.normalization.name!r}; parameters: {valid}"
-                )
-            out[name] = np.broadcast_to(np.asarray(value, dtype=float), (self.K,)).copy()
-        return out
 
     # -- the expectations ----------------------------------------------------------------
     def _replicate_moments(
@@ -476,19 +415,13 @@ class ExpectationEngine:
         batch_size: int = 1,
         second_order: bool = True,
         check: bool = True,
-    ) -> GenericRates:
+    ) -> Rates:
         """``dQ/dalpha``, ``dR/dalpha``, ``dtheta/dalpha`` and ``eps_g`` with errors."""
-        K, M = self.K, self.M
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         Q = 0.5 * (Q + Q.T)
         mom = self._replicate_moments(Q, R, self.params(params), second_order=second_order)
         if mom is None:
-            nan = np.full((K, K), np.nan)
-            return GenericRates(
-                nan, np.full((K, M), np.nan), {k: np.full(K, np.nan) for k in self.trainable},
-                math.nan, nan, np.full((K, M), np.nan),
-                {k: np.full(K, np.nan) for k in self.trainable}, math.nan,
-            )
+            return self.nan_rates()
         if check:
             self._check({
                 **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs")
@@ -509,28 +442,9 @@ class ExpectationEngine:
         dp, dpe = {}, {}
         for k, v in mom["params"].items():
             dp[k], dpe[k] = self._mean_err(eta * v)
-        return GenericRates(0.5 * (dQ + dQ.T), dR, dp, float(eps), dQe, dRe, dpe, float(epse))
+        return Rates(0.5 * (dQ + dQ.T), dR, dp, float(eps), dQe, dRe, dpe, float(epse))
 
     # -- integration --------------------------------------------------------------------
-    def pack(self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
-        """State vector ``[Q.ravel(), R.ravel(), theta_1, theta_2, ...]`` (trainable)."""
-        return np.concatenate(
-            [np.ravel(Q), np.ravel(R), *(np.ravel(params[k]) for k in self.trainable)]
-        )
-
-    def unpack(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Inverse of :meth:`pack` (also for stacks ``(n, size)``)."""
-        K, M = self.K, self.M
-        y = np.asarray(y)
-        lead = y.shape[:-1]
-        Q = y[..., : K * K].reshape(*lead, K, K)
-        R = y[..., K * K : K * K + K * M].reshape(*lead, K, M)
-        off = K * K + K * M
-        params = {}
-        for j, k in enumerate(self.trainable):
-            params[k] = y[..., off + j * K : off + (j + 1) * K]
-        return Q, R, params
-
     def integrate(
         self,
         Q0: Any,
@@ -546,7 +460,7 @@ class ExpectationEngine:
         second_order: bool = True,
         max_value: float = 1e8,
         stop_below: float | None = None,
-    ) -> GenericTrajectory:
+    ) -> Trajectory:
         """Integrate the general ODE from ``(Q0, R0, params)`` and report on ``alpha``.
 
         ``stop_below``: if given, stop at the first reported grid point with ``eps_g <
@@ -604,12 +518,12 @@ class ExpectationEngine:
             eps[j], eps_err[j] = self.generalization_error(
                 Qs[j], Rs[j], {**fixed, **{k: v[j] for k, v in ps.items()}}
             )
-        return GenericTrajectory(
+        return Trajectory(
             alpha=alpha[:n_rows].copy(), Q=Qs.copy(), R=Rs.copy(), eps_g=eps,
             diverged=status != 0, alpha_diverged=float(t_fail) if status else math.nan,
             nfev=nfev, message=_MESSAGES[status], engine=self.name,
             params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
-            quadrature=self.quadrature,
+            description=self.describe(),
         )
 
 

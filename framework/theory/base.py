@@ -1,0 +1,288 @@
+"""The one interface every theory engine implements, and its result types.
+
+An :class:`Engine` computes, for one (model, normalization, activation) triple, the
+expectations behind the order-parameter theory: the right-hand side of the ODE
+(:meth:`Engine.rates`), the generalization error, its gradient in weight space (for
+Hessians), the Hessian block of parameters held fixed by symmetry, and the
+integrated trajectory. Fixed points, Jacobians, Hessians and the escape geometry
+(:mod:`framework.theory.equilibrium`) are written once against it.
+
+Which engine runs is decided in one place, :func:`framework.theory.select_engine`,
+which asks each class of :data:`framework.theory.ENGINES` in turn whether it
+:meth:`~Engine.supports` the triple. Nothing else asks "which engine am I in": an
+engine answers :attr:`~Engine.exact` and the results have the same fields whichever
+engine made them (error estimates are 0 when exact, ``params`` empty without
+trainable parameters).
+
+Conventions (DESIGN.md): ``eps_g = E[(zeta - sigma)^2] / 2`` including the output
+noise ``model.noise / 2``; time ``alpha = steps / N``; learning rate ``eta`` with step
+``eta / sqrt(N)`` on ``J``; minibatch gradients averaged (the ``eta^2`` term of
+``dQ/dalpha`` divided by the batch size); trainable parameters move by
+``dtheta/dalpha = -eta E[d eps / d theta]``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from framework._validation import SpecificationError
+
+if TYPE_CHECKING:
+    from framework.activation import Activation
+    from framework.model import TeacherStudent
+    from framework.normalization import Normalization
+
+__all__ = ["AccuracyError", "ClosedFormUnavailable", "Engine", "Rates", "Trajectory"]
+
+
+class AccuracyError(ArithmeticError):
+    """An engine's error estimate exceeds the requested accuracy."""
+
+
+class ClosedFormUnavailable(NotImplementedError):
+    """No closed form applies to this (activation, normalization) pair."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Right-hand side of the ODE and ``eps_g`` at one state, with error estimates.
+
+    Every ``*_error`` has the shape of its value and is 0 when the engine is exact.
+    ``dparams`` maps each integrated trainable parameter to ``dtheta/dalpha`` (K,)
+    (empty without trainable parameters).
+    """
+
+    dQ: np.ndarray
+    dR: np.ndarray
+    dparams: dict[str, np.ndarray]
+    eps_g: float
+    dQ_error: np.ndarray
+    dR_error: np.ndarray
+    dparams_error: dict[str, np.ndarray]
+    eps_g_error: float
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """An integrated ODE trajectory on a report grid (the prefix reached).
+
+    Attributes
+    ----------
+    alpha : ndarray (n,)
+        Report times reached (a prefix of the requested grid).
+    Q, R : ndarray (n, K, K), (n, K, M)
+    eps_g : ndarray (n,)
+        Generalization error (output-noise term included).
+    eps_g_error : ndarray (n,)
+        Its error estimate (zeros when the engine is exact).
+    params : dict
+        Trainable parameter name -> ``(n, K)`` (empty without trainable parameters).
+    diverged : bool
+        The run stopped early on divergence (see ``message``).
+    alpha_diverged : float
+        Where the failure was detected (NaN if none).
+    nfev : int
+        Right-hand-side evaluations.
+    message : str
+    engine : str
+        Name of the engine that computed the rates (``"closed_form"``, ``"generic"``).
+    integrator : str
+        ``"numba"`` (compiled DOP853) or ``"scipy"``.
+    description : str
+        The engine's one-line description (stored in attrs).
+    """
+
+    alpha: np.ndarray
+    Q: np.ndarray
+    R: np.ndarray
+    eps_g: np.ndarray
+    diverged: bool
+    alpha_diverged: float
+    nfev: int
+    message: str
+    engine: str
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    eps_g_error: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    integrator: str = "scipy"
+    description: str = ""
+
+
+class Engine(abc.ABC):
+    """Expectations of the order-parameter theory for one (model, normalization,
+    activation) triple.
+
+    What a subclass implements: :meth:`supports` (class-level capability test),
+    :meth:`rates`, :meth:`generalization_error`, :meth:`weight_moments`,
+    :meth:`integrate` and :meth:`describe`; optionally :meth:`held_hessian` (parameters
+    held fixed by a symmetry) and :meth:`attrs`.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``select_engine(..., engine=name)``) and the ``engine`` attr of
+        results.
+    exact : bool
+        Values are exact (error estimates 0) rather than estimates.
+    trainable : tuple of str
+        Trainable normalization parameters integrated as state.
+    held : tuple of str
+        Trainable parameters held at 0 (by a symmetry of the problem).
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+
+    def __init__(
+        self, model: TeacherStudent, normalization: Normalization, activation: Activation
+    ) -> None:
+        self.model = model
+        self.normalization = normalization
+        self.activation = activation
+        self.K, self.M = model.K, model.M
+        self.T = np.asarray(model.T, dtype=float)
+        self.noise = float(model.noise)
+        self.trainable: tuple[str, ...] = tuple(normalization.trainable)
+        self.held: tuple[str, ...] = ()
+        self.initial_params = {
+            k: np.asarray(v, dtype=float) for k, v in normalization.parameters(self.K).items()
+        }
+
+    # -- capability --------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def supports(
+        cls,
+        model: TeacherStudent,
+        normalization: Normalization,
+        activation: Activation,
+        params: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """None if this engine applies to the triple (and parameter values), else the
+        reason why not (one phrase, used in error messages)."""
+
+    # -- the expectations ----------------------------------------------------------------
+    @abc.abstractmethod
+    def rates(
+        self,
+        Q: Any,
+        R: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        eta: float,
+        batch_size: int = 1,
+        second_order: bool = True,
+        check: bool = True,
+    ) -> Rates:
+        """``dQ/dalpha``, ``dR/dalpha``, ``dtheta/dalpha`` and ``eps_g`` at ``(Q, R)``
+        with the parameters ``params`` (defaults: :meth:`params`)."""
+
+    @abc.abstractmethod
+    def generalization_error(
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
+    ) -> tuple[float, float]:
+        """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included)."""
+
+    @abc.abstractmethod
+    def weight_moments(
+        self,
+        X: Any,
+        Bt: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        landscape: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """``eps_g``, ``dF/dX`` and ``dF/dtheta`` in weight space, per replicate.
+
+        ``F(X, theta) = eps_g(X X^T, X Bt^T; theta)`` for a realization ``X (K, D)``,
+        ``Bt (M, D)``. Returns ``(eps (r,), dF/dX (r, K, D), {name: (r, K)})`` with
+        ``r`` replicates (1 for an exact engine). ``landscape=True``: for a normalization
+        without gradients through its statistics, the gradient of ``eps_g`` itself (the
+        loss landscape), not the SGD drift.
+        """
+
+    def held_hessian(
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
+    ) -> np.ndarray:
+        """Hessian block of the :attr:`held` parameters, ``(K h, K h)``, decoupled from
+        ``(W, theta)`` (default: none held, ``(0, 0)``)."""
+        return np.zeros((0, 0))
+
+    @abc.abstractmethod
+    def integrate(
+        self,
+        Q0: Any,
+        R0: Any,
+        *,
+        eta: float,
+        alpha: Any,
+        params: Mapping[str, Any] | None = None,
+        batch_size: int = 1,
+        rtol: float = 1e-10,
+        atol: float = 1e-12,
+        method: str = "DOP853",
+        second_order: bool = True,
+        max_value: float = 1e8,
+        stop_below: float | None = None,
+    ) -> Trajectory:
+        """Integrate the ODE from ``(Q0, R0, params)`` and report on the grid ``alpha``.
+
+        Divergence (non-finite state, an entry beyond ``max_value``, loss of the state's
+        validity, step-size underflow) stops the run and keeps the rows reached.
+        ``stop_below``: stop at the first reported grid point with ``eps_g`` below it.
+        """
+
+    # -- description -----------------------------------------------------------------
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line for attrs."""
+
+    def attrs(self) -> dict[str, Any]:
+        """What the engine writes into a result's attrs (strings and numbers)."""
+        return {"engine": self.name, "engine_description": self.describe(),
+                "engine_exact": int(self.exact)}
+
+    # -- parameters and the packed state ------------------------------------------------
+    def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Initial parameter values updated with ``overrides`` (each broadcast to (K,))."""
+        out = dict(self.initial_params)
+        for name, value in (overrides or {}).items():
+            if name not in out:
+                valid = ", ".join(map(repr, out)) or "none"
+                raise SpecificationError(
+                    f"unknown parameter {name!r} of normalization "
+                    f"{self.normalization.name!r}; parameters: {valid}"
+                )
+            out[name] = np.broadcast_to(np.asarray(value, dtype=float), (self.K,)).copy()
+        return out
+
+    def pack(self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        """State vector ``[Q.ravel(), R.ravel(), theta_1, theta_2, ...]`` (trainable)."""
+        return np.concatenate(
+            [np.ravel(Q), np.ravel(R), *(np.ravel(params[k]) for k in self.trainable)]
+        )
+
+    def unpack(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Inverse of :meth:`pack` (also for stacks ``(n, size)``)."""
+        K, M = self.K, self.M
+        y = np.asarray(y)
+        lead = y.shape[:-1]
+        Q = y[..., : K * K].reshape(*lead, K, K)
+        R = y[..., K * K : K * K + K * M].reshape(*lead, K, M)
+        off = K * K + K * M
+        params = {}
+        for j, k in enumerate(self.trainable):
+            params[k] = y[..., off + j * K : off + (j + 1) * K]
+        return Q, R, params
+
+    def nan_rates(self) -> Rates:
+        """Rates of an invalid state (NaN everywhere)."""
+        K, M = self.K, self.M
+        nan = {k: np.full(K, np.nan) for k in self.trainable}
+        return Rates(np.full((K, K), np.nan), np.full((K, M), np.nan), nan, math.nan,
+                     np.full((K, K), np.nan), np.full((K, M), np.nan), dict(nan), math.nan)
