@@ -436,7 +436,8 @@ def integrate_diagonal_scale(
         result holds the grid points reached before, ``diverged=True`` and
         ``alpha_diverged``.
     """
-    Q0, R0, T = (np.ascontiguousarray(a, dtype=np.float64) for a in (Q0, R0, T))
+    # writeable copies: a read-only array (the model's T) types differently in numba
+    Q0, R0, T = (np.array(a, dtype=np.float64, order="C") for a in (Q0, R0, T))
     alpha = np.ascontiguousarray(alpha, dtype=np.float64).reshape(-1)
     if alpha.size == 0 or np.any(np.diff(alpha) <= 0):
         raise ValueError(f"alpha must be a non-empty, strictly increasing grid, got {alpha!r}")

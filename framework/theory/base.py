@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from framework._validation import SpecificationError
+from framework.theory._integrate import _SCIPY_METHODS, definiteness, solve_grid
+from framework.theory._kernels import _STATUS_MESSAGES
+from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
     from framework.activation import Activation
@@ -118,9 +120,10 @@ class Engine(abc.ABC):
     activation) triple.
 
     What a subclass implements: :meth:`supports` (class-level capability test),
-    :meth:`rates`, :meth:`generalization_error`, :meth:`weight_moments`,
-    :meth:`integrate` and :meth:`describe`; optionally :meth:`held_hessian` (parameters
-    held fixed by a symmetry) and :meth:`attrs`.
+    :meth:`rates`, :meth:`generalization_error`, :meth:`weight_moments` and
+    :meth:`describe`; optionally :meth:`held_hessian` (parameters held fixed by a
+    symmetry), :meth:`attrs`, and :meth:`integrate` (the default integrates through
+    :meth:`rates`; an engine may use a faster integrator where it has one).
 
     Attributes
     ----------
@@ -129,6 +132,8 @@ class Engine(abc.ABC):
         results.
     exact : bool
         Values are exact (error estimates 0) rather than estimates.
+    semidefinite : bool
+        A positive semidefinite ``Q`` is a valid state.
     trainable : tuple of str
         Trainable normalization parameters integrated as state.
     held : tuple of str
@@ -137,6 +142,10 @@ class Engine(abc.ABC):
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
+    #: True if a positive *semi*-definite ``Q`` is a valid state (the engine is smooth
+    #: on the boundary of the cone, e.g. identical students); else ``Q`` must be
+    #: positive definite.
+    semidefinite: ClassVar[bool] = False
 
     def __init__(
         self, model: TeacherStudent, normalization: Normalization, activation: Activation
@@ -213,7 +222,6 @@ class Engine(abc.ABC):
         ``(W, theta)`` (default: none held, ``(0, 0)``)."""
         return np.zeros((0, 0))
 
-    @abc.abstractmethod
     def integrate(
         self,
         Q0: Any,
@@ -223,19 +231,88 @@ class Engine(abc.ABC):
         alpha: Any,
         params: Mapping[str, Any] | None = None,
         batch_size: int = 1,
-        rtol: float = 1e-10,
-        atol: float = 1e-12,
+        rtol: float = 1e-7,
+        atol: float = 1e-9,
         method: str = "DOP853",
         second_order: bool = True,
         max_value: float = 1e8,
         stop_below: float | None = None,
     ) -> Trajectory:
-        """Integrate the ODE from ``(Q0, R0, params)`` and report on the grid ``alpha``.
+        """Integrate the ODE over ``(Q, R, theta)`` from ``(Q0, R0, params)`` through
+        :meth:`rates` and report on the grid ``alpha`` (scipy's ``solve_ivp`` with
+        terminal events, :func:`framework.theory._integrate.solve_grid`).
 
-        Divergence (non-finite state, an entry beyond ``max_value``, loss of the state's
-        validity, step-size underflow) stops the run and keeps the rows reached.
-        ``stop_below``: stop at the first reported grid point with ``eps_g`` below it.
+        ``stop_below``: if given, stop at the first reported grid point with ``eps_g <
+        stop_below`` (that point is the last one reported; not a divergence), e.g. to
+        measure an escape time without integrating the converged phase.
+
+        Divergence (non-finite state, an entry beyond ``max_value``, ``Q`` no longer
+        positive definite -- semidefinite where :attr:`semidefinite` --, step-size
+        underflow) stops the run and keeps the rows reached; an
+        :class:`AccuracyError` at an accepted state propagates.
         """
+        if method not in _SCIPY_METHODS:
+            raise SpecificationError(
+                f"'method' must be one of {', '.join(map(repr, _SCIPY_METHODS))}, got {method!r}"
+            )
+        alpha = np.asarray(alpha, dtype=float).reshape(-1)
+        if alpha.size == 0 or np.any(np.diff(alpha) <= 0):
+            raise SpecificationError(f"'alpha' must be a strictly increasing grid, got {alpha!r}")
+        p0 = self.params(params)
+        y0 = self.pack(np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float), p0)
+        fixed = {k: v for k, v in p0.items() if k not in self.trainable}
+        nfev = 0
+
+        def split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+            Q, R, tp = self.unpack(y)
+            return Q, R, {**fixed, **tp}
+
+        def fun(_t: float, y: np.ndarray) -> np.ndarray:
+            nonlocal nfev
+            nfev += 1
+            Q, R, p = split(y)
+            with np.errstate(all="ignore"):
+                if self._state_status(y, max_value):  # trial stage outside the valid region
+                    return np.full_like(y, np.nan)
+                r = self.rates(Q, R, p, eta=eta, batch_size=batch_size,
+                               second_order=second_order)
+            return self.pack(r.dQ, r.dR, r.dparams)
+
+        ys, status, t_fail = solve_grid(
+            fun, y0, alpha, K=self.K, method=method, rtol=rtol, atol=atol,
+            max_value=max_value, semidefinite=self.semidefinite,
+            status=lambda y: self._state_status(y, max_value),
+            eps_g=_eps_g_of_state(self, fixed), stop_below=stop_below,
+        )
+        n_rows = ys.shape[0]
+        Qs, Rs, ps = self.unpack(ys)
+        Qs = 0.5 * (Qs + np.swapaxes(Qs, -1, -2))
+        eps = np.empty(n_rows)
+        eps_err = np.empty(n_rows)
+        for j in range(n_rows):  # one quadrature per reported time
+            eps[j], eps_err[j] = self.generalization_error(
+                Qs[j], Rs[j], {**fixed, **{k: v[j] for k, v in ps.items()}}
+            )
+        return Trajectory(
+            alpha=alpha[:n_rows].copy(), Q=Qs.copy(), R=Rs.copy(), eps_g=eps,
+            diverged=status != 0, alpha_diverged=float(t_fail) if status else math.nan,
+            nfev=nfev, message=_STATUS_MESSAGES[status], engine=self.name,
+            params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
+            description=self.describe(),
+        )
+
+    def _state_status(self, y: np.ndarray, max_value: float) -> int:
+        """0 for a valid integrator state, else the failure code of
+        ``framework.theory._kernels._STATUS_MESSAGES``: non-finite (1), beyond
+        ``max_value`` (2), ``Q`` not positive definite -- or, where
+        :attr:`semidefinite`, with an eigenvalue below ``-1e-9 max(1, max |Q|)`` -- (3)."""
+        if not np.all(np.isfinite(y)):
+            return 1
+        if np.max(np.abs(y)) > max_value:
+            return 2
+        if definiteness(y, self.K, self.semidefinite) < 0:
+            return 3
+        return 0
 
     # -- description -----------------------------------------------------------------
     @abc.abstractmethod
@@ -286,3 +363,17 @@ class Engine(abc.ABC):
         nan = {k: np.full(K, np.nan) for k in self.trainable}
         return Rates(np.full((K, K), np.nan), np.full((K, M), np.nan), nan, math.nan,
                      np.full((K, K), np.nan), np.full((K, M), np.nan), dict(nan), math.nan)
+
+
+def _eps_g_of_state(
+    eng: Engine, fixed: Mapping[str, np.ndarray]
+) -> Callable[[np.ndarray], float]:
+    """``y -> eps_g`` of a packed state of ``eng`` (``fixed``: the parameters that are
+    not state), for the ``stop_below`` event of :meth:`Engine.integrate`."""
+
+    def eps_g(y: np.ndarray) -> float:
+        Q, R, tp = eng.unpack(y)
+        eps, _ = eng.generalization_error(0.5 * (Q + Q.T), R, {**fixed, **tp}, check=False)
+        return float(eps)
+
+    return eps_g

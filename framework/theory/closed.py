@@ -39,13 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from framework._validation import SpecificationError
 from framework.activation import Activation
 from framework.model import TeacherStudent
 from framework.normalization import Normalization
 from framework.theory import _kernels as _theory
 from framework.theory._erf import J2
 from framework.theory.base import Engine, Rates, Trajectory
+from framework.validators import SpecificationError
 
 __all__ = ["ClosedFormEngine"]
 
@@ -60,6 +60,10 @@ class ClosedFormEngine(Engine):
 
     name = "closed_form"
     exact = True
+    #: The closed forms are analytic on the cone's boundary: states of identical
+    #: students (rank-deficient ``Q``, an invariant set of the ODE, e.g. the trained-gain
+    #: plateau) are legitimate.
+    semidefinite = True
 
     def __init__(
         self, model: TeacherStudent, normalization: Normalization, activation: Activation
@@ -215,22 +219,6 @@ class ClosedFormEngine(Engine):
         block = J2(St, np.arange(self.K)) + np.diag(s * edx)  # x~_i = s_i x_i
         return np.kron(np.eye(h), block)
 
-    def _state_status(self, y: np.ndarray, max_value: float) -> int:
-        """0 for a valid state; ``Q`` need only be positive *semi*-definite (smallest
-        eigenvalue above ``-1e-9 max(1, max |Q|)``): the closed forms are analytic there,
-        and states of identical students (rank-deficient ``Q``, an invariant set of the
-        ODE, e.g. the trained-gain plateau) are legitimate."""
-        if not np.all(np.isfinite(y)):
-            return 1
-        if np.max(np.abs(y)) > max_value:
-            return 2
-        K = self.K
-        Q = y[: K * K].reshape(K, K)
-        lam = np.linalg.eigvalsh(0.5 * (Q + Q.T))
-        if lam[0] < -1e-9 * max(1.0, float(np.max(np.abs(Q)))):
-            return 3
-        return 0
-
     def integrate(self, Q0: Any, R0: Any, **kwargs: Any) -> Trajectory:
         """See :meth:`Engine.integrate`. Without trainable parameters: the compiled
         DOP853 for the plain network (or a normalization with ``scale_kernels``), else
@@ -240,9 +228,9 @@ class ClosedFormEngine(Engine):
         runs."""
         p = self._checked(kwargs.get("params"))
         if self.trainable:
-            from framework.theory.quadrature import ExpectationEngine
-            return ExpectationEngine.integrate(self, Q0, R0, **kwargs)  # type: ignore[arg-type]
+            return super().integrate(Q0, R0, **kwargs)
         norm = self.normalization
+        kernels = norm.scale_kernels()
 
         def scale(Q: np.ndarray) -> np.ndarray:
             return norm.scale(Q, p)
@@ -260,6 +248,8 @@ class ClosedFormEngine(Engine):
             atol=kwargs.get("atol", 1e-12), method=kwargs.get("method", "DOP853"),
             second_order=kwargs.get("second_order", True),
             max_value=kwargs.get("max_value", 1e8),
+            kernels=None if plain else kernels,
+            kernel_params=None if plain or kernels is None else kernels.pack(p, self.K),
         )
         n = traj.alpha.size
         stop = kwargs.get("stop_below")

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -62,14 +62,11 @@ import numpy as np
 from scipy import special
 from scipy.stats import qmc
 
-from framework._validation import SpecificationError, gt, integer, one_of
 from framework.activation import Activation
 from framework.model import TeacherStudent
 from framework.normalization import Normalization
-from framework.theory._integrate import _SCIPY_METHODS as _SOLVERS
-from framework.theory._integrate import solve_grid
-from framework.theory._kernels import _state_status_py as _status
 from framework.theory.base import AccuracyError, Engine, Rates, Trajectory
+from framework.validators import SpecificationError, gt, integer, one_of
 
 __all__ = [
     "AccuracyError",
@@ -233,11 +230,6 @@ class ExpectationEngine(Engine):
     def attrs(self) -> dict[str, Any]:
         """The base attrs plus ``quadrature`` (its description)."""
         return {**super().attrs(), "quadrature": self.quadrature.describe()}
-
-    def _state_status(self, y: np.ndarray, max_value: float) -> int:
-        """0 for a valid integrator state; else the failure code of
-        :data:`_MESSAGES` (``Q`` must be positive definite: the quadrature needs it)."""
-        return int(_status(y, self.K, max_value))
 
     # -- the expectations ----------------------------------------------------------------
     def _replicate_moments(
@@ -445,100 +437,6 @@ class ExpectationEngine(Engine):
         return Rates(0.5 * (dQ + dQ.T), dR, dp, float(eps), dQe, dRe, dpe, float(epse))
 
     # -- integration --------------------------------------------------------------------
-    def integrate(
-        self,
-        Q0: Any,
-        R0: Any,
-        *,
-        eta: float,
-        alpha: Any,
-        params: Mapping[str, Any] | None = None,
-        batch_size: int = 1,
-        rtol: float = 1e-7,
-        atol: float = 1e-9,
-        method: str = "DOP853",
-        second_order: bool = True,
-        max_value: float = 1e8,
-        stop_below: float | None = None,
-    ) -> Trajectory:
-        """Integrate the general ODE from ``(Q0, R0, params)`` and report on ``alpha``.
-
-        ``stop_below``: if given, stop at the first reported grid point with ``eps_g <
-        stop_below`` (that point is the last one reported; not a divergence), e.g. to
-        measure an escape time without integrating the converged phase.
-
-        Divergence (non-finite state, an entry beyond ``max_value``, ``Q`` not positive
-        definite, step-size underflow) stops the run like the closed-form integrator;
-        an :class:`AccuracyError` at an accepted state propagates.
-        """
-        if method not in _SOLVERS:
-            raise SpecificationError(
-                f"'method' must be one of {', '.join(map(repr, _SOLVERS))}, got {method!r}"
-            )
-        alpha = np.asarray(alpha, dtype=float).reshape(-1)
-        if alpha.size == 0 or np.any(np.diff(alpha) <= 0):
-            raise SpecificationError(f"'alpha' must be a strictly increasing grid, got {alpha!r}")
-        p0 = self.params(params)
-        y0 = self.pack(np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float), p0)
-        fixed = {k: v for k, v in p0.items() if k not in self.trainable}
-        nfev = 0
-
-        def split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-            Q, R, tp = self.unpack(y)
-            return Q, R, {**fixed, **tp}
-
-        def fun(_t: float, y: np.ndarray) -> np.ndarray:
-            nonlocal nfev
-            nfev += 1
-            Q, R, p = split(y)
-            with np.errstate(all="ignore"):
-                if self._state_status(y, max_value):  # trial stage outside the valid region
-                    return np.full_like(y, np.nan)
-                r = self.rates(Q, R, p, eta=eta, batch_size=batch_size,
-                               second_order=second_order)
-            return self.pack(r.dQ, r.dR, r.dparams)
-
-        # The engine's own status check decides the definiteness criterion of the event:
-        # one that accepts a singular Q (the closed form with trainable parameters:
-        # positive semidefinite) gets the semidefinite one, else positive definite.
-        probe = y0.copy()
-        probe[: self.K * self.K] = 0.0
-        ys, status, t_fail = solve_grid(
-            fun, y0, alpha, K=self.K, method=method, rtol=rtol, atol=atol,
-            max_value=max_value, semidefinite=self._state_status(probe, max_value) == 0,
-            status=lambda y: self._state_status(y, max_value),
-            eps_g=_eps_g_of_state(self, fixed), stop_below=stop_below,
-        )
-        n_rows = ys.shape[0]
-        Qs, Rs, ps = self.unpack(ys)
-        Qs = 0.5 * (Qs + np.swapaxes(Qs, -1, -2))
-        eps = np.empty(n_rows)
-        eps_err = np.empty(n_rows)
-        for j in range(n_rows):  # one quadrature per reported time
-            eps[j], eps_err[j] = self.generalization_error(
-                Qs[j], Rs[j], {**fixed, **{k: v[j] for k, v in ps.items()}}
-            )
-        return Trajectory(
-            alpha=alpha[:n_rows].copy(), Q=Qs.copy(), R=Rs.copy(), eps_g=eps,
-            diverged=status != 0, alpha_diverged=float(t_fail) if status else math.nan,
-            nfev=nfev, message=_MESSAGES[status], engine=self.name,
-            params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
-            description=self.describe(),
-        )
-
-
-def _eps_g_of_state(
-    eng: ExpectationEngine, fixed: Mapping[str, np.ndarray]
-) -> Callable[[np.ndarray], float]:
-    """``y -> eps_g`` of a packed state of ``eng`` (``fixed``: the parameters that are
-    not state), for the ``stop_below`` event of :meth:`ExpectationEngine.integrate`."""
-
-    def eps_g(y: np.ndarray) -> float:
-        Q, R, tp = eng.unpack(y)
-        eps, _ = eng.generalization_error(0.5 * (Q + Q.T), R, {**fixed, **tp}, check=False)
-        return float(eps)
-
-    return eps_g
 
 
 def _statistics_vjp_fd(
@@ -566,15 +464,6 @@ def _statistics_vjp_fd(
             else:
                 out[:, j, k] = out[:, k, j] = 0.5 * d
     return out
-
-
-_MESSAGES = {
-    0: "integration successful",
-    1: "state became non-finite",
-    2: "state exceeded max_value",
-    3: "Q lost positive definiteness",
-    4: "step size became too small",
-}
 
 
 
