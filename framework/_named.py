@@ -7,7 +7,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from framework._validation import SpecificationError
+from framework.validators import SpecificationError
 
 __all__ = ["Named"]
 

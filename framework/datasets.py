@@ -35,6 +35,7 @@ from framework.results import CONVENTIONS, convention_attrs, flatten_attrs
 
 if TYPE_CHECKING:
     from framework.experiment import Experiment
+    from framework.theory import Trajectory
 
 __all__ = [
     "CONVENTIONS",
@@ -45,6 +46,7 @@ __all__ = [
     "dataset",
     "flatten_attrs",
     "order_parameter_variables",
+    "trajectory_dataset",
     "variable",
 ]
 
@@ -193,3 +195,97 @@ def check_dataset(ds: xr.Dataset) -> None:
             "dataset attrs must be strings or numbers (netCDF), got "
             + ", ".join(f"{k!r}={ds.attrs[k]!r}" for k in bad)
         )
+
+
+def trajectory_dataset(
+    experiment: Experiment,
+    traj: Trajectory,
+    grid: np.ndarray,
+    *,
+    method: str,
+    rtol: float,
+    atol: float,
+    second_order: bool,
+) -> xr.Dataset:
+    """A dataset of an ODE trajectory (:class:`framework.theory.Trajectory`) on ``grid``.
+
+    Variables ``eps_g``, ``eps_g_error``, ``Q``, ``R`` (dims ``alpha, ...``), ``Q_norm``,
+    ``R_norm`` (the overlaps the activation sees, for a diagonal-scale normalization
+    whose scale is not 1), ``param_<name>`` per trainable parameter, ``diverged``,
+    ``alpha_diverged``; grid points the run did not reach are NaN. Attrs: the
+    conventions, the engine (``engine``, ``engine_description``), the integrator
+    (``method``, ``rtol``, ``atol``, ``second_order``, ``nfev``, ``status``).
+    """
+    n, reached = len(grid), len(traj.alpha)
+    K, M = experiment.model.K, experiment.model.M
+
+    def pad(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.full((n, *shape), np.nan)
+        out[:reached] = values
+        return out
+
+    Q = pad(traj.Q, (K, K))
+    R = pad(traj.R, (K, M))
+    data = {
+        "eps_g": xr.DataArray(
+            pad(traj.eps_g, ()), dims=("alpha",),
+            attrs={"long_name": "generalization error", "units": "1"},
+        ),
+        **order_parameter_variables(Q, R),
+        "diverged": xr.DataArray(
+            bool(traj.diverged),
+            attrs={"long_name": "integration stopped on divergence", "units": "1"},
+        ),
+        "alpha_diverged": xr.DataArray(
+            float(traj.alpha_diverged),
+            attrs={"long_name": "alpha at which divergence was detected (NaN if none)",
+                   "units": "1"},
+        ),
+    }
+    norm = experiment.normalization
+    s = np.ones((n, K))  # no per-unit scale outside the diagonal-scale family
+    if norm.is_diagonal_scale():  # s at the current parameters
+        fixed = norm.parameters(K)
+        for j in range(reached):
+            p = {**fixed, **{k: v[j] for k, v in traj.params.items()}}
+            s[j] = norm.scale(Q[j], p) if np.all(np.isfinite(Q[j])) else np.nan
+    if not np.allclose(s[:reached], 1.0, rtol=0, atol=0):
+        data["Q_norm"] = xr.DataArray(
+            s[:, :, None] * Q * s[:, None, :], dims=("alpha", "student", "student_"),
+            attrs={"long_name": "normalized overlap s_i Q_ik s_k (what the activation sees)",
+                   "units": "1"},
+        )
+        data["R_norm"] = xr.DataArray(
+            s[:, :, None] * R, dims=("alpha", "student", "teacher"),
+            attrs={"long_name": "normalized overlap s_i R_in", "units": "1"},
+        )
+    data["eps_g_error"] = xr.DataArray(
+        pad(traj.eps_g_error, ()), dims=("alpha",),
+        attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
+                            "replicates; 0: exact engine)", "units": "1"},
+    )
+    for k, v in traj.params.items():
+        data[f"param_{k}"] = xr.DataArray(
+            pad(v, (K,)), dims=("alpha", "student"),
+            attrs={"long_name": f"trainable normalization parameter {k}", "units": "1"},
+        )
+    ds = xr.Dataset(
+        data,
+        coords={
+            "alpha": ("alpha", grid, {"long_name": "time alpha = steps / N", "units": "1"}),
+            "student": np.arange(K), "student_": np.arange(K),
+            "teacher": np.arange(M),
+        },
+        attrs={
+            **convention_attrs(experiment),
+            "theory": "N -> infinity order-parameter ODE (" + traj.description + ")",
+            "engine": traj.engine,
+            "engine_description": traj.description,
+            "integrator_backend": traj.integrator,
+            "integrator": f"{method} rtol={rtol} atol={atol}",
+            "second_order": int(second_order),
+            "nfev": int(traj.nfev),
+            "status": str(traj.message),
+        },
+    )
+    return ds

@@ -36,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "SpecificationError",
+    "alpha_grid_option",
     "check_finite",
     "check_int",
     "check_real",
@@ -140,3 +141,25 @@ def one_of(*choices: Any, hint: str = "") -> Callable[[Any, Any, Any], None]:
             )
 
     return validate
+
+
+def alpha_grid_option(value: Any) -> tuple[float, ...] | None:
+    """attrs converter of an explicit report grid ``alpha``: None, or a strictly
+    increasing sequence of >= 2 finite values >= 0 (returned as a tuple of floats)."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes | bool):
+        raise SpecificationError(
+            f"'alpha' must be a strictly increasing grid of >= 2 finite values >= 0, got "
+            f"{value!r}")
+    try:
+        out = tuple(float(a) for a in np.atleast_1d(np.asarray(value, dtype=float)))
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) < 2 or not np.all(np.isfinite(out)) or np.any(np.diff(out) <= 0) or out[0] < 0:
+        raise SpecificationError(
+            f"'alpha' must be a strictly increasing grid of >= 2 finite values >= 0, got "
+            f"{value!r}"
+        )
+    return out
+

@@ -8,19 +8,16 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from framework import Analyzer, Experiment, SpecificationError, convention_attrs, hookimpl, theory
-from framework._validation import check_int, check_real, gt, integer, one_of
-
-
-def _alpha_tuple(value: object) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    out = tuple(float(a) for a in np.atleast_1d(np.asarray(value, dtype=float)))
-    if len(out) < 2 or not np.all(np.isfinite(out)) or np.any(np.diff(out) <= 0) or out[0] < 0:
-        raise SpecificationError(
-            f"'alpha' must be a strictly increasing grid of >= 2 finite values >= 0, got {value!r}"
-        )
-    return out
+from framework import Analyzer, Experiment, SpecificationError, hookimpl, theory
+from framework.datasets import trajectory_dataset
+from framework.validators import (
+    alpha_grid_option,
+    check_int,
+    check_real,
+    gt,
+    integer,
+    one_of,
+)
 
 
 def alpha_grid(
@@ -36,22 +33,6 @@ def alpha_grid(
             f"'alpha_min' must be < alpha_max = {alpha_max}, got {alpha_min}"
         )
     return np.concatenate([[0.0], np.geomspace(alpha_min, alpha_max, n_points - 1)])
-
-
-def order_parameter_variables(
-    Q: np.ndarray, R: np.ndarray, dims: tuple[str, ...] = ("alpha",)
-) -> dict[str, xr.DataArray]:
-    """``Q`` and ``R`` as labelled variables with leading ``dims``."""
-    return {
-        "Q": xr.DataArray(
-            Q, dims=(*dims, "student", "student_"),
-            attrs={"long_name": "student-student overlap Q = J J^T / N", "units": "1"},
-        ),
-        "R": xr.DataArray(
-            R, dims=(*dims, "student", "teacher"),
-            attrs={"long_name": "student-teacher overlap R = J B^T / N", "units": "1"},
-        ),
-    }
 
 
 @attrs.frozen
@@ -83,7 +64,7 @@ class Dynamics(Analyzer):
     name: ClassVar[str] = "dynamics"
     description: ClassVar[str] = "order-parameter ODE over alpha (exact N -> infinity theory)"
 
-    alpha: tuple[float, ...] | None = attrs.field(default=None, converter=_alpha_tuple)
+    alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
     alpha_max: float = attrs.field(default=1000.0, converter=float, validator=gt(0.0))
     n_points: int = attrs.field(default=201, validator=integer(minimum=2))
     alpha_min: float = attrs.field(default=0.01, converter=float, validator=gt(0.0))
@@ -117,86 +98,8 @@ class Dynamics(Analyzer):
             rtol=self.rtol, atol=self.atol, method=self.method,
             second_order=self.second_order, max_value=self.max_value,
         )
-        return trajectory_dataset(experiment, traj, grid, self)
-
-
-def trajectory_dataset(
-    experiment: Experiment, traj: theory.Trajectory, grid: np.ndarray, analyzer: Analyzer
-) -> xr.Dataset:
-    """A dataset of an ODE trajectory on ``grid``; unreached points are NaN."""
-    n, reached = len(grid), len(traj.alpha)
-    K, M = experiment.model.K, experiment.model.M
-
-    def pad(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        out = np.full((n, *shape), np.nan)
-        out[:reached] = values
-        return out
-
-    Q = pad(traj.Q, (K, K))
-    R = pad(traj.R, (K, M))
-    data = {
-        "eps_g": xr.DataArray(
-            pad(traj.eps_g, ()), dims=("alpha",),
-            attrs={"long_name": "generalization error", "units": "1"},
-        ),
-        **order_parameter_variables(Q, R),
-        "diverged": xr.DataArray(
-            bool(traj.diverged),
-            attrs={"long_name": "integration stopped on divergence", "units": "1"},
-        ),
-        "alpha_diverged": xr.DataArray(
-            float(traj.alpha_diverged),
-            attrs={"long_name": "alpha at which divergence was detected (NaN if none)",
-                   "units": "1"},
-        ),
-    }
-    norm = experiment.normalization
-    s = np.ones((n, K))  # no per-unit scale outside the diagonal-scale family
-    if norm.is_diagonal_scale():  # s at the current parameters
-        fixed = norm.parameters(K)
-        for j in range(reached):
-            p = {**fixed, **{k: v[j] for k, v in traj.params.items()}}
-            s[j] = norm.scale(Q[j], p) if np.all(np.isfinite(Q[j])) else np.nan
-    if not np.allclose(s[:reached], 1.0, rtol=0, atol=0):
-        data["Q_norm"] = xr.DataArray(
-            s[:, :, None] * Q * s[:, None, :], dims=("alpha", "student", "student_"),
-            attrs={"long_name": "normalized overlap s_i Q_ik s_k (what the activation sees)",
-                   "units": "1"},
-        )
-        data["R_norm"] = xr.DataArray(
-            s[:, :, None] * R, dims=("alpha", "student", "teacher"),
-            attrs={"long_name": "normalized overlap s_i R_in", "units": "1"},
-        )
-    data["eps_g_error"] = xr.DataArray(
-        pad(traj.eps_g_error, ()), dims=("alpha",),
-        attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
-                            "replicates; 0: exact engine)", "units": "1"},
-    )
-    for k, v in traj.params.items():
-        data[f"param_{k}"] = xr.DataArray(
-            pad(v, (K,)), dims=("alpha", "student"),
-            attrs={"long_name": f"trainable normalization parameter {k}", "units": "1"},
-        )
-    ds = xr.Dataset(
-        data,
-        coords={
-            "alpha": ("alpha", grid, {"long_name": "time alpha = steps / N", "units": "1"}),
-            "student": np.arange(K), "student_": np.arange(K),
-            "teacher": np.arange(M),
-        },
-        attrs={
-            **convention_attrs(experiment),
-            "theory": "N -> infinity order-parameter ODE (" + traj.description + ")",
-            "engine": traj.engine,
-            "engine_description": traj.description,
-            "integrator_backend": traj.integrator,
-            "integrator": f"{analyzer.method} rtol={analyzer.rtol} atol={analyzer.atol}",
-            "second_order": int(analyzer.second_order),
-            "nfev": int(traj.nfev),
-            "status": str(traj.message),
-        },
-    )
-    return ds
+        return trajectory_dataset(experiment, traj, grid, method=self.method, rtol=self.rtol,
+                                  atol=self.atol, second_order=self.second_order)
 
 
 @hookimpl

@@ -39,10 +39,10 @@ from framework import (
     theory,
 )
 from framework import get_activation as framework_get_activation
-from framework._validation import check_real, gt, integer, one_of
+from framework.datasets import order_parameter_variables, trajectory_dataset, variable
 from framework.theory import Engine
 from framework.theory import equilibrium as eq
-from plugins.dynamics import _alpha_tuple, order_parameter_variables, trajectory_dataset
+from framework.validators import alpha_grid_option, check_real, gt, integer, one_of
 
 # --------------------------------------------------------------------------------------
 # option converters
@@ -101,10 +101,6 @@ def _optional_int(name: str, minimum: int):  # type: ignore[no-untyped-def]
             integer(minimum=minimum)(instance, attribute, value)
 
     return validate
-
-
-def _var(data: Any, dims: tuple[str, ...], long_name: str, units: str = "1") -> xr.DataArray:
-    return xr.DataArray(data, dims=dims, attrs={"long_name": long_name, "units": units})
 
 
 def _resolve_eta(option: float | None, experiment: Experiment) -> float:
@@ -213,7 +209,7 @@ def _parameter_variables(experiment: Experiment, params: list[dict], what: str
                          ) -> dict[str, Any]:
     """``param_<name>`` (branch, student) for each trainable parameter."""
     return {
-        f"param_{k}": _var(np.array([p[k] for p in params]), ("branch", "student"),
+        f"param_{k}": variable(np.array([p[k] for p in params]), ("branch", "student"),
                            f"trainable normalization parameter {k} {what}")
         for k in experiment.normalization.trainable
     }
@@ -310,39 +306,39 @@ def fixedpoint_dataset(
         fracs.append(frac)
     data = {
         **order_parameter_variables(Q, R, dims=("branch",)),
-        "symmetric_coordinate": _var(
+        "symmetric_coordinate": variable(
             np.array([fp.theta for fp in br.points]), ("branch", "coordinate"),
             "coordinates in the symmetric subspace (Q_ii, Q_ik, R entries)"),
-        "residual": _var([fp.residual for fp in br.points], ("branch",),
+        "residual": variable([fp.residual for fp in br.points], ("branch",),
                          "max |d(Q, R)/d(eta alpha)| of the full ODE at the fixed point "
                          "(angular part for scale-invariant normalizations)", "1"),
-        "eps_g": _var([fp.eps_g for fp in br.points], ("branch",), "generalization error"),
-        "jacobian_eigenvalue_real": _var(
+        "eps_g": variable([fp.eps_g for fp in br.points], ("branch",), "generalization error"),
+        "jacobian_eigenvalue_real": variable(
             lam.real, ("branch", "eigen"),
             "real part of an eigenvalue of the ODE Jacobian (full order-parameter space)",
             "1/(eta alpha)"),
-        "jacobian_eigenvalue_imag": _var(
+        "jacobian_eigenvalue_imag": variable(
             lam.imag, ("branch", "eigen"), "imaginary part of an eigenvalue of the ODE Jacobian",
             "1/(eta alpha)"),
-        "n_unstable": _var(np.sum(lam.real > 1e-9, axis=1), ("branch",),
+        "n_unstable": variable(np.sum(lam.real > 1e-9, axis=1), ("branch",),
                            "number of Jacobian eigenvalues with positive real part"),
-        "unstable_mode": _var(np.array(kinds, dtype=object), ("branch",),
+        "unstable_mode": variable(np.array(kinds, dtype=object), ("branch",),
                               "class of the most unstable Jacobian eigenvector (symmetric, "
                               "symmetry-breaking, mixed, norm)"),
-        "unstable_mode_symmetric_fraction": _var(
+        "unstable_mode_symmetric_fraction": variable(
             fracs, ("branch",),
             "fraction of the most unstable eigenvector's norm inside the symmetric subspace"),
-        "is_plateau": _var(np.arange(nb) == br.plateau, ("branch",),
+        "is_plateau": variable(np.arange(nb) == br.plateau, ("branch",),
                            "the plateau branch (attr plateau_rule)"),
-        "specialized": _var(eq.specialized(R), ("branch",),
+        "specialized": variable(eq.specialized(R), ("branch",),
                             "students distinguished (R_in not the same for all students i)"),
-        "start": _var(np.array([fp.start for fp in br.points], dtype=object), ("branch",),
+        "start": variable(np.array([fp.start for fp in br.points], dtype=object), ("branch",),
                       "first start that converged to this branch"),
     }
     data.update({
-        "eps_g_error": _var([fp.eps_g_error for fp in br.points], ("branch",),
+        "eps_g_error": variable([fp.eps_g_error for fp in br.points], ("branch",),
                             "error estimate of eps_g (0: exact engine)"),
-        "rate_error": _var([fp.rate_error for fp in br.points], ("branch",),
+        "rate_error": variable([fp.rate_error for fp in br.points], ("branch",),
                            "largest error estimate of the scaled right-hand side at the "
                            "fixed point (0: exact engine)", "1/(eta alpha)"),
         **_parameter_variables(experiment, [fp.params for fp in br.points],
@@ -352,10 +348,10 @@ def fixedpoint_dataset(
         fixed = norm.parameters(model.K)
         s = np.array([norm.scale(fp.Q, {**fixed, **fp.params}) for fp in br.points])
         if invariant or not np.all(s == 1.0):
-            data["Q_norm"] = _var(s[:, :, None] * Q * s[:, None, :],
+            data["Q_norm"] = variable(s[:, :, None] * Q * s[:, None, :],
                                   ("branch", "student", "student_"),
                                   "normalized overlap s_i Q_ik s_k (what the activation sees)")
-            data["R_norm"] = _var(s[:, :, None] * R, ("branch", "student", "teacher"),
+            data["R_norm"] = variable(s[:, :, None] * R, ("branch", "student", "teacher"),
                                   "normalized overlap s_i R_in")
     coords = br.coords
     ds = xr.Dataset(
@@ -530,33 +526,34 @@ class HessianAnalyzer(Analyzer):
         data = {
             **order_parameter_variables(np.array([p[0] for p in points]),
                                         np.array([p[1] for p in points]), dims=("branch",)),
-            "eigenvalue": _var(values, ("branch", "eigen"),
+            "eigenvalue": variable(values, ("branch", "eigen"),
                                "Hessian eigenvalue of eps_g w.r.t. W = J/sqrt(N) (NaN: padding)"),
-            "multiplicity": _var(mult, ("branch", "eigen"),
+            "multiplicity": variable(mult, ("branch", "eigen"),
                                  f"multiplicity at N = {N} (span: 1, complement: N - dim S)"),
-            "block": _var(block, ("branch", "eigen"),
+            "block": variable(block, ("branch", "eigen"),
                           "block of the eigenvalue: span of W and B, or its complement"),
-            "dim_span": _var([s.dim_span for s in specs], ("branch",),
+            "dim_span": variable([s.dim_span for s in specs], ("branch",),
                              "dim S, S = span of the rows of W and B/sqrt(N)"),
-            "lambda_min": _var(lam_min, ("branch",), "most negative (smallest) Hessian eigenvalue"),
-            "lambda_min_multiplicity": _var(lam_min_mult, ("branch",),
+            "lambda_min": variable(lam_min, ("branch",),
+                                   "most negative (smallest) Hessian eigenvalue"),
+            "lambda_min_multiplicity": variable(lam_min_mult, ("branch",),
                                             f"multiplicity of lambda_min at N = {N}"),
-            "escape_block": _var(np.array([s.escape_block for s in specs], dtype=object),
+            "escape_block": variable(np.array([s.escape_block for s in specs], dtype=object),
                                  ("branch",), "block of the escape (lambda_min) mode"),
-            "escape_mode": _var(np.array(kinds, dtype=object), ("branch",),
+            "escape_mode": variable(np.array(kinds, dtype=object), ("branch",),
                                 "class of the escape mode (symmetric, symmetry-breaking, mixed, "
                                 "norm, complement)"),
-            "escape_symmetric_fraction": _var(
+            "escape_symmetric_fraction": variable(
                 fracs, ("branch",), "fraction of |(dQ, dR)| of the escape mode inside the "
                 "symmetric subspace"),
-            "escape_dQ": _var(np.array([s.escape_dQ for s in specs]),
+            "escape_dQ": variable(np.array([s.escape_dQ for s in specs]),
                               ("branch", "student", "student_"),
                               "first-order change of Q along the unit escape mode dW"),
-            "escape_dR": _var(np.array([s.escape_dR for s in specs]),
+            "escape_dR": variable(np.array([s.escape_dR for s in specs]),
                               ("branch", "student", "teacher"),
                               "first-order change of R along the unit escape mode dW"),
-            "eps_g": _var(eps, ("branch",), "generalization error"),
-            "is_plateau": _var(np.arange(nb) == plateau, ("branch",),
+            "eps_g": variable(eps, ("branch",), "generalization error"),
+            "is_plateau": variable(np.arange(nb) == plateau, ("branch",),
                                "the plateau branch (attr plateau_rule)"),
         }
         data.update(_hessian_error_variables(specs, norm, n_eigen))
@@ -603,32 +600,33 @@ def _hessian_error_variables(specs: list, norm: Any, n_eigen: int) -> dict[str, 
         err[b, :sp.span.size] = sp.span_error
         err[b, sp.span.size:sp.span.size + K] = sp.complement_error
     out = {
-        "eigenvalue_error": _var(err, ("branch", "eigen"),
+        "eigenvalue_error": variable(err, ("branch", "eigen"),
                                  "error estimate of the eigenvalue (standard error of replicate "
                                  "Hessians + finite-difference truncation)"),
-        "lambda_min_error": _var([sp.lambda_min_error for sp in specs], ("branch",),
+        "lambda_min_error": variable([sp.lambda_min_error for sp in specs], ("branch",),
                                  "error estimate of lambda_min"),
-        "gradient_norm": _var([sp.gradient_norm for sp in specs], ("branch",),
+        "gradient_norm": variable([sp.gradient_norm for sp in specs], ("branch",),
                               "norm of the gradient of eps_g over (W, theta) at the point "
                               "(nonzero away from critical points of eps_g)"),
-        "coupling_complement_theta": _var(
+        "coupling_complement_theta": variable(
             [sp.coupling_complement_theta for sp in specs], ("branch",),
             "largest |d^2 eps_g / d(complement) d(theta)| measured (zero in theory)"),
-        "coupling_complement_theta_error": _var(
+        "coupling_complement_theta_error": variable(
             [sp.coupling_complement_theta_error for sp in specs], ("branch",),
             "error estimate of coupling_complement_theta"),
-        "coupling_complement_span": _var(
+        "coupling_complement_span": variable(
             [sp.coupling_complement_span for sp in specs], ("branch",),
             "largest |d^2 eps_g / d(complement) d(span)| measured (zero in theory)"),
-        "coupling_complement_span_error": _var(
+        "coupling_complement_span_error": variable(
             [sp.coupling_complement_span_error for sp in specs], ("branch",),
             "error estimate of coupling_complement_span"),
     }
     for k in norm.trainable:
-        out[f"param_{k}"] = _var(np.array([sp.params[k] for sp in specs]), ("branch", "student"),
+        out[f"param_{k}"] = variable(np.array([sp.params[k] for sp in specs]),
+                                     ("branch", "student"),
                                  f"value of the trainable parameter {k} at which the Hessian "
                                  "is evaluated")
-        out[f"escape_d{k}"] = _var(np.array([sp.escape_dtheta[k] for sp in specs]),
+        out[f"escape_d{k}"] = variable(np.array([sp.escape_dtheta[k] for sp in specs]),
                                    ("branch", "student"),
                                    f"component of the unit escape mode along {k}")
     return out
@@ -737,7 +735,7 @@ class EscapeAnalyzer(Analyzer):
         default=None, converter=_optional_positive("weight_norm"))
     alpha_max: float = attrs.field(default=10000.0, converter=float, validator=gt(0.0))
     n_points: int = attrs.field(default=2001, validator=integer(minimum=2))
-    alpha: tuple[float, ...] | None = attrs.field(default=None, converter=_alpha_tuple)
+    alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
     rtol: float = attrs.field(default=1e-10, converter=float, validator=gt(0.0))
     atol: float = attrs.field(default=1e-12, converter=float, validator=gt(0.0))
     method: str = attrs.field(
@@ -814,7 +812,8 @@ class EscapeAnalyzer(Analyzer):
             params=params or None, quadrature=self.quadrature,
             stop_below=0.5 * eps_plateau if self.stop_at_escape else None,
         )
-        ds = trajectory_dataset(exp_eta, traj, grid, self)
+        ds = trajectory_dataset(exp_eta, traj, grid, method=self.method, rtol=self.rtol,
+                                atol=self.atol, second_order=self.second_order)
         eps = ds.eps_g.values
         threshold = 0.5 * eps_plateau
         below = np.nonzero(eps < threshold)[0]
@@ -830,20 +829,22 @@ class EscapeAnalyzer(Analyzer):
         wn = np.mean(np.diagonal(ds.Q.values, axis1=1, axis2=2), axis=1)
         wn_escape = float(np.interp(alpha_escape, grid, wn)) if escaped else float("nan")
         rate = float(br.eigvals[br.plateau][0].real)
-        ds["weight_norm"] = _var(wn, ("alpha",), "weight norm Q_ii = |W_i|^2 (mean over students)")
-        ds["alpha_escape"] = _var(alpha_escape, (), "first alpha with eps_g < eps_plateau / 2 "
+        ds["weight_norm"] = variable(wn, ("alpha",),
+                                     "weight norm Q_ii = |W_i|^2 (mean over students)")
+        ds["alpha_escape"] = variable(alpha_escape, (), "first alpha with eps_g < eps_plateau / 2 "
                                   "(NaN if not within alpha_max)")
-        ds["escaped"] = _var(escaped, (),
+        ds["escaped"] = variable(escaped, (),
                              "eps_g fell below half the plateau value within alpha_max")
-        ds["eps_plateau"] = _var(eps_plateau, (), "eps_g of the symmetric plateau fixed point "
+        ds["eps_plateau"] = variable(eps_plateau, (), "eps_g of the symmetric plateau fixed point "
                                  "defining the threshold (see attr plateau)")
-        ds["weight_norm_plateau"] = _var(fp.weight_norm, (),
+        ds["weight_norm_plateau"] = variable(fp.weight_norm, (),
                                          "weight norm Q_ii of the plateau fixed point")
-        ds["weight_norm_at_escape"] = _var(wn_escape, (), "weight norm Q_ii at alpha_escape")
-        ds["lambda_min"] = _var(spec.lambda_min, (), "most negative Hessian eigenvalue at the "
+        ds["weight_norm_at_escape"] = variable(wn_escape, (), "weight norm Q_ii at alpha_escape")
+        ds["lambda_min"] = variable(spec.lambda_min, (), "most negative Hessian eigenvalue at the "
                                 "plateau fixed point (W = J/sqrt(N) coordinates; eta -> 0 "
                                 "plateau if start='init' and plateau='gradient_flow')")
-        ds["unstable_rate"] = _var(rate, (), "largest real part of the ODE Jacobian eigenvalues "
+        ds["unstable_rate"] = variable(rate, (), "largest real part of the ODE Jacobian "
+                                       "eigenvalues "
                                    "at the plateau", "1/(eta alpha)")
         ds.attrs.update({
             **_common_attrs(exp_eta, eta, self.second_order),

@@ -35,7 +35,7 @@ import attrs
 import numpy as np
 
 from framework import Backward, Normalization, ScaleKernels, SpecificationError, hookimpl
-from framework._validation import ge, gt
+from framework.validators import ge, gt
 
 try:  # numba is optional (extra "fast"): without it there are no compiled scale kernels
     import numba

@@ -19,7 +19,7 @@ import xarray as xr
 
 import framework
 from framework import Analyzer, Experiment, SpecificationError, TeacherStudent, hookimpl
-from framework._validation import integer
+from framework.validators import integer
 from framework.sweep import Sweep, spec_hash
 
 LOG_ENV = "SYMPHASE_TEST_SWEEP_LOG"

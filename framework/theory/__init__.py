@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from framework._validation import SpecificationError
 from framework.activation import Activation
 from framework.model import OrderParameters, TeacherStudent
 from framework.normalization import Normalization
@@ -60,6 +59,7 @@ from framework.theory.quadrature import (
     GenericTrajectory,
     Quadrature,
 )
+from framework.validators import SpecificationError
 
 __all__ = [
     "ENGINES",

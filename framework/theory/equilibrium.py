@@ -53,11 +53,11 @@ import attrs
 import numpy as np
 from scipy import optimize
 
-from framework._validation import SpecificationError, check_int, check_real
 from framework.activation import Activation
 from framework.model import OrderParameters, TeacherStudent
 from framework.normalization import Normalization
 from framework.theory import AccuracyError, Engine, Quadrature, select_engine
+from framework.validators import SpecificationError, check_int, check_real
 
 __all__ = [
     "FixedPoint",
