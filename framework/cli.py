@@ -41,7 +41,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         function = registry.get("reproduction", args.name)
     except LookupError as exc:
         raise UsageError(str(exc)) from None
-    out = Path(args.out) if args.out else Path("datasets")
+    out = Path(args.out) if args.out else Path("out")
     return int(function(out=out, quick=args.quick))
 
 
@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="reproduce a published result (e.g. takagi2020)")
     p.add_argument("name", help="what to reproduce; `symphase plugins` lists them")
-    p.add_argument("--out", default=None, help="output folder (default: datasets/)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: out/, untracked; the shipped results in "
+                        "datasets/ are regenerated with --out datasets)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster version")
     p.set_defaults(func=_cmd_reproduce)
 

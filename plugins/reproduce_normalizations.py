@@ -13,7 +13,8 @@ state; normalizations without a closed form use the generic engine (error estima
 stored as ``*_error``; the engine of each entry in ``engine``); an entry that cannot
 be computed accurately (e.g. layernorm: the ``eta^2`` term is infinite for ``K <= 3``;
 ``K = 2`` output is ``+-1``) is NaN with the reason in ``status``. Writes ``normalizations.nc`` and
-``normalizations.png`` into ``out``, ``docs/normalizations.md`` when ``docs`` is given,
+``normalizations.png`` into ``out``, ``docs/normalizations.md`` when ``docs`` is given
+(or ``out`` is a ``datasets`` folder next to a ``docs`` one: the shipped results),
 and prints a table.
 """
 
@@ -33,7 +34,7 @@ from framework import Experiment, TeacherStudent, convention_attrs, hookimpl, sa
 
 NORMALIZATIONS = ("plain", "batchnorm", "weightnorm", "batchnorm_affine", "meanonly",
                   "layernorm", "batchnorm_stopgrad")
-COMMAND = "symphase reproduce normalizations"
+COMMAND = "symphase reproduce normalizations --out datasets"
 TRAINED_GAIN = ("weightnorm", "batchnorm_affine")  # gains as state (exact engine)
 
 
@@ -220,7 +221,8 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
     _figure(ds, out / "normalizations.png")
     table = _table(ds)
     print(table)
-    if docs is None and not quick and (out.resolve().parent / "docs").is_dir():
+    if docs is None and not quick and out.resolve().name == "datasets" \
+            and (out.resolve().parent / "docs").is_dir():  # regenerating the shipped results
         docs = out.resolve().parent / "docs" / "normalizations.md"
     if docs is not None:
         _docs(ds, table, Path(docs))
@@ -398,7 +400,7 @@ INTERPRETATION = """### Reading the numbers
 
 
 @hookimpl
-def symphase_register_reproductions(registry):  # type: ignore[no-untyped-def]
+def symphase_register_reproductions(registry: Any) -> None:
     registry.add_reproduction(
         "normalizations", normalizations,
         "lambda_min at the symmetric plateau and escape time vs eta for every built-in "
