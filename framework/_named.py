@@ -40,13 +40,14 @@ class Named:
             raise SpecificationError(
                 f"'name' must be {cls.name!r} for {cls.__name__}, got {name!r}"
             )
+        kind = cls.kind  # read before attrs.has() narrows the type of cls
         if attrs.has(cls):
             allowed = [f.name for f in attrs.fields(cls) if f.init]
             unknown = sorted(set(data) - set(allowed))
             if unknown:
                 valid = ", ".join(map(repr, allowed)) or "none"
                 raise SpecificationError(
-                    f"unknown option(s) {', '.join(map(repr, unknown))} for {cls.kind} "
-                    f"{cls.name!r}; valid options: {valid}"
+                    f"unknown option(s) {', '.join(map(repr, unknown))} for {kind} "
+                    f"{name!r}; valid options: {valid}"
                 )
         return cls(**data)

@@ -63,7 +63,7 @@ def _default(field: Any) -> str:
     if default is attrs.NOTHING:
         return "required"
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-        default = default.factory()  # type: ignore[call-arg]
+        default = default.factory()  # type: ignore[call-arg, unused-ignore]
     return f"`{default!r}`"
 
 

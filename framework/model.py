@@ -143,6 +143,14 @@ class Model(abc.ABC):
 
     __slots__ = ()
 
+    # The attributes the order-parameter theory reads (see above); declared here so
+    # that code written against ``Model`` is type-checked against them.
+    K: int
+    M: int
+    T: np.ndarray
+    activation: str
+    noise: float
+
     #: Registry name, a Python identifier (``"teacher_student"``).
     name: ClassVar[str] = ""
     #: One-line description shown by ``symphase plugins``.

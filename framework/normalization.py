@@ -46,7 +46,7 @@ gradients, each broadcast to the shape of ``x``; the caller sums them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import numpy as np
@@ -76,6 +76,11 @@ class Backward:
     x: np.ndarray
     stats: dict[str, np.ndarray] = attrs.field(factory=dict)
     params: dict[str, np.ndarray] = attrs.field(factory=dict)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A tuple of parameter names."""
+    return tuple(value)
 
 
 @attrs.frozen
@@ -115,7 +120,7 @@ class ScaleKernels:
     scale: object
     jacobian: object
     parameter_jacobian: object
-    shift: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    shift: tuple[str, ...] = attrs.field(default=(), converter=_names)
 
     def __attrs_post_init__(self) -> None:
         extra = [k for k in self.shift if k not in self.names]

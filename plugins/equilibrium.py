@@ -22,7 +22,7 @@ Shared conventions (stored as dataset attrs)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -55,7 +55,7 @@ def _optional_eta(value: Any) -> float | None:
     return check_real("eta", value, minimum=0.0)
 
 
-def _optional_positive(name: str):  # type: ignore[no-untyped-def]
+def _optional_positive(name: str) -> Callable[[Any], float | None]:
     def convert(value: Any) -> float | None:
         if value is None:
             return None
@@ -95,7 +95,12 @@ def _optional_quadrature(value: Any) -> dict | None:
     return dict(value)
 
 
-def _optional_int(name: str, minimum: int):  # type: ignore[no-untyped-def]
+def _optional_weight_norm(value: Any) -> float | None:
+    """None, or a weight norm > 0."""
+    return _optional_positive("weight_norm")(value)
+
+
+def _optional_int(name: str, minimum: int) -> Callable[[Any, Any, Any], None]:
     def validate(instance: Any, attribute: Any, value: Any) -> None:
         if value is not None:
             integer(minimum=minimum)(instance, attribute, value)
@@ -269,7 +274,7 @@ class FixedPointAnalyzer(Analyzer):
     subspace: str = attrs.field(
         default="auto", validator=one_of("auto", "matched", "exchangeable"))
     weight_norm: float | None = attrs.field(
-        default=None, converter=_optional_positive("weight_norm"))
+        default=None, converter=_optional_weight_norm)
     flag_plateau: bool = attrs.field(default=True, converter=bool)
     horizon: float = attrs.field(default=2000.0, converter=float, validator=gt(0.0))
 
@@ -732,7 +737,7 @@ class EscapeAnalyzer(Analyzer):
     perturbation: float = attrs.field(default=1e-3, converter=float, validator=gt(0.0))
     eta: float | None = attrs.field(default=None, converter=_optional_eta)
     weight_norm: float | None = attrs.field(
-        default=None, converter=_optional_positive("weight_norm"))
+        default=None, converter=_optional_weight_norm)
     alpha_max: float = attrs.field(default=10000.0, converter=float, validator=gt(0.0))
     n_points: int = attrs.field(default=2001, validator=integer(minimum=2))
     alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
@@ -861,7 +866,7 @@ class EscapeAnalyzer(Analyzer):
 
 
 @hookimpl
-def symphase_register_analyzers(registry):  # type: ignore[no-untyped-def]
+def symphase_register_analyzers(registry: Any) -> None:
     registry.add_analyzer(FixedPointAnalyzer)
     registry.add_analyzer(HessianAnalyzer)
     registry.add_analyzer(EscapeAnalyzer)

@@ -16,7 +16,7 @@ from framework.validators import ge, gt
 try:  # numba is optional (extra "fast"): without it there are no compiled scale kernels
     import numba
 except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None
+    numba = None  # type: ignore[assignment]
 
 Arrays = Mapping[str, np.ndarray]
 

@@ -24,7 +24,7 @@ import xarray as xr
 from framework import Experiment, TeacherStudent, convention_attrs, hookimpl, save
 
 NORMALIZATIONS = ("plain", "batchnorm")
-COMMAND = "symphase reproduce takagi2020"
+COMMAND = "symphase reproduce takagi2020 --out datasets"
 
 
 def _settings(quick: bool) -> dict[str, Any]:
@@ -48,6 +48,13 @@ def _plateau(ds: xr.Dataset) -> xr.Dataset:
     if b < 0:
         raise RuntimeError("no plateau branch was identified")
     return ds.isel(branch=b)
+
+
+def _first(experiment: Experiment | None) -> Experiment:
+    """The first experiment of the run (set in the loop: there is always one)."""
+    if experiment is None:
+        raise RuntimeError("takagi2020: no experiment ran")
+    return experiment
 
 
 def takagi2020(out: Path, quick: bool = False) -> int:
@@ -176,7 +183,7 @@ def takagi2020(out: Path, quick: bool = False) -> int:
             "alpha": ("alpha", grid, {"long_name": "time alpha = steps / N", "units": "1"}),
         },
         attrs={
-            **{k: v for k, v in convention_attrs(base).items()
+            **{k: v for k, v in convention_attrs(_first(base)).items()
                if k.startswith("convention_") or k in ("activation", "noise_variance",
                                                        "batch_size", "init_N", "seed")},
             "title": "Takagi, Yoshida & Okada (ICANN 2020): batch normalization in the "

@@ -81,16 +81,16 @@ from framework import (
     hookimpl,
     theory,
 )
-from framework._validation import gt, integer, one_of
-from framework.experiment import STREAM_SIMULATION
+from framework.streams import STREAM_SIMULATION
+from framework.validators import gt, integer, one_of
 
 try:  # numba is optional (extra "fast")
     import numba
 
     HAVE_NUMBA = True
-    prange = numba.prange
+    prange: Any = numba.prange
 except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None
+    numba = None  # type: ignore[assignment]
     HAVE_NUMBA = False
     prange = range
 
@@ -944,7 +944,7 @@ class _FirstClass:
         from numba.core.types.function_type import CompileResultWAP
 
         wap = CompileResultWAP(fn.get_compile_result(sig))
-        self._cres, self._address = wap.cres, wap.address
+        self._cres, self._address = wap.cres, wap.address  # type: ignore[attr-defined]
         self._numba_type_ = numba.types.FunctionType(sig)
 
     def __wrapper_address__(self) -> int:
@@ -961,7 +961,7 @@ def _first_class(kernels: Any) -> tuple[Any, Any, Any]:
                            _kernel_signatures(), strict=True):
             out.append(_FirstClass(fn, sig) if isinstance(fn, numba.core.registry.CPUDispatcher)
                        else fn)
-    return tuple(out)
+    return out[0], out[1], out[2]
 
 
 class _KernelStepper:
@@ -972,6 +972,8 @@ class _KernelStepper:
                  keys: np.ndarray, params: dict[str, np.ndarray]) -> None:
         norm = experiment.normalization
         kernels = norm.scale_kernels()
+        if kernels is None:  # _kernel_applies() chose this stepper
+            raise RuntimeError(f"normalization {norm.name!r} has no scale_kernels()")
         K = experiment.model.K
         P, _, N = W.shape
         self.W, self.K, self.params = W, K, params

@@ -19,8 +19,8 @@ import xarray as xr
 
 import framework
 from framework import Analyzer, Experiment, SpecificationError, TeacherStudent, hookimpl
-from framework.validators import integer
 from framework.sweep import Sweep, spec_hash
+from framework.validators import integer
 
 LOG_ENV = "SYMPHASE_TEST_SWEEP_LOG"
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from framework.activation import Activation
-from framework.model import OrderParameters, TeacherStudent
+from framework.model import Model, OrderParameters
 from framework.normalization import Normalization
 from framework.theory.base import (
     AccuracyError,
@@ -93,7 +93,7 @@ ENGINES: dict[str, type[Engine]] = {
 ENGINE_CHOICES = ("auto", *ENGINES)
 
 
-def _activation(model: TeacherStudent, activation: Activation | None) -> Activation:
+def _activation(model: Model, activation: Activation | None) -> Activation:
     if activation is not None:
         if not isinstance(activation, Activation):
             raise SpecificationError(
@@ -105,20 +105,18 @@ def _activation(model: TeacherStudent, activation: Activation | None) -> Activat
 
 
 @functools.lru_cache(maxsize=32)
-def _cached(cls: type[Engine], model: TeacherStudent, normalization: Normalization,
+def _cached(cls: type[Engine], model: Model, normalization: Normalization,
             activation: Activation, quadrature: Quadrature) -> Engine:
     return _build(cls, model, normalization, activation, quadrature)
 
 
-def _build(cls: type[Engine], model: TeacherStudent, normalization: Normalization,
+def _build(cls: type[Engine], model: Model, normalization: Normalization,
            activation: Activation, quadrature: Quadrature) -> Engine:
-    if cls is ExpectationEngine:
-        return ExpectationEngine(model, normalization, activation, quadrature)
-    return cls(model, normalization, activation)  # type: ignore[call-arg]
+    return cls(model, normalization, activation, quadrature)
 
 
 def select_engine(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     activation: Activation | None = None,
     *,
@@ -163,7 +161,7 @@ def select_engine(
 
 
 def expectation_engine(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     quadrature: Quadrature | Mapping[str, Any] | None = None,
     *,
@@ -177,14 +175,14 @@ def expectation_engine(
 
 
 def has_closed_form(
-    model: TeacherStudent, normalization: Normalization, activation: Activation | None = None
+    model: Model, normalization: Normalization, activation: Activation | None = None
 ) -> bool:
     """True if the exact :class:`ClosedFormEngine` applies (at the initial parameters)."""
     return ClosedFormEngine.supports(model, normalization, _activation(model, activation)) is None
 
 
 def generalization_error(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     order_parameters: OrderParameters,
     *,
@@ -205,7 +203,7 @@ def generalization_error(
 
 
 def generalization_error_batch(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     Q: np.ndarray,
     R: np.ndarray,
@@ -236,7 +234,7 @@ def generalization_error_batch(
 
 
 def ode_rhs(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     Q: np.ndarray,
     R: np.ndarray,
@@ -261,7 +259,7 @@ def ode_rhs(
 
 
 def integrate(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     initial: OrderParameters,
     *,

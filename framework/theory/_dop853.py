@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -307,7 +308,7 @@ if HAVE_NUMBA:
         _nt.FunctionType(_KERNEL_JAC_SIG), _nt.boolean, _nt.float64[:, ::1],
     ))
 
-    @numba.extending.overload(_scale_of, jit_options={"cache": True})
+    @numba.extending.overload(_scale_of, jit_options={"cache": True})  # type: ignore[typeddict-unknown-key]
     def _ol_scale_of(Q, args):
         if len(args) == _N_PLAIN_ARGS:
             return lambda Q, args: np.ones(Q.shape[0])
@@ -315,7 +316,7 @@ if HAVE_NUMBA:
             return lambda Q, args: args[7](Q)
         return lambda Q, args: args[7](Q, args[10])
 
-    @numba.extending.overload(_jac_of, jit_options={"cache": True})
+    @numba.extending.overload(_jac_of, jit_options={"cache": True})  # type: ignore[typeddict-unknown-key]
     def _ol_jac_of(Q, args):
         if len(args) == _N_PLAIN_ARGS:
             return lambda Q, args: (np.zeros((1, 1, 1)), False)
@@ -551,7 +552,8 @@ def _run_numba(Q0, R0, T, scale_fn, scale_jac_fn, eta, batch_size, noise_var, al
     passes no gradient through its statistics).
     """
     K, M = R0.shape
-    args = (T, K, M, float(eta), 1.0 / batch_size, float(noise_var), bool(second_order))
+    args: tuple[Any, ...] = (T, K, M, float(eta), 1.0 / batch_size, float(noise_var),
+                             bool(second_order))
     dop, eps_path = _dop853_nb, _eps_g_path_nb
     if kernels is not None:
         p = np.ascontiguousarray(kernel_params, dtype=np.float64)

@@ -107,7 +107,7 @@ def _watched(base: type) -> type:
     failure (``solve_ivp`` does not report it) and the exact end state.
     """
 
-    class Watched(base):  # type: ignore[misc, valid-type]
+    class Watched(base):
         def __init__(self, fun, t0, y0, t_bound, *, watch: list, **options):
             super().__init__(fun, t0, y0, t_bound, **options)
             self.nonfinite = False
@@ -230,12 +230,14 @@ def solve_grid(
     ]
     stop_index = len(failures)
     with_stop = failures
+    eps_of = eps_g if eps_g is not None else (lambda y: math.inf)  # unused without a stop
+    threshold = -math.inf if stop_below is None else float(stop_below)
     if stop_below is not None:
-        with_stop = [*failures, _terminal(lambda t, y: eps_g(y) - stop_below)]
+        with_stop = [*failures, _terminal(lambda t, y: eps_of(y) - threshold)]
     rows = [y0[None]]
     t, y, j = float(alpha[0]), y0, 1
     # eps_g already below at the start: the next grid point decides (as after a crossing)
-    pending = stop_below is not None and eps_g(y0) < stop_below
+    pending = stop_below is not None and eps_of(y0) < threshold
     while j < alpha.size:
         grid = alpha[j : j + 1] if pending else alpha[j:]
         seg = _segment(fun, t, y, grid, failures if pending else with_stop, stop_index,
@@ -245,7 +247,7 @@ def solve_grid(
         if seg.status:
             return GridSolution(np.concatenate(rows), seg.status, seg.t_fail)
         if pending:  # reached the grid point after the crossing
-            if eps_g(seg.rows[-1]) < stop_below:
+            if eps_of(seg.rows[-1]) < threshold:
                 break
             pending, t, y = False, float(alpha[j - 1]), seg.rows[-1]
         elif seg.stop is not None:
@@ -444,11 +446,12 @@ def integrate_diagonal_scale(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     K, M = R0.shape
-    p = None
+    p: np.ndarray | None = None
     if kernels is not None:
         n_params = len(kernels.names)
-        p = np.zeros((n_params, K)) if kernel_params is None and not n_params else kernel_params
-        p = np.ascontiguousarray(p, dtype=np.float64) if p is not None else None
+        given = np.zeros((n_params, K)) if kernel_params is None and not n_params \
+            else kernel_params
+        p = np.ascontiguousarray(given, dtype=np.float64) if given is not None else None
         if p is None or p.shape != (n_params, K):
             raise ValueError(
                 f"kernel_params must have shape (len(kernels.names), K) = ({n_params}, {K}),"
@@ -458,6 +461,7 @@ def integrate_diagonal_scale(
         raise ValueError("kernel_params needs kernels, got kernels=None")
     chosen = _choose_engine(engine, method, scale_fn, scale_jac_fn, kernels)
     if kernels is not None and chosen == "scipy":
+        assert p is not None  # checked above
         scale_fn, scale_jac_fn = _kernel_functions(kernels, p, scale_fn, scale_jac_fn)
     args = (Q0, R0, T, scale_fn, scale_jac_fn, eta, int(batch_size), noise_var, alpha,
             rtol, atol, second_order, max_value)

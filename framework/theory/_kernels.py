@@ -58,15 +58,18 @@ from framework.theory._erf import I2, I3, I4, J2
 
 try:  # optional accelerator
     import numba
-    from numba.extending import is_jitted as _is_jitted
+    from numba.extending import is_jitted as _numba_is_jitted
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None
+    numba = None  # type: ignore[assignment]
+    _numba_is_jitted = None  # type: ignore[assignment]
     HAVE_NUMBA = False
 
-    def _is_jitted(fn: object) -> bool:
-        return False
+
+def _is_jitted(fn: object) -> bool:
+    """True if ``fn`` is a numba-compiled function (False without numba)."""
+    return bool(HAVE_NUMBA and _numba_is_jitted(fn))  # type: ignore[arg-type]
 
 
 __all__ = [

@@ -37,7 +37,7 @@ from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
     from framework.activation import Activation
-    from framework.model import TeacherStudent
+    from framework.model import Model
     from framework.normalization import Normalization
 
 __all__ = ["AccuracyError", "ClosedFormUnavailable", "Engine", "Rates", "Trajectory"]
@@ -148,8 +148,14 @@ class Engine(abc.ABC):
     semidefinite: ClassVar[bool] = False
 
     def __init__(
-        self, model: TeacherStudent, normalization: Normalization, activation: Activation
+        self,
+        model: Model,
+        normalization: Normalization,
+        activation: Activation,
+        quadrature: Any = None,
     ) -> None:
+        """``quadrature``: accuracy settings, for engines that take them (exact engines
+        ignore it)."""
         self.model = model
         self.normalization = normalization
         self.activation = activation
@@ -167,7 +173,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def supports(
         cls,
-        model: TeacherStudent,
+        model: Model,
         normalization: Normalization,
         activation: Activation,
         params: Mapping[str, Any] | None = None,

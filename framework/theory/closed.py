@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from framework.activation import Activation
-from framework.model import TeacherStudent
+from framework.model import Model
 from framework.normalization import Normalization
 from framework.theory import _kernels as _theory
 from framework.theory._erf import J2
@@ -66,7 +66,11 @@ class ClosedFormEngine(Engine):
     semidefinite = True
 
     def __init__(
-        self, model: TeacherStudent, normalization: Normalization, activation: Activation
+        self,
+        model: Model,
+        normalization: Normalization,
+        activation: Activation,
+        quadrature: Any = None,
     ) -> None:
         why = self.supports(model, normalization, activation)
         if why is not None:
@@ -74,7 +78,7 @@ class ClosedFormEngine(Engine):
                 f"no closed form for normalization {normalization.name!r} with activation "
                 f"{activation.name!r}: {why}"
             )
-        super().__init__(model, normalization, activation)
+        super().__init__(model, normalization, activation, quadrature)
         names = tuple(normalization.trainable)
         self.trainable = tuple(k for k in names if k in normalization.scale_parameters)
         self.held = tuple(k for k in names if k in normalization.shift_parameters)
@@ -82,7 +86,7 @@ class ClosedFormEngine(Engine):
     @classmethod
     def supports(
         cls,
-        model: TeacherStudent,
+        model: Model,
         normalization: Normalization,
         activation: Activation,
         params: Mapping[str, Any] | None = None,

@@ -54,7 +54,7 @@ import numpy as np
 from scipy import optimize
 
 from framework.activation import Activation
-from framework.model import OrderParameters, TeacherStudent
+from framework.model import Model, OrderParameters
 from framework.normalization import Normalization
 from framework.theory import AccuracyError, Engine, Quadrature, select_engine
 from framework.validators import SpecificationError, check_int, check_real
@@ -100,7 +100,7 @@ EngineArg = str | Engine
 
 
 def _engine(
-    model: TeacherStudent, normalization: Normalization, engine: EngineArg,
+    model: Model, normalization: Normalization, engine: EngineArg,
     quadrature: Quadrature | Mapping[str, Any] | None = None,
     activation: Activation | None = None,
 ) -> Engine:
@@ -169,10 +169,10 @@ class SymmetricSubspace:
     def size(self) -> int:
         return len(self.names)
 
-    def embed(self, theta: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-        theta = np.asarray(theta, dtype=float)
-        return (np.tensordot(theta, self.masks_Q, axes=1),
-                np.tensordot(theta, self.masks_R, axes=1))
+    def embed(self, theta: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        coef = np.asarray(theta, dtype=float)
+        return (np.tensordot(coef, self.masks_Q, axes=1),
+                np.tensordot(coef, self.masks_R, axes=1))
 
     def project(self, Q: np.ndarray, R: np.ndarray) -> np.ndarray:
         """Coordinates of the orthogonal projection (means over each support)."""
@@ -191,7 +191,7 @@ class SymmetricSubspace:
         return math.sqrt(float(np.sum(pQ**2) + np.sum(pR**2))) / total
 
 
-def _matched_allowed(model: TeacherStudent) -> bool:
+def _matched_allowed(model: Model) -> bool:
     if model.K != model.M:
         return False
     T = model.T
@@ -200,7 +200,7 @@ def _matched_allowed(model: TeacherStudent) -> bool:
                 and (off.size == 0 or np.allclose(off, off[0], rtol=1e-12, atol=0)))
 
 
-def symmetric_subspace(model: TeacherStudent, kind: str = "auto") -> SymmetricSubspace:
+def symmetric_subspace(model: Model, kind: str = "auto") -> SymmetricSubspace:
     """The symmetric subspace of ``model``: ``"matched"``, ``"exchangeable"`` or ``"auto"``.
 
     ``"auto"`` is ``"matched"`` when ``K = M`` and ``T`` is invariant under permuting
@@ -245,7 +245,7 @@ def symmetric_subspace(model: TeacherStudent, kind: str = "auto") -> SymmetricSu
 
 
 def default_starts(
-    model: TeacherStudent, subspace: SymmetricSubspace
+    model: Model, subspace: SymmetricSubspace
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The documented starting points of :func:`find_fixed_points` as ``(label, Q, R)``.
 
@@ -582,7 +582,7 @@ def classify_direction(
     return "mixed", frac
 
 
-def parameters_attrs(model: TeacherStudent, normalization: Normalization) -> dict[str, Any]:
+def parameters_attrs(model: Model, normalization: Normalization) -> dict[str, Any]:
     """The normalization's parameter values as attrs (``normalization_param_<name>``).
 
     A parameter equal across units is stored as a number, otherwise as a JSON list.
@@ -599,7 +599,7 @@ def parameters_attrs(model: TeacherStudent, normalization: Normalization) -> dic
     return out
 
 
-def scale_invariance(model: TeacherStudent, normalization: Normalization) -> str:
+def scale_invariance(model: Model, normalization: Normalization) -> str:
     """How the first-order flow conserves weight norms: ``"unit"``, ``"common"``, ``"none"``.
 
     ``"unit"``: ``normalization.scale_invariant``, or a forward map invariant under
@@ -671,7 +671,7 @@ def _gradient_flow_refused(normalization: Normalization, eta: float) -> Specific
 
 
 def find_fixed_points(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     *,
     eta: float,
@@ -719,13 +719,12 @@ def find_fixed_points(
         raise _gradient_flow_refused(normalization, eta)
     sub = symmetric_subspace(model, subspace)
     invariance = scale_invariance(model, normalization)
-    if invariance != "none":
-        weight_norm = 1.0 if weight_norm is None else check_real(
-            "weight_norm", weight_norm, minimum=0.0, strict=True)
-    elif weight_norm is not None:
+    if invariance == "none" and weight_norm is not None:
         raise SpecificationError(
             f"'weight_norm' applies only to norm-conserving normalizations "
             f"({normalization.name!r} is not), got {weight_norm!r}")
+    norm_q = 1.0 if weight_norm is None else check_real(
+        "weight_norm", weight_norm, minimum=0.0, strict=True)  # held where conserved
     trainable = tuple(eng.trainable)
     p0 = eng.params()
     if starts is None:
@@ -741,7 +740,7 @@ def find_fixed_points(
     def embed(x: np.ndarray):
         theta = np.empty(sub.size)
         if invariance != "none":
-            theta[0] = weight_norm
+            theta[0] = norm_q
         theta[free] = x[:nf]
         Q, R = sub.embed(theta)
         params = dict(p0)
@@ -770,10 +769,10 @@ def find_fixed_points(
                        for k, v in start[3].items()})
         Q0, R0 = np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float)
         if invariance != "none":
-            c = math.sqrt(weight_norm * model.K / np.trace(Q0)) if invariance == "common" \
+            c = math.sqrt(norm_q * model.K / np.trace(Q0)) if invariance == "common" \
                 else None
             Q0, R0 = (Q0 * c * c, R0 * c) if c is not None else \
-                rescale_weight_norm(Q0, R0, weight_norm)
+                rescale_weight_norm(Q0, R0, norm_q)
         x0 = np.concatenate([sub.project(Q0, R0)[free],
                              [float(np.mean(ps[k])) for k in trainable]])
         sol = optimize.root(residual, x0, method="hybr",
@@ -800,7 +799,7 @@ def find_fixed_points(
         theta = np.empty(sub.size)
         theta[free] = x[:nf]
         if invariance != "none":
-            theta[0] = weight_norm
+            theta[0] = norm_q
         found.append(FixedPoint(
             Q, R, theta, res, float(eps), float(np.mean(np.diagonal(Q))), label, sub,
             params={k: np.asarray(params[k], dtype=float).copy()
@@ -811,7 +810,7 @@ def find_fixed_points(
 
 
 def jacobian_coordinates(
-    model: TeacherStudent, normalization: Normalization, engine: EngineArg = "auto"
+    model: Model, normalization: Normalization, engine: EngineArg = "auto"
 ) -> list[tuple[str, int, int]]:
     """Coordinates of :func:`ode_jacobian`: ``("Q", i, k)`` (``i <= k``; ``i < k`` for
     per-unit norm-conserving normalizations, whose norms are held fixed), ``("R", i,
@@ -825,7 +824,7 @@ def jacobian_coordinates(
 
 
 def ode_jacobian(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     Q: np.ndarray,
     R: np.ndarray,
@@ -891,7 +890,7 @@ def _replicate_error(values: np.ndarray) -> np.ndarray:
 
 
 def weight_space_hessian(
-    model: TeacherStudent,
+    model: Model,
     normalization: Normalization,
     Q: Any,
     R: Any,
@@ -1065,12 +1064,24 @@ def constant_predictor_error(engine: Engine) -> float:
     """``eps_g`` of the best input-independent student output: ``Var(zeta) / 2 +
     noise / 2`` (the teacher output's variance by Gauss-Hermite quadrature over the
     teachers' fields, tensor grid of 80 points per teacher for ``M <= 3``, exact for the
-    erf to ~1e-12; a fixed-seed Monte Carlo of 2^18 points beyond)."""
-    model = engine.model
+    erf to ~1e-12; a fixed-seed Monte Carlo of 2^18 points beyond). Cached per
+    (activation, T, noise)."""
+    T = np.asarray(engine.model.T, dtype=float)
+    key = (engine.activation.name, T.shape, T.tobytes(), float(engine.model.noise))
+    if key not in _CONSTANT_PREDICTOR:
+        _CONSTANT_PREDICTOR[key] = _constant_predictor_error(engine.activation, T,
+                                                             float(engine.model.noise))
+    return _CONSTANT_PREDICTOR[key]
+
+
+_CONSTANT_PREDICTOR: dict[tuple, float] = {}
+
+
+def _constant_predictor_error(activation: Activation, T: np.ndarray, noise: float) -> float:
     x, w = np.polynomial.hermite_e.hermegauss(80)
     w = w / w.sum()
-    L = np.linalg.cholesky(model.T)
-    M = model.M
+    L = np.linalg.cholesky(T)
+    M = T.shape[0]
     if M <= 3:  # tensor grid over the teachers' M Gaussian coordinates
         grids = np.meshgrid(*([x] * M), indexing="ij")
         z = np.stack([g_.ravel() for g_ in grids], axis=-1)
@@ -1078,9 +1089,9 @@ def constant_predictor_error(engine: Engine) -> float:
     else:
         z = np.random.default_rng(0).standard_normal((1 << 18, M))
         wz = np.full(z.shape[0], 1.0 / z.shape[0])
-    zeta = np.sum(engine.activation.g(z @ L.T), axis=-1)
+    zeta = np.sum(activation.g(z @ L.T), axis=-1)
     mean = float(wz @ zeta)
-    return 0.5 * float(wz @ (zeta - mean) ** 2) + 0.5 * model.noise
+    return 0.5 * float(wz @ (zeta - mean) ** 2) + 0.5 * noise
 
 
 def is_dead(engine: Engine, fp: FixedPoint) -> bool:
@@ -1123,7 +1134,7 @@ def plateau_branch(
 
 
 def mode_matrices(
-    model: TeacherStudent, coords: Sequence[tuple[str, int, int]], vec: np.ndarray
+    model: Model, coords: Sequence[tuple[str, int, int]], vec: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """``(dQ, dR, dtheta)`` of a vector in the Jacobian coordinates ``coords``
     (:func:`jacobian_coordinates`; real part)."""
@@ -1164,13 +1175,13 @@ def realize_mode(
     dR = basis @ Bt.T[None]  # (K D, K, M)
     A = np.stack([dQ[:, i, k] if v == "Q" else dR[:, i, k] for _, (v, i, k) in pairs], axis=0)
     sol, *_ = np.linalg.lstsq(A, target, rcond=None)
-    if np.linalg.norm(A @ sol - target) > 1e-6 * max(np.linalg.norm(target), 1e-300):
+    if np.linalg.norm(A @ sol - target) > 1e-6 * max(float(np.linalg.norm(target)), 1e-300):
         return None
     return sol.reshape(K, D)
 
 
 def escape_start(
-    model: TeacherStudent,
+    model: Model,
     fp: FixedPoint,
     coords: Sequence[tuple[str, int, int]],
     vec: np.ndarray,

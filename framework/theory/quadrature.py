@@ -63,7 +63,7 @@ from scipy import special
 from scipy.stats import qmc
 
 from framework.activation import Activation
-from framework.model import TeacherStudent
+from framework.model import Model
 from framework.normalization import Normalization
 from framework.theory.base import AccuracyError, Engine, Rates, Trajectory
 from framework.validators import SpecificationError, gt, integer, one_of
@@ -189,7 +189,7 @@ class ExpectationEngine(Engine):
 
     Parameters
     ----------
-    model : TeacherStudent
+    model : Model
     normalization : Normalization
     activation : Activation
         The model's activation (``g`` and ``gprime`` are used).
@@ -202,12 +202,12 @@ class ExpectationEngine(Engine):
 
     def __init__(
         self,
-        model: TeacherStudent,
+        model: Model,
         normalization: Normalization,
         activation: Activation,
         quadrature: Quadrature | None = None,
     ) -> None:
-        super().__init__(model, normalization, activation)
+        super().__init__(model, normalization, activation, quadrature)
         self.quadrature = quadrature if quadrature is not None else Quadrature()
         q = self.quadrature
         self._z = _base_points(q.method, self.K + self.M, q.samples, q.replicates, q.seed)
@@ -215,7 +215,7 @@ class ExpectationEngine(Engine):
     @classmethod
     def supports(
         cls,
-        model: TeacherStudent,
+        model: Model,
         normalization: Normalization,
         activation: Activation,
         params: Mapping[str, Any] | None = None,
