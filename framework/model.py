@@ -156,6 +156,12 @@ class Model(abc.ABC):
     #: One-line description shown by ``symphase plugins``.
     description: ClassVar[str] = ""
     kind: ClassVar[str] = "model"
+    #: True if :meth:`forward` and :meth:`readout` are the soft committee machine's
+    #: (``x = J xi / sqrt(N)``, ``zeta = sum_n g(B_n xi / sqrt(N))`` plus noise,
+    #: ``sigma = sum_i g(xt_i)``): the compiled simulation kernel, which hard-codes
+    #: them, applies. Other models run the simulation through :meth:`forward` and
+    #: :meth:`readout`.
+    committee_machine: ClassVar[bool] = False
 
     # -- specification ---------------------------------------------------------------
     @abc.abstractmethod
@@ -335,6 +341,7 @@ class TeacherStudent(Model):
     description: ClassVar[str] = (
         "soft committee machine: K student units learn from M teacher units"
     )
+    committee_machine: ClassVar[bool] = True
 
     K: int = attrs.field(validator=integer(minimum=1))
     M: int = attrs.field(validator=integer(minimum=1))

@@ -705,6 +705,9 @@ class Simulation(Analyzer):
         norm = experiment.normalization
         if not HAVE_NUMBA:
             return "numba is not installed"
+        if not experiment.model.committee_machine:
+            return (f"model {experiment.model.name!r} is not a soft committee machine "
+                    "(its forward/readout run through numpy)")
         if act.closed_form != "erf":
             return f"activation {act.name!r} is not erf"
         if self.statistics != "population":
@@ -762,7 +765,7 @@ class Simulation(Analyzer):
         keys = np.empty((P, 2), dtype=np.uint64)
         for r in range(P):
             rng = experiment.rng(STREAM_SIMULATION, r)
-            J0, B0 = op.realize(N, rng)
+            J0, B0 = experiment.model.realize(op, N, rng)
             W[r, :K], W[r, K:] = J0, B0
             keys[r] = rng.integers(0, 2**64 - 1, size=2, dtype=np.uint64, endpoint=True)
         params = {name: np.broadcast_to(np.asarray(v, dtype=float), (P, 1, K)).copy()
@@ -1018,14 +1021,13 @@ class _GenericStepper:
     def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
                  keys: np.ndarray, params: dict[str, np.ndarray]) -> None:
         self.W, self.params = W, params
+        self.model = experiment.model
         self.norm = experiment.normalization
         self.K = experiment.model.K
         self.keys = keys
         self.batch = experiment.batch_size
         self.eta = experiment.eta
         self.noise_sd = math.sqrt(experiment.model.noise)
-        act = get_activation(experiment.model.activation)
-        self.g, self.gprime = act.g, act.gprime
         self.population = sim.statistics == "population"
         self.stat_names = tuple(self.norm.statistics_names)
         self.trainable = tuple(self.norm.trainable)
@@ -1050,11 +1052,8 @@ class _GenericStepper:
         N = W.shape[2]
         inv_sqn = 1.0 / math.sqrt(N)
         J = W[:, :K]
-        pre = np.matmul(xi, W.transpose(0, 2, 1)) * inv_sqn  # (P, B, K + M)
-        x, y = pre[..., :K], pre[..., K:]
-        zeta = self.g(y).sum(axis=-1)
-        if noise is not None:
-            zeta = zeta + self.noise_sd * noise
+        out = self.model.forward(W, xi, noise)  # the model's simulation step
+        x, zeta = out.x, out.zeta
         Q = None
         stats: dict[str, np.ndarray] = {}
         if self.stat_names:
@@ -1065,8 +1064,8 @@ class _GenericStepper:
             else:
                 stats = dict(norm.batch_statistics(x))
         xt = norm.forward(x, stats, params)
-        err = zeta - self.g(xt).sum(axis=-1)
-        grad_out = -err[..., None] * self.gprime(xt)
+        sigma, dsigma = self.model.readout(xt)
+        grad_out = -(zeta - sigma)[..., None] * dsigma
         bw = norm.backward(x, stats, params, grad_out)
         dx = bw.x
         if self.stat_names and not self.population:

@@ -118,6 +118,35 @@ def test_compiled_kernel_agrees_step_for_step_with_generic_path(norm: str,
     assert not np.allclose(a["Q"].isel(alpha=-1), a["Q"].isel(alpha=0))  # it did move
 
 
+class _SameMachineAsAModelPlugin(TeacherStudent):
+    """The soft committee machine, declared as any model plugin would be: not a
+    committee machine to the simulation, which then steps it through the model's own
+    ``forward`` / ``readout`` (numpy)."""
+
+    name: ClassVar[str] = "teacher_student_via_forward"
+    committee_machine: ClassVar[bool] = False
+
+
+@needs_numba
+@pytest.mark.parametrize("norm", ["plain", "batchnorm"])
+def test_a_model_plugin_is_simulated_through_its_forward_and_readout(norm: str) -> None:
+    """Same weights, same stream: the model's simulation step (forward/readout) gives the
+    compiled committee-machine kernel's trajectory step for step; the kernel is refused
+    for a model that does not declare itself a committee machine."""
+    opts = dict(N=120, alpha=[0, 0.5, 2.0], replicas=2)
+    plugin = _SameMachineAsAModelPlugin(2, 3, noise=0.05)
+    ex = experiment(norm, model=plugin, eta=0.8, seed=5)
+    a = simulate(ex, **opts)
+    assert a.attrs["backend"] == "numpy"
+    with pytest.raises(SpecificationError, match="not a soft committee machine"):
+        simulate(ex, backend="numba", **opts)
+    b = simulate(experiment(norm, model=TeacherStudent(2, 3, noise=0.05), eta=0.8, seed=5),
+                 backend="numba", **opts)
+    np.testing.assert_allclose(a["Q"], b["Q"], rtol=0, atol=1e-11)
+    np.testing.assert_allclose(a["R"], b["R"], rtol=0, atol=1e-11)
+    assert not np.allclose(a["Q"].isel(alpha=-1), a["Q"].isel(alpha=0))
+
+
 def test_same_seed_reproduces_and_replicas_are_independent_streams() -> None:
     ex = experiment("batchnorm")
     opts = dict(N=100, alpha_max=1.0, records=3)
