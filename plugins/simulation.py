@@ -803,27 +803,23 @@ class Simulation(Analyzer):
         eps, eps_attrs, eps_err = self._generalization_error(experiment, Qs, Rs, phist)
         ds = self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist,
                            "numba" if use_kernel else "numpy")
-        if eps_err is not None:
-            ds["eps_g_error"] = xr.DataArray(eps_err, dims=("replica", "alpha"), attrs={
-                "long_name": "error estimate of eps_g from the generic engine's quadrature "
-                             "(standard error of its replicates)", "units": "1"})
+        ds["eps_g_error"] = xr.DataArray(eps_err, dims=("replica", "alpha"), attrs={
+            "long_name": "error estimate of eps_g at the recorded order parameters (0: exact "
+                         "engine; the quadrature's or the Monte Carlo fallback's standard "
+                         "error otherwise)", "units": "1"})
         return ds
 
     # -- generalization error ----------------------------------------------------------
     def _generalization_error(
         self, experiment: Experiment, Qs: np.ndarray, Rs: np.ndarray,
         phist: dict[str, np.ndarray],
-    ) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
         """``eps_g`` at the recorded states, how it was computed, and its error estimate
-        (None where exact)."""
+        (0 where exact)."""
         model, norm = experiment.model, experiment.normalization
-        if not phist and theory.has_closed_form(model, norm):
-            eps = theory.generalization_error_batch(model, norm, Qs, Rs)
-            return eps, {"method": "exact closed form (framework.theory."
-                                   "generalization_error_batch) at the order parameters "
-                                   "of the trained weights"}, None
-        try:  # an engine of framework.theory: exact where it can be, else the generic one
-            eng = theory.expectation_engine(model, norm, params=phist or None)
+        try:  # the engine of framework.theory: exact where it can be, else the quadrature
+            eng = theory.select_engine(model, norm, get_activation(model.activation),
+                                       params=phist or None)
             lead = Qs.shape[:2]
             eps = np.empty(lead)
             err = np.empty(lead)
@@ -833,16 +829,15 @@ class Simulation(Analyzer):
         except _THEORY_ERRORS as exc:
             why = f"{type(exc).__name__}: {exc}"
         else:
-            how = ("exact closed form with the recorded parameters" if eng.exact else
-                   "the generic expectation engine (" + eng.describe() + ")")
             return eps, {
-                "method": f"framework.theory.expectation_engine: {how}, at the recorded "
-                          "order parameters and parameters"}, None if eng.exact else err
-        eps = _eps_g_monte_carlo(model, norm, Qs, Rs, phist, self.mc_samples)
+                "method": f"framework.theory.select_engine ({eng.name}: {eng.describe()}) "
+                          "at the recorded order parameters and parameters",
+                "eps_g_engine": eng.name}, err
+        eps, err = _eps_g_monte_carlo(model, norm, Qs, Rs, phist, self.mc_samples)
         note = (f"Monte Carlo over a fixed sample of {self.mc_samples} Gaussian (x, y) "
                 f"(seed {MC_SEED}, common to all entries) with population statistics "
                 f"and the recorded parameters; fallback because the theory raised {why}")
-        return eps, {"method": note}, None
+        return eps, {"method": note, "eps_g_engine": "monte_carlo"}, err
 
     # -- dataset -------------------------------------------------------------------------
     def _dataset(self, experiment: Experiment, steps: np.ndarray, Qs: np.ndarray,
@@ -1092,14 +1087,17 @@ def _progress_bar(show: bool, total: int) -> Any:
 
 
 def _eps_g_monte_carlo(model: Any, norm: Any, Qs: np.ndarray, Rs: np.ndarray,
-                       phist: dict[str, np.ndarray], samples: int) -> np.ndarray:
-    """``eps_g`` by Monte Carlo over one fixed Gaussian sample (common random numbers)."""
+                       phist: dict[str, np.ndarray], samples: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``eps_g`` and its standard error by Monte Carlo over one fixed Gaussian sample
+    (common random numbers)."""
     K, M = model.K, model.M
     act = get_activation(model.activation)
     z = np.random.default_rng(MC_SEED).standard_normal((samples, K + M))
     base = {k: np.asarray(v, dtype=float) for k, v in norm.parameters(K).items()}
     P, A = Qs.shape[:2]
     out = np.empty((P, A))
+    err = np.empty((P, A))
     for p in range(P):
         for a in range(A):
             Q, R = Qs[p, a], Rs[p, a]
@@ -1112,8 +1110,10 @@ def _eps_g_monte_carlo(model: Any, norm: Any, Qs: np.ndarray, Rs: np.ndarray,
                                   else {}).items()}
             params = {k: (phist[k][p, a] if k in phist else v) for k, v in base.items()}
             diff = act.g(y).sum(axis=-1) - act.g(norm.forward(x, stats, params)).sum(axis=-1)
-            out[p, a] = 0.5 * np.mean(diff**2) + 0.5 * model.noise
-    return out
+            loss = 0.5 * diff**2
+            out[p, a] = np.mean(loss) + 0.5 * model.noise
+            err[p, a] = np.std(loss, ddof=1) / math.sqrt(samples)
+    return out, err
 
 
 @hookimpl

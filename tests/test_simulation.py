@@ -276,12 +276,26 @@ def test_monte_carlo_eps_g_fallback_matches_closed_form() -> None:
     ds = simulate(plain, N=80, alpha=[0.0, 2.0], replicas=2)
     Qs, Rs = ds["Q"].values, ds["R"].values
     samples = 200_000
-    mc = simmod._eps_g_monte_carlo(plain.model, plain.normalization, Qs, Rs, {}, samples)
+    mc, mc_err = simmod._eps_g_monte_carlo(plain.model, plain.normalization, Qs, Rs, {},
+                                           samples)
     exact = ds["eps_g"].values
     # sd of (zeta - sigma)^2 / 2 is sqrt(2) (eps_g - noise/2) for Gaussian zeta - sigma;
     # allow a factor 2 for non-Gaussianity
     sem = 2 * math.sqrt(2) * (exact - 0.05) / math.sqrt(samples)
     assert np.all(np.abs(mc - exact) < Z * sem), (mc, exact, sem)
+    # its own standard error is the Gaussian one within that factor 2
+    assert np.all((mc_err > 0.5 * sem / 2) & (mc_err < 2 * sem / 2)), (mc_err, sem)
+    assert np.all(np.abs(mc - exact) < Z * mc_err), (mc, exact, mc_err)
+
+
+@pytest.mark.parametrize("norm", ["plain", "batchnorm", "weightnorm"])
+def test_eps_g_has_the_same_fields_whichever_engine(norm: str) -> None:
+    """The exact engine's eps_g (also with a trained gain) carries eps_g_error = 0 and
+    names its engine, like the quadrature's."""
+    ds = simulate(experiment(norm), N=60, alpha=[0.0, 1.0], replicas=2)
+    assert ds["eps_g"].attrs["eps_g_engine"] == "closed_form"
+    np.testing.assert_array_equal(ds["eps_g_error"].values, 0.0)
+    assert ds["eps_g_error"].dims == ds["eps_g"].dims
 
 
 def test_generic_normalization_without_closed_form() -> None:
@@ -292,6 +306,8 @@ def test_generic_normalization_without_closed_form() -> None:
     assert ds.attrs["backend"] == "numpy"
     method = ds["eps_g"].attrs["method"]
     assert "generic" in method or "Monte Carlo" in method
+    assert ds["eps_g"].attrs["eps_g_engine"] in ("generic", "monte_carlo")
+    assert np.all(ds["eps_g_error"].values > 0)  # an estimate, with its error
     plain = experiment("plain")
     exact = theory.generalization_error_batch(plain.model, plain.normalization,
                                               ds["Q"].values, ds["R"].values)
