@@ -22,6 +22,7 @@ import numpy as np
 from framework.validators import SpecificationError, check_int, ge, integer, one_of
 
 if TYPE_CHECKING:
+    from framework.activation import Activation
     from framework.experiment import Experiment
 
 __all__ = ["Model", "OrderParameters", "TeacherStudent", "realize_covariance"]
@@ -162,6 +163,14 @@ class Model(abc.ABC):
     #: them, applies. Other models run the simulation through :meth:`forward` and
     #: :meth:`readout`.
     committee_machine: ClassVar[bool] = False
+
+    def activation_function(self) -> Activation:
+        """The :class:`~framework.Activation` named by ``activation`` (the registry's
+        look-up; an unknown name raises listing the installed ones). The theory engines
+        receive this object (:func:`framework.theory.select_engine`)."""
+        from framework.manager import get_activation
+
+        return get_activation(self.activation)
 
     # -- specification ---------------------------------------------------------------
     @abc.abstractmethod
@@ -395,9 +404,7 @@ class TeacherStudent(Model):
     def check(self, experiment: Experiment) -> None:
         """The activation is registered, ``init_N >= K + M`` and an explicit ``init``
         has this ``K``, ``M`` and ``T``."""
-        from framework.manager import get_activation
-
-        get_activation(self.activation)  # unknown activation -> error listing them
+        self.activation_function()  # unknown activation -> error listing them
         if experiment.init_N < self.K + self.M:
             raise SpecificationError(
                 f"'init_N' must be >= K + M = {self.K + self.M}, got {experiment.init_N}"
@@ -429,20 +436,16 @@ class TeacherStudent(Model):
 
     def forward(self, W: np.ndarray, xi: np.ndarray, noise: np.ndarray | None = None) -> Forward:
         """``x = J xi / sqrt(N)``, ``zeta = sum_n g(B_n xi / sqrt(N)) + sqrt(noise) * noise``."""
-        from framework.manager import get_activation
-
         K, N = self.K, W.shape[-1]
         pre = np.matmul(xi, np.swapaxes(W, -1, -2)) * (1.0 / math.sqrt(N))  # (..., B, K + M)
-        zeta = get_activation(self.activation).g(pre[..., K:]).sum(axis=-1)
+        zeta = self.activation_function().g(pre[..., K:]).sum(axis=-1)
         if noise is not None:
             zeta = zeta + math.sqrt(self.noise) * noise
         return Forward(pre[..., :K], zeta)
 
     def readout(self, xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``sigma = sum_i g(xt_i)`` and ``d sigma / d xt_i = g'(xt_i)``."""
-        from framework.manager import get_activation
-
-        act = get_activation(self.activation)
+        act = self.activation_function()
         return act.g(xt).sum(axis=-1), act.gprime(xt)
 
 

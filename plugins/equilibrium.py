@@ -38,7 +38,6 @@ from framework import (
     hookimpl,
     theory,
 )
-from framework import get_activation as framework_get_activation
 from framework.datasets import order_parameter_variables, trajectory_dataset, variable
 from framework.theory import Engine
 from framework.theory import equilibrium as eq
@@ -154,7 +153,7 @@ def _engine(experiment: Experiment, quadrature: Any = None) -> Engine:
     """The engine of this experiment (the one choice, :func:`theory.select_engine`)."""
     model = experiment.model
     return theory.select_engine(model, experiment.normalization,
-                                framework_get_activation(model.activation),
+                                model.activation_function(),
                                 quadrature=quadrature)
 
 

@@ -77,7 +77,6 @@ from framework import (
     Experiment,
     OrderParameters,
     SpecificationError,
-    get_activation,
     hookimpl,
     theory,
 )
@@ -701,7 +700,7 @@ class Simulation(Analyzer):
 
     def _kernel_applies(self, experiment: Experiment) -> str:
         """'' if the compiled kernel applies, else the reason it does not."""
-        act = get_activation(experiment.model.activation)
+        act = experiment.model.activation_function()
         norm = experiment.normalization
         if not HAVE_NUMBA:
             return "numba is not installed"
@@ -818,7 +817,7 @@ class Simulation(Analyzer):
         (0 where exact)."""
         model, norm = experiment.model, experiment.normalization
         try:  # the engine of framework.theory: exact where it can be, else the quadrature
-            eng = theory.select_engine(model, norm, get_activation(model.activation),
+            eng = theory.select_engine(model, norm, model.activation_function(),
                                        params=phist or None)
             lead = Qs.shape[:2]
             eps = np.empty(lead)
@@ -1092,7 +1091,7 @@ def _eps_g_monte_carlo(model: Any, norm: Any, Qs: np.ndarray, Rs: np.ndarray,
     """``eps_g`` and its standard error by Monte Carlo over one fixed Gaussian sample
     (common random numbers)."""
     K, M = model.K, model.M
-    act = get_activation(model.activation)
+    act = model.activation_function()
     z = np.random.default_rng(MC_SEED).standard_normal((samples, K + M))
     base = {k: np.asarray(v, dtype=float) for k, v in norm.parameters(K).items()}
     P, A = Qs.shape[:2]

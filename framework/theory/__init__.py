@@ -20,8 +20,9 @@ interface in :mod:`framework.theory.equilibrium`.
 
 The functions below (:func:`generalization_error`, :func:`ode_rhs`,
 :func:`integrate`, ...) are conveniences over ``select_engine(...)``; they take the
-activation object (``activation=``), or look the model's activation name up in the
-plugin registry when it is not given.
+activation object (``activation=``), by default the model's
+(:meth:`framework.Model.activation_function`). This package imports no plugin
+manager.
 
 Trainable normalization parameters (``normalization.trainable``) are extra state,
 ``dtheta/dalpha = -eta E[d eps / d theta]`` (the ``simulation`` analyzer's step
@@ -93,17 +94,6 @@ ENGINES: dict[str, type[Engine]] = {
 ENGINE_CHOICES = ("auto", *ENGINES)
 
 
-def _activation(model: Model, activation: Activation | None) -> Activation:
-    if activation is not None:
-        if not isinstance(activation, Activation):
-            raise SpecificationError(
-                f"'activation' must be an Activation, got {type(activation).__name__}")
-        return activation
-    from framework.manager import get_activation  # the registry's look-up by name
-
-    return get_activation(model.activation)
-
-
 @functools.lru_cache(maxsize=32)
 def _cached(cls: type[Engine], model: Model, normalization: Normalization,
             activation: Activation, quadrature: Quadrature) -> Engine:
@@ -133,13 +123,16 @@ def select_engine(
     :class:`ClosedFormUnavailable` naming the reason. ``quadrature`` is a
     :class:`Quadrature`, a mapping of its options, or None (defaults; used by engines
     that take one). ``activation``: the model's :class:`~framework.Activation` (default:
-    looked up by ``model.activation``).
+    ``model.activation_function()``).
     """
     if engine not in ENGINE_CHOICES:
         raise SpecificationError(
             f"'engine' must be one of {', '.join(map(repr, ENGINE_CHOICES))}, got {engine!r}"
         )
-    act = _activation(model, activation)
+    act = activation if activation is not None else model.activation_function()
+    if not isinstance(act, Activation):
+        raise SpecificationError(
+            f"'activation' must be an Activation, got {type(act).__name__}")
     if not isinstance(quadrature, Quadrature):
         quadrature = Quadrature.from_dict(quadrature)
     normalization.parameters(model.K)  # validates K for the normalization
@@ -178,7 +171,8 @@ def has_closed_form(
     model: Model, normalization: Normalization, activation: Activation | None = None
 ) -> bool:
     """True if the exact :class:`ClosedFormEngine` applies (at the initial parameters)."""
-    return ClosedFormEngine.supports(model, normalization, _activation(model, activation)) is None
+    act = activation if activation is not None else model.activation_function()
+    return ClosedFormEngine.supports(model, normalization, act) is None
 
 
 def generalization_error(
