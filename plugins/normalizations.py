@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -12,76 +10,9 @@ import numpy as np
 
 from framework import Backward, Normalization, ScaleKernels, hookimpl
 from framework.validators import ge, gt
-
-try:  # numba is optional (extra "fast"): without it there are no compiled scale kernels
-    import numba
-except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None  # type: ignore[assignment]
+from plugins._scale_kernels import gain_kernels
 
 Arrays = Mapping[str, np.ndarray]
-
-
-# -- compiled scale functions (Normalization.scale_kernels) --------------------------
-@functools.cache
-def _unit_kernels() -> ScaleKernels | None:
-    """``s = 1``: no parameters, no Q dependence."""
-    if numba is None:  # pragma: no cover - exercised only without numba
-        return None
-
-    @numba.njit(cache=True)
-    def scale(Q, p):
-        return np.ones(Q.shape[0])
-
-    @numba.njit(cache=True)
-    def jacobian(Q, p):
-        K = Q.shape[0]
-        return np.zeros((K, K, K))
-
-    @numba.njit(cache=True)
-    def parameter_jacobian(Q, p):
-        K = Q.shape[0]
-        return np.zeros((p.shape[0], K, K))
-
-    return ScaleKernels(names=(), scale=scale, jacobian=jacobian,
-                        parameter_jacobian=parameter_jacobian)
-
-
-@functools.cache
-def _batchnorm_kernels(eps: float) -> ScaleKernels | None:
-    """``s_i = gamma_i / sqrt(Q_ii + eps)`` plus the shift ``beta`` (rows gamma, beta).
-
-    One object per value of ``eps`` (a compile-time constant of the functions).
-    """
-    if numba is None:  # pragma: no cover - exercised only without numba
-        return None
-
-    @numba.njit
-    def scale(Q, p):
-        K = Q.shape[0]
-        out = np.empty(K)
-        for i in range(K):
-            out[i] = p[0, i] / math.sqrt(Q[i, i] + eps)
-        return out
-
-    @numba.njit
-    def jacobian(Q, p):
-        K = Q.shape[0]
-        out = np.zeros((K, K, K))
-        for i in range(K):
-            v = Q[i, i] + eps
-            out[i, i, i] = -0.5 * p[0, i] / (v * math.sqrt(v))
-        return out
-
-    @numba.njit
-    def parameter_jacobian(Q, p):
-        K = Q.shape[0]
-        out = np.zeros((2, K, K))
-        for i in range(K):
-            out[0, i, i] = 1.0 / math.sqrt(Q[i, i] + eps)
-        return out
-
-    return ScaleKernels(names=("gamma", "beta"), scale=scale, jacobian=jacobian,
-                        parameter_jacobian=parameter_jacobian, shift=("beta",))
 
 
 @attrs.frozen
@@ -108,7 +39,7 @@ class Plain(Normalization):
         return np.zeros((*shape, shape[-1]))
 
     def scale_kernels(self) -> ScaleKernels | None:
-        return _unit_kernels()
+        return gain_kernels((), (), 0.0, True)  # s = 1
 
 
 @attrs.frozen
@@ -210,7 +141,7 @@ class BatchNorm(Normalization):
     def scale_kernels(self) -> ScaleKernels | None:
         """Compiled ``scale``/``jacobian``/``parameter_jacobian`` (rows ``gamma``,
         ``beta``; ``beta`` a shift, so the compiled simulation also covers ``beta != 0``)."""
-        return _batchnorm_kernels(self.eps)
+        return gain_kernels(("gamma", "beta"), ("beta",), self.eps, True)
 
 
 @hookimpl

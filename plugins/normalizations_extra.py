@@ -26,8 +26,6 @@ statistics exist; use population statistics, which are exact).
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -36,11 +34,7 @@ import numpy as np
 
 from framework import Backward, Normalization, ScaleKernels, SpecificationError, hookimpl
 from framework.validators import ge, gt
-
-try:  # numba is optional (extra "fast"): without it there are no compiled scale kernels
-    import numba
-except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None  # type: ignore[assignment]
+from plugins._scale_kernels import gain_kernels
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -74,49 +68,6 @@ def _diag_parameter_jacobian(coef: np.ndarray) -> np.ndarray:
 
 def _full(shape: tuple[int, ...], value: np.ndarray) -> np.ndarray:
     return np.broadcast_to(value, shape).copy()
-
-
-# -- compiled scale functions (Normalization.scale_kernels) --------------------------
-@functools.cache
-def _gain_kernels(names: tuple[str, ...], shift: tuple[str, ...], eps: float,
-                  gradient: bool) -> ScaleKernels | None:
-    """``s_i = p[0, i] / sqrt(Q_ii + eps)`` (row 0 the gain ``names[0]``; further rows
-    have no effect on ``s``); ``gradient=False``: ``ds/dQ = 0`` (stop-gradient).
-    ``names=()``: ``s = 1``. One object per argument tuple (compile-time constants)."""
-    if numba is None:  # pragma: no cover - exercised only without numba
-        return None
-    gain = bool(names)
-
-    @numba.njit
-    def scale(Q, p):
-        K = Q.shape[0]
-        out = np.ones(K)
-        if gain:
-            for i in range(K):
-                out[i] = p[0, i] / math.sqrt(Q[i, i] + eps)
-        return out
-
-    @numba.njit
-    def jacobian(Q, p):
-        K = Q.shape[0]
-        out = np.zeros((K, K, K))
-        if gain and gradient:
-            for i in range(K):
-                v = Q[i, i] + eps
-                out[i, i, i] = -0.5 * p[0, i] / (v * math.sqrt(v))
-        return out
-
-    @numba.njit
-    def parameter_jacobian(Q, p):
-        K = Q.shape[0]
-        out = np.zeros((p.shape[0], K, K))
-        if gain:
-            for i in range(K):
-                out[0, i, i] = 1.0 / math.sqrt(Q[i, i] + eps)
-        return out
-
-    return ScaleKernels(names=names, scale=scale, jacobian=jacobian,
-                        parameter_jacobian=parameter_jacobian, shift=shift)
 
 
 # ======================================================================================
@@ -197,7 +148,7 @@ class WeightNorm(Normalization):
         return {"g": _diag_parameter_jacobian(np.ones_like(g) / np.sqrt(_diag(Q)))}
 
     def scale_kernels(self) -> ScaleKernels | None:
-        return _gain_kernels(("g",), (), 0.0, True)
+        return gain_kernels(("g",), (), 0.0, True)
 
 
 # ======================================================================================
@@ -294,7 +245,7 @@ class BatchNormAffine(_BatchStatistics):
     def scale_kernels(self) -> ScaleKernels | None:
         """Compiled scale functions, rows ``gamma`` (gain) and ``beta`` (a shift): the
         compiled simulation trains both, at any ``beta``."""
-        return _gain_kernels(("gamma", "beta"), ("beta",), self.eps, True)
+        return gain_kernels(("gamma", "beta"), ("beta",), self.eps, True)
 
 
 @attrs.frozen
@@ -338,7 +289,7 @@ class BatchNormStopGrad(_BatchStatistics):
         return np.zeros((*shape, shape[-1]))
 
     def scale_kernels(self) -> ScaleKernels | None:
-        return _gain_kernels(("gamma", "beta"), ("beta",), self.eps, False)
+        return gain_kernels(("gamma", "beta"), ("beta",), self.eps, False)
 
 
 # ======================================================================================
@@ -390,7 +341,7 @@ class MeanOnly(Normalization):
 
     def scale_kernels(self) -> ScaleKernels | None:
         """``s = 1`` (population mean 0); the minibatch mode runs the numpy path."""
-        return _gain_kernels((), (), 0.0, True)
+        return gain_kernels((), (), 0.0, True)
 
 
 # ======================================================================================
