@@ -281,6 +281,7 @@ def trajectory_dataset(
             "theory": "N -> infinity order-parameter ODE (" + traj.description + ")",
             "engine": traj.engine,
             "engine_description": traj.description,
+            "engine_exact": int(traj.exact),
             "integrator_backend": traj.integrator,
             "integrator": f"{method} rtol={rtol} atol={atol}",
             "second_order": int(second_order),

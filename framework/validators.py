@@ -148,14 +148,12 @@ def alpha_grid_option(value: Any) -> tuple[float, ...] | None:
     increasing sequence of >= 2 finite values >= 0 (returned as a tuple of floats)."""
     if value is None:
         return None
-    if isinstance(value, str | bytes | bool):
-        raise SpecificationError(
-            f"'alpha' must be a strictly increasing grid of >= 2 finite values >= 0, got "
-            f"{value!r}")
-    try:
-        out = tuple(float(a) for a in np.atleast_1d(np.asarray(value, dtype=float)))
-    except (TypeError, ValueError):
-        out = ()
+    items = np.atleast_1d(np.asarray(value, dtype=object)).ravel()
+    if isinstance(value, str | bytes) or not all(
+            isinstance(a, int | float | np.integer | np.floating) and not isinstance(a, bool)
+            for a in items):
+        raise TypeError(f"'alpha' must be a sequence of real numbers, got {value!r}")
+    out = tuple(float(a) for a in items)
     if len(out) < 2 or not np.all(np.isfinite(out)) or np.any(np.diff(out) <= 0) or out[0] < 0:
         raise SpecificationError(
             f"'alpha' must be a strictly increasing grid of >= 2 finite values >= 0, got "

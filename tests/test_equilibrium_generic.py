@@ -94,3 +94,29 @@ def test_scale_invariance_probe() -> None:
                      "batchnorm_stopgrad")}
     assert got == {"plain": "none", "batchnorm": "unit", "batchnorm_affine": "unit",
                    "layernorm": "common", "batchnorm_stopgrad": "none"}
+
+
+def test_analyzers_write_the_same_variables_whichever_engine() -> None:
+    """plain with erf runs on the closed-form engine, plain with tanh on the quadrature:
+    fixedpoint, hessian, escape and dynamics datasets have the same variables and dims,
+    the error fields are 0 exactly when the engine is exact, and attrs name the engine."""
+    out = {}
+    for act in ("erf", "tanh"):
+        exp = Experiment(TeacherStudent(2, 2, activation=act), eta=0.5, seed=0, analyzers=[
+            {"name": "fixedpoint"}, {"name": "hessian"},
+            {"name": "dynamics", "alpha": [0.0, 1.0, 5.0], "rtol": 1e-6},
+            {"name": "escape", "alpha_max": 50.0, "n_points": 11, "rtol": 1e-6,
+             "stop_at_escape": True}])
+        out[act] = exp.run()
+    for name in ("fixedpoint", "hessian", "dynamics", "escape"):
+        exact, quad = out["erf"][name], out["tanh"][name]
+        assert exact.attrs["engine"] == "closed_form" and quad.attrs["engine"] == "generic"
+        assert exact.attrs["engine_exact"] == 1 and quad.attrs["engine_exact"] == 0
+        assert set(exact.data_vars) == set(quad.data_vars), name
+        for v in exact.data_vars:
+            assert exact[v].dims == quad[v].dims, (name, v)
+    for name, var in (("fixedpoint", "eps_g_error"), ("fixedpoint", "rate_error"),
+                      ("dynamics", "eps_g_error")):
+        assert np.all(out["erf"][name][var].values == 0), (name, var)
+        assert np.all(out["tanh"][name][var].values > 0), (name, var)
+    assert np.all(out["tanh"]["hessian"].lambda_min_error.values > 0)

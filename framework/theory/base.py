@@ -98,6 +98,8 @@ class Trajectory:
         ``"numba"`` (compiled DOP853) or ``"scipy"``.
     description : str
         The engine's one-line description (stored in attrs).
+    exact : bool
+        The engine's values are exact (``eps_g_error`` is 0).
     """
 
     alpha: np.ndarray
@@ -113,6 +115,7 @@ class Trajectory:
     eps_g_error: np.ndarray = field(default_factory=lambda: np.zeros(0))
     integrator: str = "scipy"
     description: str = ""
+    exact: bool = False
 
 
 class Engine(abc.ABC):
@@ -304,7 +307,7 @@ class Engine(abc.ABC):
             diverged=status != 0, alpha_diverged=float(t_fail) if status else math.nan,
             nfev=nfev, message=_STATUS_MESSAGES[status], engine=self.name,
             params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
-            description=self.describe(),
+            description=self.describe(), exact=self.exact,
         )
 
     def _state_status(self, y: np.ndarray, max_value: float) -> int:

@@ -266,7 +266,7 @@ class ClosedFormEngine(Engine):
             alpha_diverged=np.nan if cut else traj.alpha_diverged, nfev=traj.nfev,
             message="integration successful" if cut else traj.message,
             engine=self.name, params={}, eps_g_error=np.zeros(n),
-            integrator=traj.engine, description=self.describe(),
+            integrator=traj.engine, description=self.describe(), exact=True,
         )
 
     def describe(self) -> str:
