@@ -319,7 +319,8 @@ class Engine(abc.ABC):
             return 1
         if np.max(np.abs(y)) > max_value:
             return 2
-        if definiteness(y, self.K, self.semidefinite) < 0:
+        margin = definiteness(y, self.K, self.semidefinite)  # smallest eigenvalue (+ tol)
+        if margin < 0 or (margin == 0 and not self.semidefinite):
             return 3
         return 0
 
