@@ -22,6 +22,8 @@ Shared conventions (stored as dataset attrs)
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -157,6 +159,13 @@ def _engine(experiment: Experiment, quadrature: Any = None) -> Engine:
                                 quadrature=quadrature)
 
 
+#: Branch searches of this process, most recent last: the analyzers of one experiment
+#: (and experiments that differ only in what the search does not read: seed, init,
+#: other analyzers) share one search. Bounded; the values are never modified.
+_BRANCH_CACHE: OrderedDict[tuple[type, type, Any, str], _Branches] = OrderedDict()
+_BRANCH_CACHE_SIZE = 32
+
+
 def _branches(
     experiment: Experiment,
     eta: float,
@@ -166,7 +175,36 @@ def _branches(
     flag_plateau: bool,
     quadrature: Any = None,
 ) -> _Branches:
-    """Fixed points, their Jacobians and the plateau (:func:`eq.plateau_branch`)."""
+    """Fixed points, their Jacobians and the plateau (:func:`eq.plateau_branch`), cached
+    per (model, normalization, batch size and the search's own options)."""
+    model, norm = experiment.model, experiment.normalization
+    if weight_norm is None and eq.scale_invariance(model, norm) != "none":
+        weight_norm = 1.0  # find_fixed_points' default for norm-conserving normalizations
+    key = (type(model), type(norm),  # the classes too: two plugins may share a name
+           model.activation_function(),
+           json.dumps([model.to_dict(), norm.to_dict(), experiment.batch_size, float(eta),
+                       bool(second_order), subspace, weight_norm, bool(flag_plateau),
+                       quadrature], sort_keys=True, default=repr))
+    if key in _BRANCH_CACHE:
+        _BRANCH_CACHE.move_to_end(key)
+        return _BRANCH_CACHE[key]
+    br = _search_branches(experiment, eta, second_order, subspace, weight_norm,
+                          flag_plateau, quadrature)
+    _BRANCH_CACHE[key] = br
+    while len(_BRANCH_CACHE) > _BRANCH_CACHE_SIZE:
+        _BRANCH_CACHE.popitem(last=False)
+    return br
+
+
+def _search_branches(
+    experiment: Experiment,
+    eta: float,
+    second_order: bool,
+    subspace: str,
+    weight_norm: float | None,
+    flag_plateau: bool,
+    quadrature: Any,
+) -> _Branches:
     model, norm = experiment.model, experiment.normalization
     eng = _engine(experiment, quadrature)
     points = eq.find_fixed_points(

@@ -7,6 +7,7 @@ import math
 import attrs
 import numpy as np
 import pytest
+import xarray as xr
 
 import framework
 from framework import Experiment, OrderParameters, SpecificationError, TeacherStudent, theory
@@ -425,3 +426,32 @@ def test_gradient_is_the_first_order_drift() -> None:
         dQ, dR = theory.ode_rhs(model, norm, Q, R, 1.0, second_order=False)
         np.testing.assert_allclose(dR, -(S @ R + H @ model.T), atol=1e-14)
         np.testing.assert_allclose(dQ, -(S @ Q + Q @ S + H @ R.T + R @ H.T), atol=1e-14)
+
+
+def test_branch_search_runs_once_per_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fixedpoint, hessian and escape of one experiment share one branch search; a
+    different eta, normalization class or K searches anew."""
+    from plugins import equilibrium as peq
+
+    calls = []
+    search = peq._search_branches
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[1:])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(peq, "_search_branches", counting)
+    monkeypatch.setattr(peq, "_BRANCH_CACHE", type(peq._BRANCH_CACHE)())
+    e = Experiment(TeacherStudent(2, 2), eta=0.3, seed=0, analyzers=[
+        {"name": "fixedpoint"}, {"name": "hessian"},
+        {"name": "escape", "alpha_max": 200.0, "n_points": 5}])
+    first = e.run()
+    assert len(calls) == 1
+    again = e.evolve(seed=1).run()  # the search does not read the seed
+    assert len(calls) == 1
+    for name in ("fixedpoint", "hessian"):
+        xr.testing.assert_identical(first[name].drop_attrs(), again[name].drop_attrs())
+    e.evolve(eta=0.4).run()
+    assert len(calls) == 2
+    e.evolve(normalization="batchnorm").run()
+    assert len(calls) == 3
