@@ -17,7 +17,7 @@ from typing import Any
 
 import pluggy
 
-from framework import hookspecs
+from framework import _numba_notice, hookspecs
 from framework.activation import Activation
 from framework.analyzer import Analyzer
 from framework.model import Model
@@ -126,6 +126,7 @@ def get_plugin_manager(
     for i, obj in enumerate(plugins):
         add(obj, getattr(obj, "__name__", f"runtime-{i}"), "runtime")
     pm.symphase_sources = sources  # type: ignore[attr-defined]
+    _numba_notice.install_if_numba_loaded()  # plugins with numba kernels: see that module
     return pm
 
 

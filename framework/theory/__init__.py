@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from framework import _numba_notice
 from framework.activation import Activation
 from framework.model import Model, OrderParameters
 from framework.normalization import Normalization
@@ -61,6 +62,9 @@ from framework.theory.quadrature import (
     Quadrature,
 )
 from framework.validators import SpecificationError
+
+# one line on stderr before numba compiles the kernels (first run only, see the module)
+_numba_notice.install()
 
 __all__ = [
     "ENGINES",
