@@ -60,7 +60,6 @@ from typing import Any, ClassVar
 import attrs
 import numpy as np
 from scipy import special
-from scipy.stats import qmc
 
 from framework.activation import Activation
 from framework.model import Model
@@ -145,6 +144,8 @@ class Quadrature:
 def _base_points(method: str, dim: int, samples: int, replicates: int, seed: int) -> np.ndarray:
     """Standard-normal base points, shape ``(replicates, samples, dim)`` (shared: never
     modify them)."""
+    from scipy.stats import qmc  # lazy: scipy.stats costs ~0.2 s to import
+
     seeds = np.random.SeedSequence([seed, dim, samples]).spawn(replicates)
     out = np.empty((replicates, samples, dim))
     for r, ss in enumerate(seeds):
