@@ -8,7 +8,16 @@ so the ratio measures the sweep's execution, not process start-up; the end-to-en
 time with a cold embedded cluster is printed too. If the `dynamics` analyzer is not
 installed, a CPU-bound stand-in analyzer is used and the output says so.
 
-    python bench/sweep.py [--alpha-max 1e4] [--K 6] [--repeat 2]
+Then the per-point overhead of the sweep machinery on small points (``--points`` of
+a cheap analyzer, `dynamics` with ``alpha_max = --small-alpha-max`` or a tiny stand-in):
+a plain Python loop ``Experiment.run()`` over the same points in this process is the
+baseline; the sweep runs synchronously and on the warmed 2-worker cluster, each with
+and without a results directory (a fresh one every time, so every point is computed
+and stored). The ratios to the baseline are printed (target: storage within 2x of the
+loop per point).
+
+    python bench/sweep.py [--alpha-max 1e4] [--K 6] [--repeat 2] [--points 64]
+    python bench/sweep.py --overhead-only
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -52,11 +62,26 @@ class Burn(Analyzer):
                           coords={"alpha": alpha})
 
 
+@attrs.frozen
+class Tiny(Analyzer):
+    """Stand-in for a small point: a few scalars and a short trajectory, no work."""
+
+    name: ClassVar[str] = "tiny"
+    description: ClassVar[str] = "instant stand-in for a small point (benchmark only)"
+
+    def run(self, experiment: Experiment) -> xr.Dataset:
+        alpha = np.linspace(0.0, 1.0, 8)
+        return xr.Dataset({"eps_g": ("alpha", np.exp(-experiment.eta * alpha),
+                                     {"long_name": "stand-in", "units": "1"})},
+                          coords={"alpha": alpha})
+
+
 class BurnPlugin:
     @staticmethod
     @hookimpl
     def symphase_register_analyzers(registry):  # type: ignore[no-untyped-def]
         registry.add_analyzer(Burn)
+        registry.add_analyzer(Tiny)
 
 
 def _cpu() -> float:
@@ -76,8 +101,20 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=6, help="K = M of the model")
     parser.add_argument("--repeat", type=int, default=2,
                         help="timed sweeps per cluster; the best is kept")
+    parser.add_argument("--points", type=int, default=64,
+                        help="points of the per-point overhead measurement")
+    parser.add_argument("--small-alpha-max", type=float, default=1.0,
+                        help="dynamics alpha_max of a small point (overhead measurement)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the per-point overhead measurement")
     args = parser.parse_args()
+    if not args.overhead_only:
+        scaling(args)
+    overhead(args)
 
+
+def scaling(args: argparse.Namespace) -> None:
+    """1 vs 2 worker processes on a CPU-bound sweep."""
     from distributed import Client, LocalCluster
 
     if "dynamics" in framework.list_analyzers():
@@ -127,6 +164,61 @@ def main() -> None:
     exp.sweep(grid, workers=2, progress=False)
     print(f"end to end with a cold embedded 2-process cluster: "
           f"{time.perf_counter() - t:.2f} s")
+
+
+def _per_point(fn, n: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    """Best of ``repeat`` wall times of ``fn()``, in ms per point."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best / n * 1e3
+
+
+def overhead(args: argparse.Namespace) -> None:
+    """Per-point cost of a sweep of small points, with and without storage."""
+    from distributed import Client, LocalCluster
+
+    framework.register_plugin(BurnPlugin)
+    if "dynamics" in framework.list_analyzers():
+        analyzer = {"name": "dynamics", "alpha_max": args.small_alpha_max, "n_points": 8}
+        what = f"dynamics (K = M = 2, alpha_max = {args.small_alpha_max:g}, 8 points)"
+    else:
+        analyzer = {"name": "tiny"}
+        what = "STAND-IN 'tiny' ('dynamics' is not registered)"
+    exp = Experiment(TeacherStudent(2, 2), analyzers=[analyzer])
+    n_seed = 4
+    grid = {"eta": [0.05 * (i + 1) for i in range(max(1, args.points // n_seed))],
+            "seed": list(range(n_seed))}
+    sweep = framework.Sweep(exp, grid)
+    points = [e for _, e in sweep.points()]
+    n = len(points)
+    print(f"\nper-point overhead, {n} small points: {what}")
+    for e in points[:2]:
+        e.run()  # warm up this process
+    loop = _per_point(lambda: [e.run() for e in points], n, args.repeat)
+    rows = [("plain loop over Experiment.run() (baseline)", loop)]
+
+    def timed(label: str, **kw: object) -> None:
+        def once(store: bool) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                sweep.run(results_dir=tmp if store else None, progress=False,
+                          **kw)  # type: ignore[arg-type]
+
+        for store in (False, True):
+            rows.append((f"{label}, {'with' if store else 'no'} results_dir",
+                         _per_point(lambda: once(store), n, args.repeat)))  # noqa: B023
+
+    timed("sweep synchronous", scheduler="synchronous")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        sweep.run(scheduler=client, progress=False)  # warm the workers
+        with tempfile.TemporaryDirectory() as tmp:
+            sweep.run(scheduler=client, progress=False, results_dir=tmp)
+        timed("sweep on 2 warm worker processes", scheduler=client)
+    for label, ms in rows:
+        print(f"  {label:<52} {ms:8.2f} ms per point  {ms / loop:6.2f}x the loop")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def save(dataset: xr.Dataset, path: str | os.PathLike[str]) -> Path:
+def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True) -> Path:
     """Write ``dataset`` to ``path`` (netCDF4) atomically and return the path.
 
     Attrs are converted to strings and numbers (see the module docstring); boolean
@@ -74,6 +74,22 @@ def save(dataset: xr.Dataset, path: str | os.PathLike[str]) -> Path:
     :func:`load`. The data is written to a temporary file next to ``path``, flushed to
     disk and renamed over ``path``; on any error (or interruption) the temporary file is
     removed and an existing ``path`` is left untouched.
+
+    Parameters
+    ----------
+    dataset : xarray.Dataset
+        What to store.
+    path : path
+        The destination file.
+    lock : bool
+        ``True`` (default): xarray writes the temporary file itself, taking the file
+        lock of the active Dask scheduler (while a ``dask.distributed`` client is the
+        default scheduler, also in a worker's task, that is a ``distributed.Lock``: a
+        round trip to the scheduler). ``False``, for a file private to one task (no
+        lock is needed: the temporary file is unique and the rename atomic): the file
+        is serialized in memory (``to_netcdf()`` without a path, which takes no file
+        lock) and its bytes written to the temporary file. Same file, same atomicity;
+        the file is held in memory once, so keep ``True`` for very large datasets.
     """
     from framework.manager import plugin_manager
 
@@ -85,9 +101,16 @@ def save(dataset: xr.Dataset, path: str | os.PathLike[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if lock:
+            ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            data = ds.to_netcdf(None, engine="netcdf4", format="NETCDF4")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give normal permissions

@@ -435,6 +435,75 @@ def test_bad_scheduler_address_is_a_specification_error():
         base().sweep(eta=[0.1], scheduler="tcp://127.0.0.1:1")
 
 
+# -- batching: points_per_task ---------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_points_per_task_is_validated_before_any_work(bad, log):
+    with pytest.raises(SpecificationError, match=r"'points_per_task' must be"):
+        base().sweep(eta=[0.1, 0.2], scheduler="threads", points_per_task=bad)
+    with pytest.raises(SpecificationError, match=r"'points_per_task' must be"):
+        Sweep(base(), {"eta": [0.1]}).run(scheduler="synchronous", points_per_task=bad)
+    assert log() == []
+
+
+def test_default_points_per_task():
+    from framework.sweep.execute import default_points_per_task
+
+    assert default_points_per_task(6, 2) == 1  # few tasks per worker: not batched
+    assert default_points_per_task(64, 2) == 8
+    assert default_points_per_task(10**6, 2) == 32  # bounded
+    assert default_points_per_task(5, 0) == 1
+
+
+def test_batched_results_equal_unbatched_and_resume_is_exact(tmp_path, log):
+    exp = base()
+    grid = {"eta": [0.1, 0.2, 0.3], "seed": [0, 1, 2]}
+    single = exp.sweep(grid, scheduler="threads", workers=2, points_per_task=1,
+                       results_dir=tmp_path / "one")["toy"]
+    assert len(log()) == 9
+    batched = exp.sweep(grid, scheduler="threads", workers=2, points_per_task=4,
+                        results_dir=tmp_path / "four")["toy"]
+    assert len(log()) == 18
+    xr.testing.assert_identical(single, batched)
+    xr.testing.assert_identical(batched, exp.sweep(grid, scheduler="synchronous")["toy"])
+    names = {p.name for p in (tmp_path / "four" / "points").glob("*.nc")}
+    assert names == {p.name for p in (tmp_path / "one" / "points").glob("*.nc")}
+    assert len(names) == 9
+    # lose three points: a batched re-run recomputes exactly those
+    for key in batched["sweep_sha256"].values.ravel()[[0, 4, 8]]:
+        (tmp_path / "four" / "points" / f"{key}.nc").unlink()
+    n = len(log())
+    again = exp.sweep(grid, scheduler="threads", workers=2, points_per_task=2,
+                      results_dir=tmp_path / "four")["toy"]
+    assert sorted((r["eta"], r["seed"]) for r in log()[n:]) == [(0.1, 0), (0.2, 1),
+                                                                  (0.3, 2)]
+    xr.testing.assert_identical(again, batched)
+
+
+def test_batched_sweep_on_worker_processes_stores_in_the_workers(cluster, tmp_path):
+    exp = base()
+    grid = {"eta": [0.1, 0.2, 0.3, 0.4], "K": [1, 2]}
+    local = exp.sweep(grid, scheduler="synchronous")["toy"]
+    for size in (1, 3, None):
+        out = tmp_path / str(size)
+        remote = exp.sweep(grid, scheduler=cluster.scheduler_address, results_dir=out,
+                           points_per_task=size)["toy"]
+        xr.testing.assert_identical(remote, local)
+        assert len(list((out / "points").glob("*.nc"))) == 8
+        xr.testing.assert_identical(framework.load(out / "toy.nc"), local)
+
+
+def test_workers_that_do_not_see_the_folder_return_results_to_store(tmp_path, monkeypatch):
+    from framework.sweep import execute
+
+    monkeypatch.setattr(execute, "sees_folder", lambda folder, token: False)
+    exp = base()
+    ds = exp.sweep(eta=[0.1, 0.2, 0.3], scheduler="threads", workers=2, points_per_task=2,
+                   results_dir=tmp_path)["toy"]
+    assert len(list((tmp_path / "points").glob("*.nc"))) == 3  # stored by this process
+    xr.testing.assert_identical(ds, exp.sweep(eta=[0.1, 0.2, 0.3],
+                                              scheduler="synchronous")["toy"])
+
+
 # -- the dynamics analyzer --------------------------------------------------------------
 def test_dynamics_sweep_over_K_and_normalization():
     exp = Experiment(TeacherStudent(2, 2), analyzers=[

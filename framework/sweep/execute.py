@@ -6,6 +6,11 @@ sweep, reuses the tasks stored under ``results_dir`` (:mod:`framework.sweep.stor
 computes the others with the chosen scheduler, stores each as it completes, and
 combines them per analyzer (:mod:`framework.sweep.combine`). See :mod:`framework.sweep`
 for the schedulers.
+
+On Dask, the tasks are submitted in batches of ``points_per_task`` (default:
+:func:`default_points_per_task`), so that a small point does not pay a scheduler round
+trip of its own; a worker that sees the results folder stores each task's file itself
+as soon as the task is computed (the submitting process stores the others).
 """
 
 from __future__ import annotations
@@ -19,21 +24,53 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import xarray as xr
 
 from framework.experiment import Experiment
 from framework.sweep.combine import combine_sweep
 from framework.sweep.grid import Sweep, _describe, spec_hash
 from framework.sweep.storage import (
+    folder_token,
     is_failure,
     load_point,
     prepare,
+    sees_folder,
     store_combined,
     store_point,
 )
 from framework.validators import SpecificationError
 
-__all__ = ["run", "sweep"]
+__all__ = ["default_points_per_task", "run", "sweep"]
+
+#: Upper bound of the default batch size (:func:`default_points_per_task`).
+MAX_DEFAULT_POINTS_PER_TASK = 32
+#: Batches per worker the default aims at (load balance against per-task overhead).
+TASKS_PER_WORKER = 4
+
+
+def default_points_per_task(n_tasks: int, n_workers: int) -> int:
+    """Default batch size: about :data:`TASKS_PER_WORKER` batches per worker.
+
+    ``max(1, min(MAX_DEFAULT_POINTS_PER_TASK, n_tasks // (TASKS_PER_WORKER * n_workers)))``:
+    a sweep with few tasks per worker is not batched; a long sweep of small points pays
+    one scheduler round trip per batch instead of one per point, and every worker still
+    gets several batches to balance uneven points.
+    """
+    return max(1, min(MAX_DEFAULT_POINTS_PER_TASK,
+                      n_tasks // (TASKS_PER_WORKER * max(1, n_workers))))
+
+
+def _check_points_per_task(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise SpecificationError(
+            f"'points_per_task' must be an integer >= 1 or None, got {value!r}"
+        )
+    if value < 1:
+        raise SpecificationError(f"'points_per_task' must be >= 1, got {value!r}")
+    return int(value)
 
 
 def run(
@@ -44,8 +81,10 @@ def run(
     workers: int | None = None,
     progress: bool | None = None,
     retry_failed: bool = False,
+    points_per_task: int | None = None,
 ) -> dict[str, xr.Dataset]:
     """Run ``sweep`` and return ``{analyzer name: Dataset}``; see :meth:`Sweep.run`."""
+    batch = _check_points_per_task(points_per_task)
     experiments = sweep.validate()
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise SpecificationError(f"'workers' must be >= 1, got {workers!r}")
@@ -71,7 +110,7 @@ def run(
                 results[key] = stored
     todo = {k: t for k, t in tasks.items() if k not in results}
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    _execute(todo, results, folder, scheduler, workers, show, len(tasks))
+    _execute(todo, results, folder, scheduler, workers, show, len(tasks), batch)
 
     out = {}
     for analyzer in sweep.experiment.analyzers:
@@ -129,6 +168,28 @@ def _compute(spec_json: str, key: str, plugins: Sequence[Any] = ()) -> xr.Datase
     return ds
 
 
+def _compute_batch(
+    items: Sequence[tuple[str, str]],
+    plugins: Sequence[Any],
+    folder: Path | None,
+    token: str | None,
+) -> list[tuple[str, xr.Dataset, bool]]:
+    """Run a batch of tasks (on a worker); store each as it completes if the folder is here.
+
+    Returns ``(key, dataset, stored)`` per task: ``stored`` says that the task's file was
+    written here (and ``dataset`` read back from it); otherwise the submitting process
+    stores it.
+    """
+    here = folder is not None and token is not None and sees_folder(folder, token)
+    out = []
+    for spec_json, key in items:
+        ds = _compute(spec_json, key, plugins)
+        if here:
+            ds = store_point(folder, key, ds)
+        out.append((key, ds, here))
+    return out
+
+
 def _execute(
     todo: dict[str, Experiment],
     results: dict[str, xr.Dataset],
@@ -137,6 +198,7 @@ def _execute(
     workers: int | None,
     show: bool,
     total: int,
+    points_per_task: int | None,
 ) -> None:
     from framework import manager
 
@@ -154,18 +216,24 @@ def _execute(
         try:
             from distributed import as_completed
 
-            futures = {
-                client.submit(_compute, task.to_json(), key, plugins, key=f"symphase-{key}",
-                              pure=False): key
-                for key, task in todo.items()
-            }
+            n_workers = max(1, sum(client.nthreads().values()))
+            size = points_per_task or default_points_per_task(len(todo), n_workers)
+            items = [(task.to_json(), key) for key, task in todo.items()]
+            token = folder_token(folder) if folder is not None else None
+            where = folder.absolute() if folder is not None else None
+            futures = [
+                client.submit(_compute_batch, items[i:i + size], plugins, where, token,
+                              key=f"symphase-{items[i][1]}-{len(items[i:i + size])}",
+                              pure=False)
+                for i in range(0, len(items), size)
+            ]
             try:
                 for future in as_completed(futures):
-                    key = futures[future]
-                    results[key] = store_point(folder, key, future.result())
-                    bar.update(1)
+                    for key, ds, stored in future.result():
+                        results[key] = ds if stored else store_point(folder, key, ds)
+                        bar.update(1)
             finally:
-                client.cancel(list(futures))
+                client.cancel(futures)
         finally:
             for thing in owned:
                 thing.close()
@@ -233,9 +301,15 @@ def sweep(
     workers: int | None = None,
     progress: bool | None = None,
     retry_failed: bool = False,
+    points_per_task: Any = None,
     **more: Sequence[Any],
 ) -> dict[str, xr.Dataset]:
-    """Sweep ``experiment`` over ``grid`` (and/or keyword grid keys); see :meth:`Sweep.run`."""
+    """Sweep ``experiment`` over ``grid`` (and/or keyword grid keys); see :meth:`Sweep.run`.
+
+    ``points_per_task`` is an int or None (typed ``Any`` so that
+    :meth:`Experiment.sweep <framework.Experiment.sweep>` can forward it with the grid
+    keywords); it is validated by :meth:`Sweep.run`.
+    """
     full = dict(grid or {})
     for key, values in more.items():
         if key in full:
@@ -243,5 +317,5 @@ def sweep(
         full[key] = values
     return Sweep(experiment, full).run(
         results_dir=results_dir, scheduler=scheduler, workers=workers, progress=progress,
-        retry_failed=retry_failed,
+        retry_failed=retry_failed, points_per_task=points_per_task,
     )

@@ -379,6 +379,7 @@ class Sweep:
         workers: int | None = None,
         progress: bool | None = None,
         retry_failed: bool = False,
+        points_per_task: int | None = None,
     ) -> dict[str, xr.Dataset]:
         """Validate every point, run every (point, analyzer) task, combine per analyzer.
 
@@ -397,6 +398,11 @@ class Sweep:
             Show a tqdm progress bar on stderr; default: when stderr is a terminal.
         retry_failed : bool
             Recompute tasks stored as failed instead of reusing the failure.
+        points_per_task : int, optional
+            Tasks per Dask task (>= 1): a worker runs them one after another, storing
+            each as it completes. Default: about 4 batches per worker, at most 32 tasks
+            each (:func:`framework.sweep.execute.default_points_per_task`). Results and
+            resumption do not depend on it; ignored by ``"synchronous"``.
 
         Returns
         -------
@@ -406,7 +412,8 @@ class Sweep:
         from framework.sweep.execute import run
 
         return run(self, results_dir=results_dir, scheduler=scheduler, workers=workers,
-                   progress=progress, retry_failed=retry_failed)
+                   progress=progress, retry_failed=retry_failed,
+                   points_per_task=points_per_task)
 
 
 # -- stored sweeps --------------------------------------------------------------------
