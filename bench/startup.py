@@ -9,7 +9,7 @@ Prints the wall time (median of ``--repeat`` fresh subprocesses) of
   one untimed warm-up run so that numba's on-disk kernel cache is filled;
 
 and the ratios of the last two to the baseline. The processes import the source tree this
-file is in (``PYTHONPATH``), not whatever copy is installed.
+file is in (``PYTHONPATH``, run from that folder), not whatever copy is installed.
 
     python bench/startup.py [--repeat 5]
 """
@@ -59,7 +59,7 @@ def _time(cmd: list[str], repeat: int, fresh_out: Path | None = None) -> float:
     for i in range(repeat):
         full = cmd if fresh_out is None else [*cmd, "--out", str(fresh_out / f"run{i}")]
         t0 = time.perf_counter()
-        subprocess.run(full, check=True, env=_env(), stdout=subprocess.DEVNULL)
+        subprocess.run(full, check=True, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -77,7 +77,7 @@ def main() -> None:
                "run", str(toml)]
         # warm-up: numba kernels compiled or loaded from the disk cache, OS cache filled
         subprocess.run([*run, "--out", str(tmpdir / "warmup")], check=True, env=_env(),
-                       stdout=subprocess.DEVNULL)
+                       cwd=ROOT, stdout=subprocess.DEVNULL)
         base = _time([py, "-c", "pass"], args.repeat)
         imp = _time([py, "-c", "import framework"], args.repeat)
         whole = _time(run, args.repeat, fresh_out=tmpdir)
