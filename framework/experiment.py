@@ -14,7 +14,7 @@ from framework.manager import get_analyzer, get_model, get_normalization
 from framework.model import Model, OrderParameters, TeacherStudent, _known_keys
 from framework.normalization import Normalization
 from framework.streams import STREAM_INIT, STREAM_SIMULATION
-from framework.validators import SpecificationError, check_int, ge, gt, integer
+from framework.validators import SpecificationError, check_int, ge, gt, integer, to_float
 
 __all__ = ["STREAM_INIT", "STREAM_SIMULATION", "Experiment"]
 
@@ -128,10 +128,10 @@ class Experiment:
         default="plain", converter=_to_normalization  # type: ignore[assignment]
     )
     analyzers: tuple[Analyzer, ...] = attrs.field(default=(), converter=_to_analyzers)
-    eta: float = attrs.field(default=0.1, converter=float, validator=ge(0.0))
+    eta: float = attrs.field(default=0.1, converter=to_float, validator=ge(0.0))
     batch_size: int = attrs.field(default=1, validator=integer(minimum=1))
     init: str | OrderParameters = attrs.field(default="random", converter=_to_init)
-    init_scale: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
+    init_scale: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
     init_N: int = attrs.field(default=1000, validator=integer(minimum=1))
     seed: int = attrs.field(default=0, validator=integer(minimum=0))
 

@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import numpy as np
 
-from framework.validators import SpecificationError, check_int, ge, integer, one_of
+from framework.validators import (
+    SpecificationError,
+    check_int,
+    check_real_array,
+    ge,
+    integer,
+    one_of,
+    string,
+    to_float,
+)
 
 if TYPE_CHECKING:
     from framework.activation import Activation
@@ -31,8 +40,10 @@ __all__ = ["Model", "OrderParameters", "TeacherStudent", "realize_covariance"]
 _TOL = 1e-10
 
 
-def _readonly(array: Any) -> np.ndarray:
-    out = np.array(array, dtype=float, copy=True)
+def _readonly(array: Any, field: Any = None) -> np.ndarray:
+    """A read-only float copy of an array of real numbers (a string, bools or a ragged
+    nesting raise :class:`TypeError` naming the field)."""
+    out = check_real_array(getattr(field, "name", "array"), array)
     out.setflags(write=False)
     return out
 
@@ -43,7 +54,8 @@ def _array_eq(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _array_field(**kwargs: Any) -> Any:
     return attrs.field(
-        converter=_readonly, eq=attrs.cmp_using(eq=_array_eq), hash=False, **kwargs
+        converter=attrs.Converter(_readonly, takes_field=True),
+        eq=attrs.cmp_using(eq=_array_eq), hash=False, **kwargs
     )
 
 
@@ -354,9 +366,9 @@ class TeacherStudent(Model):
 
     K: int = attrs.field(validator=integer(minimum=1))
     M: int = attrs.field(validator=integer(minimum=1))
-    activation: str = attrs.field(default="erf", validator=attrs.validators.instance_of(str))
+    activation: str = attrs.field(default="erf", validator=string())
     T: np.ndarray = _array_field(default=None)
-    noise: float = attrs.field(default=0.0, converter=float, validator=ge(0.0))
+    noise: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
     second_layer: str = attrs.field(
         default="fixed",
         validator=one_of("fixed", hint="a trained second layer is not implemented yet"),

@@ -12,11 +12,14 @@ from framework import Analyzer, Experiment, SpecificationError, hookimpl, theory
 from framework.datasets import trajectory_dataset
 from framework.validators import (
     alpha_grid_option,
+    boolean,
     check_int,
     check_real,
     gt,
     integer,
     one_of,
+    to_bool,
+    to_float,
 )
 
 
@@ -65,16 +68,16 @@ class Dynamics(Analyzer):
     description: ClassVar[str] = "order-parameter ODE over alpha (exact N -> infinity theory)"
 
     alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
-    alpha_max: float = attrs.field(default=1000.0, converter=float, validator=gt(0.0))
+    alpha_max: float = attrs.field(default=1000.0, converter=to_float, validator=gt(0.0))
     n_points: int = attrs.field(default=201, validator=integer(minimum=2))
-    alpha_min: float = attrs.field(default=0.01, converter=float, validator=gt(0.0))
-    rtol: float = attrs.field(default=1e-10, converter=float, validator=gt(0.0))
-    atol: float = attrs.field(default=1e-12, converter=float, validator=gt(0.0))
+    alpha_min: float = attrs.field(default=0.01, converter=to_float, validator=gt(0.0))
+    rtol: float = attrs.field(default=1e-10, converter=to_float, validator=gt(0.0))
+    atol: float = attrs.field(default=1e-12, converter=to_float, validator=gt(0.0))
     method: str = attrs.field(
         default="DOP853", validator=one_of("DOP853", "RK45", "LSODA", "Radau", "BDF")
     )
-    second_order: bool = attrs.field(default=True, converter=bool)
-    max_value: float = attrs.field(default=1e8, converter=float, validator=gt(0.0))
+    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
+    max_value: float = attrs.field(default=1e8, converter=to_float, validator=gt(0.0))
 
     def __attrs_post_init__(self) -> None:
         alpha_grid(self.alpha, self.alpha_max, self.n_points, self.alpha_min)

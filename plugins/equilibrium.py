@@ -43,7 +43,17 @@ from framework import (
 from framework.datasets import order_parameter_variables, trajectory_dataset, variable
 from framework.theory import Engine
 from framework.theory import equilibrium as eq
-from framework.validators import alpha_grid_option, check_real, gt, integer, one_of
+from framework.validators import (
+    alpha_grid_option,
+    boolean,
+    check_real,
+    gt,
+    integer,
+    one_of,
+    optional_integer,
+    to_bool,
+    to_float,
+)
 
 # --------------------------------------------------------------------------------------
 # option converters
@@ -72,7 +82,8 @@ def _weight_norms(value: Any) -> float | tuple[float, ...] | None:
         raise TypeError(f"'weight_norm' must be a number or a sequence of numbers, got {value!r}")
     if np.ndim(value) == 0:
         return check_real("weight_norm", value, minimum=0.0, strict=True)
-    out = tuple(check_real("weight_norm", v, minimum=0.0, strict=True) for v in np.ravel(value))
+    out = tuple(check_real("weight_norm", v, minimum=0.0, strict=True)
+                for v in np.ravel(np.asarray(value, dtype=object)))
     if not out:
         raise SpecificationError("'weight_norm' must not be an empty sequence, got []")
     return out
@@ -99,14 +110,6 @@ def _optional_quadrature(value: Any) -> dict | None:
 def _optional_weight_norm(value: Any) -> float | None:
     """None, or a weight norm > 0."""
     return _optional_positive("weight_norm")(value)
-
-
-def _optional_int(name: str, minimum: int) -> Callable[[Any, Any, Any], None]:
-    def validate(instance: Any, attribute: Any, value: Any) -> None:
-        if value is not None:
-            integer(minimum=minimum)(instance, attribute, value)
-
-    return validate
 
 
 def _resolve_eta(option: float | None, experiment: Experiment) -> float:
@@ -307,13 +310,13 @@ class FixedPointAnalyzer(Analyzer):
     description: ClassVar[str] = "fixed points of the ODE in the symmetric subspace (branches)"
 
     eta: float | None = attrs.field(default=None, converter=_optional_eta)
-    second_order: bool = attrs.field(default=True, converter=bool)
+    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
     subspace: str = attrs.field(
         default="auto", validator=one_of("auto", "matched", "exchangeable"))
     weight_norm: float | None = attrs.field(
         default=None, converter=_optional_weight_norm)
-    flag_plateau: bool = attrs.field(default=True, converter=bool)
-    horizon: float = attrs.field(default=2000.0, converter=float, validator=gt(0.0))
+    flag_plateau: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
+    horizon: float = attrs.field(default=2000.0, converter=to_float, validator=gt(0.0))
 
     def check(self, experiment: Experiment) -> None:
         experiment.normalization.parameters(experiment.model.K)
@@ -472,15 +475,15 @@ class HessianAnalyzer(Analyzer):
     description: ClassVar[str] = "exact weight-space Hessian spectrum of eps_g (any N)"
 
     eta: float | None = attrs.field(default=None, converter=_optional_eta)
-    second_order: bool = attrs.field(default=True, converter=bool)
+    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
     subspace: str = attrs.field(
         default="auto", validator=one_of("auto", "matched", "exchangeable"))
     weight_norm: float | tuple[float, ...] | None = attrs.field(
         default=None, converter=_weight_norms)
-    N: int | None = attrs.field(default=None, validator=_optional_int("N", 1))
+    N: int | None = attrs.field(default=None, validator=optional_integer(minimum=1))
     at: OrderParameters | None = attrs.field(default=None, converter=_optional_op)
-    flag_plateau: bool = attrs.field(default=True, converter=bool)
-    horizon: float = attrs.field(default=2000.0, converter=float, validator=gt(0.0))
+    flag_plateau: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
+    horizon: float = attrs.field(default=2000.0, converter=to_float, validator=gt(0.0))
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -771,25 +774,25 @@ class EscapeAnalyzer(Analyzer):
     description: ClassVar[str] = "escape time from the symmetric plateau (ODE)"
 
     start: str = attrs.field(default="fixedpoint", validator=one_of("fixedpoint", "init"))
-    perturbation: float = attrs.field(default=1e-3, converter=float, validator=gt(0.0))
+    perturbation: float = attrs.field(default=1e-3, converter=to_float, validator=gt(0.0))
     eta: float | None = attrs.field(default=None, converter=_optional_eta)
     weight_norm: float | None = attrs.field(
         default=None, converter=_optional_weight_norm)
-    alpha_max: float = attrs.field(default=10000.0, converter=float, validator=gt(0.0))
+    alpha_max: float = attrs.field(default=10000.0, converter=to_float, validator=gt(0.0))
     n_points: int = attrs.field(default=2001, validator=integer(minimum=2))
     alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
-    rtol: float = attrs.field(default=1e-10, converter=float, validator=gt(0.0))
-    atol: float = attrs.field(default=1e-12, converter=float, validator=gt(0.0))
+    rtol: float = attrs.field(default=1e-10, converter=to_float, validator=gt(0.0))
+    atol: float = attrs.field(default=1e-12, converter=to_float, validator=gt(0.0))
     method: str = attrs.field(
         default="DOP853", validator=one_of("DOP853", "RK45", "LSODA", "Radau", "BDF"))
-    second_order: bool = attrs.field(default=True, converter=bool)
-    max_value: float = attrs.field(default=1e8, converter=float, validator=gt(0.0))
+    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
+    max_value: float = attrs.field(default=1e8, converter=to_float, validator=gt(0.0))
     subspace: str = attrs.field(
         default="auto", validator=one_of("auto", "matched", "exchangeable"))
-    horizon: float = attrs.field(default=2000.0, converter=float, validator=gt(0.0))
+    horizon: float = attrs.field(default=2000.0, converter=to_float, validator=gt(0.0))
     plateau: str = attrs.field(default="eta", validator=one_of("eta", "gradient_flow"))
     quadrature: dict | None = attrs.field(default=None, converter=_optional_quadrature)
-    stop_at_escape: bool = attrs.field(default=False, converter=bool)
+    stop_at_escape: bool = attrs.field(default=False, converter=to_bool, validator=boolean())
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

@@ -9,7 +9,7 @@ import attrs
 import numpy as np
 
 from framework import Backward, Normalization, ScaleKernels, hookimpl
-from framework.validators import ge, gt
+from framework.validators import ge, gt, to_float
 from plugins._scale_kernels import gain_kernels
 
 Arrays = Mapping[str, np.ndarray]
@@ -66,9 +66,9 @@ class BatchNorm(Normalization):
     statistics_names: ClassVar[tuple[str, ...]] = ("mean", "var")
     supports_diagonal_scale: ClassVar[bool] = True
 
-    gamma: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
-    beta: float = attrs.field(default=0.0, converter=float, validator=ge(-np.inf))
-    eps: float = attrs.field(default=0.0, converter=float, validator=ge(0.0))
+    gamma: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
+    beta: float = attrs.field(default=0.0, converter=to_float, validator=ge(-np.inf))
+    eps: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
 
     @property
     def scale_invariant(self) -> bool:  # type: ignore[override]

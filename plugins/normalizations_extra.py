@@ -33,7 +33,7 @@ import attrs
 import numpy as np
 
 from framework import Backward, Normalization, ScaleKernels, SpecificationError, hookimpl
-from framework.validators import ge, gt
+from framework.validators import ge, gt, to_float
 from plugins._scale_kernels import gain_kernels
 
 Arrays = Mapping[str, np.ndarray]
@@ -96,7 +96,7 @@ class WeightNorm(Normalization):
     scale_invariant: ClassVar[bool] = True
     scale_parameters: ClassVar[tuple[str, ...]] = ("g",)
 
-    g: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
+    g: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
 
     def parameters(self, K: int) -> dict[str, np.ndarray]:
         return {"g": np.full(K, self.g)}
@@ -223,9 +223,9 @@ class BatchNormAffine(_BatchStatistics):
     scale_parameters: ClassVar[tuple[str, ...]] = ("gamma",)
     shift_parameters: ClassVar[tuple[str, ...]] = ("beta",)
 
-    gamma: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
-    beta: float = attrs.field(default=0.0, converter=float, validator=ge(-np.inf))
-    eps: float = attrs.field(default=0.0, converter=float, validator=ge(0.0))
+    gamma: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
+    beta: float = attrs.field(default=0.0, converter=to_float, validator=ge(-np.inf))
+    eps: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
 
     def is_diagonal_scale(self) -> bool:
         return self.beta == 0.0  # at the initial parameters; beta moves when trained
@@ -269,8 +269,8 @@ class BatchNormStopGrad(_BatchStatistics):
     supports_diagonal_scale: ClassVar[bool] = True
     statistics_gradient: ClassVar[bool] = False
 
-    gamma: float = attrs.field(default=1.0, converter=float, validator=gt(0.0))
-    eps: float = attrs.field(default=0.0, converter=float, validator=ge(0.0))
+    gamma: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
+    eps: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
 
     def parameters(self, K: int) -> dict[str, np.ndarray]:
         return {"gamma": np.full(K, self.gamma), "beta": np.zeros(K)}
@@ -381,7 +381,7 @@ class LayerNorm(Normalization):
     name: ClassVar[str] = "layernorm"
     description: ClassVar[str] = "layer normalization across the K hidden units (K >= 2)"
 
-    eps: float = attrs.field(default=0.0, converter=float, validator=ge(0.0))
+    eps: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
 
     def parameters(self, K: int) -> dict[str, np.ndarray]:
         _check_layernorm_K(K)

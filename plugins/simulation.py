@@ -81,7 +81,15 @@ from framework import (
     theory,
 )
 from framework.streams import STREAM_SIMULATION
-from framework.validators import gt, integer, one_of
+from framework.validators import (
+    check_real_array,
+    gt,
+    integer,
+    one_of,
+    optional_boolean,
+    to_bool,
+    to_float,
+)
 
 try:  # numba is optional (extra "fast")
     import numba
@@ -609,8 +617,10 @@ MC_SEED = 20200915
 def _alpha_grid(value: Any) -> tuple[float, ...] | None:
     if value is None:
         return None
-    out = tuple(float(a) for a in np.atleast_1d(np.asarray(value, dtype=float)))
-    if not out or not np.all(np.isfinite(out)) or min(out) < 0 or np.any(np.diff(out) < 0):
+    grid = np.atleast_1d(check_real_array("alpha", value))
+    out = tuple(float(a) for a in grid.ravel())
+    if (grid.ndim > 1 or not out or not np.all(np.isfinite(out)) or min(out) < 0
+            or np.any(np.diff(out) < 0)):
         raise SpecificationError(
             f"'alpha' must be a non-empty non-decreasing grid of finite values >= 0, "
             f"got {value!r}"
@@ -674,7 +684,7 @@ class Simulation(Analyzer):
     description: ClassVar[str] = "finite-N online SGD, replicas batched (erf kernel compiled)"
 
     N: int = attrs.field(default=1000, validator=integer(minimum=1))
-    alpha_max: float = attrs.field(default=10.0, converter=float, validator=gt(0.0))
+    alpha_max: float = attrs.field(default=10.0, converter=to_float, validator=gt(0.0))
     records: int = attrs.field(default=101, validator=integer(minimum=2))
     alpha: tuple[float, ...] | None = attrs.field(default=None, converter=_alpha_grid)
     replicas: int = attrs.field(default=8, validator=integer(minimum=1))
@@ -683,7 +693,8 @@ class Simulation(Analyzer):
     initial: OrderParameters | None = attrs.field(default=None, converter=_to_initial)
     backend: str = attrs.field(default="auto", validator=one_of("auto", "numpy", "numba"))
     mc_samples: int = attrs.field(default=100_000, validator=integer(minimum=1000))
-    progress: bool | None = attrs.field(default=None)
+    progress: bool | None = attrs.field(default=None, converter=to_bool,
+                                        validator=optional_boolean())
 
     # -- specification ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

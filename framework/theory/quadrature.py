@@ -65,7 +65,7 @@ from framework.activation import Activation
 from framework.model import Model
 from framework.normalization import Normalization
 from framework.theory.base import AccuracyError, Engine, Rates, Trajectory
-from framework.validators import SpecificationError, gt, integer, one_of
+from framework.validators import SpecificationError, gt, integer, one_of, to_float
 
 __all__ = [
     "AccuracyError",
@@ -113,7 +113,7 @@ class Quadrature:
     method: str = attrs.field(default="sobol", validator=one_of("sobol", "montecarlo"))
     samples: int = attrs.field(default=4096, validator=[integer(minimum=16), _power_of_two])
     replicates: int = attrs.field(default=16, validator=integer(minimum=2))
-    accuracy: float = attrs.field(default=5e-3, converter=float, validator=gt(0.0))
+    accuracy: float = attrs.field(default=5e-3, converter=to_float, validator=gt(0.0))
     seed: int = attrs.field(default=0, validator=integer(minimum=0))
 
     @classmethod
