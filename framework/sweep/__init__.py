@@ -64,8 +64,13 @@ existing ``dask.distributed`` scheduler (e.g. ``"tcp://10.0.0.1:8786"``), and a
 :func:`framework.register_plugin` are shipped with each task and registered on the
 workers; modules must be importable there. Worker processes are spawned, so a script
 that sweeps with processes needs the usual ``if __name__ == "__main__":`` guard.
-Results are stored by the process that calls :meth:`Sweep.run`, so remote workers
-need no shared file system.
+On Dask, tasks are submitted in batches of ``points_per_task`` (default: about four
+batches per worker, at most 32 tasks each; a worker stores each task of its batch as
+it completes, so batching changes neither the results nor what a resumed run
+recomputes). A worker that sees the results folder (the same path holds the same
+random token, ``points/.symphase-folder``) writes its tasks' files itself, without
+Dask's distributed file lock; otherwise it returns the datasets and the process that
+calls :meth:`Sweep.run` stores them, so remote workers need no shared file system.
 
 Layout: :mod:`~framework.sweep.grid` (the specification), :mod:`~framework.sweep.combine`
 (combining labelled parts), :mod:`~framework.sweep.execute` (running, resuming) and
