@@ -224,6 +224,26 @@ class Engine(abc.ABC):
         loss landscape), not the SGD drift.
         """
 
+    def weight_moments_stack(
+        self,
+        Xs: Any,
+        Bt: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        landscape: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`weight_moments` for a stack of realizations ``Xs (S, K, D)`` at common
+        parameters: ``(eps (S, r), dF/dX (S, r, K, D), {name: (S, r, K)})``.
+
+        Default: one :meth:`weight_moments` call per realization; an engine may
+        vectorize it (the Hessian's finite differences call it with every perturbed
+        weight coordinate at once).
+        """
+        parts = [self.weight_moments(X, Bt, params, landscape=landscape) for X in Xs]
+        return (np.stack([e for e, _, _ in parts]), np.stack([g for _, g, _ in parts]),
+                {k: np.stack([t[k] for _, _, t in parts]) for k in parts[0][2]}
+                if parts else {})
+
     def held_hessian(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
     ) -> np.ndarray:

@@ -207,6 +207,44 @@ class ClosedFormEngine(Engine):
         gT = {k: (dE_ds @ dth[k])[None] for k in self.trainable}
         return np.array([eps]), gX[None], gT
 
+    def weight_moments_stack(
+        self,
+        Xs: Any,
+        Bt: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        landscape: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Vectorized :meth:`weight_moments` over a stack ``Xs (S, K, D)`` (chunks of
+        256 realizations, so that memory stays ``O(256 (K + M)^2)``): the closed forms
+        take stacked order parameters. Falls back to the loop for a stop-gradient
+        normalization's landscape (its scale Jacobian is taken by differences)."""
+        Xs = np.asarray(Xs, dtype=float)
+        if landscape and not self.normalization.statistics_gradient:
+            return super().weight_moments_stack(Xs, Bt, params, landscape=landscape)
+        Bt = np.asarray(Bt, dtype=float)
+        p = self._checked(params)
+        norm = self.normalization
+        S = Xs.shape[0]
+        eps = np.empty((S, 1))
+        gX = np.empty((S, 1, *Xs.shape[1:]))
+        gT = {k: np.empty((S, 1, self.K)) for k in self.trainable}
+        for a in range(0, S, 256):
+            X = Xs[a:a + 256]
+            Q = X @ np.swapaxes(X, -1, -2)
+            R = X @ Bt.T
+            s = np.asarray(norm.scale(Q, p), dtype=float)
+            ds = np.asarray(norm.scale_jacobian(Q, p), dtype=float)
+            e, G, H, dE_ds = _theory.eps_g_gradient(Q, R, self.T, s, ds, self.noise)
+            eps[a:a + 256, 0] = e
+            gX[a:a + 256, 0] = (G + np.swapaxes(G, -1, -2)) @ X + H @ Bt
+            if self.trainable:
+                dth = norm.scale_parameter_jacobian(Q, p)
+                for k in self.trainable:
+                    gT[k][a:a + 256, 0] = np.einsum("...i,...ij->...j", dE_ds,
+                                                    np.asarray(dth[k], dtype=float))
+        return eps, gX, gT
+
     def held_hessian(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
     ) -> np.ndarray:

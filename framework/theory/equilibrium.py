@@ -961,7 +961,21 @@ def weight_space_hessian(
     reps = g0X.shape[0]  # 1 for the exact engine
     d_h = np.empty((reps, n, n))
     d_h2 = np.empty((reps, n, n))
-    for j in range(n):  # one coordinate at a time (a few dozen)
+    # the weight coordinates: the perturbed realizations (levels h, h/2; signs +, -) of a
+    # block of 64 coordinates in one stacked call, at the common parameters p
+    x0 = X.reshape(-1)
+    offsets = np.array([1.0, -1.0, 0.5, -0.5])
+    for j0 in range(0, nW, 64):
+        cols = np.arange(j0, min(j0 + 64, nW))
+        Xs = np.repeat(x0[None, None, :], 4, axis=0).repeat(cols.size, axis=1)  # (4, c, nW)
+        Xs[:, np.arange(cols.size), cols] += offsets[:, None] * hW[cols][None, :]
+        _, gXs, gTs = eng.weight_moments_stack(Xs.reshape(-1, K, D), Bt, p, landscape=True)
+        gs = np.concatenate([gXs.reshape(4, cols.size, reps, -1),
+                             *[gTs[k].reshape(4, cols.size, reps, K) for k in names]], axis=-1)
+        for level, out, a in ((1.0, d_h, 0), (0.5, d_h2, 2)):
+            diff = (gs[a] - gs[a + 1]) / (2.0 * level * hW[cols][:, None, None])
+            out[:, cols, :] = np.swapaxes(diff, 0, 1)
+    for j in range(nW, n):  # the parameter coordinates, one at a time (a handful)
         e = np.zeros(n)
         for level, out in ((1.0, d_h), (0.5, d_h2)):
             e[j] = h[j] * level
