@@ -193,19 +193,11 @@ class ClosedFormEngine(Engine):
 
         ``landscape=True`` with ``statistics_gradient = False``: ``ds/dQ`` is taken by
         central differences of the scale (the gradient of ``eps_g``, not the drift).
+        A stack of one for :meth:`weight_moments_stack`.
         """
-        X = np.asarray(X, dtype=float)
-        Bt = np.asarray(Bt, dtype=float)
-        p = self._checked(params)
-        Q = X @ X.T
-        R = X @ Bt.T
-        s, ds, dth = self._scale(Q, p)
-        if landscape and not self.normalization.statistics_gradient:
-            ds = self._landscape_jacobian(Q, p)
-        eps, G, H, dE_ds = _theory.eps_g_gradient(Q, R, self.T, s, ds, self.noise)
-        gX = (G + G.T) @ X + H @ Bt
-        gT = {k: (dE_ds @ dth[k])[None] for k in self.trainable}
-        return np.array([eps]), gX[None], gT
+        eps, gX, gT = self.weight_moments_stack(np.asarray(X, dtype=float)[None], Bt, params,
+                                                landscape=landscape)
+        return eps[0], gX[0], {k: v[0] for k, v in gT.items()}
 
     def weight_moments_stack(
         self,
@@ -215,13 +207,11 @@ class ClosedFormEngine(Engine):
         *,
         landscape: bool = True,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Vectorized :meth:`weight_moments` over a stack ``Xs (S, K, D)`` (chunks of
+        """:meth:`weight_moments` over a stack ``Xs (S, K, D)``, vectorized (chunks of
         256 realizations, so that memory stays ``O(256 (K + M)^2)``): the closed forms
-        take stacked order parameters. Falls back to the loop for a stop-gradient
-        normalization's landscape (its scale Jacobian is taken by differences)."""
+        take stacked order parameters. For a stop-gradient normalization's landscape the
+        scale Jacobian is taken by differences, realization by realization."""
         Xs = np.asarray(Xs, dtype=float)
-        if landscape and not self.normalization.statistics_gradient:
-            return super().weight_moments_stack(Xs, Bt, params, landscape=landscape)
         Bt = np.asarray(Bt, dtype=float)
         p = self._checked(params)
         norm = self.normalization
@@ -234,7 +224,10 @@ class ClosedFormEngine(Engine):
             Q = X @ np.swapaxes(X, -1, -2)
             R = X @ Bt.T
             s = np.asarray(norm.scale(Q, p), dtype=float)
-            ds = np.asarray(norm.scale_jacobian(Q, p), dtype=float)
+            if landscape and not norm.statistics_gradient:
+                ds = np.stack([self._landscape_jacobian(q, p) for q in Q])
+            else:
+                ds = np.asarray(norm.scale_jacobian(Q, p), dtype=float)
             e, G, H, dE_ds = _theory.eps_g_gradient(Q, R, self.T, s, ds, self.noise)
             eps[a:a + 256, 0] = e
             gX[a:a + 256, 0] = (G + np.swapaxes(G, -1, -2)) @ X + H @ Bt
