@@ -26,6 +26,8 @@ from framework.validators import (
     ge,
     integer,
     one_of,
+    optional_real,
+    real,
     string,
     to_float,
 )
@@ -34,7 +36,125 @@ if TYPE_CHECKING:
     from framework.activation import Activation
     from framework.experiment import Experiment
 
-__all__ = ["Model", "OrderParameters", "TeacherStudent", "realize_covariance"]
+__all__ = [
+    "OUTPUT_SCALES",
+    "Layers",
+    "Model",
+    "OrderParameters",
+    "TeacherStudent",
+    "output_scale_factor",
+    "realize_covariance",
+]
+
+#: Output-scale conventions of the field: ``sigma = c_K sum_i v_i g(x~_i)`` with
+#: ``c_K = 1`` ("sum": Saad & Solla, Goldt et al., symphase's default), ``1 / K``
+#: ("mean": Veiga et al., Arnaboldi et al.) or ``1 / sqrt(K)`` ("sqrt":
+#: StatPhysMLSimPlayground); the teacher's ``c_M`` likewise with ``M``.
+OUTPUT_SCALES = ("sum", "mean", "sqrt")
+
+
+def output_scale_factor(scale: str, units: int) -> float:
+    """``c`` of the output-scale convention ``scale`` for ``units`` hidden units:
+    1 (``"sum"``), ``1 / units`` (``"mean"``) or ``1 / sqrt(units)`` (``"sqrt"``)."""
+    if scale == "sum":
+        return 1.0
+    if scale == "mean":
+        return 1.0 / units
+    if scale == "sqrt":
+        return 1.0 / math.sqrt(units)
+    raise SpecificationError(
+        f"'output_scale' must be one of {', '.join(map(repr, OUTPUT_SCALES))}, got {scale!r}"
+    )
+
+
+def _vector(name: str, value: Any, size: int) -> np.ndarray:
+    """A read-only finite float vector of length ``size`` (TypeError for non-numbers)."""
+    out = check_real_array(name, value)
+    if out.shape != (size,):
+        raise SpecificationError(f"{name!r} must have shape ({size},), got {out.shape}")
+    if not np.all(np.isfinite(out)):
+        raise SpecificationError(f"{name!r} must have finite entries, got {out.tolist()}")
+    out.setflags(write=False)
+    return out
+
+
+@attrs.frozen
+class Layers:
+    """The two layers of a model as the theory and the simulation see them
+    (:meth:`Model.layers`).
+
+    Student output ``sigma = c_K sum_i v_i g(x~_i)``, teacher output ``zeta = c_M sum_n
+    v*_n g(y_n) + noise``. The engines work with the *effective* output weights ``a =
+    c_K v`` (:meth:`student_weights`) and ``b = c_M v*`` (:meth:`teacher_weights`).
+
+    Attributes
+    ----------
+    readout : ndarray (K,)
+        Student readout ``v``: its value when fixed, its initial value when trained.
+    teacher_readout : ndarray (M,)
+        Teacher readout ``v*``.
+    c_student, c_teacher : float
+        Output scales ``c_K``, ``c_M`` (:func:`output_scale_factor`).
+    readout_trained : bool
+        ``v`` is trained: ``v <- v - (eta_v / N) d eps / d v - (weight_decay_v / N) v``
+        per step, so ``dv/dalpha = -eta_v d eps_g / d v - weight_decay_v v`` (no
+        ``eta_v^2`` term: the readout's noise is ``O(1/N)`` per unit time).
+    eta_v : float
+        The readout's learning rate (0 when fixed).
+    weight_decay : float
+        First layer: ``J <- J - (weight_decay / N) J`` per step, i.e. ``-2 weight_decay
+        Q`` in ``dQ/dalpha`` and ``-weight_decay R`` in ``dR/dalpha`` (independent of
+        ``eta``).
+    weight_decay_v : float
+        Second layer (trained readout only), as above.
+    """
+
+    readout: np.ndarray
+    teacher_readout: np.ndarray
+    c_student: float = 1.0
+    c_teacher: float = 1.0
+    readout_trained: bool = False
+    eta_v: float = 0.0
+    weight_decay: float = 0.0
+    weight_decay_v: float = 0.0
+
+    @classmethod
+    def committee(cls, K: int, M: int) -> Layers:
+        """Unit readouts, fixed, no weight decay: the soft committee machine."""
+        return cls(np.ones(K), np.ones(M))
+
+    def student_weights(self, v: Any = None) -> np.ndarray:
+        """``a = c_K v`` (``v``: the trained readout's current value; default
+        :attr:`readout`)."""
+        v = self.readout if v is None else np.asarray(v, dtype=float)
+        return self.c_student * v
+
+    def teacher_weights(self) -> np.ndarray:
+        """``b = c_M v*``."""
+        return self.c_teacher * self.teacher_readout
+
+    def error_weights(self, v: Any = None) -> np.ndarray:
+        """``w = (-a, b)``: the noise-free error is ``zeta - sigma = w . g(u)``."""
+        return np.concatenate([-self.student_weights(v), self.teacher_weights()])
+
+    @property
+    def committee_machine(self) -> bool:
+        """Unit effective weights, readout fixed, no weight decay (today's model)."""
+        return bool(not self.readout_trained and self.weight_decay == 0.0
+                    and np.all(self.student_weights() == 1.0)
+                    and np.all(self.teacher_weights() == 1.0))
+
+    def describe(self) -> str:
+        """One line for attrs."""
+        if self.committee_machine:
+            return "soft committee machine (unit second layer, fixed)"
+        v = ("trained readout v (eta_v = "
+             f"{self.eta_v:g}, weight decay {self.weight_decay_v:g})" if self.readout_trained
+             else "fixed readout v")
+        return (f"sigma = {self.c_student:.6g} sum_i v_i g(x~_i), {v}; teacher zeta = "
+                f"{self.c_teacher:.6g} sum_n v*_n g(y_n); first-layer weight decay "
+                f"{self.weight_decay:g}")
+
 
 #: Relative tolerance for symmetry and positive semi-definiteness checks.
 _TOL = 1e-10
@@ -176,6 +296,13 @@ class Model(abc.ABC):
     #: :meth:`readout`.
     committee_machine: ClassVar[bool] = False
 
+    def layers(self) -> Layers:
+        """The second layers and the weight decay (:class:`Layers`); default: the soft
+        committee machine (unit readouts, fixed, no weight decay). The theory engines
+        and the simulation read it; a trained readout ``v`` is then state (the
+        parameter ``"v"`` beside the normalization's trainable parameters)."""
+        return Layers.committee(self.K, self.M)
+
     def activation_function(self) -> Activation:
         """The :class:`~framework.Activation` named by ``activation`` (the registry's
         look-up; an unknown name raises listing the installed ones). The theory engines
@@ -315,13 +442,17 @@ class Model(abc.ABC):
         """
 
     @abc.abstractmethod
-    def readout(self, xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def readout(self, xt: np.ndarray, v: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Student outputs of normalized pre-activations and their gradient.
 
         Parameters
         ----------
         xt : ndarray, shape (..., B, K)
             Pre-activations after the normalization.
+        v : ndarray, shape (..., K), optional
+            The current student readout when it is trained (:meth:`layers`; leading
+            axes are replicas); None: the model's fixed readout.
 
         Returns
         -------
@@ -351,8 +482,28 @@ class TeacherStudent(Model):
     noise : float
         Variance ``sigma^2`` of Gaussian output noise added to the teacher output (>= 0).
     second_layer : str
-        ``"fixed"``: second-layer weights fixed to one (soft committee machine), the only
-        option implemented so far.
+        ``"fixed"`` (default): the student readout ``v`` stays at ``readout``;
+        ``"trained"``: ``v`` learns with rate ``eta_v`` (:class:`Layers`).
+    student_readout : array_like (K,), optional
+        The student readout ``v`` (fixed value, or initial value when trained); default
+        ones.
+    teacher_readout : array_like (M,), optional
+        The teacher readout ``v*``; default ones.
+    output_scale : str
+        ``"sum"`` (default, ``c = 1``), ``"mean"`` (``c_K = 1/K``, ``c_M = 1/M``) or
+        ``"sqrt"`` (``1/sqrt(K)``, ``1/sqrt(M)``): ``sigma = c_K sum_i v_i g(x~_i)``,
+        ``zeta = c_M sum_n v*_n g(y_n) + noise``.
+    eta_v : float, optional
+        The readout's learning rate (> 0), required with ``second_layer="trained"`` and
+        refused with ``"fixed"``: ``dv/dalpha = -eta_v d eps_g / d v``.
+    weight_decay : float
+        First-layer weight decay ``lambda >= 0``: ``J <- J - (lambda / N) J`` per step
+        (``-2 lambda Q`` in ``dQ/dalpha``, ``-lambda R`` in ``dR/dalpha``).
+    weight_decay_v : float
+        Second-layer weight decay (trained readout only): ``-weight_decay_v v`` in
+        ``dv/dalpha``.
+
+    With the defaults this is the soft committee machine of Saad & Solla, bit for bit.
 
     Registered as the model ``"teacher_student"`` by the built-in plugin
     ``plugins.models``.
@@ -369,10 +520,33 @@ class TeacherStudent(Model):
     activation: str = attrs.field(default="erf", validator=string())
     T: np.ndarray = _array_field(default=None)
     noise: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
-    second_layer: str = attrs.field(
-        default="fixed",
-        validator=one_of("fixed", hint="a trained second layer is not implemented yet"),
-    )
+    second_layer: str = attrs.field(default="fixed", validator=one_of("fixed", "trained"))
+    student_readout: np.ndarray = attrs.field(default=None, eq=attrs.cmp_using(eq=_array_eq),
+                                              hash=False)
+    teacher_readout: np.ndarray = attrs.field(default=None, eq=attrs.cmp_using(eq=_array_eq),
+                                              hash=False)
+    output_scale: str = attrs.field(default="sum", validator=one_of(*OUTPUT_SCALES))
+    eta_v: float | None = attrs.field(default=None, converter=to_float,
+                                      validator=optional_real(minimum=0.0))
+    weight_decay: float = attrs.field(default=0.0, converter=to_float,
+                                      validator=real(minimum=0.0))
+    weight_decay_v: float = attrs.field(default=0.0, converter=to_float,
+                                        validator=real(minimum=0.0))
+
+    def __attrs_post_init__(self) -> None:
+        trained = self.second_layer == "trained"
+        if trained and (self.eta_v is None or self.eta_v <= 0.0):
+            raise SpecificationError(
+                f"'eta_v' must be a positive number with second_layer='trained', got "
+                f"{self.eta_v!r}")
+        if not trained and self.eta_v is not None:
+            raise SpecificationError(
+                f"'eta_v' applies only with second_layer='trained' (the readout is fixed), "
+                f"got eta_v={self.eta_v!r}")
+        if not trained and self.weight_decay_v != 0.0:
+            raise SpecificationError(
+                f"'weight_decay_v' applies only with second_layer='trained', got "
+                f"{self.weight_decay_v!r}")
 
     @T.validator
     def _check_T(self, attribute: Any, value: np.ndarray) -> None:
@@ -384,16 +558,35 @@ class TeacherStudent(Model):
             )
 
     def __init__(self, K: int, M: int, activation: str = "erf", T: Any = None,
-                 noise: float = 0.0, second_layer: str = "fixed") -> None:
+                 noise: float = 0.0, second_layer: str = "fixed", student_readout: Any = None,
+                 teacher_readout: Any = None, output_scale: str = "sum",
+                 eta_v: float | None = None, weight_decay: float = 0.0,
+                 weight_decay_v: float = 0.0) -> None:
         K = check_int("K", K, minimum=1)
         M = check_int("M", M, minimum=1)
         if T is None:
             T = np.eye(M)
-        self.__attrs_init__(K, M, activation, T, noise, second_layer)  # type: ignore[attr-defined]
+        readout = np.ones(K) if student_readout is None else \
+            _vector("student_readout", student_readout, K)
+        teacher_readout = np.ones(M) if teacher_readout is None else \
+            _vector("teacher_readout", teacher_readout, M)
+        readout.setflags(write=False)
+        teacher_readout.setflags(write=False)
+        self.__attrs_init__(  # type: ignore[attr-defined]
+            K, M, activation, T, noise, second_layer, readout, teacher_readout, output_scale,
+            eta_v, weight_decay, weight_decay_v)
+
+    #: Fields of the two-layer options and their defaults (omitted from :meth:`to_dict`
+    #: at their defaults, so that the soft committee machine's specification -- and the
+    #: hashes of stored results -- are unchanged).
+    _LAYER_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "output_scale": "sum", "eta_v": None, "weight_decay": 0.0, "weight_decay_v": 0.0,
+    }
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-compatible description (``T`` as nested lists)."""
-        return {
+        """A JSON-compatible description (``T`` as nested lists; the two-layer options
+        only where they differ from their defaults)."""
+        out: dict[str, Any] = {
             "K": self.K,
             "M": self.M,
             "activation": self.activation,
@@ -401,6 +594,25 @@ class TeacherStudent(Model):
             "noise": self.noise,
             "second_layer": self.second_layer,
         }
+        if np.any(self.student_readout != 1.0):
+            out["student_readout"] = self.student_readout.tolist()
+        if np.any(self.teacher_readout != 1.0):
+            out["teacher_readout"] = self.teacher_readout.tolist()
+        for key, default in self._LAYER_DEFAULTS.items():
+            if getattr(self, key) != default:
+                out[key] = getattr(self, key)
+        return out
+
+    def layers(self) -> Layers:
+        """:class:`Layers` of this specification."""
+        return Layers(
+            readout=self.student_readout, teacher_readout=self.teacher_readout,
+            c_student=output_scale_factor(self.output_scale, self.K),
+            c_teacher=output_scale_factor(self.output_scale, self.M),
+            readout_trained=self.second_layer == "trained",
+            eta_v=0.0 if self.eta_v is None else float(self.eta_v),
+            weight_decay=float(self.weight_decay), weight_decay_v=float(self.weight_decay_v),
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TeacherStudent:
@@ -409,8 +621,9 @@ class TeacherStudent(Model):
         A ``name`` entry (the experiment's dict form) must be ``"teacher_student"``.
         """
         data = _without_name(cls, data)
-        return cls(**_known_keys(cls.__name__, data, ("K", "M", "activation", "T", "noise",
-                                                      "second_layer")))
+        return cls(**_known_keys(cls.__name__, data, (
+            "K", "M", "activation", "T", "noise", "second_layer", "student_readout",
+            "teacher_readout", "output_scale", "eta_v", "weight_decay", "weight_decay_v")))
 
     # -- the Model interface -----------------------------------------------------------
     def check(self, experiment: Experiment) -> None:
@@ -447,18 +660,24 @@ class TeacherStudent(Model):
         return OrderParameters.from_weights(J, B)
 
     def forward(self, W: np.ndarray, xi: np.ndarray, noise: np.ndarray | None = None) -> Forward:
-        """``x = J xi / sqrt(N)``, ``zeta = sum_n g(B_n xi / sqrt(N)) + sqrt(noise) * noise``."""
+        """``x = J xi / sqrt(N)``, ``zeta = c_M sum_n v*_n g(B_n xi / sqrt(N)) +
+        sqrt(noise) * noise``."""
         K, N = self.K, W.shape[-1]
         pre = np.matmul(xi, np.swapaxes(W, -1, -2)) * (1.0 / math.sqrt(N))  # (..., B, K + M)
-        zeta = self.activation_function().g(pre[..., K:]).sum(axis=-1)
+        b = self.layers().teacher_weights()
+        zeta = (self.activation_function().g(pre[..., K:]) * b).sum(axis=-1)
         if noise is not None:
             zeta = zeta + math.sqrt(self.noise) * noise
         return Forward(pre[..., :K], zeta)
 
-    def readout(self, xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``sigma = sum_i g(xt_i)`` and ``d sigma / d xt_i = g'(xt_i)``."""
+    def readout(self, xt: np.ndarray, v: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """``sigma = c_K sum_i v_i g(xt_i)`` and ``d sigma / d xt_i = c_K v_i
+        g'(xt_i)`` (``v``: the trained readout's current value, default the fixed one;
+        ``d sigma / d v_i = c_K g(xt_i)``)."""
         act = self.activation_function()
-        return act.g(xt).sum(axis=-1), act.gprime(xt)
+        a = self.layers().student_weights(None if v is None else np.asarray(v)[..., None, :])
+        return (act.g(xt) * a).sum(axis=-1), a * act.gprime(xt)
 
 
 def _without_name(cls: type[Model], data: Mapping[str, Any]) -> dict[str, Any]:

@@ -79,9 +79,25 @@ CONVENTIONS = {
 
 
 def convention_attrs(experiment: Experiment) -> dict[str, str | int | float]:
-    """The shared conventions plus the experiment's training parameters, as attrs."""
+    """The shared conventions plus the experiment's training parameters, as attrs.
+
+    A model whose second layers are not the soft committee machine's (:meth:`Model.layers`)
+    states them: ``convention_output`` describes the outputs, and ``c_student``,
+    ``c_teacher``, ``readout_trained``, ``eta_v``, ``weight_decay`` and
+    ``weight_decay_v`` are stored (the readouts themselves are in the specification).
+    """
+    layers = experiment.model.layers()
+    extra: dict[str, str | int | float] = {}
+    if not layers.committee_machine:
+        extra = {
+            "convention_output": layers.describe(),
+            "c_student": layers.c_student, "c_teacher": layers.c_teacher,
+            "readout_trained": int(layers.readout_trained), "eta_v": layers.eta_v,
+            "weight_decay": layers.weight_decay, "weight_decay_v": layers.weight_decay_v,
+        }
     return {
         **CONVENTIONS,
+        **extra,
         "eta": experiment.eta,
         "batch_size": experiment.batch_size,
         "K": experiment.model.K,

@@ -29,7 +29,9 @@ def test_teacher_student_defaults() -> None:
         ({"K": 2, "M": 2, "T": np.eye(3)}, r"'T' must have shape \(2, 2\), got \(3, 3\)"),
         ({"K": 2, "M": 2, "T": [[1, 0.5], [0, 1]]}, r"'T' must be symmetric"),
         ({"K": 2, "M": 2, "T": [[1, 2], [2, 1]]}, r"'T' must be positive definite"),
-        ({"K": 2, "M": 2, "second_layer": "trained"}, r"'second_layer' must be one of 'fixed'"),
+        ({"K": 2, "M": 2, "second_layer": "learned"},
+         r"'second_layer' must be one of 'fixed', 'trained'"),
+        ({"K": 2, "M": 2, "second_layer": "trained"}, r"'eta_v' must be a positive number"),
     ],
 )
 def test_teacher_student_errors_name_the_field(kwargs: dict, message: str) -> None:

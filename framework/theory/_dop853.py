@@ -46,6 +46,7 @@ from framework.theory._kernels import (
     _njit,
     _rhs_nb,
     _state_status,
+    _unit_weights_nb,
     numba,
     pack_state,
 )
@@ -341,7 +342,8 @@ def _packed_rhs(y, out, args):
     R = y[K * K :].reshape((K, M))
     jac, has_jac = _jac_of(Q, args)
     _rhs_nb(Q, R, T, _scale_of(Q, args), jac, has_jac, eta, inv_batch, noise_var,
-            second_order, out[: K * K].reshape((K, K)), out[K * K :].reshape((K, M)))
+            second_order, _unit_weights_nb(K, K + M), out[: K * K].reshape((K, K)),
+            out[K * K :].reshape((K, M)))
 
 
 @_njit

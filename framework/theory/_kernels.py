@@ -83,6 +83,7 @@ __all__ = [
     "ode_rhs",
     "ode_rhs_reference",
     "pack_state",
+    "readout_gradient",
     "scale_moments",
     "unpack_state",
 ]
@@ -96,9 +97,20 @@ ScaleFn = Callable[[Array], Array]
 # --------------------------------------------------------------------------------------
 
 
-def error_weights(K: int, M: int) -> Array:
-    """``w = (-1,)*K + (+1,)*M`` so that ``zeta - sigma = w . g(u)`` (noise-free)."""
-    return np.concatenate([-np.ones(K), np.ones(M)])
+def error_weights(
+    K: int, M: int, student: ArrayLike | None = None, teacher: ArrayLike | None = None
+) -> Array:
+    """``w = (-a, b)`` so that ``zeta - sigma = w . g(u)`` (noise-free), with the
+    effective output weights ``a`` (K,) of the student (``c_K v``) and ``b`` (M,) of the
+    teacher (``c_M v*``); default ones (the soft committee machine, ``w = (-1,)*K +
+    (+1,)*M``)."""
+    a = np.ones(K) if student is None else np.asarray(student, dtype=np.float64).reshape(K)
+    b = np.ones(M) if teacher is None else np.asarray(teacher, dtype=np.float64).reshape(M)
+    return np.concatenate([-a, b])
+
+
+def _weights(w: ArrayLike | None, K: int, M: int) -> Array:
+    return error_weights(K, M) if w is None else np.ascontiguousarray(w, dtype=np.float64)
 
 
 def _scale(s: ArrayLike | None, K: int) -> Array:
@@ -132,7 +144,8 @@ def effective_covariance(
 
 
 def generalization_error(
-    Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike | None = None, noise_var: float = 0.0
+    Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike | None = None, noise_var: float = 0.0,
+    w: ArrayLike | None = None,
 ) -> float:
     """Generalization error ``eps_g = E[(zeta - sigma)^2] / 2``, noise included.
 
@@ -148,13 +161,15 @@ def generalization_error(
         Diagonal normalization scale (default: ones).
     noise_var : float
         Variance of the additive output noise.
+    w : array_like, shape (K + M,), optional
+        Error weights ``(-a, b)`` of :func:`error_weights` (default: unit readouts).
 
     Returns
     -------
     float
     """
     Q = np.asarray(Q, dtype=np.float64)
-    w = error_weights(Q.shape[0], np.shape(T)[0])
+    w = _weights(w, Q.shape[0], np.shape(T)[0])
     return float(0.5 * w @ I2(effective_covariance(Q, R, T, s)) @ w + 0.5 * noise_var)
 
 
@@ -170,7 +185,7 @@ def _stacked_effective_covariance(Q: Array, R: Array, T: Array, s: Array) -> Arr
 
 def eps_g_gradient(
     Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike, ds_dQ: ArrayLike | None,
-    noise_var: float = 0.0,
+    noise_var: float = 0.0, w: ArrayLike | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """``eps_g`` and its exact gradient for stacks of order parameters.
 
@@ -179,11 +194,12 @@ def eps_g_gradient(
     dE_ds)``: ``G = d eps_g / dQ`` (entries independent, chain rule through ``s(Q)``
     included; only ``G + G^T`` is meaningful on symmetric ``Q``), ``H = d eps_g / dR``
     and ``dE_ds = d eps_g / d s`` at fixed ``(Q, R)`` (for parameters of the scale).
+    ``w``: error weights ``(-a, b)`` (:func:`error_weights`; default unit readouts).
     """
     Q, R, T, s = (np.asarray(a, dtype=np.float64) for a in (Q, R, T, s))
     K, M = R.shape[-2:]
     Sig = _stacked_effective_covariance(Q, R, T, s)
-    w = error_weights(K, M)
+    w = _weights(w, K, M)
     ww = np.outer(w, w)
     diag = np.diagonal(Sig, axis1=-2, axis2=-1)
     d = 1.0 + diag
@@ -194,7 +210,7 @@ def eps_g_gradient(
     A = ww / root / np.pi  # d E / d Sig_ab for a != b (entries independent)
     cross = np.sum(ww * Sig / root, axis=-1)
     idx = np.arange(K + M)
-    A[..., idx, idx] = (d / np.sqrt(1.0 + 2.0 * diag) - cross) / (np.pi * d)
+    A[..., idx, idx] = (w * w * d / np.sqrt(1.0 + 2.0 * diag) - cross) / (np.pi * d)
     Ast = A + np.swapaxes(A, -1, -2)
     Ass, Ast_r = A[..., :K, :K], Ast[..., :K, K:]
     G = Ass * s[..., :, None] * s[..., None, :]
@@ -205,13 +221,31 @@ def eps_g_gradient(
     return eps, G, H, dE_ds
 
 
+def readout_gradient(
+    Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike | None = None,
+    w: ArrayLike | None = None,
+) -> Array:
+    """``d eps_g / d a_i = -E[(zeta - sigma) g(x~_i)] = -(I2(Sigma~) w)_i`` for the
+    effective student output weights ``a`` (``w = (-a, b)``), stacked over leading axes
+    of ``Q (..., K, K)``, ``R (..., K, M)``, ``s (..., K)``; returns ``(..., K)``."""
+    Q, R, T = (np.asarray(a, dtype=np.float64) for a in (Q, R, T))
+    K, M = R.shape[-2:]
+    s = np.ones(Q.shape[:-1]) if s is None else np.asarray(s, dtype=np.float64)
+    Sig = _stacked_effective_covariance(Q, R, T, s)
+    w = _weights(w, K, M)
+    d = 1.0 + np.diagonal(Sig, axis1=-2, axis2=-1)
+    z = Sig[..., :K, :] / np.sqrt(d[..., :K, None] * d[..., None, :])
+    return -(2.0 / np.pi) * np.einsum("...ib,b->...i", np.arcsin(np.clip(z, -1.0, 1.0)), w)
+
+
 # --------------------------------------------------------------------------------------
 # ODE right-hand side: reference numpy implementation
 # --------------------------------------------------------------------------------------
 
 
 def _assemble(Q, R, s, ds_dQ, dv, dd, eta, batch_size, second_order):
-    """Turn ``E[delta~ u^T]`` (``dv``, K x P) and ``E[delta~ delta~^T]`` into (dQ, dR)."""
+    """Turn ``a_i E[delta~_i u^T]`` (``dv``, K x P) and ``a_i a_k E[delta~_i delta~_k]``
+    (``dd``) into (dQ, dR)."""
     K = Q.shape[0]
     dx, dy = dv[:, :K], dv[:, K:]
     Eax = s[:, None] * dx / s[None, :]
@@ -239,6 +273,7 @@ def ode_rhs_reference(
     batch_size: int = 1,
     noise_var: float = 0.0,
     second_order: bool = True,
+    w: ArrayLike | None = None,
 ) -> tuple[Array, Array]:
     """Readable numpy implementation of :func:`ode_rhs` (same signature)."""
     Q, R, T = (np.asarray(a, dtype=np.float64) for a in (Q, R, T))
@@ -246,11 +281,12 @@ def ode_rhs_reference(
     s = _scale(s, K)
     ds_dQ = None if ds_dQ is None else np.asarray(ds_dQ, dtype=np.float64)
     St = effective_covariance(Q, R, T, s)
-    w = error_weights(K, M)
+    w = _weights(w, K, M)
+    a = -w[:K]  # the student's effective output weights
     idx = np.arange(K)
-    dv = np.einsum("b,ibc->ic", w, I3(St, idx))
+    dv = a[:, None] * np.einsum("b,ibc->ic", w, I3(St, idx))
     dd = np.einsum("c,d,ikcd->ik", w, w, I4(St, idx)) + noise_var * J2(St, idx)
-    dd = 0.5 * (dd + dd.T)
+    dd = np.outer(a, a) * 0.5 * (dd + dd.T)
     return _assemble(Q, R, s, ds_dQ, dv, dd, eta, batch_size, second_order)
 
 
@@ -288,25 +324,40 @@ def _eff_cov_nb(Q, R, T, s, S):
 
 
 @_njit
-def _eps_g_nb(S, K, noise_var):
-    """``w^T I2(S) w / 2 + noise_var / 2`` for ``w = (-1)*K + (+1)*M``."""
+def _unit_weights_nb(K, P):
+    """``w = (-1)*K + (+1)*M`` (unit readouts) for ``P = K + M``."""
+    w = np.empty(P)
+    for a in range(P):
+        w[a] = -1.0 if a < K else 1.0
+    return w
+
+
+@_njit
+def _eps_g_w_nb(S, w, noise_var):
+    """``w^T I2(S) w / 2 + noise_var / 2`` for error weights ``w = (-a, b)``."""
     P = S.shape[0]
     acc = 0.0
     for a in range(P):
-        wa = -1.0 if a < K else 1.0
-        acc += math.asin(S[a, a] / (1.0 + S[a, a]))
+        wa = w[a]
+        acc += wa * wa * math.asin(S[a, a] / (1.0 + S[a, a]))
         for b in range(a + 1, P):
-            wb = -1.0 if b < K else 1.0
             z = S[a, b] / math.sqrt((1.0 + S[a, a]) * (1.0 + S[b, b]))
-            acc += 2.0 * wa * wb * _asin_nb(z)
+            acc += 2.0 * wa * w[b] * _asin_nb(z)
     return acc / math.pi + 0.5 * noise_var
 
 
 @_njit
-def _scale_moments_nb(Q, R, T, s, noise_var, out):
+def _eps_g_nb(S, K, noise_var):
+    """``w^T I2(S) w / 2 + noise_var / 2`` for ``w = (-1)*K + (+1)*M``."""
+    return _eps_g_w_nb(S, _unit_weights_nb(K, S.shape[0]), noise_var)
+
+
+@_njit
+def _scale_moments_nb(Q, R, T, s, w, noise_var, out):
     """``eps_g`` and ``out[i] = E[delta~_i x_i]`` (unscaled ``x_i``; finite as
     ``s_i -> 0``): ``sum_b w_b E[g'(x~_i) g(u_b) x_i]``, the I3 formula with
-    ``Cov(x~_i, x_i) = s_i Q_ii`` and ``Cov(u_b, x_i)`` = ``s_b Q_bi`` or ``R_in``."""
+    ``Cov(x~_i, x_i) = s_i Q_ii`` and ``Cov(u_b, x_i)`` = ``s_b Q_bi`` or ``R_in``;
+    ``w = (-a, b)`` the error weights (``delta~_i`` carries no readout factor)."""
     K, M = R.shape
     P = K + M
     S = np.empty((P, P))
@@ -316,28 +367,32 @@ def _scale_moments_nb(Q, R, T, s, noise_var, out):
         c_ac = s[i] * Q[i, i]
         acc = 0.0
         for b in range(P):
-            wb = -1.0 if b < K else 1.0
+            wb = w[b]
             c_bc = s[b] * Q[b, i] if b < K else R[i, b - K]
             c_ab = S[i, b]
             lam = one_aa * (1.0 + S[b, b]) - c_ab * c_ab
             acc += wb * (c_bc * one_aa - c_ab * c_ac) / (one_aa * math.sqrt(lam))
         out[i] = 2.0 / math.pi * acc
-    return _eps_g_nb(S, K, noise_var)
+    return _eps_g_w_nb(S, w, noise_var)
 
 
 def scale_moments(
-    Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike, noise_var: float = 0.0
+    Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike, noise_var: float = 0.0,
+    w: ArrayLike | None = None,
 ) -> tuple[float, Array]:
     """``(eps_g, E[delta~_i x_i])`` for ``x~ = s x``: the generalization error and the
     expectation that drives a trainable scale parameter (``x_i`` unscaled, so finite as
-    ``s_i -> 0``). Compiled when numba is available; the numpy fallback evaluates the
-    same I3 formula (:func:`framework.theory._erf.I3` on the joint covariance of ``(x~, y, x)``).
+    ``s_i -> 0``; ``delta~_i = (zeta - sigma) g'(x~_i)`` without the readout factor
+    ``a_i``). ``w``: error weights ``(-a, b)`` (default unit readouts). Compiled when
+    numba is available; the numpy fallback evaluates the same I3 formula
+    (:func:`framework.theory._erf.I3` on the joint covariance of ``(x~, y, x)``).
     """
     Q, R, T, s = (np.ascontiguousarray(a, dtype=np.float64) for a in (Q, R, T, s))
     K, M = R.shape
+    w = _weights(w, K, M)
     if HAVE_NUMBA:
         out = np.empty(K)
-        eps = _scale_moments_nb(Q, R, T, s, float(noise_var), out)
+        eps = _scale_moments_nb(Q, R, T, s, w, float(noise_var), out)
         return float(eps), out
     SQ = s[:, None] * Q
     cov = np.block([[SQ * s[None, :], s[:, None] * R, SQ],
@@ -345,20 +400,19 @@ def scale_moments(
                     [SQ.T, R, Q]])
     i3 = I3(cov, np.arange(K))  # (K, P, P): E[g'(u_i) g(u_b) u_c]
     idx = np.arange(K)
-    edx = np.einsum("ib,b->i", i3[idx, : K + M, K + M + idx], error_weights(K, M))
-    return generalization_error(Q, R, T, s, noise_var), edx
+    edx = np.einsum("ib,b->i", i3[idx, : K + M, K + M + idx], w)
+    return generalization_error(Q, R, T, s, noise_var, w), edx
 
 
 @_njit
-def _moments_nb(S, K, noise_var, second_order, dv, dd):
-    """``dv = E[delta~ u^T]`` (K x P) and, if needed, ``dd = E[delta~ delta~^T]``."""
+def _moments_nb(S, K, w, noise_var, second_order, dv, dd):
+    """``dv = E[delta~ u^T]`` (K x P) and, if needed, ``dd = E[delta~ delta~^T]`` for
+    the error weights ``w`` (``delta~_i`` without the readout factor)."""
     P = S.shape[0]
     two_pi = 2.0 / math.pi
     d1 = np.empty(P)
-    w = np.empty(P)
     for a in range(P):
         d1[a] = 1.0 + S[a, a]
-        w[a] = -1.0 if a < K else 1.0
     # I3 contracted over b: (2/pi)/d1_i sum_b w_b (S_bc d1_i - S_ib S_ic) / sqrt(lam3_ib)
     t = np.empty(P)
     for i in range(K):
@@ -402,15 +456,23 @@ def _moments_nb(S, K, noise_var, second_order, dv, dd):
 
 
 @_njit
-def _rhs_nb(Q, R, T, s, ds_dQ, has_jac, eta, inv_batch, noise_var, second_order, dQ, dR):
-    """Numba twin of :func:`ode_rhs_reference`, writing into ``dQ`` and ``dR``."""
+def _rhs_nb(Q, R, T, s, ds_dQ, has_jac, eta, inv_batch, noise_var, second_order, w, dQ, dR):
+    """Numba twin of :func:`ode_rhs_reference`, writing into ``dQ`` and ``dR``; ``w`` the
+    error weights ``(-a, b)`` (the readout factors ``a_i`` multiply ``delta~_i``; exact
+    for unit readouts, a multiplication by 1)."""
     K, M = R.shape
     P = K + M
     S = np.empty((P, P))
     _eff_cov_nb(Q, R, T, s, S)
     dv = np.empty((K, P))
     dd = np.empty((K, K))
-    _moments_nb(S, K, noise_var, second_order, dv, dd)
+    _moments_nb(S, K, w, noise_var, second_order, dv, dd)
+    for i in range(K):
+        for c in range(P):
+            dv[i, c] *= -w[i]
+        if second_order:
+            for k in range(K):
+                dd[i, k] *= w[i] * w[k]
     C = np.zeros((K, K))
     if has_jac:
         for i in range(K):
@@ -447,6 +509,7 @@ def ode_rhs(
     batch_size: int = 1,
     noise_var: float = 0.0,
     second_order: bool = True,
+    w: ArrayLike | None = None,
 ) -> tuple[Array, Array]:
     """Right-hand side ``(dQ/dalpha, dR/dalpha)`` for a diagonal-scale normalization.
 
@@ -469,6 +532,10 @@ def ode_rhs(
         Output-noise variance (enters the ``eta^2`` term).
     second_order : bool
         Keep the ``eta^2`` term; ``False`` gives the gradient-flow limit.
+    w : array_like, shape (K + M,), optional
+        Error weights ``(-a, b)`` with the effective output weights ``a = c_K v`` of the
+        student and ``b = c_M v*`` of the teacher (:func:`error_weights`); default unit
+        readouts. The student's per-sample gradient carries ``a_i``.
 
     Returns
     -------
@@ -482,15 +549,17 @@ def ode_rhs(
     :func:`ode_rhs_reference`; both agree to rounding.
     """
     if not HAVE_NUMBA:
-        return ode_rhs_reference(Q, R, T, s, ds_dQ, eta, batch_size, noise_var, second_order)
+        return ode_rhs_reference(Q, R, T, s, ds_dQ, eta, batch_size, noise_var, second_order,
+                                 w)
     Q, R, T = (np.ascontiguousarray(a, dtype=np.float64) for a in (Q, R, T))
     K, M = R.shape
     s = _scale(s, K)
+    w = _weights(w, K, M)
     has_jac = ds_dQ is not None
     jac = np.ascontiguousarray(ds_dQ, dtype=np.float64) if has_jac else np.zeros((1, 1, 1))
     dQ, dR = np.empty((K, K)), np.empty((K, M))
     _rhs_nb(Q, R, T, s, jac, has_jac, float(eta), 1.0 / batch_size, float(noise_var),
-            bool(second_order), dQ, dR)
+            bool(second_order), w, dQ, dR)
     return dQ, dR
 
 

@@ -19,6 +19,13 @@ noise ``model.noise / 2``; time ``alpha = steps / N``; learning rate ``eta`` wit
 ``eta / sqrt(N)`` on ``J``; minibatch gradients averaged (the ``eta^2`` term of
 ``dQ/dalpha`` divided by the batch size); trainable parameters move by
 ``dtheta/dalpha = -eta E[d eps / d theta]``.
+
+The two layers (:meth:`framework.Model.layers`): outputs ``sigma = c_K sum_i v_i
+g(x~_i)``, ``zeta = c_M sum_n v*_n g(y_n) + noise``; the engines compute with the error
+weights ``w = (-c_K v, c_M v*)`` (``zeta - sigma = w . g(u)`` without noise). A trained
+readout is the parameter ``"v"`` (K,), last in :attr:`Engine.trainable`, with ``dv/dalpha
+= -eta_v d eps_g / d v - weight_decay_v v``; first-layer weight decay adds ``-2 lambda Q``
+to ``dQ/dalpha`` and ``-lambda R`` to ``dR/dalpha`` (:meth:`Engine.layer_rates`).
 """
 
 from __future__ import annotations
@@ -165,11 +172,21 @@ class Engine(abc.ABC):
         self.K, self.M = model.K, model.M
         self.T = np.asarray(model.T, dtype=float)
         self.noise = float(model.noise)
-        self.trainable: tuple[str, ...] = tuple(normalization.trainable)
+        self.layers = model.layers()
+        #: Trainable parameters of the model (``("v",)`` with a trained readout), state
+        #: after the normalization's.
+        self.model_trainable: tuple[str, ...] = ("v",) if self.layers.readout_trained else ()
+        self.trainable: tuple[str, ...] = (*normalization.trainable, *self.model_trainable)
         self.held: tuple[str, ...] = ()
         self.initial_params = {
             k: np.asarray(v, dtype=float) for k, v in normalization.parameters(self.K).items()
         }
+        if self.model_trainable:
+            if "v" in self.initial_params:
+                raise SpecificationError(
+                    f"normalization {normalization.name!r} has a parameter named 'v', which "
+                    f"is the trained readout of the model; rename the parameter")
+            self.initial_params["v"] = np.array(self.layers.readout, dtype=float)
 
     # -- capability --------------------------------------------------------------------
     @classmethod
@@ -356,17 +373,52 @@ class Engine(abc.ABC):
 
     # -- parameters and the packed state ------------------------------------------------
     def params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """Initial parameter values updated with ``overrides`` (each broadcast to (K,))."""
+        """Initial parameter values (the normalization's, then the model's trained
+        readout ``"v"``) updated with ``overrides`` (each broadcast to (K,))."""
         out = dict(self.initial_params)
         for name, value in (overrides or {}).items():
             if name not in out:
                 valid = ", ".join(map(repr, out)) or "none"
                 raise SpecificationError(
                     f"unknown parameter {name!r} of normalization "
-                    f"{self.normalization.name!r}; parameters: {valid}"
+                    f"{self.normalization.name!r} and model {self.model.name!r}; "
+                    f"parameters: {valid}"
                 )
             out[name] = np.broadcast_to(np.asarray(value, dtype=float), (self.K,)).copy()
         return out
+
+    # -- the two layers -------------------------------------------------------------------
+    def norm_params(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The normalization's parameters of ``params`` (without the model's ``"v"``)."""
+        return {k: v for k, v in params.items() if k not in self.model_trainable}
+
+    def error_weights(self, params: Mapping[str, Any] | None = None) -> np.ndarray:
+        """``w = (-c_K v, c_M v*)`` at the parameters (the trained readout's ``"v"`` if
+        trained, else the model's fixed readout)."""
+        v = params.get("v") if (params is not None and self.model_trainable) else None
+        return self.layers.error_weights(v)
+
+    def layer_rates(
+        self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray],
+        dQ: np.ndarray, dR: np.ndarray, dE_da: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Weight decay on ``(dQ, dR)`` and the trained readout's rate.
+
+        ``dE_da``: ``d eps_g / d a`` (K,) for the effective student weights ``a = c_K
+        v`` (ignored without a trained readout). Returns ``(dQ, dR, {"v": dv/dalpha})``
+        with ``dv/dalpha = -eta_v c_K dE_da - weight_decay_v v`` (empty dict without a
+        trained readout).
+        """
+        lay = self.layers
+        if lay.weight_decay:
+            dQ = dQ - 2.0 * lay.weight_decay * Q
+            dR = dR - lay.weight_decay * R
+        if not self.model_trainable:
+            return dQ, dR, {}
+        dv = -lay.eta_v * lay.c_student * np.asarray(dE_da, dtype=float)
+        if lay.weight_decay_v:
+            dv = dv - lay.weight_decay_v * np.asarray(params["v"], dtype=float)
+        return dQ, dR, {"v": dv}
 
     def pack(self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
         """State vector ``[Q.ravel(), R.ravel(), theta_1, theta_2, ...]`` (trainable)."""

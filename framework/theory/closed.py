@@ -80,8 +80,11 @@ class ClosedFormEngine(Engine):
             )
         super().__init__(model, normalization, activation, quadrature)
         names = tuple(normalization.trainable)
-        self.trainable = tuple(k for k in names if k in normalization.scale_parameters)
+        self.trainable = (*(k for k in names if k in normalization.scale_parameters),
+                          *self.model_trainable)
         self.held = tuple(k for k in names if k in normalization.shift_parameters)
+        #: the normalization's trainable scale parameters (``trainable`` without ``"v"``)
+        self.scale_trainable = tuple(k for k in self.trainable if k not in self.model_trainable)
 
     @classmethod
     def supports(
@@ -125,6 +128,7 @@ class ClosedFormEngine(Engine):
 
     def _scale(self, Q: np.ndarray, p: Mapping[str, np.ndarray]):
         norm = self.normalization
+        p = self.norm_params(p)
         s = np.asarray(norm.scale(Q, p), dtype=float)
         ds = np.asarray(norm.scale_jacobian(Q, p), dtype=float)
         dth = {k: np.asarray(v, dtype=float)
@@ -135,6 +139,7 @@ class ClosedFormEngine(Engine):
         """``ds/dQ`` by central differences of :meth:`Normalization.scale` (for a
         normalization whose ``scale_jacobian`` is zero by design: stop-gradient)."""
         K = self.K
+        p = self.norm_params(p)
         h = 1e-6 * max(1.0, float(np.max(np.abs(Q))))
         out = np.zeros((K, K, K))
         for j in range(K):  # K^2 evaluations of a cheap deterministic map
@@ -152,8 +157,8 @@ class ClosedFormEngine(Engine):
         """``(eps_g, 0.0)`` at ``(Q, R)`` and the parameters (noise term included)."""
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         p = self._checked(params)
-        s = np.asarray(self.normalization.scale(Q, p), dtype=float)
-        return _theory.scale_moments(Q, R, self.T, s, self.noise)[0], 0.0
+        s = np.asarray(self.normalization.scale(Q, self.norm_params(p)), dtype=float)
+        return _theory.scale_moments(Q, R, self.T, s, self.noise, self.error_weights(p))[0], 0.0
 
     def rates(
         self,
@@ -173,10 +178,15 @@ class ClosedFormEngine(Engine):
         Q = 0.5 * (Q + Q.T)
         p = self._checked(params)
         s, ds, dth = self._scale(Q, p)
+        w = self.error_weights(p)
         dQ, dR = _theory.ode_rhs(Q, R, self.T, s, ds, eta, batch_size=batch_size,
-                                 noise_var=self.noise, second_order=second_order)
-        eps, edx = _theory.scale_moments(Q, R, self.T, s, self.noise)  # E[delta~_i x_i]
-        dp = {k: eta * edx @ dth[k] for k in self.trainable}
+                                 noise_var=self.noise, second_order=second_order, w=w)
+        eps, edx = _theory.scale_moments(Q, R, self.T, s, self.noise, w)  # E[delta~_i x_i]
+        edx = -w[:K] * edx  # the readout factor a_i of the per-sample gradient
+        dp = {k: eta * edx @ dth[k] for k in self.scale_trainable}
+        dE_da = _theory.readout_gradient(Q, R, self.T, s, w) if self.model_trainable else None
+        dQ, dR, dv = self.layer_rates(Q, R, p, dQ, dR, dE_da)
+        dp.update(dv)
         zero = {k: np.zeros(K) for k in self.trainable}
         return Rates(dQ, dR, dp, float(eps), np.zeros((K, K)), np.zeros((K, M)), zero, 0.0)
 
@@ -214,6 +224,8 @@ class ClosedFormEngine(Engine):
         Xs = np.asarray(Xs, dtype=float)
         Bt = np.asarray(Bt, dtype=float)
         p = self._checked(params)
+        w = self.error_weights(p)
+        p = self.norm_params(p)
         norm = self.normalization
         S = Xs.shape[0]
         eps = np.empty((S, 1))
@@ -228,30 +240,37 @@ class ClosedFormEngine(Engine):
                 ds = np.stack([self._landscape_jacobian(q, p) for q in Q])
             else:
                 ds = np.asarray(norm.scale_jacobian(Q, p), dtype=float)
-            e, G, H, dE_ds = _theory.eps_g_gradient(Q, R, self.T, s, ds, self.noise)
+            e, G, H, dE_ds = _theory.eps_g_gradient(Q, R, self.T, s, ds, self.noise, w)
             eps[a:a + 256, 0] = e
             gX[a:a + 256, 0] = (G + np.swapaxes(G, -1, -2)) @ X + H @ Bt
-            if self.trainable:
+            if self.scale_trainable:
                 dth = norm.scale_parameter_jacobian(Q, p)
-                for k in self.trainable:
+                for k in self.scale_trainable:
                     gT[k][a:a + 256, 0] = np.einsum("...i,...ij->...j", dE_ds,
                                                     np.asarray(dth[k], dtype=float))
+            if self.model_trainable:  # d eps_g / d v = c_K d eps_g / d a
+                gT["v"][a:a + 256, 0] = self.layers.c_student * _theory.readout_gradient(
+                    Q, R, self.T, s, w)
         return eps, gX, gT
 
     def held_hessian(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
     ) -> np.ndarray:
         """Hessian of ``eps_g`` over the held shift parameters at 0, ``(K h, K h)`` for
-        ``h = len(held)`` (parameter-major), decoupled from ``(W, theta)``."""
+        ``h = len(held)`` (parameter-major), decoupled from ``(W, theta)``: ``a_i a_k
+        E[g'(x~_i) g'(x~_k)] + delta_ik a_i E[delta~_i x~_i]`` with the effective output
+        weights ``a``."""
         h = len(self.held)
         if not h:
             return np.zeros((0, 0))
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         p = self._checked(params)
-        s = np.asarray(self.normalization.scale(Q, p), dtype=float)
-        _, edx = _theory.scale_moments(Q, R, self.T, s, self.noise)  # E[delta~_i x_i]
+        w = self.error_weights(p)
+        a = -w[:self.K]  # effective student output weights
+        s = np.asarray(self.normalization.scale(Q, self.norm_params(p)), dtype=float)
+        _, edx = _theory.scale_moments(Q, R, self.T, s, self.noise, w)  # E[delta~_i x_i]
         St = _theory.effective_covariance(Q, R, self.T, s)
-        block = J2(St, np.arange(self.K)) + np.diag(s * edx)  # x~_i = s_i x_i
+        block = np.outer(a, a) * J2(St, np.arange(self.K)) + np.diag(a * s * edx)
         return np.kron(np.eye(h), block)
 
     def integrate(self, Q0: Any, R0: Any, **kwargs: Any) -> Trajectory:
@@ -262,7 +281,7 @@ class ClosedFormEngine(Engine):
         (the semantics of every engine). A nonzero shift is refused before anything
         runs."""
         p = self._checked(kwargs.get("params"))
-        if self.trainable:
+        if self.trainable or not self.layers.committee_machine:
             return super().integrate(Q0, R0, **kwargs)
         norm = self.normalization
         kernels = norm.scale_kernels()
@@ -302,12 +321,13 @@ class ClosedFormEngine(Engine):
 
     def describe(self) -> str:
         """One line for attrs."""
-        if not self.trainable and not self.held:
-            return "closed-form erf integrals"
-        extra = f"; {', '.join(self.held)} held at 0 (odd activation)" if self.held else ""
-        state = (f" with trainable parameters {', '.join(self.trainable)} as state"
-                 if self.trainable else "")
-        return "closed-form erf integrals" + state + extra
+        committee = self.layers.committee_machine
+        out = "closed-form erf integrals" + ("" if committee else " weighted by the readouts")
+        if self.trainable:
+            out += f" with trainable parameters {', '.join(self.trainable)} as state"
+        if self.held:
+            out += f"; {', '.join(self.held)} held at 0 (odd activation)"
+        return out if committee else out + "; " + self.layers.describe()
 
 
 def _is_identity(scale: Any, jac: Any, Q: np.ndarray) -> bool:

@@ -250,13 +250,17 @@ class ExpectationEngine(Engine):
         u = np.einsum("rnp,pq->rnq", z, L)
         x, y = np.ascontiguousarray(u[..., :K]), np.ascontiguousarray(u[..., K:])
         norm, act = self.normalization, self.activation
+        w = self.error_weights(params)
+        a = -w[:K]
+        params = self.norm_params(params)
         stats = norm.population_statistics(Q) if norm.statistics_names else {}
         xt = norm.forward(x, stats, params)
-        e = act.g(y).sum(axis=-1) - act.g(xt).sum(axis=-1)  # (R, n)
+        gxt = act.g(xt)
+        e = (act.g(y) * w[K:]).sum(axis=-1) - (gxt * a).sum(axis=-1)  # (R, n)
         out: dict[str, Any] = {"eps": 0.5 * np.mean(e * e, axis=1) + 0.5 * self.noise}
         if not gradients:
             return out
-        back = norm.backward(x, stats, params, act.gprime(xt))  # d sigma / d .
+        back = norm.backward(x, stats, params, a * act.gprime(xt))  # d sigma / d .
         b = np.broadcast_to(back.x, x.shape)
         ebT = np.ascontiguousarray(np.swapaxes(e[..., None] * b, 1, 2))  # (R, K, n)
         au = ebT @ u / n  # E[a u^T] per replicate, (R, K, P)
@@ -279,8 +283,10 @@ class ExpectationEngine(Engine):
         # -E[d eps / d theta] = E[e d sigma / d theta]  (= dtheta/dalpha / eta)
         out["params"] = {
             k: np.mean(e[..., None] * np.broadcast_to(back.params[k], x.shape), axis=1)
-            for k in self.trainable
+            for k in self.trainable if k not in self.model_trainable
         }
+        if self.model_trainable:  # -d eps / d a_i = E[e g(x~_i)] (a = c_K v)
+            out["readout"] = np.mean(e[..., None] * gxt, axis=1)
         return out
 
     def _check(self, quantities: Mapping[str, np.ndarray]) -> None:
@@ -375,12 +381,16 @@ class ExpectationEngine(Engine):
         y = np.ascontiguousarray(np.einsum("rnd,md->rnm", z, Bt))
         Q = X @ X.T
         p = self.params(params)
+        w = self.error_weights(p)
+        a = -w[:K]
+        p = self.norm_params(p)
         norm, act = self.normalization, self.activation
         stats = norm.population_statistics(Q) if norm.statistics_names else {}
         xt = norm.forward(x, stats, p)
-        e = act.g(y).sum(axis=-1) - act.g(xt).sum(axis=-1)
+        gxt = act.g(xt)
+        e = (act.g(y) * w[K:]).sum(axis=-1) - (gxt * a).sum(axis=-1)
         eps = 0.5 * np.mean(e * e, axis=1) + 0.5 * self.noise
-        back = norm.backward(x, stats, p, act.gprime(xt))
+        back = norm.backward(x, stats, p, a * act.gprime(xt))
         b = np.broadcast_to(back.x, x.shape)
         ebT = np.ascontiguousarray(np.swapaxes(e[..., None] * b, 1, 2))  # (R, K, n)
         gX = -(ebT @ z) / n
@@ -395,7 +405,9 @@ class ExpectationEngine(Engine):
                     np.broadcast_to(Q, (Rn, K, K)), gstats), dtype=float)
             gX = gX + (Gbar + np.swapaxes(Gbar, 1, 2)) @ X
         gtheta = {k: -np.mean(e[..., None] * np.broadcast_to(back.params[k], x.shape), axis=1)
-                  for k in self.trainable}
+                  for k in self.trainable if k not in self.model_trainable}
+        if self.model_trainable:  # d eps_g / d v = -c_K E[e g(x~)]
+            gtheta["v"] = -self.layers.c_student * np.mean(e[..., None] * gxt, axis=1)
         return eps, gX, gtheta
 
     def rates(
@@ -420,6 +432,7 @@ class ExpectationEngine(Engine):
                 **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs")
                    if key in mom},
                 **{f"E[d eps / d {k}]": v for k, v in mom["params"].items()},
+                **({"E[d eps / d v]": mom["readout"]} if "readout" in mom else {}),
             })
         gs = mom["gs"]
         C = -(gs + np.swapaxes(gs, 1, 2))
@@ -429,12 +442,19 @@ class ExpectationEngine(Engine):
         if second_order:
             dQ = dQ + (eta**2 / batch_size) * mom["aa"]
         dR = eta * (mom["ay"] + C @ R)
+        Qr = np.broadcast_to(Q, dQ.shape)
+        Rr = np.broadcast_to(R, dR.shape)
+        # weight decay and the trained readout's rate, per replicate (linear in them)
+        dQ, dR, dv = self.layer_rates(Qr, Rr, self.params(params), dQ, dR,
+                                      None if "readout" not in mom else -mom["readout"])
         dQ, dQe = self._mean_err(dQ)
         dR, dRe = self._mean_err(dR)
         eps, epse = self._mean_err(mom["eps"])
         dp, dpe = {}, {}
         for k, v in mom["params"].items():
             dp[k], dpe[k] = self._mean_err(eta * v)
+        for k, v in dv.items():
+            dp[k], dpe[k] = self._mean_err(v)
         return Rates(0.5 * (dQ + dQ.T), dR, dp, float(eps), dQe, dRe, dpe, float(epse))
 
     # -- integration --------------------------------------------------------------------
