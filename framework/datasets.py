@@ -46,6 +46,7 @@ __all__ = [
     "dataset",
     "flatten_attrs",
     "order_parameter_variables",
+    "parameter_long_name",
     "trajectory_dataset",
     "variable",
 ]
@@ -247,7 +248,7 @@ def trajectory_dataset(
     if norm.is_diagonal_scale():  # s at the current parameters
         fixed = norm.parameters(K)
         for j in range(reached):
-            p = {**fixed, **{k: v[j] for k, v in traj.params.items()}}
+            p = {**fixed, **{k: v[j] for k, v in traj.params.items() if k in fixed}}
             s[j] = norm.scale(Q[j], p) if np.all(np.isfinite(Q[j])) else np.nan
     if not np.allclose(s[:reached], 1.0, rtol=0, atol=0):
         data["Q_norm"] = xr.DataArray(
@@ -264,10 +265,11 @@ def trajectory_dataset(
         attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
                             "replicates; 0: exact engine)", "units": "1"},
     )
+    model_params = ("v",) if experiment.model.layers().readout_trained else ()
     for k, v in traj.params.items():
         data[f"param_{k}"] = xr.DataArray(
             pad(v, (K,)), dims=("alpha", "student"),
-            attrs={"long_name": f"trainable normalization parameter {k}", "units": "1"},
+            attrs={"long_name": parameter_long_name(k, k in model_params), "units": "1"},
         )
     ds = xr.Dataset(
         data,
@@ -290,3 +292,11 @@ def trajectory_dataset(
         },
     )
     return ds
+
+
+def parameter_long_name(name: str, model_parameter: bool = False) -> str:
+    """``long_name`` of a trainable parameter's variable (``param_<name>``): the model's
+    trained readout ``v`` or a normalization parameter."""
+    if model_parameter:
+        return f"trained student readout {name} (second-layer weights, before c_K)"
+    return f"trainable normalization parameter {name}"

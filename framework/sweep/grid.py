@@ -43,7 +43,10 @@ EXPERIMENT_KEYS: tuple[str, ...] = (
     "normalization",
 )
 #: Model fields a grid may sweep (also spelled ``model.<field>``).
-MODEL_KEYS: tuple[str, ...] = ("K", "M", "noise", "activation")
+MODEL_KEYS: tuple[str, ...] = (
+    "K", "M", "noise", "activation", "second_layer", "output_scale", "eta_v", "weight_decay",
+    "weight_decay_v", "student_readout", "teacher_readout",
+)
 
 
 # -- keys and labels ------------------------------------------------------------------
