@@ -389,8 +389,8 @@ def _gram_nb(W, K, Q):
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
-def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
-                  fns):
+def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
+                  lay, tw, fns):
     KM, N = W.shape
     M = KM - K
     npar = p.shape[0]
@@ -420,6 +420,11 @@ def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_s
     incremental = batch * (batch + 1) <= K * (K + 1)
     per_step = np.uint64(batch * N)
     c = -eta * inv_sqn / batch
+    # the two layers: lay = (c_K, weight decay, eta_v, weight decay of v), tw = c_M v*
+    c_k, decay, eta_v, decay_v = lay[0], lay[1], lay[2], lay[3]
+    train_v = eta_v > 0.0
+    a_w = np.empty(K)  # effective student weights c_K v of this step
+    gv = np.zeros(K)  # sum_b (zeta - sigma) g(x~_bk)
     for s in range(nsteps):
         step = step0 + np.uint64(s)
         if step % _Q_REFRESH == np.uint64(0):
@@ -459,13 +464,15 @@ def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_s
                         acc += xi[b, n] * xi[b2, n]
                     H[b, b2] = acc / N
                     H[b2, b] = H[b, b2]
-        # backward through the erf committee and the scale
+        # backward through the erf network and the scale
         for k in range(K):
             wq[k] = 0.0
+            gv[k] = 0.0
+            a_w[k] = c_k * v[k]
         for b in range(batch):
             zeta = 0.0
             for m in range(M):
-                zeta += math.erf(pre[b, K + m] * _INV_SQRT2)
+                zeta += tw[m] * math.erf(pre[b, K + m] * _INV_SQRT2)
             if noise_sd > 0.0:
                 zeta += noise_sd * normal_nb(
                     key_noise, step * np.uint64(batch) + np.uint64(b)
@@ -473,10 +480,13 @@ def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_s
             sigma = 0.0
             for k in range(K):
                 xt[k] = sv[k] * pre[b, k] + shift[k]
-                sigma += math.erf(xt[k] * _INV_SQRT2)
+                sigma += a_w[k] * math.erf(xt[k] * _INV_SQRT2)
             err = zeta - sigma
+            if train_v:
+                for k in range(K):
+                    gv[k] += err * math.erf(xt[k] * _INV_SQRT2)
             for k in range(K):
-                gk = -err * _SQRT_2_OVER_PI * math.exp(-0.5 * xt[k] * xt[k])
+                gk = -err * a_w[k] * _SQRT_2_OVER_PI * math.exp(-0.5 * xt[k] * xt[k])
                 go[b, k] = gk
                 ca[b, k] = c * gk * sv[k]
                 wq[k] += gk * pre[b, k]
@@ -493,7 +503,7 @@ def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_s
                 A[j, m] = -(eta / N) * (G[j, m] + G[m, j])
                 if j != m and A[j, m] != 0.0:
                     offdiag = True
-            A[j, j] += 1.0
+            A[j, j] += 1.0 - decay / N  # first-layer weight decay: J <- J - (decay/N) J
         # parameter gradients (applied after the weight step, like the numpy path)
         for a in range(npar):
             if role[a] == _TRAINED_SCALE:
@@ -567,20 +577,23 @@ def _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_s
             if role[a] == _TRAINED_SCALE or role[a] == _TRAINED_SHIFT:
                 for j in range(K):
                     p[a, j] -= (eta / N) * dp[a, j]
+        if train_v:  # d loss / d v_k = -(zeta - sigma) c_K g(x~_k), batch mean
+            for k in range(K):
+                v[k] -= (eta_v / N) * (-c_k * gv[k] / batch) + (decay_v / N) * v[k]
 
 
-def _advance_one(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
-                 scale, jacobian, parameter_jacobian):
-    _advance_impl(W, Q, p, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
-                  (scale, jacobian, parameter_jacobian))
+def _advance_one(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
+                 lay, tw, scale, jacobian, parameter_jacobian):
+    _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
+                  lay, tw, (scale, jacobian, parameter_jacobian))
 
 
-def _advance_replicas(W, Q, p, K, keys, keys_noise, step0, nsteps, batch, eta, noise_sd,
-                      role, scale, jacobian, parameter_jacobian):
+def _advance_replicas(W, Q, p, v, K, keys, keys_noise, step0, nsteps, batch, eta, noise_sd,
+                      role, lay, tw, scale, jacobian, parameter_jacobian):
     fns = (scale, jacobian, parameter_jacobian)
     for r in prange(W.shape[0]):
-        _advance_impl(W[r], Q[r], p[r], K, keys[r], keys_noise[r], step0, nsteps, batch,
-                      eta, noise_sd, role, fns)
+        _advance_impl(W[r], Q[r], p[r], v[r], K, keys[r], keys_noise[r], step0, nsteps,
+                      batch, eta, noise_sd, role, lay, tw, fns)
 
 
 @functools.cache
@@ -593,11 +606,13 @@ def _kernel_entry_points() -> tuple[Any, Any]:
     with warnings.catch_warnings():  # first-class function types are "experimental"
         warnings.simplefilter("ignore", numba.NumbaExperimentalFeatureWarning)
         fns = tuple(t.FunctionType(sig) for sig in _kernel_signatures())
+        f1 = t.float64[::1]
         common = (t.int64, t.uint64, t.uint64, t.uint64, t.int64, t.int64, t.float64,
-                  t.float64, t.int64[::1], *fns)
-        one = numba.njit((f2, f2, f2, *common), cache=True)(_advance_one)
+                  t.float64, t.int64[::1], f1, f1, *fns)
+        one = numba.njit((f2, f2, f2, f1, *common), cache=True)(_advance_one)
         common = (t.int64, t.uint64[::1], t.uint64[::1], *common[3:])
-        par = numba.njit((f3, f3, f3, *common), parallel=True, cache=True)(_advance_replicas)
+        par = numba.njit((f3, f3, f3, f2, *common), parallel=True, cache=True)(
+            _advance_replicas)
     return one, par
 
 
@@ -781,15 +796,20 @@ class Simulation(Analyzer):
         params = {name: np.broadcast_to(np.asarray(v, dtype=float), (P, 1, K)).copy()
                   for name, v in norm.parameters(K).items()}
         trainable = tuple(norm.trainable)
+        layers = model.layers()
+        # the student readout of every replica (its initial value when trained)
+        v = np.ascontiguousarray(np.broadcast_to(np.asarray(layers.readout, dtype=float),
+                                                 (P, K)))
 
         steps = self.record_steps()
         A = steps.size
         Qs = np.empty((P, A, K, K))
         Rs = np.empty((P, A, K, M))
         phist = {name: np.empty((P, A, K)) for name in trainable}
+        vhist = np.empty((P, A, K)) if layers.readout_trained else None
 
-        stepper = _KernelStepper(self, experiment, W, keys, params) if use_kernel else \
-            _GenericStepper(self, experiment, W, keys, params)
+        stepper = _KernelStepper(self, experiment, W, keys, params, v) if use_kernel else \
+            _GenericStepper(self, experiment, W, keys, params, v)
         pbar = _progress_bar(_progress_default(self.progress, float(steps[-1]) * P * N * B),
                              int(steps[-1]))
         step = 0
@@ -806,12 +826,16 @@ class Simulation(Analyzer):
                 Rs[:, a] = J @ Bt.transpose(0, 2, 1) / N
                 for name in trainable:
                     phist[name][:, a] = params[name][:, 0]
+                if vhist is not None:
+                    vhist[:, a] = v
         finally:
             if pbar is not None:
                 pbar.close()
 
-        eps, eps_attrs, eps_err = self._generalization_error(experiment, Qs, Rs, phist)
-        ds = self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist,
+        # eps_g at each replica's current parameters (the trained readout as "v")
+        allp = phist if vhist is None else {**phist, "v": vhist}
+        eps, eps_attrs, eps_err = self._generalization_error(experiment, Qs, Rs, allp)
+        ds = self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist, vhist,
                            "numba" if use_kernel else "numpy")
         ds["eps_g_error"] = xr.DataArray(eps_err, dims=("replica", "alpha"), attrs={
             "long_name": "error estimate of eps_g at the recorded order parameters (0: exact "
@@ -852,8 +876,10 @@ class Simulation(Analyzer):
     # -- dataset -------------------------------------------------------------------------
     def _dataset(self, experiment: Experiment, steps: np.ndarray, Qs: np.ndarray,
                  Rs: np.ndarray, eps: np.ndarray, eps_attrs: dict[str, Any],
-                 phist: dict[str, np.ndarray], backend: str) -> xr.Dataset:
+                 phist: dict[str, np.ndarray], vhist: np.ndarray | None,
+                 backend: str) -> xr.Dataset:
         model = experiment.model
+        layers = model.layers()
         K, M, N, P = model.K, model.M, self.N, self.replicas
         alpha = steps / N
         coords = {
@@ -885,7 +911,13 @@ class Simulation(Analyzer):
                           **eps_attrs)
         ds["Q"] = var(Qs, ("replica", "alpha", *dQ), "student-student overlap Q = J J^T / N")
         ds["R"] = var(Rs, ("replica", "alpha", *dR), "student-teacher overlap R = J B^T / N")
-        for name, data, dims in (("eps_g", eps, ()), ("Q", Qs, dQ), ("R", Rs, dR)):
+        means: list[tuple[str, np.ndarray, tuple[str, ...]]] = [
+            ("eps_g", eps, ()), ("Q", Qs, dQ), ("R", Rs, dR)]
+        if vhist is not None:
+            ds["v"] = var(vhist, ("replica", "alpha", "student"),
+                          "trained student readout v (sigma = c_K sum_i v_i g(x~_i))")
+            means.append(("v", vhist, ("student",)))
+        for name, data, dims in means:
             mean, sem = mean_sem(data)
             ds[f"{name}_mean"] = var(mean, ("alpha", *dims), f"replica mean of {name}")
             ds[f"{name}_sem"] = var(sem, ("alpha", *dims),
@@ -913,7 +945,14 @@ class Simulation(Analyzer):
             "normalization_parameter_step": "theta <- theta - (eta/N) * (batch mean of "
                                             "d loss/d theta) per step (alpha time scale)",
             "time": "alpha = steps / N (one step = one minibatch)",
-            "output": "sum over units, unit second-layer weights",
+            "output": ("sum over units, unit second-layer weights"
+                       if layers.committee_machine else layers.describe()),
+            "readout_step": ("v <- v - (eta_v/N) * (batch mean of d loss/d v) - "
+                             "(weight_decay_v/N) * v per step, d loss/d v_i = "
+                             "-(zeta - sigma) c_K g(x~_i), at the same state as the J step"
+                             if layers.readout_trained else "readout fixed"),
+            "weight_decay_step": ("J <- J - eta * grad_J - (weight_decay/N) * J per step "
+                                  "(both at the same J)" if layers.weight_decay else "none"),
             "statistics_meaning": (
                 "population: stats from Q = J J^T/N of the current weights, gradient "
                 "through them; batch: minibatch statistics, gradient through them"
@@ -977,14 +1016,20 @@ class _KernelStepper:
     scale functions (:meth:`~framework.Normalization.scale_kernels`)."""
 
     def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
-                 keys: np.ndarray, params: dict[str, np.ndarray]) -> None:
+                 keys: np.ndarray, params: dict[str, np.ndarray], v: np.ndarray) -> None:
         norm = experiment.normalization
         kernels = norm.scale_kernels()
         if kernels is None:  # _kernel_applies() chose this stepper
             raise RuntimeError(f"normalization {norm.name!r} has no scale_kernels()")
         K = experiment.model.K
         P, _, N = W.shape
-        self.W, self.K, self.params = W, K, params
+        self.W, self.K, self.params, self.v = W, K, params, v
+        lay = experiment.model.layers()
+        # (c_K, first-layer decay, eta_v, readout decay); eta_v = 0: the readout is fixed
+        self.lay = np.array([lay.c_student, lay.weight_decay,
+                             lay.eta_v if lay.readout_trained else 0.0,
+                             lay.weight_decay_v if lay.readout_trained else 0.0])
+        self.tw = np.ascontiguousarray(lay.teacher_weights(), dtype=float)
         self.keys = np.ascontiguousarray(keys[:, 0])
         self.keys_noise = np.ascontiguousarray(keys[:, 1])
         self.batch = experiment.batch_size
@@ -1007,15 +1052,16 @@ class _KernelStepper:
         self.chunk = max(1, int(4e6 // (W.shape[0] * W.shape[1] * W.shape[2] * self.batch)))
 
     def advance(self, step0: int, nsteps: int) -> None:
-        args = (self.K, self.keys, self.keys_noise, np.uint64(step0), nsteps, self.batch,
-                self.eta, self.noise_sd, self.role, self.fns)
+        rest = (np.uint64(step0), nsteps, self.batch, self.eta, self.noise_sd, self.role,
+                self.lay, self.tw, *self.fns)
         with warnings.catch_warnings():  # first-class function types are "experimental"
             warnings.simplefilter("ignore", numba.NumbaExperimentalFeatureWarning)
             if self.W.shape[0] == 1:  # one replica: stay on this thread (no parallel region)
-                self.one(self.W[0], self.Q[0], self.p[0], self.K, self.keys[0],
-                         self.keys_noise[0], *args[3:-1], *self.fns)
+                self.one(self.W[0], self.Q[0], self.p[0], self.v[0], self.K, self.keys[0],
+                         self.keys_noise[0], *rest)
             else:
-                self.par(self.W, self.Q, self.p, *args[:-1], *self.fns)
+                self.par(self.W, self.Q, self.p, self.v, self.K, self.keys, self.keys_noise,
+                         *rest)
         for a, k in self.trained:
             self.params[k][:, 0] = self.p[:, a]
 
@@ -1024,9 +1070,14 @@ class _GenericStepper:
     """Advance all replicas with numpy through the normalization's per-sample API."""
 
     def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
-                 keys: np.ndarray, params: dict[str, np.ndarray]) -> None:
+                 keys: np.ndarray, params: dict[str, np.ndarray], v: np.ndarray) -> None:
         self.W, self.params = W, params
         self.model = experiment.model
+        lay = experiment.model.layers()
+        self.layers = lay
+        #: the trained readout (P, K), updated in place; None: the model's fixed readout
+        self.v = v if lay.readout_trained else None
+        self.act = experiment.model.activation_function()
         self.norm = experiment.normalization
         self.K = experiment.model.K
         self.keys = keys
@@ -1069,7 +1120,7 @@ class _GenericStepper:
             else:
                 stats = dict(norm.batch_statistics(x))
         xt = norm.forward(x, stats, params)
-        sigma, dsigma = self.model.readout(xt)
+        sigma, dsigma = self.model.readout(xt, self.v)
         grad_out = -(zeta - sigma)[..., None] * dsigma
         bw = norm.backward(x, stats, params, grad_out)
         dx = bw.x
@@ -1083,7 +1134,14 @@ class _GenericStepper:
             grad += np.matmul(G + G.transpose(0, 2, 1), J) / N
         for name in self.trainable:
             params[name] -= (self.eta / N) * bw.params[name].mean(axis=1, keepdims=True)
-        J -= self.eta * grad
+        lay = self.layers
+        if lay.weight_decay:  # J <- J - eta grad - (lambda / N) J (both at the old J)
+            J -= self.eta * grad + (lay.weight_decay / N) * J
+        else:
+            J -= self.eta * grad
+        if self.v is not None:  # d loss / d v_i = -(zeta - sigma) c_K g(x~_i), batch mean
+            gv = -lay.c_student * ((zeta - sigma)[..., None] * self.act.g(xt)).mean(axis=1)
+            self.v -= (lay.eta_v / N) * gv + (lay.weight_decay_v / N) * self.v
 
 
 def _progress_bar(show: bool, total: int) -> Any:
@@ -1103,6 +1161,8 @@ def _eps_g_monte_carlo(model: Any, norm: Any, Qs: np.ndarray, Rs: np.ndarray,
     (common random numbers)."""
     K, M = model.K, model.M
     act = model.activation_function()
+    lay = model.layers()
+    tw = lay.teacher_weights()
     z = np.random.default_rng(MC_SEED).standard_normal((samples, K + M))
     base = {k: np.asarray(v, dtype=float) for k, v in norm.parameters(K).items()}
     P, A = Qs.shape[:2]
@@ -1119,7 +1179,12 @@ def _eps_g_monte_carlo(model: Any, norm: Any, Qs: np.ndarray, Rs: np.ndarray,
                      for k, v in (norm.population_statistics(Q) if norm.statistics_names
                                   else {}).items()}
             params = {k: (phist[k][p, a] if k in phist else v) for k, v in base.items()}
-            diff = act.g(y).sum(axis=-1) - act.g(norm.forward(x, stats, params)).sum(axis=-1)
+            gxt = act.g(norm.forward(x, stats, params))
+            if lay.committee_machine:
+                diff = act.g(y).sum(axis=-1) - gxt.sum(axis=-1)
+            else:  # weighted by the readouts (each replica's current v when trained)
+                sw = lay.student_weights(phist["v"][p, a] if "v" in phist else None)
+                diff = act.g(y) @ tw - gxt @ sw
             loss = 0.5 * diff**2
             out[p, a] = np.mean(loss) + 0.5 * model.noise
             err[p, a] = np.std(loss, ddof=1) / math.sqrt(samples)
