@@ -29,7 +29,7 @@ from framework.manager import (
     register_plugin,
     unregister_plugin,
 )
-from framework.model import Forward, Model, OrderParameters, TeacherStudent
+from framework.model import Forward, Layers, Model, OrderParameters, TeacherStudent
 from framework.normalization import Backward, Normalization, ScaleKernels
 from framework.plugin import hookimpl
 from framework.registry import PluginError, Registry, UnknownNameError
@@ -85,6 +85,7 @@ __all__ = [
     "Backward",
     "Experiment",
     "Forward",
+    "Layers",
     "Model",
     "Normalization",
     "OrderParameters",

@@ -119,6 +119,9 @@ def _spec_lines(spec: dict[str, Any]) -> list[str]:
     lines.append(
         f"model: K={model.get('K')} M={model.get('M')} activation={model.get('activation')} "
         f"noise={_fmt(model.get('noise'))} T={t_text} second_layer={model.get('second_layer')}"
+        + "".join(f" {k}={json.dumps(model[k])}" for k in (
+            "output_scale", "eta_v", "weight_decay", "weight_decay_v", "student_readout",
+            "teacher_readout") if k in model)
     )
     norm = dict(spec.get("normalization", {}))
     name = norm.pop("name", "?")
