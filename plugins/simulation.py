@@ -11,9 +11,11 @@ the order parameters ``Q``, ``R`` and the generalization error at the requested 
 
 The update (DESIGN.md conventions). Per sample: ``x = J xi / sqrt N``,
 ``y = B xi / sqrt N``, statistics ``stats``, ``x~ = n(x; stats, params)``,
-``sigma = sum_i g(x~_i)``, ``zeta = sum_n g(y_n) + sqrt(noise) * N(0, 1)``,
-``d loss / d x~ = -(zeta - sigma) g'(x~)``, then the normalization's
-``backward`` gives ``d loss / d x``, ``d loss / d stats`` and ``d loss / d params``.
+``sigma = sum_i a_i g(x~_i)``, ``zeta = sum_n b_n g(y_n) + sqrt(noise) * N(0, 1)``
+with the model's output weights (``Model.layers()``: ``a = c_K v``, ``b = c_M v*``;
+all ones for the soft committee machine), ``d loss / d x~ = -(zeta - sigma) a
+g'(x~)``, then the normalization's ``backward`` gives ``d loss / d x``,
+``d loss / d stats`` and ``d loss / d params``.
 
 * ``statistics="population"``: ``stats = population_statistics(Q)`` with
   ``Q = J J^T / N`` of the current weights; the statistics gradient is pulled back
@@ -28,6 +30,13 @@ minibatch, and ``J <- J - eta * grad_J`` (a step ``eta / sqrt N`` along ``xi``).
 Trainable normalization parameters (``normalization.trainable``) take the step
 ``theta <- theta - (eta / N) * (batch mean of d loss / d theta)``: ``eta / N`` per
 step so that they move on the ``alpha`` time scale like the order parameters.
+First-layer weight decay ``lambda`` (``Layers.weight_decay``) is applied with the
+gradient step, both at the same ``J``: ``J <- J - eta * grad_J - (lambda / N) J``.
+A trained readout (``second_layer="trained"``) is per replica, starts at
+``Layers.readout`` and takes, at the same state as the ``J`` step,
+``v <- v - (eta_v / N) * (batch mean of d loss / d v) - (weight_decay_v / N) v`` with
+``d loss / d v_i = -(zeta - sigma) c_K g(x~_i)``; it is recorded as ``param_v`` and
+``eps_g`` is evaluated at each replica's current ``v``.
 Time ``alpha = steps / N`` (a step is one minibatch).
 
 Randomness
@@ -51,7 +60,8 @@ functions (:meth:`~framework.Normalization.scale_kernels`: ``x~_i = s_i(Q, p) x_
 plus optional shift parameters). The gradient through the statistics comes from the
 compiled ``ds_i / dQ_jk``, trainable parameters are stepped with ``ds_i / dp`` (or,
 for a shift, ``d loss / d x~``), and ``Q = J J^T / N`` is updated in closed form
-(O(B N (K + M + B)) work a step; a term K^2 N more where ``ds/dQ`` couples units).
+(O(B N (K + M + B)) work a step; a term K^2 N more where ``ds/dQ`` couples units);
+the output weights, weight decay and the trained readout are in the kernel too.
 The built-in ``plain``, ``batchnorm``,
 ``weightnorm``, ``batchnorm_affine`` (``gamma`` and ``beta`` trained),
 ``batchnorm_stopgrad`` and ``meanonly`` provide them. ``"auto"`` picks the kernel
@@ -798,8 +808,7 @@ class Simulation(Analyzer):
         trainable = tuple(norm.trainable)
         layers = model.layers()
         # the student readout of every replica (its initial value when trained)
-        v = np.ascontiguousarray(np.broadcast_to(np.asarray(layers.readout, dtype=float),
-                                                 (P, K)))
+        v = np.broadcast_to(np.asarray(layers.readout, dtype=float), (P, K)).copy()
 
         steps = self.record_steps()
         A = steps.size
@@ -913,10 +922,11 @@ class Simulation(Analyzer):
         ds["R"] = var(Rs, ("replica", "alpha", *dR), "student-teacher overlap R = J B^T / N")
         means: list[tuple[str, np.ndarray, tuple[str, ...]]] = [
             ("eps_g", eps, ()), ("Q", Qs, dQ), ("R", Rs, dR)]
-        if vhist is not None:
-            ds["v"] = var(vhist, ("replica", "alpha", "student"),
-                          "trained student readout v (sigma = c_K sum_i v_i g(x~_i))")
-            means.append(("v", vhist, ("student",)))
+        if vhist is not None:  # named like the dynamics analyzer's trainable parameters
+            ds["param_v"] = var(vhist, ("replica", "alpha", "student"),
+                                "trained student readout v (second-layer weights, before "
+                                "c_K: sigma = c_K sum_i v_i g(x~_i))")
+            means.append(("param_v", vhist, ("student",)))
         for name, data, dims in means:
             mean, sem = mean_sem(data)
             ds[f"{name}_mean"] = var(mean, ("alpha", *dims), f"replica mean of {name}")
