@@ -55,6 +55,17 @@ from framework.validators import (
     to_float,
 )
 
+#: How the trained readout's block of the Hessian is scaled (attr
+#: ``hessian_readout_scaling``).
+READOUT_SCALING = (
+    "coordinates (W, v) with W = J / sqrt(N): both move at O(1) rates per alpha, dW/dalpha "
+    "= -eta grad_W eps_g and dv/dalpha = -eta_v grad_v eps_g (small-eta drift), so the v "
+    "block is the plain second derivative d^2 eps_g / dv_i dv_k (not scaled with N), next "
+    "to Hess_W = N Hess_J; the (W, v) Hessian is that of the drift only for eta_v = eta "
+    "(otherwise the drift's linearization is diag(eta, eta_v) times it)"
+)
+
+
 # --------------------------------------------------------------------------------------
 # option converters
 # --------------------------------------------------------------------------------------
@@ -250,14 +261,21 @@ def _engine_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
     }
 
 
-def _parameter_variables(experiment: Experiment, params: list[dict], what: str
-                         ) -> dict[str, Any]:
-    """``param_<name>`` (branch, student) for each trainable parameter."""
+def _parameter_variables(experiment: Experiment, params: list[dict], what: str,
+                         eng: Engine) -> dict[str, Any]:
+    """``param_<name>`` (branch, student) for each trainable parameter of the engine: the
+    normalization's, then a trained readout ``v``."""
     return {
         f"param_{k}": variable(np.array([p[k] for p in params]), ("branch", "student"),
-                           f"trainable normalization parameter {k} {what}")
-        for k in experiment.normalization.trainable
+                           _param_name(k, eng) + f" {what}")
+        for k in eng.trainable
     }
+
+
+def _param_name(k: str, eng: Engine) -> str:
+    if k in eng.model_trainable:
+        return f"trained student readout {k} (second-layer weights, before c_K)"
+    return f"trainable normalization parameter {k}"
 
 
 # --------------------------------------------------------------------------------------
@@ -387,7 +405,10 @@ def fixedpoint_dataset(
                            "largest error estimate of the scaled right-hand side at the "
                            "fixed point (0: exact engine)", "1/(eta alpha)"),
         **_parameter_variables(experiment, [fp.params for fp in br.points],
-                               "at the fixed point"),
+                               "at the fixed point", br.engine),
+        "branch_kind": variable(np.array([fp.kind for fp in br.points], dtype=object),
+                                ("branch",), "kind of branch: symmetric, dead unit, "
+                                "duplicated units (attr branch_kinds)"),
     })
     if norm.is_diagonal_scale():
         fixed = norm.parameters(model.K)
@@ -417,6 +438,7 @@ def fixedpoint_dataset(
             "subspace": sub.kind,
             "plateau_branch": int(br.plateau),
             "plateau_rule": eq.PLATEAU_RULE,
+            "branch_kinds": eq.BRANCH_KINDS,
             "jacobian_coordinates": ", ".join(f"{v}[{i},{k}]" for v, i, k in coords),
             "jacobian_method": "central differences, two Richardson levels (h = 1e-3)",
             "mode_classes": MODE_CLASSES,
@@ -601,7 +623,7 @@ class HessianAnalyzer(Analyzer):
             "is_plateau": variable(np.arange(nb) == plateau, ("branch",),
                                "the plateau branch (attr plateau_rule)"),
         }
-        data.update(_hessian_error_variables(specs, norm, n_eigen))
+        data.update(_hessian_error_variables(specs, eng, n_eigen))
         wn = [float(np.mean(np.diagonal(p[0]))) for p in points]
         ds = xr.Dataset(
             data,
@@ -637,7 +659,7 @@ class HessianAnalyzer(Analyzer):
         return ds
 
 
-def _hessian_error_variables(specs: list, norm: Any, n_eigen: int) -> dict[str, Any]:
+def _hessian_error_variables(specs: list, eng: Engine, n_eigen: int) -> dict[str, Any]:
     nb = len(specs)
     K = specs[0].complement.size
     err = np.full((nb, n_eigen), np.nan)
@@ -666,10 +688,11 @@ def _hessian_error_variables(specs: list, norm: Any, n_eigen: int) -> dict[str, 
             [sp.coupling_complement_span_error for sp in specs], ("branch",),
             "error estimate of coupling_complement_span"),
     }
-    for k in norm.trainable:
+    for k in eng.trainable:
+        what = "trained readout" if k in eng.model_trainable else "trainable parameter"
         out[f"param_{k}"] = variable(np.array([sp.params[k] for sp in specs]),
                                      ("branch", "student"),
-                                 f"value of the trainable parameter {k} at which the Hessian "
+                                 f"value of the {what} {k} at which the Hessian "
                                  "is evaluated")
         out[f"escape_d{k}"] = variable(np.array([sp.escape_dtheta[k] for sp in specs]),
                                    ("branch", "student"),
@@ -689,10 +712,12 @@ def _hessian_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
         "differences with one Richardson level; realization in K + M dimensions plus one "
         "orthogonal (complement) dimension" + held,
         "trainable_parameters_included": (
-            "Hessian over (W, theta), theta = " + ", ".join(norm.trainable)
+            "Hessian over (W, theta), theta = " + ", ".join(eng.trainable)
             + " (theta joins the span block; its coupling to the complement is zero)")
-        if norm.trainable else "none (normalization has no trainable parameters)",
+        if eng.trainable else "none (normalization has no trainable parameters)",
     }
+    if eng.model_trainable:
+        out["hessian_readout_scaling"] = READOUT_SCALING
     if not norm.statistics_gradient:
         out["hessian_meaning"] = (
             "Hessian of the loss landscape eps_g (gradient through the statistics taken by "
@@ -891,6 +916,7 @@ class EscapeAnalyzer(Analyzer):
         ds["unstable_rate"] = variable(rate, (), "largest real part of the ODE Jacobian "
                                        "eigenvalues "
                                    "at the plateau", "1/(eta alpha)")
+        ds.update(_escape_mode_variables(experiment, br, spec))
         ds.attrs.update({
             **_common_attrs(exp_eta, eta, self.second_order),
             "start": self.start,
@@ -903,6 +929,34 @@ class EscapeAnalyzer(Analyzer):
         })
         ds.attrs.update(_engine_attrs(experiment, br.engine))
         return ds
+
+
+def _escape_mode_variables(experiment: Experiment, br: _Branches, spec: Any
+                           ) -> dict[str, Any]:
+    """The escape direction at the plateau in both layers: the unit most unstable
+    Jacobian eigenvector (``unstable_dQ``, ``unstable_dR``, ``unstable_d<param>``) and the
+    Hessian's escape mode (unit ``(dW, dtheta)``: ``hessian_escape_d<param>`` and the
+    share ``|dW|^2`` of the first layer)."""
+    model = experiment.model
+    vec = eq.unstable_vector(br.coords, br.eigvals[br.plateau], br.eigvecs[br.plateau])
+    dQ, dR, dth = eq.mode_matrices(model, br.coords, vec)
+    out = {
+        "unstable_dQ": variable(dQ, ("student", "student_"), "change of Q along the unit "
+                                "most unstable ODE Jacobian eigenvector at the plateau"),
+        "unstable_dR": variable(dR, ("student", "teacher"), "change of R along the unit "
+                                "most unstable ODE Jacobian eigenvector at the plateau"),
+        "hessian_escape_first_layer_share": variable(
+            float(np.sum(spec.escape_dW ** 2)), (), "|dW|^2 of the unit Hessian escape mode "
+            "(dW, dtheta): the first layer's share (the rest: the parameters)"),
+    }
+    for k, v in dth.items():
+        out[f"unstable_d{k}"] = variable(v, ("student",), f"component along {k} of the unit "
+                                         "most unstable ODE Jacobian eigenvector")
+    for k, v in spec.escape_dtheta.items():
+        out[f"hessian_escape_d{k}"] = variable(np.asarray(v, dtype=float), ("student",),
+                                               f"component along {k} of the unit Hessian "
+                                               "escape mode")
+    return out
 
 
 @hookimpl

@@ -60,6 +60,7 @@ from framework.theory import AccuracyError, Engine, Quadrature, select_engine
 from framework.validators import SpecificationError, check_int, check_real
 
 __all__ = [
+    "BRANCH_KINDS",
     "FixedPoint",
     "HessianSpectrum",
     "SymmetricSubspace",
@@ -335,6 +336,21 @@ class FixedPoint:
     params: dict = attrs.field(factory=dict, eq=False)
     rate_error: float = 0.0
     eps_g_error: float = 0.0
+    kind: str = "symmetric"
+
+
+#: Kinds of :class:`FixedPoint` (attr ``branch_kinds`` of the ``fixedpoint`` dataset).
+BRANCH_KINDS = (
+    "symmetric: a fixed point of the ODE restricted to the symmetric subspace (all "
+    "students interchangeable); 'dead unit': the last student has readout v = 0 and a "
+    "weight vector J = 0 (or orthogonal to the teachers and the other students where a "
+    "normalization needs |J| > 0), the others interchangeable; 'duplicated units': the "
+    "last two students are identical (same J and v), the others interchangeable "
+    "(K >= 3). The last two exist only with a trained readout (a dead or duplicated "
+    "unit is invariant under the ODE there; with a fixed readout v = 1 it is not a "
+    "fixed point); their symmetric_coordinate is the projection on the symmetric "
+    "subspace"
+)
 
 
 def psd_margin(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> float:
@@ -682,6 +698,7 @@ def find_fixed_points(
     quadrature: Any = None,
     starts: Sequence[tuple] | None = None,
     engine: EngineArg = "auto",
+    partition_starts: bool | None = None,
 ) -> list[FixedPoint]:
     """All distinct fixed points in the symmetric subspace reached from ``starts``.
 
@@ -711,6 +728,15 @@ def find_fixed_points(
     default starts are taken with the trainable parameters at their initial values and
     again at ``1/sqrt(2K-1)`` times them (the plain plateau's pre-activation scale: a
     trained gain tends to it, e.g. weightnorm's ``g``, batchnorm_affine's ``gamma``).
+
+    Trained readout (``"v"`` among the engine's trainable parameters; fixed points carry
+    ``v`` in ``params``): ``partition_starts`` (default: when ``starts`` is None) adds
+    the branches outside the symmetric subspace with a dead unit (``v_i = 0`` and ``J_i
+    = 0``, or ``J_i`` orthogonal to everything where the normalization needs ``|J_i| >
+    0``) and, for ``K >= 3``, with two duplicated units (:data:`BRANCH_KINDS`;
+    ``FixedPoint.kind``), found in their own invariant subspaces (students in groups) and
+    accepted by the same test on the full right-hand side. Not for normalizations that
+    conserve only ``tr Q``.
     """
     eta = check_real("eta", eta, minimum=0.0)
     eng = _engine(model, normalization, engine, quadrature)
@@ -727,6 +753,8 @@ def find_fixed_points(
         "weight_norm", weight_norm, minimum=0.0, strict=True)  # held where conserved
     trainable = tuple(eng.trainable)
     p0 = eng.params()
+    if partition_starts is None:
+        partition_starts = starts is None
     if starts is None:
         starts = [s for s in default_starts(model, sub)
                   if exact or (s[0].startswith("unspecialized") and "orthogonal" in s[0])]
@@ -805,8 +833,193 @@ def find_fixed_points(
             params={k: np.asarray(params[k], dtype=float).copy()
                     for k in (*trainable, *eng.held)}, rate_error=float(err),
             eps_g_error=float(eps_err)))
+    if partition_starts and eng.model_trainable and model.K >= 2 \
+            and invariance in ("none", "unit"):
+        found += _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
+                                     second_order, found)
     found.sort(key=lambda fp: -fp.eps_g)
     return found
+
+
+@attrs.frozen
+class _Partition:
+    """An invariant subspace of (Q, R, params) with the students in groups.
+
+    ``coords``: per coordinate, the 0/1 supports ``(mask_Q (K, K), mask_R (K, M))``;
+    ``pcoords``: per (trainable parameter, group), the units ``(name, mask (K,))``;
+    ``Q0, R0``: the fixed entries (the dead unit); ``held``: coordinates held at the
+    weight norm (the groups' ``Q_ii`` for a per-unit norm-conserving normalization);
+    ``zero``: units whose model parameters (the readout) are 0.
+    """
+
+    kind: str
+    coords: tuple = attrs.field(eq=False)
+    pcoords: tuple = attrs.field(eq=False)
+    Q0: np.ndarray = attrs.field(eq=False)
+    R0: np.ndarray = attrs.field(eq=False)
+    held: tuple = ()
+    zero: tuple = ()
+
+
+def _partition(model: Model, eng: Engine, kind: str, invariance: str, norm_q: float
+               ) -> _Partition:
+    """``"dead unit"`` (students ``0..K-2`` interchangeable, ``K-1`` dead) or
+    ``"duplicated units"`` (``0..K-3`` interchangeable, ``K-2`` and ``K-1`` identical)."""
+    K, M = model.K, model.M
+    Q0, R0 = np.zeros((K, K)), np.zeros((K, M))
+    if kind == "dead unit":
+        zero: tuple[int, ...] = (K - 1,)
+        groups, dup = [list(range(K - 1))], [False]
+        if invariance == "unit" or not eng.semidefinite:
+            # |J| > 0 needed: orthogonal to everything, readout 0 (still invariant)
+            Q0[K - 1, K - 1] = norm_q if invariance == "unit" else 1.0
+    else:
+        groups, dup, zero = [list(range(K - 2)), [K - 2, K - 1]], [False, True], ()
+        groups, dup = ([g for g in groups if g], [d for g, d in zip(groups, dup,
+                                                                     strict=True) if g])
+    coords: list[tuple[np.ndarray, np.ndarray]] = []
+    held: list[int] = []
+
+    def q_mask(a: list[int], b: list[int]) -> np.ndarray:
+        m = np.zeros((K, K))
+        m[np.ix_(a, b)] = 1.0
+        m[np.ix_(b, a)] = 1.0
+        return m
+
+    zR = np.zeros((K, M))
+    for g, d in zip(groups, dup, strict=True):
+        diag = np.zeros((K, K))
+        diag[g, g] = 1.0
+        if d:  # the whole block is one coordinate (identical students)
+            diag = q_mask(g, g)
+        if invariance == "unit":
+            held.append(len(coords))
+        coords.append((diag, zR))
+        if len(g) > 1 and not d:
+            coords.append((q_mask(g, g) - diag, zR))
+    for a in range(len(groups)):
+        for b in range(a + 1, len(groups)):
+            coords.append((q_mask(groups[a], groups[b]), zR))
+    for g in groups:
+        for n in range(M):
+            mR = np.zeros((K, M))
+            mR[g, n] = 1.0
+            coords.append((np.zeros((K, K)), mR))
+    pcoords = []
+    for k in eng.trainable:
+        for g in groups:
+            m = np.zeros(K)
+            m[g] = 1.0
+            pcoords.append((k, m))
+    return _Partition(kind, tuple(coords), tuple(pcoords), Q0, R0, tuple(held), zero)
+
+
+def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
+                        second_order, found):
+    """The branches with a dead unit and (``K >= 3``) with two duplicated units, for a
+    trained readout (:data:`BRANCH_KINDS`): Powell's hybrid method in the
+    :class:`_Partition` coordinates from a few starts, accepted like the symmetric ones
+    (the full right-hand side below the tolerance), merged with ``found``."""
+    K, M, T = model.K, model.M, model.T
+    exact = bool(eng.exact)
+    p0 = eng.params()
+    model_params = set(eng.model_trainable)
+    one = np.ones(M)
+    a0 = 1.0 / math.sqrt((2 * K - 1) * float(one @ T @ one))
+    out: list[FixedPoint] = []
+    kinds = ["dead unit"] + (["duplicated units"] if K >= 3 else [])
+    for kind in kinds:
+        part = _partition(model, eng, kind, invariance, norm_q)
+        free = [j for j in range(len(part.coords)) if j not in part.held]
+        mQ = np.array([c[0] for c in part.coords])
+        mR = np.array([c[1] for c in part.coords])
+        count = mQ.sum(axis=(1, 2)) + mR.sum(axis=(1, 2))
+        pm = np.array([m for _, m in part.pcoords]).reshape(-1, K)
+        nf = len(free)
+
+        def embed(x, part=part, mQ=mQ, mR=mR, pm=pm, free=free, nf=nf):
+            theta = np.zeros(len(part.coords))
+            theta[list(part.held)] = norm_q
+            theta[free] = x[:nf]
+            Q = part.Q0 + np.tensordot(theta, mQ, axes=1)
+            R = part.R0 + np.tensordot(theta, mR, axes=1)
+            params = {k: np.array(v, dtype=float) for k, v in p0.items()}
+            for j, (k, m) in enumerate(part.pcoords):
+                params[k] = np.where(m > 0, x[nf + j], params[k])
+            for k in model_params:
+                params[k][list(part.zero)] = 0.0
+            return Q, R, params
+
+        def flow(x, embed=embed):
+            Q, R, params = embed(x)
+            with np.errstate(all="ignore"):
+                return (Q, R, params, *_scaled_flow(eng, invariance, Q, R, params, eta,
+                                                     batch_size, second_order))
+
+        def residual(x, flow=flow, mQ=mQ, mR=mR, count=count, pm=pm, free=free,
+                     part=part):
+            _, _, _, dQ, dR, dth, _ = flow(x)
+            proj = (np.tensordot(mQ, dQ, axes=([1, 2], [0, 1]))
+                    + np.tensordot(mR, dR, axes=([1, 2], [0, 1]))) / count
+            pr = [float(m @ dth[k] / m.sum()) for k, m in part.pcoords]
+            r = np.concatenate([proj[free], pr])
+            return np.where(np.isfinite(r), r, 1e6)
+
+        alive = [i for i in range(K) if i not in part.zero]
+        starts = []
+        for factor in (1.0, 2.0):
+            for orth in (0.0, 0.3):
+                coef = np.zeros((K, M))
+                coef[alive] = factor * a0
+                starts.append((f"{kind}: others along the teachers' sum a={factor:g}*a0"
+                               + (f" + orthogonal {orth:g}" if orth else ""), coef, orth))
+        for n in range(M):
+            coef = np.zeros((K, M))
+            coef[alive, n] = 1.0
+            starts.append((f"{kind}: others on teacher {n}", coef, 0.0))
+        for label, coef, orth in starts:
+            Qs = coef @ T @ coef.T + orth * np.diag([1.0 if i in alive else 0.0
+                                                     for i in range(K)])
+            Rs = coef @ T
+            if invariance == "unit":
+                d = np.sqrt(np.maximum(np.diagonal(Qs), 1e-300))
+                c = np.sqrt(norm_q) / d
+                Qs, Rs = Qs * np.outer(c, c), Rs * c[:, None]
+            theta = (np.tensordot(mQ, Qs, axes=([1, 2], [0, 1]))
+                     + np.tensordot(mR, Rs, axes=([1, 2], [0, 1]))) / count
+            for scale in (1.0, 2.0):  # readout at its initial value and twice it
+                xp = [scale * float(m @ p0[k] / m.sum()) if k in model_params
+                      else float(m @ p0[k] / m.sum()) for k, m in part.pcoords]
+                x0 = np.concatenate([theta[free], xp])
+                sol = optimize.root(residual, x0, method="hybr",
+                                    options={"xtol": 1e-14 if exact else 1e-12})
+                x = _newton_polish(residual, sol.x) if exact else sol.x
+                if x is None:
+                    continue
+                Q, R, params, dQ, dR, dth, err = flow(x)
+                margin = -1e-9 if exact else 1e-9
+                if not np.all(np.isfinite(Q)) or psd_margin(Q, R, T) < margin:
+                    continue
+                res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
+                                *[np.max(np.abs(v)) for v in dth.values()]))
+                if not res < max(RESIDUAL_TOL, 10.0 * err):
+                    continue
+                dedupe = DEDUPE_TOL if exact else 1e-4
+                if any(max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R)),
+                           *[np.max(np.abs(fp.params[k] - params[k]))
+                             for k in eng.trainable]) < dedupe
+                       for fp in (*found, *out)):
+                    continue
+                eng.rates(Q, R, params, eta=eta, batch_size=batch_size,
+                          second_order=second_order)  # AccuracyError if too noisy
+                eps, eps_err = eng.generalization_error(Q, R, params)
+                out.append(FixedPoint(
+                    Q, R, sub.project(Q, R), res, float(eps),
+                    float(np.mean(np.diagonal(Q))), f"{label}, readout x {scale:g}", sub,
+                    params={k: np.asarray(params[k], dtype=float).copy()
+                            for k in (*eng.trainable, *eng.held)},
+                    rate_error=float(err), eps_g_error=float(eps_err), kind=kind))
+    return out
 
 
 def jacobian_coordinates(
@@ -1118,10 +1331,11 @@ def is_dead(engine: Engine, fp: FixedPoint) -> bool:
 
 #: How :func:`plateau_branch` chooses (stored in attrs).
 PLATEAU_RULE = (
-    "among the unstable branches in the symmetric phase (R_in equal across students "
-    "within max(1e-6, 30 rate errors)) that are not dead (eps_g within 5 error estimates "
-    "of the best constant predictor's), the one with the fewest unstable directions, "
-    "then the lowest eps_g, then non-negative trainable parameters (mirror images)"
+    "among the unstable branches of the symmetric subspace in the symmetric phase (R_in "
+    "equal across students within max(1e-6, 30 rate errors)) that are not dead (eps_g "
+    "within 5 error estimates of the best constant predictor's), the one with the fewest "
+    "unstable directions, then the lowest eps_g, then non-negative trainable parameters "
+    "(mirror images)"
 )
 
 
@@ -1137,6 +1351,8 @@ def plateau_branch(
     """
     cand = []
     for b, fp in enumerate(points):
+        if fp.kind != "symmetric":
+            continue
         n_unstable = int(np.sum(np.real(eigenvalues[b]) > 1e-9))
         if not n_unstable or specialized(fp.R, max(1e-6, 30.0 * fp.rate_error)):
             continue
