@@ -1131,6 +1131,14 @@ def weight_space_hessian(
     with ``statistics_gradient = False`` this is the Hessian of ``eps_g`` (the loss
     landscape; its SGD drift is not a gradient), ``landscape_only = True``.
 
+    A trained readout ``v`` (the engine parameter ``"v"``, last in ``theta``) joins the
+    span block in the coordinates ``(W, v)``: both move at ``O(1)`` rates per ``alpha``,
+    ``dW/dalpha = -eta grad_W eps_g`` and ``dv/dalpha = -eta_v grad_v eps_g`` (small-eta
+    drift), so its block is the plain second derivative ``d^2 eps_g / dv_i dv_k`` (no
+    factor ``N``), alongside ``Hess_W = N Hess_J``; the Hessian is the drift's
+    linearization (up to ``-eta``) for ``eta_v = eta``, otherwise ``diag(eta, eta_v)``
+    times it.
+
     Raises :class:`~framework.theory.AccuracyError` if ``lambda_min``'s error estimate
     exceeds ``accuracy`` (default: the quadrature's) times ``max(1, |lambda_min|)``
     (engines of estimates only).
