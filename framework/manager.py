@@ -52,6 +52,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.equilibrium",
     "plugins.reproduce",
     "plugins.reproduce_normalizations",
+    "plugins.reproduce_goldt",
 )
 
 _REGISTRATION_HOOKS = (
