@@ -12,7 +12,9 @@ numpy matmul of the same size: X (8 x N) @ W (N x 3K) costs 8 * 6KN flops, so it
 time per row is the time numpy's BLAS needs for one step's flops. ``ratio`` = step
 time / that. A last line compares, in the same process, ``batchnorm_affine`` (gain and
 shift trained) on the compiled kernel (through its ``scale_kernels()``) with the numpy
-path. For scale: the fastest public peer (C++) needs ~44 us a step at
+path, and a last one a two-layer network (trained readout, weight decay on both
+layers, 'mean' output scale) on the compiled kernel with the committee machine. For
+scale: the fastest public peer (C++) needs ~44 us a step at
 N = 1000, K = M = 2; the target here is <= 5 us per step per replica.
 """
 
@@ -47,9 +49,10 @@ def flop_bound_us(N: int, K: int, repeats: int = 5) -> float:
 
 
 def step_us(N: int, K: int, replicas: int, backend: str, steps: int,
-            normalization: str = "plain") -> float:
+            normalization: str = "plain", model: TeacherStudent | None = None) -> float:
     """us per step per replica of the analyzer (difference of two run lengths)."""
-    ex = Experiment(TeacherStudent(K, K), normalization=normalization, eta=0.5, seed=0)
+    model = TeacherStudent(K, K) if model is None else model
+    ex = Experiment(model, normalization=normalization, eta=0.5, seed=0)
 
     def run(n: int) -> float:
         sim = get_analyzer("simulation", N=N, alpha=[0.0, n / N], replicas=replicas,
@@ -100,6 +103,15 @@ def main() -> None:
             print(f"batchnorm_affine (gamma, beta trained) N={N} K=M={K} replicas={replicas}: "
                   f"numba {fast:.2f} us/step/replica, numpy {slow:.2f}, "
                   f"numpy/numba {slow / fast:.1f}x", flush=True)
+        two = TeacherStudent(K, K, second_layer="trained", eta_v=1.0, output_scale="mean",
+                             weight_decay=0.01, weight_decay_v=0.01)
+        for replicas in (1, 32):
+            steps = max(20, int(scale * (4e6 if replicas == 1 else 1e6) / (N * K)))
+            t2 = step_us(N, K, replicas, "numba", steps, model=two)
+            t1 = step_us(N, K, replicas, "numba", steps)
+            print(f"two-layer (trained readout, weight decay) N={N} K=M={K} "
+                  f"replicas={replicas}: numba {t2:.2f} us/step/replica, committee "
+                  f"machine {t1:.2f}, ratio {t2 / t1:.2f}", flush=True)
 
 
 if __name__ == "__main__":
