@@ -914,6 +914,10 @@ def _partition(model: Model, eng: Engine, kind: str, invariance: str, norm_q: fl
     return _Partition(kind, tuple(coords), tuple(pcoords), Q0, R0, tuple(held), zero)
 
 
+#: Evaluations per coordinate (plus one) allowed to the root finder of a partition branch.
+PARTITION_MAXFEV = 20
+
+
 def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
                         second_order, found):
     """The branches with a dead unit and (``K >= 3``) with two duplicated units, for a
@@ -973,7 +977,7 @@ def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
                 coef[alive] = factor * a0
                 starts.append((f"{kind}: others along the teachers' sum a={factor:g}*a0"
                                + (f" + orthogonal {orth:g}" if orth else ""), coef, orth))
-        for n in range(M):
+        for n in range(1 if sub.kind == "matched" else M):  # matched: teachers alike
             coef = np.zeros((K, M))
             coef[alive, n] = 1.0
             starts.append((f"{kind}: others on teacher {n}", coef, 0.0))
@@ -987,12 +991,18 @@ def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
                 Qs, Rs = Qs * np.outer(c, c), Rs * c[:, None]
             theta = (np.tensordot(mQ, Qs, axes=([1, 2], [0, 1]))
                      + np.tensordot(mR, Rs, axes=([1, 2], [0, 1]))) / count
-            for scale in (1.0, 2.0):  # readout at its initial value and twice it
+            # the readout at its initial value, and twice it where a unit is dead (the
+            # others make up for it)
+            for scale in (1.0, 2.0) if kind == "dead unit" else (1.0,):
                 xp = [scale * float(m @ p0[k] / m.sum()) if k in model_params
                       else float(m @ p0[k] / m.sum()) for k, m in part.pcoords]
                 x0 = np.concatenate([theta[free], xp])
+                # capped evaluations: a start that has not converged by then is dropped
+                # (a redundant gain and readout, e.g. weightnorm's g and v, make the
+                # roots a line on which hybr crawls)
                 sol = optimize.root(residual, x0, method="hybr",
-                                    options={"xtol": 1e-14 if exact else 1e-12})
+                                    options={"xtol": 1e-14 if exact else 1e-12,
+                                             "maxfev": PARTITION_MAXFEV * (x0.size + 1)})
                 x = _newton_polish(residual, sol.x) if exact else sol.x
                 if x is None:
                     continue
