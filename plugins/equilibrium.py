@@ -188,22 +188,32 @@ def _branches(
     weight_norm: float | None,
     flag_plateau: bool,
     quadrature: Any = None,
+    partition: bool = True,
 ) -> _Branches:
     """Fixed points, their Jacobians and the plateau (:func:`eq.plateau_branch`), cached
-    per (model, normalization, batch size and the search's own options)."""
+    per (model, normalization, batch size and the search's own options). ``partition``:
+    include the branches with a dead or duplicated unit (trained readout; never the
+    plateau, so the escape analyzer leaves them out)."""
     model, norm = experiment.model, experiment.normalization
     if weight_norm is None and eq.scale_invariance(model, norm) != "none":
         weight_norm = 1.0  # find_fixed_points' default for norm-conserving normalizations
-    key = (type(model), type(norm),  # the classes too: two plugins may share a name
-           model.activation_function(),
-           json.dumps([model.to_dict(), norm.to_dict(), experiment.batch_size, float(eta),
-                       bool(second_order), subspace, weight_norm, bool(flag_plateau),
-                       quadrature], sort_keys=True, default=repr))
-    if key in _BRANCH_CACHE:
-        _BRANCH_CACHE.move_to_end(key)
-        return _BRANCH_CACHE[key]
+    partition = bool(partition) or not model.layers().readout_trained  # else no effect
+
+    def cache_key(part: bool) -> tuple:
+        return (type(model), type(norm),  # the classes too: two plugins may share a name
+                model.activation_function(),
+                json.dumps([model.to_dict(), norm.to_dict(), experiment.batch_size,
+                            float(eta), bool(second_order), subspace, weight_norm,
+                            bool(flag_plateau), quadrature, part],
+                           sort_keys=True, default=repr))
+
+    key = cache_key(partition)
+    for k in (key, cache_key(True)):  # a search with the partitions serves both
+        if k in _BRANCH_CACHE:
+            _BRANCH_CACHE.move_to_end(k)
+            return _BRANCH_CACHE[k]
     br = _search_branches(experiment, eta, second_order, subspace, weight_norm,
-                          flag_plateau, quadrature)
+                          flag_plateau, quadrature, partition)
     _BRANCH_CACHE[key] = br
     while len(_BRANCH_CACHE) > _BRANCH_CACHE_SIZE:
         _BRANCH_CACHE.popitem(last=False)
@@ -218,12 +228,13 @@ def _search_branches(
     weight_norm: float | None,
     flag_plateau: bool,
     quadrature: Any,
+    partition: bool = True,
 ) -> _Branches:
     model, norm = experiment.model, experiment.normalization
     eng = _engine(experiment, quadrature)
     points = eq.find_fixed_points(
         model, norm, eta=eta, batch_size=experiment.batch_size, second_order=second_order,
-        subspace=subspace, weight_norm=weight_norm, engine=eng)
+        subspace=subspace, weight_norm=weight_norm, engine=eng, partition_starts=partition)
     coords = eq.jacobian_coordinates(model, norm, eng)
     jacs, vals, vecs = [], [], []
     for fp in points:  # a handful of branches
@@ -843,7 +854,8 @@ class EscapeAnalyzer(Analyzer):
         else:
             q = (1.0 if self.weight_norm is None else self.weight_norm) if invariant else None
         if self.plateau == "gradient_flow":
-            ref = _branches(experiment, 0.0, False, self.subspace, q, True, self.quadrature)
+            ref = _branches(experiment, 0.0, False, self.subspace, q, True, self.quadrature,
+                            partition=False)
             if ref.plateau < 0:
                 raise SpecificationError(
                     f"no unstable symmetric fixed point (plateau) of gradient flow found for "
@@ -853,7 +865,7 @@ class EscapeAnalyzer(Analyzer):
             br = ref  # lambda_min, rate and weight_norm_plateau of the eta -> 0 plateau
         else:
             br = _branches(experiment, eta, self.second_order, self.subspace, q, True,
-                           self.quadrature)
+                           self.quadrature, partition=False)
         if br.plateau < 0:
             raise SpecificationError(
                 f"no unstable symmetric fixed point (plateau) found for K={model.K}, "

@@ -9,6 +9,9 @@
     plain plateau's ``Q_ii`` and as a curve over the weight norm), and escape times
     (``escape``) for several ``eta`` from the same random initialization (same seed;
     two initial weight scales in the full run) and from the plateau itself.
+    The trained-readout column (``*_trained`` variables): the same plateau, Hessian over
+    ``(W, v)`` and escape from the plateau with the readout ``v`` trained at ``eta_v =
+    eta`` (v as state; at the gradient-flow plateau ``eta_v / eta = 1``).
     Writes ``takagi2020.nc`` and PNG figures into ``out`` and prints a table.
 """
 
@@ -50,6 +53,11 @@ def _plateau(ds: xr.Dataset) -> xr.Dataset:
     return ds.isel(branch=b)
 
 
+def _trained(K: int, eta_v: float) -> TeacherStudent:
+    """K = M, the readout trained with rate ``eta_v`` (initial v = 1)."""
+    return TeacherStudent(K, K, second_layer="trained", eta_v=eta_v)
+
+
 def _first(experiment: Experiment | None) -> Experiment:
     """The first experiment of the run (set in the loop: there is always one)."""
     if experiment is None:
@@ -78,6 +86,10 @@ def takagi2020(out: Path, quick: bool = False) -> int:
     q_init0 = np.full((nS, nK), np.nan)
     eps_eta = np.full((nS, nN, nK, nE), np.nan)
     a_fp = np.full((nN, nK, nE), np.nan)
+    # the trained readout (eta_v = eta): plateau, Hessian over (W, v), escape
+    tr = {k: np.full(shape_nk, np.nan) for k in ("eps", "q", "v", "lam", "rate")}
+    tr_mode = np.full(shape_nk, "", dtype=object)
+    a_fp_t = np.full((nN, nK, nE), np.nan)
     eps_traj = np.full((nS, nN, nK, nE, grid.size), np.nan)
     q_traj = np.full((nS, nN, nK, nE, grid.size), np.nan)
     base = None
@@ -99,6 +111,18 @@ def takagi2020(out: Path, quick: bool = False) -> int:
             lam_min[n, k] = float(hs.lambda_min)
             rate[n, k] = float(fp.jacobian_eigenvalue_real[0])
             escape_mode[n, k] = str(hs.escape_mode.values)
+            # trained readout at the gradient-flow plateau: eta_v / eta = 1 in the scaled
+            # flow, whose eta = 0 limit is evaluated at eta = 1 (so eta_v = 1 there)
+            et = Experiment(_trained(K, 1.0), normalization=norm, eta=0.1, seed=0, analyzers=[
+                {"name": "fixedpoint", "eta": 0.0}, {"name": "hessian", "eta": 0.0}])
+            rt = et.run()
+            fpt, hst = _plateau(rt["fixedpoint"]), _plateau(rt["hessian"])
+            tr["eps"][n, k] = float(fpt.eps_g)
+            tr["q"][n, k] = float(np.mean(np.diag(fpt.Q.values)))
+            tr["v"][n, k] = float(np.mean(fpt.param_v.values))
+            tr["lam"][n, k] = float(hst.lambda_min)
+            tr["rate"][n, k] = float(fpt.jacobian_eigenvalue_real[0])
+            tr_mode[n, k] = str(hst.escape_mode.values)
             if norm == "batchnorm":
                 from framework import OrderParameters
 
@@ -127,6 +151,12 @@ def takagi2020(out: Path, quick: bool = False) -> int:
                     "name": "escape", "start": "fixedpoint", "perturbation": 1e-3,
                     "alpha": grid.tolist(), "rtol": 1e-9, "atol": 1e-11}])
                 a_fp[n, k, j] = float(ex.run()["escape"].alpha_escape)
+                ex = Experiment(_trained(K, eta), normalization=norm, eta=eta, seed=0,
+                                analyzers=[{"name": "escape", "start": "fixedpoint",
+                                            "perturbation": 1e-3, "alpha": grid.tolist(),
+                                            "rtol": 1e-9, "atol": 1e-11,
+                                            "stop_at_escape": True}])
+                a_fp_t[n, k, j] = float(ex.run()["escape"].alpha_escape)
 
     crossover = lam_min[1] / lam_min[0]  # batchnorm at weight norm 1 over plain
     dims_nk = ("normalization", "K")
@@ -165,6 +195,24 @@ def takagi2020(out: Path, quick: bool = False) -> int:
                 a_fp, ("normalization", "K", "eta"), "escape time from the plateau at this eta "
                 "perturbed by 1e-3 along its unstable direction (batchnorm: weight norm 1); "
                 "threshold: half that plateau's eps_g"),
+            "eps_plateau_trained": _var(tr["eps"], dims_nk, "eps_g of the gradient-flow "
+                                        "symmetric plateau with the readout v trained"),
+            "weight_norm_plateau_trained": _var(tr["q"], dims_nk, "Q_ii at the plateau, "
+                                                "trained readout (batchnorm: 1)"),
+            "readout_plateau_trained": _var(tr["v"], dims_nk, "readout v at the plateau "
+                                            "(mean over students), trained readout"),
+            "lambda_min_trained": _var(tr["lam"], dims_nk, "most negative eigenvalue of the "
+                                       "Hessian of eps_g in (W, v) at the plateau, trained "
+                                       "readout (batchnorm: weight norm 1)"),
+            "unstable_rate_trained": _var(tr["rate"], dims_nk, "largest Jacobian eigenvalue "
+                                          "at the plateau with v in the state, eta -> 0 with "
+                                          "eta_v / eta = 1", "1/(eta alpha)"),
+            "escape_mode_trained": _var(tr_mode, dims_nk, "class of the Hessian escape mode, "
+                                        "trained readout"),
+            "alpha_escape_fixedpoint_trained": _var(
+                a_fp_t, ("normalization", "K", "eta"), "escape time from the plateau at this "
+                "eta perturbed by 1e-3 along its unstable direction, readout trained with "
+                "eta_v = eta (batchnorm: weight norm 1)"),
             "eps_g": _var(eps_traj, (*dims_e, "alpha"), "generalization error along the ODE from "
                           "the random init"),
             "weight_norm_trajectory": _var(q_traj, (*dims_e, "alpha"), "weight norm Q_ii (mean) "
@@ -197,6 +245,10 @@ def takagi2020(out: Path, quick: bool = False) -> int:
             "term excluded there",
             "escape_eta_squared_term": "included (escape runs)",
             "init": "random, seed 0, same for plain and batchnorm (init_N = 1000)",
+            "readout": "variables without suffix: readout v = 1 fixed (soft committee "
+            "machine); *_trained: the readout v trained (initial 1) with eta_v = eta, v a "
+            "state variable of the ODE and a coordinate of the Hessian (block d^2 eps_g / "
+            "dv^2 next to Hess_W = N Hess_J)",
         },
     )
     out = Path(out)
@@ -231,12 +283,30 @@ def _table(ds: xr.Dataset) -> str:
             f"{float(r.lambda_min_batchnorm_at_plain_norm):11.6f}   (at plain's Q_ii)")
         lines.append(f"   crossover weight norm (equal |lambda_min|): "
                      f"{float(r.weight_norm_crossover):.4f}")
+    if "lambda_min_trained" in ds:
+        lines.append("")
+        lines.append("Trained readout (eta_v = eta), plateau (eta -> 0) and Hessian in (W, v):")
+        lines.append(f"{'K':>2} {'normalization':<14} {'Q_ii':>7} {'v':>7} {'eps_plateau':>12} "
+                     f"{'lambda_min':>11} {'rate':>8}  escape mode")
+        for K in ds.K.values:
+            for norm in ds.normalization.values:
+                r = ds.sel(K=K, normalization=norm)
+                lines.append(
+                    f"{K:>2} {norm:<14} {float(r.weight_norm_plateau_trained):7.4f} "
+                    f"{float(r.readout_plateau_trained):7.4f} "
+                    f"{float(r.eps_plateau_trained):12.6f} "
+                    f"{float(r.lambda_min_trained):11.6f} "
+                    f"{float(r.unstable_rate_trained):8.5f}  {r.escape_mode_trained.values}")
     etas = ds.eta.values
     head = " ".join(f"{'eta=' + format(e, 'g'):>10}" for e in etas)
     for start, var in (("random init (same seed); threshold: eta->0 plateau",
                         "alpha_escape_init"),
                        ("plateau at eta + 1e-3 (batchnorm at Q_ii = 1)",
-                        "alpha_escape_fixedpoint")):
+                        "alpha_escape_fixedpoint"),
+                       ("plateau at eta + 1e-3, trained readout (eta_v = eta)",
+                        "alpha_escape_fixedpoint_trained")):
+        if var not in ds:
+            continue
         lines.append("")
         lines.append(f"Escape alpha (eps_g < eps_plateau/2), start: {start}")
         scales = ds.init_scale.values if var == "alpha_escape_init" else [None]

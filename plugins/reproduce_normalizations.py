@@ -12,10 +12,12 @@ its ``beta`` held at 0 by the odd symmetry) use the exact engine with the gain a
 state; normalizations without a closed form use the generic engine (error estimates
 stored as ``*_error``; the engine of each entry in ``engine``); an entry that cannot
 be computed accurately (e.g. layernorm: the ``eta^2`` term is infinite for ``K <= 3``;
-``K = 2`` output is ``+-1``) is NaN with the reason in ``status``. Writes ``normalizations.nc`` and
-``normalizations.png`` into ``out``, ``docs/normalizations.md`` when ``docs`` is given
-(or ``out`` is a ``datasets`` folder next to a ``docs`` one: the shipped results),
-and prints a table.
+``K = 2`` output is ``+-1``) is NaN with the reason in ``status``. The trained-readout
+column (``*_trained`` variables; plain, batchnorm, weightnorm, batchnorm_affine): the same
+with the readout ``v`` trained at ``eta_v = eta`` (v as state, a Hessian coordinate).
+Writes ``normalizations.nc`` and ``normalizations.png`` into ``out``,
+``docs/normalizations.md`` when ``docs`` is given (or ``out`` is a ``datasets`` folder
+next to a ``docs`` one: the shipped results), and prints a table.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ NORMALIZATIONS = ("plain", "batchnorm", "weightnorm", "batchnorm_affine", "meano
                   "layernorm", "batchnorm_stopgrad")
 COMMAND = "symphase reproduce normalizations --out datasets"
 TRAINED_GAIN = ("weightnorm", "batchnorm_affine")  # gains as state (exact engine)
+#: Normalizations of the trained-readout column (eta_v = eta; v as state, exact engine).
+TRAINED_READOUT = ("plain", "batchnorm", "weightnorm", "batchnorm_affine")
+#: Result fields of an entry; the trained-readout column stores them as ``<name>_trained``.
+_FIELDS = ("lambda_min", "lambda_min_error", "rate", "alpha_escape", "alpha_escape_error",
+           "eps_plateau", "weight_norm", "gain", "readout", "seconds")
 
 
 #: Coarse quadrature (16 x cheaper than the default 16 x 4096 points) of the second
@@ -68,17 +75,29 @@ def _not_defined(name: str, K: int) -> str | None:
     return None
 
 
-def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]:
+def _model(K: int, eta: float, readout: str) -> TeacherStudent:
+    """The committee machine (``readout="fixed"``, v = 1) or the two-layer network with
+    the readout trained at ``eta_v = eta`` (initial v = 1)."""
+    if readout == "trained":
+        return TeacherStudent(K, K, second_layer="trained", eta_v=eta)
+    return TeacherStudent(K, K)
+
+
+def _entry(name: str, K: int, eta: float, cfg: dict[str, Any],
+           readout: str = "fixed") -> dict[str, Any]:
     out: dict[str, Any] = {"lambda_min": np.nan, "lambda_min_error": 0.0, "rate": np.nan,
            "alpha_escape": np.nan, "alpha_escape_error": 0.0, "eps_plateau": np.nan,
-           "weight_norm": np.nan, "gain": np.nan, "seconds": 0.0, "status": "ok",
-           "engine": ""}
+           "weight_norm": np.nan, "gain": np.nan, "readout": np.nan, "seconds": 0.0,
+           "status": "ok", "engine": ""}
     t0 = time.time()
     why = _not_defined(name, K)
+    if why is None and readout == "trained" and name not in TRAINED_READOUT:
+        why = ("not computed: the trained-readout column covers "
+               + ", ".join(TRAINED_READOUT))
     if why is not None:
         out["status"] = why
         return out
-    exp = Experiment(TeacherStudent(K, K), normalization=name, eta=eta, seed=0,
+    exp = Experiment(_model(K, eta, readout), normalization=name, eta=eta, seed=0,
                      analyzers=[{"name": "hessian"}])
     try:
         h = exp.run()["hessian"]
@@ -100,11 +119,14 @@ def _entry(name: str, K: int, eta: float, cfg: dict[str, Any]) -> dict[str, Any]
         out["weight_norm"] = float(np.mean(np.diagonal(hb.Q.values)))
         gains = [k for k in ("param_g", "param_gamma") if k in hb]
         out["gain"] = float(np.mean(hb[gains[0]].values)) if gains else np.nan
+        if "param_v" in hb:
+            out["readout"] = float(np.mean(hb.param_v.values))
         # an engine object (generic engine, or the exact one with the gain as state):
         # stop integrating at the escape; the generic engine's escape error is
         # estimated by |difference| to a run with the coarser ESCAPE_QUADRATURE (another
         # base-point seed), whose own error is the larger one
-        engine_object = out["engine"] == "generic" or not np.isnan(out["gain"])
+        engine_object = out["engine"] == "generic" or not np.isnan(out["gain"]) \
+            or readout == "trained"
         generic = out["engine"] == "generic"
         opts = {"name": "escape", "alpha_max": cfg["alpha_max"] / eta,
                 "n_points": cfg["n_alpha"], "stop_at_escape": engine_object}
@@ -138,29 +160,30 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
     cfg = _settings(quick)
     names, Ks, etas = cfg["normalizations"], cfg["Ks"], cfg["etas"]
     shape = (len(names), len(Ks), len(etas))
-    res = {k: np.full(shape, np.nan) for k in ("lambda_min", "lambda_min_error", "rate",
-                                               "alpha_escape", "alpha_escape_error",
-                                               "eps_plateau", "weight_norm", "gain",
-                                               "seconds")}
-    status = np.full(shape, "", dtype=object)
-    engines = np.full(shape, "", dtype=object)
-    jobs = [(a, b, c) for a in range(len(names)) for b in range(len(Ks))
-            for c in range(len(etas))]
+    readouts = ("fixed", "trained")
+    results = {ro: {k: np.full(shape, np.nan) for k in _FIELDS} for ro in readouts}
+    statuses = {ro: np.full(shape, "", dtype=object) for ro in readouts}
+    engine_names = {ro: np.full(shape, "", dtype=object) for ro in readouts}
+    jobs = [(a, b, c, ro) for a in range(len(names)) for b in range(len(Ks))
+            for c in range(len(etas)) for ro in readouts]
     jobs.sort(key=lambda j: (etas[j[2]], -Ks[j[1]]))  # long ones (small eta) first
     workers = max(1, min(workers, len(jobs)))
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_entry, names[a], Ks[b], etas[c], cfg): (a, b, c)
-                   for a, b, c in jobs}
+        futures = {pool.submit(_entry, names[a], Ks[b], etas[c], cfg, ro): (a, b, c, ro)
+                   for a, b, c, ro in jobs}
         for fut in concurrent.futures.as_completed(futures):
-            a, b, c = futures[fut]
+            a, b, c, ro = futures[fut]
             r = fut.result()
-            print(f"{names[a]} K={Ks[b]} eta={etas[c]:g}: {r['seconds']:.1f} s, "
-                  f"{r['status'][:70]}", flush=True)
-            for k in res:
-                res[k][a, b, c] = r[k]
-            status[a, b, c] = r["status"]
-            engines[a, b, c] = r["engine"]
+            print(f"{names[a]} K={Ks[b]} eta={etas[c]:g} {ro} readout: "
+                  f"{r['seconds']:.1f} s, {r['status'][:70]}", flush=True)
+            for k in _FIELDS:
+                results[ro][k][a, b, c] = r[k]
+            statuses[ro][a, b, c] = r["status"]
+            engine_names[ro][a, b, c] = r["engine"]
+    res, status, engines = results["fixed"], statuses["fixed"], engine_names["fixed"]
+    tr, tr_status, tr_engines = (results["trained"], statuses["trained"],
+                                 engine_names["trained"])
     dims = ("normalization", "K", "eta")
     ds = xr.Dataset(
         {
@@ -184,6 +207,7 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
             "engine": _var(engines.astype(str), dims, "theory engine of the entry: "
                            "closed_form (exact; trained gains as state) or generic "
                            "(quadrature); empty: not computed"),
+            **_trained_variables(tr, tr_status, tr_engines, dims),
         },
         coords={
             "normalization": ("normalization", list(names),
@@ -213,6 +237,12 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
             "escape_quadrature_generic": "default Quadrature(); error run: "
             + json.dumps(ESCAPE_QUADRATURE) + ", seed 1",
             "runtime_seconds": float(time.time() - t0),
+            "readout_fixed": "the variables without suffix: the soft committee machine "
+            "(readout v = 1, fixed)",
+            "readout_trained": "the *_trained variables: the same with the readout v "
+            "trained (eta_v = eta, initial v = 1, v as state of the ODE and a coordinate "
+            "of the Hessian: lambda_min over (W, theta, v)), for "
+            + ", ".join(TRAINED_READOUT),
         },
     )
     out = Path(out)
@@ -227,6 +257,38 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
     if docs is not None:
         _docs(ds, table, Path(docs))
     return 0
+
+
+def _trained_variables(res: dict[str, np.ndarray], status: np.ndarray, engines: np.ndarray,
+                       dims: tuple[str, ...]) -> dict[str, xr.DataArray]:
+    """The trained-readout column (``*_trained``)."""
+    what = " (trained readout, eta_v = eta)"
+    return {
+        "lambda_min_trained": _var(res["lambda_min"], dims, "smallest Hessian eigenvalue of "
+                                   "eps_g over (W, theta, v) at the plateau fixed point at "
+                                   "eta" + what),
+        "lambda_min_error_trained": _var(res["lambda_min_error"], dims, "error estimate of "
+                                         "lambda_min_trained (finite-difference "
+                                         "truncation)"),
+        "unstable_rate_trained": _var(res["rate"], dims, "largest real part of the ODE "
+                                      "Jacobian eigenvalues at the plateau, v included"
+                                      + what, "1/(eta alpha)"),
+        "alpha_escape_trained": _var(res["alpha_escape"], dims, "first alpha with eps_g < "
+                                     "eps_plateau / 2 from the perturbed plateau" + what),
+        "eps_plateau_trained": _var(res["eps_plateau"], dims, "eps_g at the plateau" + what),
+        "readout_plateau_trained": _var(res["readout"], dims, "readout v at the plateau "
+                                        "(mean over students)" + what),
+        "weight_norm_trained": _var(res["weight_norm"], dims, "weight norm Q_ii at the "
+                                    "plateau" + what),
+        "gain_trained": _var(res["gain"], dims, "trained gain at the plateau (NaN: none)"
+                             + what),
+        "entry_seconds_trained": _var(res["seconds"], dims, "wall time of the entry" + what,
+                                      "s"),
+        "status_trained": _var(status.astype(str), dims, "ok, or why the entry is missing"
+                               + what),
+        "engine_trained": _var(engines.astype(str), dims, "theory engine of the entry"
+                               + what),
+    }
 
 
 def _table(ds: xr.Dataset) -> str:
@@ -261,11 +323,19 @@ def _figure(ds: xr.Dataset, path: Path) -> None:
             style = dict(color=f"C{i}", linestyle=("-", "--", ":")[j % 3], marker="o")
             axes[0].plot(ds.eta, s.lambda_min, label=f"{n} K={K}", **style)
             axes[1].plot(ds.eta, s.alpha_escape, label=f"{n} K={K}", **style)
+            if "alpha_escape_trained" in ds and n in TRAINED_READOUT:
+                tstyle = dict(color=f"C{i}", linestyle=("-.", (0, (1, 3)), ":")[j % 3],
+                              marker="s", fillstyle="none")
+                axes[0].plot(ds.eta, s.lambda_min_trained, label=f"{n} K={K}, trained v",
+                             **tstyle)
+                axes[1].plot(ds.eta, s.alpha_escape_trained, label=f"{n} K={K}, trained v",
+                             **tstyle)
     axes[0].set_yscale("symlog", linthresh=0.01)
     axes[0].set(xscale="log", xlabel="eta",
                 ylabel="lambda_min at the plateau (symlog)")
     axes[1].set(xscale="log", yscale="log", xlabel="eta", ylabel="alpha_escape")
-    axes[0].legend(fontsize=6, title="meanonly = plain", title_fontsize=6)
+    axes[0].legend(fontsize=5, title="meanonly = plain; squares: trained readout",
+                   title_fontsize=5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -310,10 +380,46 @@ def _pivot(ds: xr.Dataset, K: int) -> str:
     return "\n".join(lines)
 
 
+def _trained_pivot(ds: xr.Dataset, K: int) -> str:
+    """The trained-readout column for one K: v at the plateau, lambda_min over (W, theta,
+    v) and the escape time per eta, with the escape time of the fixed readout beside."""
+    etas = [float(e) for e in ds.eta.values]
+    head = ("| normalization | v at the plateau (each eta) | "
+            + " | ".join(f"lambda_min, eta={e:g}" for e in etas) + " | "
+            + " | ".join(f"alpha_esc, eta={e:g} (fixed v)" for e in etas) + " |")
+    lines = [head, "|" + "---|" * (2 + 2 * len(etas))]
+    for n in TRAINED_READOUT:
+        if n not in ds.normalization.values:
+            continue
+        s = ds.sel(normalization=n, K=K)
+        lam, esc = [], []
+        for j in range(len(etas)):
+            sj = s.isel(eta=j)
+            st = str(sj.status_trained.values)
+            if st != "ok":
+                lam.append("n/a")
+                esc.append(f"> {ds.attrs['alpha_max'] / etas[j]:.0f}"
+                           if st.startswith("no escape") else "n/a")
+                continue
+            lam.append(f"{float(sj.lambda_min_trained):.4f}")
+            esc.append(f"{float(sj.alpha_escape_trained):.0f} "
+                       f"({float(sj.alpha_escape):.0f})")
+        vv = ", ".join(f"{v:.3g}" if np.isfinite(v) else "–"
+                       for v in s.readout_plateau_trained.values)
+        lines.append(f"| {n} | {vv} | " + " | ".join(lam) + " | " + " | ".join(esc) + " |")
+    return "\n".join(lines)
+
+
 def _docs(ds: xr.Dataset, table: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     K_blocks = "\n\n".join(f"### K = M = {int(K)}\n\n" + _pivot(ds, int(K))
                              for K in ds.K.values)
+    trained = ""
+    if "lambda_min_trained" in ds:
+        trained = ("\n\n## Trained readout (eta_v = eta)\n\n" + TRAINED_INTRO + "\n\n"
+                   + "\n\n".join(f"### K = M = {int(K)}, trained readout\n\n"
+                                  + _trained_pivot(ds, int(K)) for K in ds.K.values)
+                   + "\n\n" + TRAINED_INTERPRETATION)
     reasons = sorted({str(v) for v in ds.status.values.ravel() if str(v) != "ok"})
     path.write_text(
         "# The symmetric plateau of every built-in normalization\n\n"
@@ -332,7 +438,8 @@ def _docs(ds: xr.Dataset, table: str, path: Path) -> None:
         "the difference to a run with a 16 times coarser quadrature of another seed; ± n/a: "
         "that coarse run failed its own accuracy check). n/a: not computed, reason in "
         "`status` (below).\n\n"
-        + K_blocks + "\n\n" + INTERPRETATION + "\n\n### Entries without a value\n\n"
+        + K_blocks + "\n\n" + INTERPRETATION + trained
+        + "\n\n### Entries without a value\n\n"
         + "\n".join(f"* {r}" for r in reasons)
         + "\n\n### Full table\n\n" + table + "\n"
     )
@@ -397,6 +504,44 @@ INTERPRETATION = """### Reading the numbers
   (nearly) dead, eps_g = 0.3333 (K = 2, = K/6, the best constant predictor's) and 0.504
   (K = 3; K/6 = 0.5) -- subtracting the mean across units removes the students' common
   component, which is what the symmetric phase learns."""
+
+
+TRAINED_INTRO = """The same plateaus with the second layer trained: `sigma = sum_i v_i
+g(x~_i)`, `v` starts at 1 and learns with `eta_v = eta`; it is a state variable of the ODE
+(the generic integrator) and a coordinate of the Hessian, whose `lambda_min` is then over
+(W, theta, v) (the `v` block is the plain `d^2 eps_g / dv^2`, next to `Hess_W = N Hess_J`).
+Same seed, same threshold rule (`eps_g < eps_plateau/2`, the trained plateau's own
+`eps_plateau`), the escape start again 1e-3 along the most unstable Jacobian direction (v
+included). In brackets: the fixed-readout escape time of the table above. Variables
+`*_trained` of `datasets/normalizations.nc`."""
+
+TRAINED_INTERPRETATION = """### Reading the trained-readout numbers
+
+* **plain**: training v hardly moves the escape (K = 2: 1969 vs 1968 at eta = 0.05, 114 vs
+  109 at eta = 1; K = 3: 2911 vs 2884, 190 vs 214). The plateau's readout drops below 1
+  as eta grows (K = 2: 0.98 -> 0.82) and its eps_g with it, but at the plateau the
+  escape mode is a pure first-layer specialization (dR antisymmetric; its v components
+  vanish to rounding, dataset `unstable_dv` of `escape`), so the rate is close to the
+  fixed-readout one (K = 2, eta = 0.05: 0.0649 vs 0.0655).
+* **batchnorm vs plain (the seed's conclusion)**: still later at every eta and K: K = 2
+  2580 vs 1969 (eta = 0.05), 1307 vs 992, 290 vs 211, 165 vs 114 (eta = 1), i.e. 1.31
+  to 1.45 times plain; K = 3 4258 vs 2911, 2200 vs 1481, 558 vs 332, 354 vs 190 (1.46 to
+  1.86 times). The delay is smaller than with v = 1 (1.47 to 2.64 for K = 2, 1.76 to
+  4.04 for K = 3): the trained readout acts as the output gain batch norm lacks (v ->
+  0.74 for K = 2, 0.65 for K = 3), which lowers batch norm's plateau (eps_g 0.0148 vs
+  0.0231 at eta = 0.05, K = 2) and weakens the growth of the delay with eta. At small
+  eta its escape curvature is still the flatter one (lambda_min -0.0465 vs -0.0649, K =
+  2, eta = 0.05).
+* **weightnorm = batchnorm_affine** with v trained: the readout and the gain enter only
+  through their product, so the fixed points form a line (g v = 1/sqrt(2K - 1) at eta
+  -> 0; a zero Jacobian eigenvalue); the search lands on v = 1, g = 0.577 (K = 2), i.e.
+  the fixed-readout point, and the escape is the fixed-readout one within 0.3 to 5%
+  (5330 vs 5346, 400 vs 405). lambda_min over (W, g, v) is more negative than over (W,
+  g) (-0.0326 vs -0.0281 at eta = 0.5): the extra direction (g, v) curves the landscape
+  but does not couple to the escape. On the line the escape rate changes (the first
+  layer's updates scale with v g^2, i.e. with g at fixed g v); the point of equal g and
+  v, which gradient flow from g = v = 1 keeps (g^2 - v^2 is conserved for eta_v = eta),
+  is not tabulated here."""
 
 
 @hookimpl

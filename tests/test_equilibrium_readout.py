@@ -280,3 +280,20 @@ def test_hessian_analyzer_reports_v_and_states_the_scaling() -> None:
     assert "theta = v" in h.attrs["trainable_parameters_included"]
     b = int(h.attrs["plateau_branch"])
     assert str(h.escape_mode.values[b]) == "symmetry-breaking"
+
+
+@pytest.mark.parametrize("K", [2, 3])
+def test_gradient_flow_plateau_with_trained_readout_is_saad_sollas(K: int) -> None:
+    """At eta -> 0 the committee plateau Q = C = 1/(2K-1), R = S = 1/sqrt(K(2K-1)) has d
+    eps_g / dv = 0 at v = 1, so it is the trained network's plateau too (Saad & Solla's
+    published values)."""
+    model = _trained(K, eta_v=1.0)
+    fps = eq.find_fixed_points(model, get_normalization("plain"), eta=0.0)
+    eng = _engine(model, "plain")
+    lam = [eq.sorted_eigen(eq.ode_jacobian(model, get_normalization("plain"), fp.Q, fp.R,
+                                           fp.params, eta=0.0))[0] for fp in fps]
+    fp = fps[eq.plateau_branch(eng, fps, lam)]
+    np.testing.assert_allclose(fp.Q, np.full((K, K), 1 / (2 * K - 1)), atol=1e-10)
+    np.testing.assert_allclose(fp.R, np.full((K, K), 1 / math.sqrt(K * (2 * K - 1))),
+                               atol=1e-10)
+    np.testing.assert_allclose(fp.params["v"], 1.0, atol=1e-10)
