@@ -44,13 +44,15 @@ component of squared norm ``eta sigma^2 / 2``.  The excess error is ``tr(G P) + 
     eps_g* - sigma^2 / 2 = eta sigma^2 (L + M / sqrt 3) / (2 pi) + O(eta^2).
 
 (Our ``eps_g`` includes ``sigma^2 / 2``; Goldt et al.'s excludes it.) The ODE confirms it
-for ``L = 0, 1`` (the ratio tends to ``c`` with an ``O(eta)`` correction, tested). For
-``L >= 2`` the dead configuration is not a stable fixed point: on the dead units ``Phi =
-(2 / pi) 1 1^T`` has rank one, so differences of dead units feel no restoring force at
-this order, and in the ODE they grow into cancelling groups (``W_a ~ -W_b``, ``g(x_a) +
-g(x_b) ~ 0``) whose norm grows without bound under the ``eta^2`` noise; their error
-keeps decreasing slowly, and ``eps_final`` for those widths is not converged (``state``,
-``converged``).
+for ``L = 0, 1`` (the ratio tends to ``c`` with an ``O(eta)`` correction, tested). With
+``L >= 2`` the fixed point is marginal: on the dead units ``Phi = (2 / pi) 1 1^T`` has
+rank one, so differences of dead units feel no restoring force at this order. In the
+ODE, for ``L = 2`` and ``4`` they grow into cancelling groups (``W_a ~ -W_b``, ``g(x_a) +
+g(x_b) ~ 0``) whose norm grows without bound under the ``eta^2`` noise and whose error
+keeps decreasing slowly, so ``eps_final`` is not converged (``state``, ``converged``);
+for ``L = 3`` the run started at the dead configuration stayed there up to ``alpha =
+5e4 / eta`` (ratio within 0.5 % of ``c``), while from Goldt et al.'s initial condition
+two of the three surplus units pair up.
 """
 
 from __future__ import annotations
