@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONVENTIONS",
     "DIMENSIONS",
+    "RUNAWAY_RULE",
     "check_dataset",
     "convention_attrs",
     "coordinate",
@@ -47,6 +48,7 @@ __all__ = [
     "flatten_attrs",
     "order_parameter_variables",
     "parameter_long_name",
+    "runaway_growth",
     "trajectory_dataset",
     "variable",
 ]
@@ -247,19 +249,29 @@ def trajectory_dataset(
     s = np.ones((n, K))  # no per-unit scale outside the diagonal-scale family
     if norm.is_diagonal_scale():  # s at the current parameters
         fixed = norm.parameters(K)
-        for j in range(reached):
-            p = {**fixed, **{k: v[j] for k, v in traj.params.items() if k in fixed}}
-            s[j] = norm.scale(Q[j], p) if np.all(np.isfinite(Q[j])) else np.nan
+        with np.errstate(all="ignore"):  # a zero weight norm: s infinite (status says why)
+            for j in range(reached):
+                p = {**fixed, **{k: v[j] for k, v in traj.params.items() if k in fixed}}
+                s[j] = norm.scale(Q[j], p) if np.all(np.isfinite(Q[j])) else np.nan
+    with np.errstate(all="ignore"):
+        sQs, sR = s[:, :, None] * Q * s[:, None, :], s[:, :, None] * R
     if not np.allclose(s[:reached], 1.0, rtol=0, atol=0):
         data["Q_norm"] = xr.DataArray(
-            s[:, :, None] * Q * s[:, None, :], dims=("alpha", "student", "student_"),
+            sQs, dims=("alpha", "student", "student_"),
             attrs={"long_name": "normalized overlap s_i Q_ik s_k (what the activation sees)",
                    "units": "1"},
         )
         data["R_norm"] = xr.DataArray(
-            s[:, :, None] * R, dims=("alpha", "student", "teacher"),
+            sR, dims=("alpha", "student", "teacher"),
             attrs={"long_name": "normalized overlap s_i R_in", "units": "1"},
         )
+    seen = np.einsum("aii->ai", sQs)[:reached]
+    with np.errstate(invalid="ignore"):
+        runaway = bool(reached >= 2 and runaway_growth(seen, experiment.model.T))
+    data["runaway"] = xr.DataArray(
+        runaway, attrs={"long_name": "sustained runaway growth of the weights (see the "
+                                     "attr runaway_rule)", "units": "1"},
+    )
     data["eps_g_error"] = xr.DataArray(
         pad(traj.eps_g_error, ()), dims=("alpha",),
         attrs={"long_name": "error estimate of eps_g (standard error of the quadrature "
@@ -289,6 +301,7 @@ def trajectory_dataset(
             "second_order": int(second_order),
             "nfev": int(traj.nfev),
             "status": str(traj.message),
+            "runaway_rule": RUNAWAY_RULE,
         },
     )
     return ds
@@ -300,3 +313,26 @@ def parameter_long_name(name: str, model_parameter: bool = False) -> str:
     if model_parameter:
         return f"trained student readout {name} (second-layer weights, before c_K)"
     return f"trainable normalization parameter {name}"
+
+
+#: The rule of the ``runaway`` flag of trajectories (ODE and simulation alike).
+RUNAWAY_RULE = (
+    "runaway = the largest normalized self-overlap q_i = (s Q s)_ii (the variance the "
+    "activation sees; Q_ii without a normalization) at the last reported point exceeds "
+    "10 max(1, max_n T_nn, max_i q_i at the start) and grew by at least 5 % over the last "
+    "fifth of the reported points (growth still going on); a run that stopped early "
+    "(diverged) is judged on the points it reached"
+)
+
+
+def runaway_growth(q: np.ndarray, T: np.ndarray) -> bool:
+    """:data:`RUNAWAY_RULE` for self-overlaps ``q (n_alpha, K)`` (rows reached, in time
+    order) and teacher overlaps ``T``."""
+    q = np.asarray(q, dtype=float)
+    q = q[np.all(np.isfinite(q), axis=1)]
+    if q.shape[0] < 2:
+        return False
+    top = q.max(axis=1)
+    bound = 10.0 * max(1.0, float(np.max(np.diagonal(np.asarray(T)))), float(top[0]))
+    earlier = top[max(0, q.shape[0] - 1 - max(1, q.shape[0] // 5))]
+    return bool(top[-1] > bound and top[-1] >= 1.05 * earlier)

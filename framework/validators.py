@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ __all__ = [
     "optional_boolean",
     "optional_integer",
     "optional_real",
+    "quadrature_option",
     "real",
     "string",
     "to_bool",
@@ -316,3 +317,17 @@ def alpha_grid_option(value: Any) -> tuple[float, ...] | None:
         )
     return out
 
+
+def quadrature_option(value: Any) -> dict[str, Any] | None:
+    """attrs converter of an analyzer's ``quadrature`` option: None, or a mapping of
+    :class:`framework.theory.Quadrature` options (validated here: an unknown option or a
+    bad value names the option and the value), returned as a dict."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"'quadrature' must be a mapping of Quadrature options or None, "
+                        f"got {value!r} ({type(value).__name__})")
+    from framework.theory import Quadrature  # lazy: the theory imports this module
+
+    Quadrature.from_dict(value)
+    return dict(value)

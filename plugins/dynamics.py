@@ -18,6 +18,7 @@ from framework.validators import (
     gt,
     integer,
     one_of,
+    quadrature_option,
     to_bool,
     to_float,
 )
@@ -30,7 +31,14 @@ def alpha_grid(
     if alpha is not None:
         return np.asarray(alpha)
     n_points = check_int("n_points", n_points, minimum=2)
+    if n_points > theory.GRID_LIMIT:
+        raise SpecificationError(
+            f"'n_points' must be <= {theory.GRID_LIMIT}, got {n_points}")
     alpha_max = check_real("alpha_max", alpha_max, minimum=0.0, strict=True)
+    if alpha_max > theory.ALPHA_LIMIT:
+        raise SpecificationError(
+            f"'alpha_max' must be <= {theory.ALPHA_LIMIT:g} (an explicit integrator needs "
+            f"~alpha * eta steps once converged), got {alpha_max:g}")
     if not alpha_min < alpha_max:
         raise SpecificationError(
             f"'alpha_min' must be < alpha_max = {alpha_max}, got {alpha_min}"
@@ -60,8 +68,15 @@ class Dynamics(Analyzer):
     max_value : float
         Divergence threshold: the run stops, marked ``diverged``, when an entry of ``Q``
         or ``R`` exceeds it in magnitude (or turns non-finite, or ``Q`` loses positive
-        definiteness). With the erf activation a too-large ``eta`` makes the weights grow
-        without bound rather than overflow, so this bound is what detects it.
+        semi-definiteness, or the rates turn non-finite, or an estimating engine loses
+        its accuracy after the start). Sustained growth below it is flagged as
+        ``runaway`` (:data:`framework.datasets.RUNAWAY_RULE`).
+    quadrature : mapping, optional
+        Options of the generic engine's :class:`~framework.theory.Quadrature` (e.g.
+        ``{"samples": 16384}``); ignored by the exact engine.
+
+    The horizon is bounded: ``alpha_max <= 1e8``, ``alpha_max * max(eta, eta_v) <=
+    1e7``, ``n_points <= 1e6`` (:func:`framework.theory.check_horizon`).
     """
 
     name: ClassVar[str] = "dynamics"
@@ -78,19 +93,25 @@ class Dynamics(Analyzer):
     )
     second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
     max_value: float = attrs.field(default=1e8, converter=to_float, validator=gt(0.0))
+    quadrature: dict | None = attrs.field(default=None, converter=quadrature_option)
 
     def __attrs_post_init__(self) -> None:
-        alpha_grid(self.alpha, self.alpha_max, self.n_points, self.alpha_min)
+        grid = alpha_grid(self.alpha, self.alpha_max, self.n_points, self.alpha_min)
+        theory.check_horizon(grid, 0.0)
 
     def to_dict(self) -> dict[str, object]:
         out = super().to_dict()
         out["alpha"] = None if self.alpha is None else list(self.alpha)
+        if self.quadrature is None:
+            out.pop("quadrature", None)  # the default: specifications stored before it
         return out
 
     def check(self, experiment: Experiment) -> None:
         # closed form or generic engine: every (activation, normalization) pair works;
         # this validates the normalization against the model (e.g. layernorm's K >= 2)
         theory.expectation_engine(experiment.model, experiment.normalization)
+        grid = alpha_grid(self.alpha, self.alpha_max, self.n_points, self.alpha_min)
+        theory.check_horizon(grid, experiment.eta, experiment.model.layers().eta_v)
 
     def run(self, experiment: Experiment) -> xr.Dataset:
         grid = alpha_grid(self.alpha, self.alpha_max, self.n_points, self.alpha_min)
@@ -100,6 +121,7 @@ class Dynamics(Analyzer):
             eta=experiment.eta, batch_size=experiment.batch_size, alpha=grid,
             rtol=self.rtol, atol=self.atol, method=self.method,
             second_order=self.second_order, max_value=self.max_value,
+            quadrature=self.quadrature,
         )
         return trajectory_dataset(experiment, traj, grid, method=self.method, rtol=self.rtol,
                                   atol=self.atol, second_order=self.second_order)

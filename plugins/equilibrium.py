@@ -51,6 +51,7 @@ from framework.validators import (
     integer,
     one_of,
     optional_integer,
+    quadrature_option,
     to_bool,
     to_float,
 )
@@ -106,16 +107,6 @@ def _optional_op(value: Any) -> OrderParameters | None:
     if isinstance(value, Mapping):
         return OrderParameters.from_dict(value)
     raise TypeError(f"'at' must be OrderParameters, a mapping or None, got {value!r}")
-
-
-def _optional_quadrature(value: Any) -> dict | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise TypeError(f"'quadrature' must be a mapping of Quadrature options or None, "
-                        f"got {value!r}")
-    theory.Quadrature.from_dict(value)  # validates (names the option and value)
-    return dict(value)
 
 
 def _optional_weight_norm(value: Any) -> float | None:
@@ -827,7 +818,7 @@ class EscapeAnalyzer(Analyzer):
         default="auto", validator=one_of("auto", "matched", "exchangeable"))
     horizon: float = attrs.field(default=2000.0, converter=to_float, validator=gt(0.0))
     plateau: str = attrs.field(default="eta", validator=one_of("eta", "gradient_flow"))
-    quadrature: dict | None = attrs.field(default=None, converter=_optional_quadrature)
+    quadrature: dict | None = attrs.field(default=None, converter=quadrature_option)
     stop_at_escape: bool = attrs.field(default=False, converter=to_bool, validator=boolean())
 
     def to_dict(self) -> dict[str, Any]:

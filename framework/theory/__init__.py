@@ -48,11 +48,15 @@ from framework.activation import Activation
 from framework.model import Model, OrderParameters
 from framework.normalization import Normalization
 from framework.theory.base import (
+    ALPHA_LIMIT,
+    ALPHA_RATE_LIMIT,
+    GRID_LIMIT,
     AccuracyError,
     ClosedFormUnavailable,
     Engine,
     Rates,
     Trajectory,
+    check_horizon,
 )
 from framework.theory.closed import ClosedFormEngine
 from framework.theory.quadrature import (
@@ -67,8 +71,11 @@ from framework.validators import SpecificationError
 _numba_notice.install()
 
 __all__ = [
+    "ALPHA_LIMIT",
+    "ALPHA_RATE_LIMIT",
     "ENGINES",
     "ENGINE_CHOICES",
+    "GRID_LIMIT",
     "AccuracyError",
     "ClosedFormEngine",
     "ClosedFormUnavailable",
@@ -79,6 +86,7 @@ __all__ = [
     "Quadrature",
     "Rates",
     "Trajectory",
+    "check_horizon",
     "expectation_engine",
     "generalization_error",
     "generalization_error_batch",

@@ -31,6 +31,7 @@ from framework.theory import _dop853
 from framework.theory._kernels import (
     _STATUS_MESSAGES,
     HAVE_NUMBA,
+    SEMIDEFINITE_TOL,
     _is_jitted,
     _state_status_py,
     generalization_error,
@@ -39,16 +40,22 @@ from framework.theory._kernels import (
     unpack_state,
 )
 
-__all__ = ["GridSolution", "TheoryTrajectory", "integrate_diagonal_scale", "solve_grid"]
+__all__ = [
+    "GridSolution",
+    "StopIntegration",
+    "TheoryTrajectory",
+    "integrate_diagonal_scale",
+    "solve_grid",
+]
 
 Array = NDArray[np.float64]
 ScaleFn = Callable[[Array], Array]
 
 _SCIPY_METHODS = {"DOP853": DOP853, "RK45": RK45, "LSODA": LSODA, "Radau": Radau, "BDF": BDF}
 
-#: Tolerance of the semidefinite criterion: ``Q`` is accepted while its smallest
-#: eigenvalue is above ``-SEMIDEFINITE_TOL * max(1, max |Q|)``.
-SEMIDEFINITE_TOL = 1e-9
+#: Tolerance of the semidefinite criterion (:data:`framework.theory._kernels.SEMIDEFINITE_TOL`):
+#: ``Q`` is accepted while its smallest eigenvalue is above ``-SEMIDEFINITE_TOL * max(1,
+#: max |Q|)``.
 
 
 # --------------------------------------------------------------------------------------
@@ -72,6 +79,17 @@ class GridSolution(NamedTuple):
     y: Array
     status: int
     t_fail: float
+    message: str = ""
+
+
+class StopIntegration(Exception):
+    """Raised by a right-hand side to end :func:`solve_grid` early at an accepted state,
+    keeping the rows reached: ``code`` (a key of ``_STATUS_MESSAGES``) and a message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def definiteness(y: Array, K: int, semidefinite: bool = False) -> float:
@@ -109,12 +127,23 @@ def _watched(base: type) -> type:
 
     class Watched(base):
         def __init__(self, fun, t0, y0, t_bound, *, watch: list, **options):
-            super().__init__(fun, t0, y0, t_bound, **options)
-            self.nonfinite = False
             watch.append(self)
+            self.nonfinite = False
+            self.stopped: StopIntegration | None = None
+            super().__init__(fun, t0, y0, t_bound, **options)
 
         def _step_impl(self):
-            ok, message = super()._step_impl()
+            # non-finite rates at an accepted state: scipy's step control would loop
+            # forever on a NaN step size, so stop here (code 5)
+            f = getattr(self, "f", None)
+            if f is not None and not np.all(np.isfinite(f)):
+                self.stopped = StopIntegration(5, _STATUS_MESSAGES[5])
+                return False, _STATUS_MESSAGES[5]
+            try:
+                ok, message = super()._step_impl()
+            except StopIntegration as stop:
+                self.stopped = stop
+                return False, stop.message
             if ok and not np.all(np.isfinite(self.y)):
                 self.nonfinite = True
                 return False, _STATUS_MESSAGES[1]
@@ -129,6 +158,7 @@ class _Segment(NamedTuple):
     status: int  # failure code, 0 if none
     t_fail: float
     stop: tuple[float, Array] | None  # (t, y) where the stop event fired
+    message: str = ""
 
 
 def _segment(fun, t0, y0, grid, events, stop_index, method, rtol, atol) -> _Segment:
@@ -143,6 +173,9 @@ def _segment(fun, t0, y0, grid, events, stop_index, method, rtol, atol) -> _Segm
         rows[-1] = solver.y  # the end state itself, not its interpolant
         return _Segment(rows, 0, math.nan, None)
     if sol.status == -1:
+        if solver.stopped is not None:
+            return _Segment(rows, solver.stopped.code, float(solver.t), None,
+                            solver.stopped.message)
         return _Segment(rows, 1 if solver.nonfinite else 4, float(solver.t), None)
     fired = [(float(te[0]), i) for i, te in enumerate(sol.t_events) if te.size]
     t_event, i = min(fired)
@@ -203,10 +236,12 @@ def solve_grid(
     Returns
     -------
     GridSolution
-        ``(y, status, t_fail)``: a failure (non-finite state, code 1; an event, codes 2
+        ``(y, status, t_fail, message)``: a failure (non-finite state, code 1; an event, codes 2
         and 3, at the time of the located crossing; step-size underflow, code 4) keeps
         the grid points before it; an invalid initial state gives no rows and
-        ``t_fail = alpha[0]``.
+        ``t_fail = alpha[0]``; non-finite rates at the initial state give its row alone
+        (code 5), and at a later accepted state stop there (code 5); a
+        :class:`StopIntegration` raised by ``fun`` stops with its code and message.
     """
     alpha = np.asarray(alpha, dtype=np.float64)
     y0 = np.asarray(y0, dtype=np.float64)
@@ -223,7 +258,13 @@ def solve_grid(
             return 3 if definiteness(y, K, semidefinite) <= 0.0 else 0
     code = int(status(y0))
     if code:
-        return GridSolution(np.empty((0, y0.size)), code, float(alpha[0]))
+        return GridSolution(np.empty((0, y0.size)), code, float(alpha[0]),
+                            _STATUS_MESSAGES[code])
+    with np.errstate(all="ignore"):
+        f0 = np.asarray(fun(float(alpha[0]), y0), dtype=np.float64)
+    if not np.all(np.isfinite(f0)):  # e.g. a normalization dividing by a zero weight norm
+        return GridSolution(y0[None].copy(), 5, float(alpha[0]),
+                            _STATUS_MESSAGES[5] + " (at the initial state)")
     failures = [
         _terminal(lambda t, y: max_value - float(np.max(np.abs(y)))),  # code 2
         _terminal(lambda t, y: definiteness(y, K, semidefinite)),  # code 3
@@ -245,7 +286,8 @@ def solve_grid(
         rows.append(seg.rows)
         j += seg.rows.shape[0]
         if seg.status:
-            return GridSolution(np.concatenate(rows), seg.status, seg.t_fail)
+            return GridSolution(np.concatenate(rows), seg.status, seg.t_fail,
+                                seg.message or _STATUS_MESSAGES[seg.status])
         if pending:  # reached the grid point after the crossing
             if eps_of(seg.rows[-1]) < threshold:
                 break
@@ -254,7 +296,7 @@ def solve_grid(
             (t, y), pending = seg.stop, True
         else:
             break
-    return GridSolution(np.concatenate(rows), 0, math.nan)
+    return GridSolution(np.concatenate(rows), 0, math.nan, _STATUS_MESSAGES[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -332,7 +374,7 @@ def _run_scipy(Q0, R0, T, scale_fn, scale_jac_fn, eta, batch_size, noise_var, al
         return pack_state(dQ, dR)
 
     sol = solve_grid(fun, pack_state(Q0, R0), alpha, K=K, method=method, rtol=rtol,
-                     atol=atol, max_value=max_value,
+                     atol=atol, max_value=max_value, semidefinite=True,
                      status=lambda y: _state_status_py(y, K, max_value))
     Qs, Rs = unpack_state(sol.y, K, M)
     eps = np.array([

@@ -581,21 +581,43 @@ def unpack_state(y: ArrayLike, K: int, M: int) -> tuple[Array, Array]:
     return y[..., : K * K].reshape(*lead, K, K), y[..., K * K :].reshape(*lead, K, M)
 
 
+#: Semidefinite tolerance of the state check, relative to ``max(1, max |Q|)`` (shared with
+#: :data:`framework.theory._integrate.SEMIDEFINITE_TOL`).
+SEMIDEFINITE_TOL = 1e-9
+
+
 @_njit
 def _state_status(y, K, max_value):
-    """0 if valid; 1 non-finite; 2 beyond ``max_value``; 3 ``Q`` not positive definite."""
+    """0 if valid; 1 non-finite; 2 beyond ``max_value``; 3 ``Q`` not positive
+    *semi*-definite: a Cholesky factorization with a pivot below ``-tol`` fails, a pivot in
+    ``[-tol, tol]`` (``tol = SEMIDEFINITE_TOL * max(1, max |Q|)``) is a zero column,
+    valid only if the rest of its column vanishes to ``sqrt(tol)`` -- identical students
+    or a unit with zero weights are valid states (the closed forms are analytic there)."""
+    scale = 1.0
     for v in y:
         if not math.isfinite(v):
             return 1
         if abs(v) > max_value:
             return 2
+    for j in range(K * K):
+        scale = max(scale, abs(y[j]))
+    tol = SEMIDEFINITE_TOL * scale
+    root = math.sqrt(tol)
     L = np.zeros((K, K))  # Cholesky of Q = y[:K*K]
     for j in range(K):
         acc = y[j * K + j]
         for m in range(j):
             acc -= L[j, m] ** 2
-        if acc <= 0.0:
+        if acc < -tol:
             return 3
+        if acc <= tol:  # a zero pivot: the column below must vanish too
+            for i in range(j + 1, K):
+                rest = y[i * K + j]
+                for m in range(j):
+                    rest -= L[i, m] * L[j, m]
+                if abs(rest) > root * math.sqrt(max(abs(y[i * K + i]), tol)):
+                    return 3
+            continue
         L[j, j] = math.sqrt(acc)
         for i in range(j + 1, K):
             acc = y[i * K + j]
@@ -611,22 +633,14 @@ _STATUS_MESSAGES = {
     2: "state exceeded max_value",
     3: "Q lost positive definiteness",
     4: "step size became too small",
+    5: "the right-hand side is not finite at a valid state",
+    6: "the engine's estimate lost its accuracy",
 }
 
 
 def _state_status_py(y, K, max_value):
-    """:func:`_state_status` from Python (numpy fallback without numba)."""
-    if HAVE_NUMBA:
-        return int(_state_status(y, K, max_value))
-    if not np.all(np.isfinite(y)):
-        return 1
-    if np.max(np.abs(y)) > max_value:
-        return 2
-    try:
-        np.linalg.cholesky(y[: K * K].reshape(K, K))
-    except np.linalg.LinAlgError:
-        return 3
-    return 0
+    """:func:`_state_status` from Python (the same code, interpreted without numba)."""
+    return int(_state_status(y, K, max_value))
 
 
 # --------------------------------------------------------------------------------------

@@ -38,7 +38,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from framework.theory._integrate import _SCIPY_METHODS, definiteness, solve_grid
+from framework.theory._integrate import (
+    _SCIPY_METHODS,
+    StopIntegration,
+    definiteness,
+    solve_grid,
+)
 from framework.theory._kernels import _STATUS_MESSAGES
 from framework.validators import SpecificationError
 
@@ -47,7 +52,17 @@ if TYPE_CHECKING:
     from framework.model import Model
     from framework.normalization import Normalization
 
-__all__ = ["AccuracyError", "ClosedFormUnavailable", "Engine", "Rates", "Trajectory"]
+__all__ = [
+    "ALPHA_LIMIT",
+    "ALPHA_RATE_LIMIT",
+    "GRID_LIMIT",
+    "AccuracyError",
+    "ClosedFormUnavailable",
+    "Engine",
+    "Rates",
+    "Trajectory",
+    "check_horizon",
+]
 
 
 class AccuracyError(ArithmeticError):
@@ -292,18 +307,20 @@ class Engine(abc.ABC):
         stop_below`` (that point is the last one reported; not a divergence), e.g. to
         measure an escape time without integrating the converged phase.
 
-        Divergence (non-finite state, an entry beyond ``max_value``, ``Q`` no longer
-        positive definite -- semidefinite where :attr:`semidefinite` --, step-size
-        underflow) stops the run and keeps the rows reached; an
-        :class:`AccuracyError` at an accepted state propagates.
+        Divergence (non-finite state, an entry beyond ``max_value``, ``Q`` leaving the
+        closed positive semidefinite cone (its boundary is a valid start), step-size
+        underflow, non-finite rates at a valid state) stops the run and keeps the rows
+        reached. An :class:`AccuracyError` at the initial state propagates (more
+        quadrature samples are needed); later in the run (typically a state running
+        away, where the estimate's variance grows) it stops the run with the rows
+        reached, ``diverged`` and the error's text in ``message``. The grid is bounded by
+        :func:`check_horizon`.
         """
         if method not in _SCIPY_METHODS:
             raise SpecificationError(
                 f"'method' must be one of {', '.join(map(repr, _SCIPY_METHODS))}, got {method!r}"
             )
-        alpha = np.asarray(alpha, dtype=float).reshape(-1)
-        if alpha.size == 0 or np.any(np.diff(alpha) <= 0):
-            raise SpecificationError(f"'alpha' must be a strictly increasing grid, got {alpha!r}")
+        alpha = check_horizon(alpha, eta, self.layers.eta_v)
         p0 = self.params(params)
         y0 = self.pack(np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float), p0)
         fixed = {k: v for k, v in p0.items() if k not in self.trainable}
@@ -313,21 +330,32 @@ class Engine(abc.ABC):
             Q, R, tp = self.unpack(y)
             return Q, R, {**fixed, **tp}
 
-        def fun(_t: float, y: np.ndarray) -> np.ndarray:
+        t_start = float(alpha[0])
+
+        def fun(t: float, y: np.ndarray) -> np.ndarray:
             nonlocal nfev
             nfev += 1
             Q, R, p = split(y)
             with np.errstate(all="ignore"):
-                if self._state_status(y, max_value):  # trial stage outside the valid region
+                if self._state_status(y, max_value, semidefinite=True):  # outside the cone
                     return np.full_like(y, np.nan)
-                r = self.rates(Q, R, p, eta=eta, batch_size=batch_size,
-                               second_order=second_order)
+                try:
+                    r = self.rates(Q, R, p, eta=eta, batch_size=batch_size,
+                                   second_order=second_order)
+                except AccuracyError as exc:
+                    if t <= t_start:  # at the start: more samples are needed, say so
+                        raise
+                    # later (typically a run-away state): stop, keep the rows reached
+                    raise StopIntegration(6, (
+                        f"{_STATUS_MESSAGES[6]} at alpha = {t:.6g} with max |Q| = "
+                        f"{float(np.max(np.abs(Q))):.3g} (stopped there, rows kept): "
+                        f"{exc}")) from exc
             return self.pack(r.dQ, r.dR, r.dparams)
 
-        ys, status, t_fail = solve_grid(
+        ys, status, t_fail, message = solve_grid(
             fun, y0, alpha, K=self.K, method=method, rtol=rtol, atol=atol,
-            max_value=max_value, semidefinite=self.semidefinite,
-            status=lambda y: self._state_status(y, max_value),
+            max_value=max_value, semidefinite=True,
+            status=lambda y: self._state_status(y, max_value, semidefinite=True),
             eps_g=_eps_g_of_state(self, fixed), stop_below=stop_below,
         )
         n_rows = ys.shape[0]
@@ -336,28 +364,35 @@ class Engine(abc.ABC):
         eps = np.empty(n_rows)
         eps_err = np.empty(n_rows)
         for j in range(n_rows):  # one quadrature per reported time
-            eps[j], eps_err[j] = self.generalization_error(
-                Qs[j], Rs[j], {**fixed, **{k: v[j] for k, v in ps.items()}}
-            )
+            with np.errstate(all="ignore"):  # a non-finite row is explained by message
+                eps[j], eps_err[j] = self.generalization_error(
+                    Qs[j], Rs[j], {**fixed, **{k: v[j] for k, v in ps.items()}}
+                )
         return Trajectory(
             alpha=alpha[:n_rows].copy(), Q=Qs.copy(), R=Rs.copy(), eps_g=eps,
             diverged=status != 0, alpha_diverged=float(t_fail) if status else math.nan,
-            nfev=nfev, message=_STATUS_MESSAGES[status], engine=self.name,
+            nfev=nfev, message=message, engine=self.name,
             params={k: np.array(v) for k, v in ps.items()}, eps_g_error=eps_err,
             description=self.describe(), exact=self.exact,
         )
 
-    def _state_status(self, y: np.ndarray, max_value: float) -> int:
+    def _state_status(self, y: np.ndarray, max_value: float,
+                      semidefinite: bool | None = None) -> int:
         """0 for a valid integrator state, else the failure code of
         ``framework.theory._kernels._STATUS_MESSAGES``: non-finite (1), beyond
-        ``max_value`` (2), ``Q`` not positive definite -- or, where
-        :attr:`semidefinite`, with an eigenvalue below ``-1e-9 max(1, max |Q|)`` -- (3)."""
+        ``max_value`` (2), ``Q`` not positive definite -- or, where semidefinite
+        (default :attr:`semidefinite`), with an eigenvalue below ``-1e-9 max(1, max
+        |Q|)`` -- (3). :meth:`integrate` accepts the closed cone for every engine: the
+        expectations are defined on its boundary (identical students, a zero-norm unit;
+        the quadrature samples the degenerate Gaussian exactly), which is invariant
+        under the flow; :attr:`semidefinite` is about smoothness there (Jacobians)."""
+        semi = self.semidefinite if semidefinite is None else semidefinite
         if not np.all(np.isfinite(y)):
             return 1
         if np.max(np.abs(y)) > max_value:
             return 2
-        margin = definiteness(y, self.K, self.semidefinite)  # smallest eigenvalue (+ tol)
-        if margin < 0 or (margin == 0 and not self.semidefinite):
+        margin = definiteness(y, self.K, semi)  # smallest eigenvalue (+ tol)
+        if margin < 0 or (margin == 0 and not semi):
             return 3
         return 0
 
@@ -445,6 +480,41 @@ class Engine(abc.ABC):
         nan = {k: np.full(K, np.nan) for k in self.trainable}
         return Rates(np.full((K, K), np.nan), np.full((K, M), np.nan), nan, math.nan,
                      np.full((K, K), np.nan), np.full((K, M), np.nan), dict(nan), math.nan)
+
+
+#: Largest ``alpha`` an integration may reach, and the largest ``alpha * rate``
+#: (``rate = max(eta, eta_v)``): once converged an explicit integrator's steps are bounded
+#: by stability to ``~1 / (rate * lambda_max)``, so the number of steps grows like
+#: ``alpha * rate`` -- a horizon of ``1e300`` would never finish.
+ALPHA_LIMIT = 1e8
+ALPHA_RATE_LIMIT = 1e7
+#: Largest report grid (rows of the trajectory).
+GRID_LIMIT = 10**6
+
+
+def check_horizon(alpha: Any, eta: float, eta_v: float = 0.0) -> np.ndarray:
+    """``alpha`` as a float grid, refused (naming the limit and the value) if it is not
+    strictly increasing and finite, longer than :data:`GRID_LIMIT` points, ends beyond
+    :data:`ALPHA_LIMIT`, or ``alpha[-1] * max(eta, eta_v)`` exceeds
+    :data:`ALPHA_RATE_LIMIT` (the integration would take ~that many steps)."""
+    alpha = np.asarray(alpha, dtype=float).reshape(-1)
+    if alpha.size == 0 or not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
+        raise SpecificationError(
+            f"'alpha' must be a finite, strictly increasing grid, got {alpha!r}")
+    if alpha.size > GRID_LIMIT:
+        raise SpecificationError(
+            f"'alpha' must have at most {GRID_LIMIT} points, got {alpha.size}")
+    end = float(alpha[-1])
+    if end > ALPHA_LIMIT:
+        raise SpecificationError(
+            f"the integration horizon alpha must be <= {ALPHA_LIMIT:g}, got {end:g}")
+    rate = max(float(eta), float(eta_v))
+    if end * rate > ALPHA_RATE_LIMIT:
+        raise SpecificationError(
+            f"the integration horizon alpha * max(eta, eta_v) must be <= "
+            f"{ALPHA_RATE_LIMIT:g} (the converged phase takes ~that many integrator "
+            f"steps), got alpha = {end:g} with rate {rate:g}")
+    return alpha
 
 
 def _eps_g_of_state(

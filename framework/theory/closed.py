@@ -44,7 +44,7 @@ from framework.model import Model
 from framework.normalization import Normalization
 from framework.theory import _kernels as _theory
 from framework.theory._erf import J2
-from framework.theory.base import Engine, Rates, Trajectory
+from framework.theory.base import Engine, Rates, Trajectory, check_horizon
 from framework.validators import SpecificationError
 
 __all__ = ["ClosedFormEngine"]
@@ -283,6 +283,7 @@ class ClosedFormEngine(Engine):
         p = self._checked(kwargs.get("params"))
         if self.trainable or not self.layers.committee_machine:
             return super().integrate(Q0, R0, **kwargs)
+        check_horizon(kwargs["alpha"], kwargs["eta"])
         norm = self.normalization
         kernels = norm.scale_kernels()
 
