@@ -55,7 +55,9 @@ Backends
 ``"numpy"``: the generic path, any registered normalization through its
 per-sample API, replicas advancing together as ``(replicas, K + M, N)`` arrays.
 ``"numba"``: a compiled kernel for the erf activation and population statistics,
-parallel over replicas, for any normalization that provides compiled scale
+replicas in parallel on a pool of ``threads`` threads (each replica takes ~4e6
+multiply-adds of steps in a row, so its weights stay in cache; results do not depend
+on the number of threads), for any normalization that provides compiled scale
 functions (:meth:`~framework.Normalization.scale_kernels`: ``x~_i = s_i(Q, p) x_i``
 plus optional shift parameters). The gradient through the statistics comes from the
 compiled ``ds_i / dQ_jk``, trainable parameters are stepped with ``ds_i / dp`` (or,
@@ -73,9 +75,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import attrs
@@ -97,6 +101,7 @@ from framework.validators import (
     integer,
     one_of,
     optional_boolean,
+    optional_integer,
     to_bool,
     to_float,
 )
@@ -105,13 +110,11 @@ try:  # numba is optional (extra "fast")
     import numba
 
     HAVE_NUMBA = True
-    prange: Any = numba.prange
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None  # type: ignore[assignment]
     HAVE_NUMBA = False
-    prange = range
 
-__all__ = ["HAVE_NUMBA", "Simulation", "normals", "normals_numpy"]
+__all__ = ["HAVE_NUMBA", "Simulation", "default_threads", "normals", "normals_numpy"]
 
 
 def njit(*args: Any, **kwargs: Any) -> Any:
@@ -129,10 +132,12 @@ def njit(*args: Any, **kwargs: Any) -> Any:
 # Counter-based Gaussian input stream
 # ==================================================================================
 # A step needs N fresh normals but only ~6 K N flops, so the generator dominates:
-# numpy's PCG64 ziggurat costs ~10 ns a normal (~10 us a step at N = 1000). The stream
-# below costs ~2 ns a normal compiled, has no state to carry (normal i of a key is a
-# pure function of (key, i)), and has a vectorized numpy twin giving the same values,
-# so the kernel and the generic path consume identical inputs with or without numba.
+# numpy's PCG64 ziggurat costs ~10-20 ns a normal (~10 us a step at N = 1000). The
+# stream below costs ~2.4 ns a normal compiled (fill_nb: a SIMD pass for the fast path,
+# a second for its rejects; ~1.4 + 1 ns; one number at a time it is ~2.5x slower), has
+# no state to carry (normal i of a key is a pure function of (key, i)), and has a
+# vectorized numpy twin giving the same values, so the kernel and the generic path
+# consume identical inputs with or without numba (bench/simulation.py measures all).
 #   word(k, c)    = splitmix64_mix(k + (c + 1) * 0x9E3779B97F4A7C15)   (mod 2^64)
 #   uniform(k, c) = (word(k, c) >> 11) * 2^-53
 #   normal(key, i): numpy's 256-layer ziggurat fed with w0 = word(key, i); when the
@@ -341,13 +346,43 @@ def normal_nb(key, i):
     return _slow_nb(w)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
+def fill_nb(key, start, out):
+    """Normals ``start .. start + len(out) - 1`` of stream ``key`` into ``out`` (1-D).
+
+    Same values as :func:`normal_nb`, in two passes: the fast path of every number
+    without a branch (SIMD: the words, the table gathers and the conversions four or
+    eight at a time), marking the 0.7 % the fast path rejects with a NaN, then the
+    slow path for those. ~2.5x faster than :func:`normal_nb` in a loop.
+    """
+    n = out.shape[0]
+    bad = False
+    for i in range(n):
+        w = _word_nb(key, start + np.uint64(i))
+        idx = np.intp(w & _FF)
+        r = w >> _S8
+        rabs = (r >> _S1) & _MASK52
+        x = np.float64(np.int64(rabs)) * WI[idx]  # rabs < 2^52: exact either way
+        if (r & _ONE) == _ONE:
+            x = -x
+        ok = rabs < KI[idx]
+        out[i] = x if ok else np.nan
+        bad |= not ok
+    if bad:
+        for i in range(n):
+            if math.isnan(out[i]):
+                out[i] = _slow_nb(_word_nb(key, start + np.uint64(i)))
+
+
+@njit(cache=True)
 def _fill_nb(keys, start, out):
+    # Serial on purpose: called from a parallel=True function, fill_nb inherits the
+    # parallel flags and its first pass is no longer vectorized (6x slower).
     P, count = out.shape
-    for p in prange(P):
-        key = keys[p]
-        for c in range(count):
-            out[p, c] = normal_nb(key, start + np.uint64(c))
+    for p in range(P):
+        row = out[p]  # a C-contiguous row (out[p, a:b] would not be typed contiguous)
+        for c0 in range(0, count, 4096):  # blocks that stay in L1 for the second pass
+            fill_nb(keys[p], start + np.uint64(c0), row[c0:min(count, c0 + 4096)])
 
 
 def normals(keys: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -452,9 +487,7 @@ def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, nois
         # forward: inputs, pre-activations (and their Gram matrix)
         base = step * per_step
         for b in range(batch):
-            off = base + np.uint64(b * N)
-            for n in range(N):
-                xi[b, n] = normal_nb(key, off + np.uint64(n))
+            fill_nb(key, base + np.uint64(b * N), xi[b])
             acc = 0.0
             sq = 0.0
             for n in range(N):  # the first pre-activation and |xi|^2 in one pass
@@ -598,32 +631,24 @@ def _advance_one(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise
                   lay, tw, (scale, jacobian, parameter_jacobian))
 
 
-def _advance_replicas(W, Q, p, v, K, keys, keys_noise, step0, nsteps, batch, eta, noise_sd,
-                      role, lay, tw, scale, jacobian, parameter_jacobian):
-    fns = (scale, jacobian, parameter_jacobian)
-    for r in prange(W.shape[0]):
-        _advance_impl(W[r], Q[r], p[r], v[r], K, keys[r], keys_noise[r], step0, nsteps,
-                      batch, eta, noise_sd, role, lay, tw, fns)
-
-
 @functools.cache
-def _kernel_entry_points() -> tuple[Any, Any]:
-    """The kernel for one replica and for all (parallel), typed once for any scale
-    functions (first-class function types, so compiled once and cached on disk)."""
+def _kernel_entry_point() -> Any:
+    """The kernel for one replica, typed once for any scale functions (first-class
+    function types, so compiled once and cached on disk). It releases the GIL: replicas
+    run on a thread pool (:meth:`_KernelStepper.advance`), not in a numba ``prange``
+    -- compiled inside a parallel region the input stream loses its SIMD first pass
+    (:func:`fill_nb`), and a parallel region per call starts and joins its threads
+    with a static share of replicas per thread, which under load made two threads
+    slower than one."""
     t = numba.types
     f2 = t.float64[:, ::1]
-    f3 = t.float64[:, :, ::1]
     with warnings.catch_warnings():  # first-class function types are "experimental"
         warnings.simplefilter("ignore", numba.NumbaExperimentalFeatureWarning)
         fns = tuple(t.FunctionType(sig) for sig in _kernel_signatures())
         f1 = t.float64[::1]
         common = (t.int64, t.uint64, t.uint64, t.uint64, t.int64, t.int64, t.float64,
                   t.float64, t.int64[::1], f1, f1, *fns)
-        one = numba.njit((f2, f2, f2, f1, *common), cache=True)(_advance_one)
-        common = (t.int64, t.uint64[::1], t.uint64[::1], *common[3:])
-        par = numba.njit((f3, f3, f3, f2, *common), parallel=True, cache=True)(
-            _advance_replicas)
-    return one, par
+        return numba.njit((f2, f2, f2, f1, *common), cache=True, nogil=True)(_advance_one)
 
 
 # ==================================================================================
@@ -659,6 +684,16 @@ def _to_initial(value: Any) -> OrderParameters | None:
     if isinstance(value, Mapping):
         return OrderParameters.from_dict(value)
     raise TypeError(f"'initial' must be None, OrderParameters or a mapping, got {value!r}")
+
+
+def default_threads() -> int:
+    """Default number of kernel threads: the CPUs this process may run on, at most
+    ``numba.get_num_threads()`` (``NUMBA_NUM_THREADS``)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, numba.get_num_threads() if HAVE_NUMBA else 1))
 
 
 def _progress_default(progress: bool | None, work: float) -> bool:
@@ -703,6 +738,10 @@ class Simulation(Analyzer):
         closed form applies (>= 1000).
     progress : bool, optional
         Show a tqdm progress bar; default: on long runs when stderr is a terminal.
+    threads : int, optional
+        Threads of the compiled kernel (replicas run in parallel, one replica per
+        thread at a time; results do not depend on it); default
+        :func:`default_threads` (at most one per replica).
     """
 
     name: ClassVar[str] = "simulation"
@@ -720,12 +759,15 @@ class Simulation(Analyzer):
     mc_samples: int = attrs.field(default=100_000, validator=integer(minimum=1000))
     progress: bool | None = attrs.field(default=None, converter=to_bool,
                                         validator=optional_boolean())
+    threads: int | None = attrs.field(default=None, validator=optional_integer(minimum=1))
 
     # -- specification ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["initial"] = None if self.initial is None else self.initial.to_dict()
         out["alpha"] = None if self.alpha is None else list(self.alpha)
+        if self.threads is None:  # an execution setting: specs (and hashes) as before
+            out.pop("threads", None)
         return out
 
     def record_steps(self) -> np.ndarray:
@@ -838,6 +880,7 @@ class Simulation(Analyzer):
                 if vhist is not None:
                     vhist[:, a] = v
         finally:
+            stepper.close()
             if pbar is not None:
                 pbar.close()
 
@@ -1056,24 +1099,39 @@ class _KernelStepper:
             self.p[:, a] = params[k][:, 0]
         J = W[:, :K]
         self.Q = np.ascontiguousarray(J @ J.transpose(0, 2, 1) / N)
-        self.one, self.par = _kernel_entry_points()
+        self.one = _kernel_entry_point()
         self.fns = _first_class(kernels)
-        # about 4e6 multiply-adds between returns to Python (progress bar updates)
-        self.chunk = max(1, int(4e6 // (W.shape[0] * W.shape[1] * W.shape[2] * self.batch)))
+        # About 4e6 multiply-adds per replica between returns to Python (progress bar
+        # updates): a replica then takes many steps in a row, its weights staying in
+        # cache (a budget shared by all replicas gave one step per call at N = 10000 and
+        # 32 replicas, every replica's weights reloaded from memory at every step).
+        self.chunk = max(1, int(4e6 // (W.shape[1] * W.shape[2] * self.batch)))
+        threads = min(P, sim.threads if sim.threads is not None else default_threads())
+        #: replicas are independent: a pool of threads takes them one at a time
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def advance(self, step0: int, nsteps: int) -> None:
         rest = (np.uint64(step0), nsteps, self.batch, self.eta, self.noise_sd, self.role,
                 self.lay, self.tw, *self.fns)
+
+        def replica(r: int) -> None:
+            self.one(self.W[r], self.Q[r], self.p[r], self.v[r], self.K, self.keys[r],
+                     self.keys_noise[r], *rest)
+
         with warnings.catch_warnings():  # first-class function types are "experimental"
             warnings.simplefilter("ignore", numba.NumbaExperimentalFeatureWarning)
-            if self.W.shape[0] == 1:  # one replica: stay on this thread (no parallel region)
-                self.one(self.W[0], self.Q[0], self.p[0], self.v[0], self.K, self.keys[0],
-                         self.keys_noise[0], *rest)
+            if self.pool is None:
+                for r in range(self.W.shape[0]):
+                    replica(r)
             else:
-                self.par(self.W, self.Q, self.p, self.v, self.K, self.keys, self.keys_noise,
-                         *rest)
+                for _ in self.pool.map(replica, range(self.W.shape[0])):
+                    pass  # re-raises a replica's exception
         for a, k in self.trained:
             self.params[k][:, 0] = self.p[:, a]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 class _GenericStepper:
@@ -1100,6 +1158,9 @@ class _GenericStepper:
         P, _, N = W.shape
         # inputs are drawn in chunks of ~2^20 numbers (8 MB)
         self.chunk = max(1, (1 << 20) // (P * N * self.batch))
+
+    def close(self) -> None:
+        pass
 
     def advance(self, step0: int, nsteps: int) -> None:
         W, Bsz = self.W, self.batch
