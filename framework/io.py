@@ -15,6 +15,8 @@ strings are netCDF strings.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,9 +27,52 @@ import xarray as xr
 
 from framework.results import flatten_attrs
 
-__all__ = ["load", "load_experiment", "save"]
+__all__ = ["ChecksumError", "checksum", "load", "load_experiment", "save"]
 
 _BOOL_MARK = "symphase_dtype"
+#: Global attr holding :func:`checksum` of the stored content (written by :func:`save`).
+CHECKSUM_ATTR = "symphase_checksum"
+
+
+class ChecksumError(ValueError):
+    """A stored file's content does not match its recorded checksum (it is damaged)."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _attrs_text(attrs: Any) -> bytes:
+    items = sorted((str(k), _plain(v)) for k, v in attrs.items() if k != CHECKSUM_ATTR)
+    return json.dumps(items, default=repr, allow_nan=True).encode()
+
+
+def checksum(dataset: xr.Dataset) -> str:
+    """sha256 (hex) of a stored dataset's content: every variable and attr but the checksum.
+
+    Covers names, dimensions, dtypes, shapes, values and attrs, in the form netCDF stores
+    them (as :func:`save` writes them and ``xarray.open_dataset`` reads them back), so a
+    single flipped bit in any value or attr changes it.
+    """
+    h = hashlib.sha256()
+    for name in sorted(map(str, dataset.variables)):
+        var = dataset.variables[name]
+        values = np.asarray(var.values)
+        h.update(json.dumps([name, list(map(str, var.dims)), list(values.shape)]).encode())
+        h.update(_attrs_text(var.attrs))
+        if values.dtype.kind in "OUS":
+            h.update(json.dumps([str(v) for v in values.ravel().tolist()]).encode())
+        else:
+            h.update(values.dtype.str.encode())
+            h.update(np.ascontiguousarray(values).tobytes())
+    h.update(_attrs_text(dataset.attrs))
+    return h.hexdigest()
 
 
 def _netcdf_safe(dataset: xr.Dataset) -> xr.Dataset:
@@ -98,6 +143,7 @@ def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True
     ds = _netcdf_safe(dataset.copy(deep=False).load())  # read before we replace a source
     plugin_manager().hook.symphase_before_save(dataset=ds, path=str(path))
     ds = _netcdf_safe(ds)  # a hook may have added attrs or variables
+    ds.attrs[CHECKSUM_ATTR] = checksum(ds)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -122,10 +168,25 @@ def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True
     return path
 
 
-def load(path: str | os.PathLike[str]) -> xr.Dataset:
-    """Open a stored result fully into memory (the file is closed afterwards)."""
+def load(path: str | os.PathLike[str], *, require_checksum: bool = False) -> xr.Dataset:
+    """Open a stored result fully into memory (the file is closed afterwards).
+
+    A file written by :func:`save` records :func:`checksum` of its content in the
+    ``symphase_checksum`` attr; it is verified here (:class:`ChecksumError` if the
+    content differs: the file is damaged). A file without one (written by other tools or
+    older versions) loads unverified, unless ``require_checksum``. The checksum attr
+    is not part of the returned dataset (it describes the file, and a dataset saved
+    again gets a new one).
+    """
     with xr.open_dataset(path, engine="netcdf4") as ds:
         out = ds.load()
+    recorded = out.attrs.pop(CHECKSUM_ATTR, None)
+    if recorded is None:
+        if require_checksum:
+            raise ChecksumError(f"{os.fspath(path)}: no {CHECKSUM_ATTR!r} attr to verify")
+    elif recorded != checksum(out):
+        raise ChecksumError(f"{os.fspath(path)}: the content does not match its "
+                            f"{CHECKSUM_ATTR!r} (the file is damaged)")
     for name in list(out.variables):
         var = out.variables[name]
         if var.attrs.get(_BOOL_MARK) == "bool":
@@ -148,7 +209,16 @@ def load_experiment(path_or_dataset: Any) -> Any:
     this is the base experiment; :func:`framework.point_experiment` rebuilds the
     experiment of one grid point.
     """
+    from framework._resources import check_memory
     from framework.experiment import Experiment
 
     ds = path_or_dataset if isinstance(path_or_dataset, xr.Dataset) else load(path_or_dataset)
+    text = ds.attrs.get("symphase_spec_json")
+    if isinstance(text, str):
+        try:
+            spec = json.loads(text)
+        except (ValueError, RecursionError):
+            spec = None  # Experiment.from_dataset reports it
+        if isinstance(spec, dict):
+            check_memory(spec, what="the stored experiment")  # before allocating
     return Experiment.from_dataset(ds)

@@ -24,9 +24,13 @@ experiment, the sha256 of its canonical JSON. With ``results_dir``, each task's
 dataset is written atomically to ``results_dir/points/<key>.nc`` as soon as it
 completes, and a re-run loads the stored tasks instead of recomputing them, so a
 sweep killed at any moment resumes where it stopped (a task that was running is
-recomputed; no file is ever partial). At the end the combined datasets are written
-to ``results_dir/<analyzer>.nc``. The key covers the specification only, not the
-symphase version: delete ``results_dir`` to recompute after changing the code.
+recomputed; no file is ever partial). While a task is computed its lock is held, so
+that a second sweep into the same folder waits for it instead of computing it again;
+every stored file carries a checksum of its content, verified on reuse (a damaged file
+is recomputed); stale temporary files are removed (:mod:`framework.sweep.storage`). At
+the end the combined datasets are written to ``results_dir/<analyzer>.nc``. The key
+covers the specification only, not the symphase version: delete ``results_dir`` to
+recompute after changing the code.
 
 Combined results. :meth:`Sweep.run` returns ``{analyzer name: xarray.Dataset}``;
 each dataset has the grid keys as leading dimensions (named exactly like the keys,
@@ -54,16 +58,24 @@ override the swept fields) plus ``symphase_sweep_grid_json`` (the grid),
 :func:`framework.load_experiment` rebuilds the base experiment,
 :func:`point_experiment` the experiment of one point, :func:`load_sweep` the sweep.
 
-Execution (``scheduler``): ``None`` or ``"processes"`` starts an embedded
+Execution (``scheduler``): ``None`` (default) runs a single task here and otherwise
+picks ``"processes"`` when spawning worker processes is safe
+(:func:`~framework.sweep.execute.spawn_is_safe`: no main script, or the sweep runs
+inside its ``if __name__ == "__main__":`` block) and ``"threads"`` when it is not (a
+plain script without that guard); ``"processes"`` starts an embedded
 ``dask.distributed.LocalCluster`` of single-threaded worker processes (``workers`` of
-them; default: one per CPU, at most one per task) and closes it afterwards;
-``"threads"`` the same with threads in this process; ``"synchronous"`` runs the tasks
-here one after another (no Dask needed); any other string is the address of an
-existing ``dask.distributed`` scheduler (e.g. ``"tcp://10.0.0.1:8786"``), and a
-``distributed.Client`` is used as is. Plugins registered at run time with
+them; default: one per CPU, at most one per task) and closes it afterwards (refused,
+with the reason, where spawning is not safe); ``"threads"`` the same with threads in
+this process; ``"synchronous"`` runs the tasks here one after another (no Dask
+needed); any other string must be the address of an existing ``dask.distributed``
+scheduler (e.g. ``"tcp://10.0.0.1:8786"``; anything else is a
+:class:`~framework.SpecificationError` before any work), and a ``distributed.Client``
+is used as is. Worker processes of an embedded cluster die with the process that
+started them (SIGKILL included: :mod:`framework.sweep._worker`) and ignore SIGINT; an
+interrupted run (Ctrl-C, an exception) kills them and closes the cluster at once, and
+every task stored so far is kept. Plugins registered at run time with
 :func:`framework.register_plugin` are shipped with each task and registered on the
-workers; modules must be importable there. Worker processes are spawned, so a script
-that sweeps with processes needs the usual ``if __name__ == "__main__":`` guard.
+workers; modules must be importable there.
 On Dask, tasks are submitted in batches of ``points_per_task`` (default: about four
 batches per worker, at most 32 tasks each; a worker stores each task of its batch as
 it completes, so batching changes neither the results nor what a resumed run

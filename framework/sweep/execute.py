@@ -15,8 +15,11 @@ as soon as the task is computed (the submitting process stores the others).
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -34,6 +37,7 @@ from framework.sweep.storage import (
     folder_token,
     is_failure,
     load_point,
+    point_lock,
     prepare,
     sees_folder,
     store_combined,
@@ -41,10 +45,12 @@ from framework.sweep.storage import (
 )
 from framework.validators import SpecificationError
 
-__all__ = ["default_points_per_task", "run", "sweep"]
+__all__ = ["default_points_per_task", "default_scheduler", "run", "spawn_is_safe", "sweep"]
 
 #: Upper bound of the default batch size (:func:`default_points_per_task`).
 MAX_DEFAULT_POINTS_PER_TASK = 32
+#: The scheduler names that are not addresses.
+KNOWN_SCHEDULERS = ("processes", "threads", "synchronous")
 #: Batches per worker the default aims at (load balance against per-task overhead).
 TASKS_PER_WORKER = 4
 
@@ -88,6 +94,8 @@ def run(
     experiments = sweep.validate()
     if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
         raise SpecificationError(f"'workers' must be >= 1, got {workers!r}")
+    if isinstance(scheduler, str) and scheduler not in KNOWN_SCHEDULERS:
+        _check_address(scheduler)  # one clear error, before anything is computed
     folder = Path(results_dir) if results_dir is not None else None
     if folder is not None:
         prepare(folder)
@@ -110,7 +118,10 @@ def run(
                 results[key] = stored
     todo = {k: t for k, t in tasks.items() if k not in results}
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    _execute(todo, results, folder, scheduler, workers, show, len(tasks), batch)
+    if scheduler is None:
+        scheduler = default_scheduler(len(todo))
+    _execute(todo, results, folder, scheduler, workers, show, len(tasks), batch,
+             retry_failed)
 
     out = {}
     for analyzer in sweep.experiment.analyzers:
@@ -168,25 +179,56 @@ def _compute(spec_json: str, key: str, plugins: Sequence[Any] = ()) -> xr.Datase
     return ds
 
 
+def _reusable(ds: xr.Dataset | None, retry_failed: bool) -> bool:
+    return ds is not None and not (retry_failed and is_failure(ds))
+
+
+def _compute_stored(folder: Path, spec_json: str, key: str, plugins: Sequence[Any],
+                    retry_failed: bool) -> xr.Dataset:
+    """With the task's lock held: reuse the file a concurrent sweep stored, else compute."""
+    stored = load_point(folder, key, warn=False)
+    if stored is not None and _reusable(stored, retry_failed):
+        return stored
+    return store_point(folder, key, _compute(spec_json, key, plugins))
+
+
+def _compute_locked(folder: Path, spec_json: str, key: str, plugins: Sequence[Any],
+                    retry_failed: bool) -> xr.Dataset | None:
+    """Compute and store task ``key`` under its lock; None if another process holds it."""
+    with point_lock(folder, key) as held:
+        if not held:
+            return None
+        return _compute_stored(folder, spec_json, key, plugins, retry_failed)
+
+
+#: Status of a task returned by a worker: stored by the worker, to be stored by the
+#: submitting process, or skipped because another sweep holds its lock.
+STORED, RETURNED, BUSY = "stored", "returned", "busy"
+
+
 def _compute_batch(
     items: Sequence[tuple[str, str]],
     plugins: Sequence[Any],
     folder: Path | None,
     token: str | None,
-) -> list[tuple[str, xr.Dataset, bool]]:
+    retry_failed: bool = False,
+) -> list[tuple[str, xr.Dataset | None, str]]:
     """Run a batch of tasks (on a worker); store each as it completes if the folder is here.
 
-    Returns ``(key, dataset, stored)`` per task: ``stored`` says that the task's file was
-    written here (and ``dataset`` read back from it); otherwise the submitting process
-    stores it.
+    Returns ``(key, dataset, status)`` per task: :data:`STORED` (the task's file was
+    written here under its lock, ``dataset`` read back from it), :data:`RETURNED` (the
+    submitting process stores it) or :data:`BUSY` (another sweep holds the task's lock;
+    ``dataset`` is None).
     """
     here = folder is not None and token is not None and sees_folder(folder, token)
-    out = []
+    out: list[tuple[str, xr.Dataset | None, str]] = []
     for spec_json, key in items:
-        ds = _compute(spec_json, key, plugins)
         if here:
-            ds = store_point(folder, key, ds)
-        out.append((key, ds, here))
+            assert folder is not None
+            ds = _compute_locked(folder, spec_json, key, plugins, retry_failed)
+            out.append((key, ds, STORED if ds is not None else BUSY))
+        else:
+            out.append((key, _compute(spec_json, key, plugins), RETURNED))
     return out
 
 
@@ -199,6 +241,7 @@ def _execute(
     show: bool,
     total: int,
     points_per_task: int | None,
+    retry_failed: bool = False,
 ) -> None:
     from framework import manager
 
@@ -206,39 +249,138 @@ def _execute(
         return
     plugins = tuple(manager._runtime_plugins)
     bar = _progress(show, total, total - len(todo))
+    busy: list[str] = []
+
+    def done(key: str, ds: xr.Dataset | None, status: str) -> None:
+        if status == BUSY:
+            busy.append(key)
+            return
+        if status == RETURNED and folder is not None:
+            with point_lock(folder, key, wait=True):
+                ds = store_point(folder, key, ds)  # type: ignore[arg-type]
+        assert ds is not None
+        results[key] = ds
+        bar.update(1)
+
     try:
         if scheduler == "synchronous":
             for key, task in todo.items():
-                results[key] = store_point(folder, key, _compute(task.to_json(), key, plugins))
-                bar.update(1)
-            return
-        client, owned = _client(scheduler, workers, len(todo))
-        try:
-            from distributed import as_completed
-
-            n_workers = max(1, sum(client.nthreads().values()))
-            size = points_per_task or default_points_per_task(len(todo), n_workers)
-            items = [(task.to_json(), key) for key, task in todo.items()]
-            token = folder_token(folder) if folder is not None else None
-            where = folder.absolute() if folder is not None else None
-            futures = [
-                client.submit(_compute_batch, items[i:i + size], plugins, where, token,
-                              key=f"symphase-{items[i][1]}-{len(items[i:i + size])}",
-                              pure=False)
-                for i in range(0, len(items), size)
-            ]
-            try:
-                for future in as_completed(futures):
-                    for key, ds, stored in future.result():
-                        results[key] = ds if stored else store_point(folder, key, ds)
-                        bar.update(1)
-            finally:
-                client.cancel(futures)
-        finally:
-            for thing in owned:
-                thing.close()
+                if folder is None:
+                    done(key, _compute(task.to_json(), key, plugins), RETURNED)
+                else:
+                    ds = _compute_locked(folder, task.to_json(), key, plugins, retry_failed)
+                    done(key, ds, STORED if ds is not None else BUSY)
+        else:
+            _execute_dask(todo, folder, scheduler, workers, points_per_task, plugins,
+                          retry_failed, done)
+        # Tasks another sweep was computing: wait for its lock, reuse what it stored.
+        for key in busy:
+            assert folder is not None
+            with point_lock(folder, key, wait=True):
+                ds = _compute_stored(folder, todo[key].to_json(), key, plugins, retry_failed)
+            results[key] = ds
+            bar.update(1)
     finally:
         bar.close()
+
+
+def _execute_dask(
+    todo: dict[str, Experiment],
+    folder: Path | None,
+    scheduler: Any,
+    workers: int | None,
+    points_per_task: int | None,
+    plugins: Sequence[Any],
+    retry_failed: bool,
+    done: Any,
+) -> None:
+    client, owned = _client(scheduler, workers, len(todo))
+    futures: list[Any] = []
+    finished = False
+    try:
+        from distributed import as_completed
+
+        n_workers = max(1, sum(client.nthreads().values()))
+        size = points_per_task or default_points_per_task(len(todo), n_workers)
+        items = [(task.to_json(), key) for key, task in todo.items()]
+        token = folder_token(folder) if folder is not None else None
+        where = folder.absolute() if folder is not None else None
+        futures = [
+            client.submit(_compute_batch, items[i:i + size], plugins, where, token,
+                          retry_failed,
+                          key=f"symphase-{items[i][1]}-{len(items[i:i + size])}",
+                          pure=False)
+            for i in range(0, len(items), size)
+        ]
+        for future in as_completed(futures):
+            for key, ds, status in future.result():
+                done(key, ds, status)
+        finished = True
+    finally:
+        _shutdown(client, owned, futures, finished)
+
+
+def _worker_pids(cluster: Any) -> list[int]:
+    """Process ids of the worker processes of an embedded ``LocalCluster``."""
+    pids = []
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        process = getattr(getattr(nanny, "process", None), "process", None)
+        pid = getattr(process, "pid", None)
+        if isinstance(pid, int):
+            pids.append(pid)
+    return pids
+
+
+def _shutdown(client: Any, owned: list[Any], futures: list[Any], finished: bool) -> None:
+    """Release the cluster; after an interruption or error, kill owned workers first.
+
+    An interrupted run (Ctrl-C, SIGTERM in the CLI, an exception) must not wait for the
+    points being computed: the worker processes of an embedded cluster are killed
+    (SIGKILL) before the cluster is closed; every point stored so far is whole (stores
+    are atomic) and a re-run resumes from them.
+    """
+    quiet = _quiet_dask() if not finished else contextlib.nullcontext()
+    with quiet:
+        _release(client, owned, futures, finished)
+
+
+@contextlib.contextmanager
+def _quiet_dask() -> Any:
+    """Silence Dask's loggers while an interrupted run tears its cluster down.
+
+    (Killing workers mid-task makes the scheduler log errors about keys it cannot gather;
+    the run reports the interruption itself, in one line.)
+    """
+    names = ["distributed", *(n for n in logging.root.manager.loggerDict
+                              if n.startswith("distributed."))]
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _release(client: Any, owned: list[Any], futures: list[Any], finished: bool) -> None:
+    if not finished:
+        for thing in owned:
+            for nanny in list(getattr(thing, "workers", {}).values()):
+                with contextlib.suppress(Exception):
+                    nanny.auto_restart = False
+            for pid in _worker_pids(thing):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    with contextlib.suppress(Exception):
+        if futures and not owned:  # a shared cluster: do not leave our tasks queued there
+            client.cancel(futures)
+    for thing in owned:
+        if finished:
+            thing.close()
+        else:
+            with contextlib.suppress(Exception):
+                thing.close(timeout=2) if "Cluster" in type(thing).__name__ else thing.close()
 
 
 class _NoBar:
@@ -269,26 +411,133 @@ def _client(scheduler: Any, workers: int | None, n_tasks: int) -> tuple[Any, lis
         ) from None
     if isinstance(scheduler, Client):
         return scheduler, []
-    if scheduler in (None, "processes", "threads"):
+    if scheduler in ("processes", "threads"):
+        processes = scheduler == "processes"
+        if processes and not spawn_is_safe():
+            raise SpecificationError(
+                "'scheduler' 'processes': worker processes are spawned and re-run the "
+                f"main script {_main_file()!r}, which calls the sweep outside an "
+                "`if __name__ == \"__main__\":` block; add that guard, or use "
+                "scheduler='threads' (the default there)"
+            )
         n = workers or max(1, min(os.cpu_count() or 1, n_tasks))
+        extra = {"preload": ["framework.sweep._worker"]} if processes else {}
         cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=scheduler != "threads",
-            dashboard_address=":0", silence_logs=logging.ERROR,
+            n_workers=n, threads_per_worker=1, processes=processes,
+            dashboard_address=":0", silence_logs=logging.ERROR, **extra,
         )
-        client = Client(cluster)
+        try:
+            client = Client(cluster)
+        except BaseException:
+            cluster.close()
+            raise
         return client, [client, cluster]
     if not isinstance(scheduler, str):
         raise TypeError(
             "'scheduler' must be None, 'processes', 'threads', 'synchronous', a scheduler "
             f"address or a distributed.Client, got {scheduler!r}"
         )
+    _check_address(scheduler)
     try:
         client = Client(scheduler)  # timeout: dask config distributed.comm.timeouts.connect
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:
         raise SpecificationError(
             f"'scheduler' {scheduler!r}: cannot connect ({_describe(exc)})"
         ) from None
     return client, [client]
+
+
+def _check_address(scheduler: str) -> None:
+    """A scheduler address is ``protocol://host:port`` or ``host:port``; one clear error."""
+    try:
+        from distributed.comm import parse_address, parse_host_port
+    except ImportError:  # pragma: no cover - dask is in the 'sweep' extra
+        raise SpecificationError(
+            f"'scheduler' {scheduler!r} needs dask.distributed (pip install "
+            "'symphase[sweep]'); use scheduler='synchronous' without it"
+        ) from None
+
+    hint = ("expected a dask.distributed scheduler address such as 'tcp://host:8786', "
+            "or 'processes', 'threads', 'synchronous'")
+    try:
+        protocol, location = parse_address(scheduler)
+        if protocol in ("tcp", "tls", "ws", "wss"):
+            host, _ = parse_host_port(location)
+            if not host:
+                raise ValueError("no host")
+    except (ValueError, TypeError) as exc:
+        raise SpecificationError(
+            f"'scheduler' {scheduler!r} is not a scheduler address ({_describe(exc)}); {hint}"
+        ) from None
+
+
+def _main_file() -> str | None:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path if isinstance(path, str) else None
+
+
+def _guarded_lines(source: str) -> list[tuple[int, int]]:
+    """Line ranges of the bodies of ``if __name__ == "__main__":`` blocks in ``source``."""
+
+    def is_main_test(test: ast.expr) -> bool:
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1
+                and isinstance(test.ops[0], ast.Eq)):
+            return False
+        sides = [test.left, test.comparators[0]]
+        names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+        consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+        return len(names) == 1 and len(consts) == 1
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.If) and is_main_test(node.test) and node.body:
+            out.append((node.body[0].lineno, node.body[-1].end_lineno or node.lineno))
+    return out
+
+
+def spawn_is_safe() -> bool:
+    """Whether spawned worker processes can start without re-running this sweep.
+
+    A spawned process imports the main script again (as ``__mp_main__``). That is safe
+    when there is no main script file (an interactive session, a notebook, ``python -c``)
+    or when the code that runs this sweep is inside an ``if __name__ == "__main__":``
+    block of the script (found by reading the script: the line of its top-level frame
+    that is executing must lie in such a block; the ``symphase`` command is). When the
+    script cannot be read, it is not safe.
+    """
+    path = _main_file()
+    if path is None:
+        return True
+    main = sys.modules["__main__"]
+    frame = sys._getframe()
+    line = None
+    while frame is not None:  # the outermost frame of the main script's top level
+        if frame.f_code.co_name == "<module>" and frame.f_globals is vars(main):
+            line = frame.f_lineno
+        frame = frame.f_back  # type: ignore[assignment]
+    if line is None:
+        return False  # e.g. another thread: the script's state is unknown
+    try:
+        with open(path, encoding="utf-8") as fh:
+            blocks = _guarded_lines(fh.read())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(first <= line <= last for first, last in blocks)
+
+
+def default_scheduler(n_tasks: int) -> str:
+    """The scheduler of ``scheduler=None``: where the tasks run when the caller does not say.
+
+    ``"synchronous"`` for a single task (a cluster would only add start-up time);
+    ``"processes"`` (a local cluster of worker processes, real parallelism) when
+    :func:`spawn_is_safe`; else ``"threads"`` (a local cluster of threads in this process:
+    a script without a main guard works, and numpy/scipy release the GIL for much of the
+    work, but pure-Python parts of the points do not run in parallel).
+    """
+    if n_tasks <= 1:
+        return "synchronous"
+    return "processes" if spawn_is_safe() else "threads"
 
 
 def sweep(
