@@ -18,12 +18,63 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "out_file", "out_folder"]
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
+def out_folder(value: str | os.PathLike[str], arg: str, UsageError: type[Exception]) -> Path:
+    """The output folder given as ``arg``, created; a one-line error if it cannot be.
+
+    Refused: an existing file, a path under a file, a folder that cannot be created or
+    written (the message names the argument, the path and the reason).
+    """
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"'{arg}' {str(path)!r}: is a file, not a folder")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise UsageError(f"'{arg}' {str(path)!r}: {str(base)!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"'{arg}' {str(path)!r}: cannot create the folder "
+                         f"({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"'{arg}' {str(path)!r}: the folder is not writable")
+    return path
+
+
+def out_file(value: str | os.PathLike[str], arg: str, UsageError: type[Exception]) -> Path:
+    """The output file given as ``arg``, its folder created; a one-line error if unusable."""
+    path = Path(value)
+    if path.is_dir():
+        raise UsageError(f"'{arg}' {str(path)!r}: is a folder; give a file name")
+    parent = path.parent
+    base = _existing_ancestor(parent)
+    if not base.is_dir():
+        raise UsageError(f"'{arg}' {str(path)!r}: {str(base)!r} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"'{arg}' {str(path)!r}: cannot create the folder {str(parent)!r} "
+                         f"({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"'{arg}' {str(path)!r}: the folder is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"'{arg}' {str(path)!r}: the file is not writable")
+    return path
 
 
 def add_commands(sub: Any, UsageError: type[Exception]) -> None:
@@ -68,12 +119,15 @@ def add_commands(sub: Any, UsageError: type[Exception]) -> None:
 def _cmd_run(args: argparse.Namespace, UsageError: type[Exception]) -> int:
     from framework._toml import read_toml
 
-    sweep, options = read_toml(args.experiment)
-    out = Path(args.out) if args.out else options.get("out")
-    if out is None:
-        out = Path("results") / Path(args.experiment).stem
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"'--workers' must be >= 1, got {args.workers}")
+    sweep, options = read_toml(args.experiment)
+    if args.out:
+        out = out_folder(args.out, "--out", UsageError)
+    elif options.get("out") is not None:
+        out = out_folder(options["out"], "[run] out", UsageError)
+    else:
+        out = out_folder(Path("results") / Path(args.experiment).stem, "--out", UsageError)
     scheduler = args.scheduler or options.get("scheduler")
     progress = args.progress if args.progress is not None else options.get("progress")
     results = sweep.run(
@@ -97,6 +151,8 @@ def _open(path: str, UsageError: type[Exception]) -> Any:
     from framework.io import load
 
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{path}: is a folder, not a netCDF file")
     if not p.is_file():
         raise UsageError(f"{path}: no such file")
     try:
@@ -115,7 +171,11 @@ def _spec_lines(spec: dict[str, Any]) -> list[str]:
     model = spec.get("model", {})
     lines = []
     T = model.get("T")
-    t_text = "identity" if T == np.eye(len(T)).tolist() else json.dumps(T)
+    if isinstance(T, list) and len(T) <= 1000 and T == np.eye(len(T)).tolist():
+        t_text = "identity"
+    else:
+        t_text = json.dumps(T)
+        t_text = t_text if len(t_text) <= 200 else t_text[:200] + "..."
     lines.append(
         f"model: K={model.get('K')} M={model.get('M')} activation={model.get('activation')} "
         f"noise={_fmt(model.get('noise'))} T={t_text} second_layer={model.get('second_layer')}"
@@ -158,15 +218,19 @@ def summary(ds: Any, path: str = "") -> str:
                + (f", symphase {version}" if version else ""))
     text = ds.attrs.get("symphase_spec_json")
     if isinstance(text, str):
+        label = "base specification" if sweep_dims(ds) else "specification"
         try:
             spec = json.loads(text)
-        except json.JSONDecodeError:
-            spec = None
-        if isinstance(spec, dict):
-            sweeps = sweep_dims(ds)
-            label = "base specification" if sweeps else "specification"
-            out.append(f"{label}:")
-            out += [f"  {line}" for line in _spec_lines(spec)]
+            lines = _spec_lines(spec) if isinstance(spec, dict) else None
+        except RecursionError:
+            lines = ["(not shown: the stored JSON is nested too deeply)"]
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            lines = [f"(not shown: the stored JSON is not a specification: "
+                     f"{type(exc).__name__})"]
+        if lines is None:
+            lines = ["(not shown: the stored JSON is not a mapping)"]
+        out.append(f"{label}:")
+        out += [f"  {line}" for line in lines]
     sweeps = sweep_dims(ds)
     if sweeps:
         out.append("sweep:")
@@ -233,7 +297,8 @@ def _cmd_plot(args: argparse.Namespace, UsageError: type[Exception]) -> int:
     from framework.plotting import plot_dataset
 
     ds = _open(args.file, UsageError)
-    output = Path(args.output) if args.output else Path(args.file).with_suffix(".png")
+    output = out_file(args.output if args.output else Path(args.file).with_suffix(".png"),
+                      "-o" if args.output else "FILE.png next to the input", UsageError)
     figure = Figure()
     drawn = plugin_manager().hook.symphase_plot(dataset=ds, figure=figure)
     if not drawn and not plot_dataset(ds, figure):
@@ -241,10 +306,11 @@ def _cmd_plot(args: argparse.Namespace, UsageError: type[Exception]) -> int:
             f"{args.file}: nothing to plot (no variable over 'alpha', no 'eigenvalue', no "
             "variable over a numeric sweep dimension)"
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
         figure.savefig(output, dpi=120)
     except ValueError as exc:  # e.g. an unknown image format
         raise UsageError(f"'-o' {str(output)!r}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"'-o' {str(output)!r}: cannot write ({exc.strerror or exc})") from None
     print(output)
     return 0

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from framework._resources import check_memory
 from framework.experiment import Experiment
 from framework.sweep import Sweep
 from framework.validators import SpecificationError
@@ -42,8 +43,11 @@ def read_toml(path: str | os.PathLike[str]) -> tuple[Sweep, dict[str, Any]]:
     Raises
     ------
     SpecificationError
-        Invalid TOML, an unknown key, or an invalid value; the message starts with the
-        file name and names the field (``[sweep] 'eta'[2] = -1.0: ...``).
+        Unreadable file (missing, a folder, not UTF-8, nested too deeply), invalid TOML,
+        an unknown key, an invalid value, no analyzer, or sizes that cannot fit in this
+        machine's memory (estimated before anything is allocated:
+        :func:`framework._resources.check_memory`); the message starts with the file
+        name and names the field (``[sweep] 'eta'[2] = -1.0: ...``).
     """
     import tomllib
 
@@ -53,8 +57,17 @@ def read_toml(path: str | os.PathLike[str]) -> tuple[Sweep, dict[str, Any]]:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise SpecificationError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecificationError(f"{path}: is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise SpecificationError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecificationError(f"{path}: invalid TOML: not UTF-8 ({exc.reason} at byte "
+                                 f"{exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecificationError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise SpecificationError(f"{path}: invalid TOML: nested too deeply") from None
 
     def fail(message: str) -> SpecificationError:
         return SpecificationError(f"{path.name}: {message}")
@@ -74,13 +87,14 @@ def read_toml(path: str | os.PathLike[str]) -> tuple[Sweep, dict[str, Any]]:
                 raise fail(f"[analyzers.{name}] must be a table of options, got {options!r}")
             items.append({"name": name, **options})
         spec["analyzers"] = items
+    grid = data.get("sweep", {})
+    if not isinstance(grid, Mapping):
+        raise fail(f"[sweep] must be a table of key = [values], got {grid!r}")
+    check_memory(spec, grid, what=f"{path.name}: the experiment")  # before allocating
     try:
         experiment = Experiment.from_dict(spec)
     except (ValueError, TypeError, LookupError) as exc:
         raise fail(_describe(exc)) from None
-    grid = data.get("sweep", {})
-    if not isinstance(grid, Mapping):
-        raise fail(f"[sweep] must be a table of key = [values], got {grid!r}")
     try:
         sweep_ = Sweep(experiment, grid)
         sweep_.validate()
@@ -108,4 +122,7 @@ def read_toml(path: str | os.PathLike[str]) -> tuple[Sweep, dict[str, Any]]:
             raise fail(f"[run] {key!r} must be true or false, got {options[key]!r}")
     if "scheduler" in options and not isinstance(options["scheduler"], str):
         raise fail(f"[run] 'scheduler' must be a string, got {options['scheduler']!r}")
+    if not experiment.analyzers:
+        raise fail("no analyzer: nothing to run; add a table such as [analyzers.dynamics] "
+                   "(`symphase plugins` lists the analyzers)")
     return sweep_, options

@@ -7,9 +7,12 @@ problem (no traceback).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -41,7 +44,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         function = registry.get("reproduction", args.name)
     except LookupError as exc:
         raise UsageError(str(exc)) from None
-    out = Path(args.out) if args.out else Path("out")
+    from framework._commands import out_folder
+
+    out = out_folder(args.out if args.out else "out", "--out", UsageError)
     return int(function(out=out, quick=args.quick))
 
 
@@ -81,20 +86,67 @@ def _extend(sub: argparse._SubParsersAction) -> None:
     _commands.add_commands(sub, UsageError)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a run stops its workers and keeps its results."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or _one_line(exc)}"
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    print(f"symphase: warning: {_one_line(Exception(message))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``symphase`` command; returns the exit status.
+
+    Bad input and environment problems (an unwritable folder, too little memory) are one
+    line on stderr and exit status 2; Ctrl-C or SIGTERM stops a run (exit 130 or 143),
+    keeping every result stored so far.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args))
-    except UsageError as exc:
-        print(f"symphase: error: {exc}", file=sys.stderr)
+    except (UsageError, ValueError, TypeError, LookupError) as exc:
+        print(f"symphase: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, LookupError) as exc:
-        print(f"symphase: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"symphase: error: {_os_error(exc)}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        print(f"symphase: error: out of memory{': ' + str(exc) if str(exc) else ''}; "
+              "reduce the sizes", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("symphase: error: the input is nested too deeply", file=sys.stderr)
+        return 2
+    except _Terminated:
+        print("symphase: terminated; results stored so far are kept", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("symphase: interrupted", file=sys.stderr)
+        print("symphase: interrupted; results stored so far are kept", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

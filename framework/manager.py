@@ -3,7 +3,8 @@
 Built-in plugins (``DEFAULT_PLUGINS``) are registered first, exactly like
 third-party ones, then entry points of the ``symphase`` group, then plugins given
 at run time with :func:`register_plugin`. A plugin that fails to import or to
-register warns with its name and the reason; the rest keeps working.
+register warns with its name and the reason (also one that calls ``sys.exit`` while
+importing or registering); the rest keeps working.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def get_plugin_manager(
             source = _entry_point_source(ep)
             try:
                 obj = ep.load()
+            except SystemExit as exc:  # a plugin must not end the process that loads it
+                _warn(ep.name, source, f"import failed: it called sys.exit({exc.code!r})")
+                continue
             except Exception as exc:
                 _warn(ep.name, source, f"import failed: {type(exc).__name__}: {exc}")
                 continue
@@ -146,6 +150,8 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
             caller = pm.subset_hook_caller(hook, remove_plugins=others)
             try:
                 caller(registry=registry)
+            except SystemExit as exc:
+                _warn(name, registry.source, f"{hook} called sys.exit({exc.code!r})")
             except Exception as exc:
                 _warn(name, registry.source, f"{hook} failed: {type(exc).__name__}: {exc}")
     registry.source = "runtime"
