@@ -95,7 +95,7 @@ def test_finding_K4() -> None:
     b3 = final_error(3, 0.1, 0.5, "both", n_alpha=121)
     b4 = final_error(4, 0.1, 0.5, "both", n_alpha=121)
     assert f4["eps_final"] > f2["eps_final"]
-    assert "cancelling" in f4["state"] and not f4["converged"]
+    assert "2 in cancelling pairs" in f4["state"] and not f4["converged"]
     assert b4["eps_final"] < b3["eps_final"]
 
 
