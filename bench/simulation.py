@@ -18,7 +18,8 @@ shared: a slow spell then hits all configurations of a round alike.
    flops (x = J xi, y = B xi, J += ...) timed as a numpy matmul of the same size
    (X (8 x N) @ W (N x 3K) costs 8 * 6KN flops; its time per row).
 3. us per replica-step at N = 10000, K = M = 8: 1 and 32 replicas, 1 and 2 threads
-   (the ``threads`` option; the default is ``default_threads()``).
+   (the ``threads`` option; the default is ``default_threads()``), timing the kernel's
+   stepper alone (see ``kernel_step_us``).
 4. Unless ``--skip-table``: the table of N in {1000, 10000}, K = M in {2, 4}, 1 and 32
    replicas and both backends, with the same bound; then ``batchnorm_affine`` (gain and
    shift trained) on the compiled kernel against the numpy path, and a two-layer
@@ -130,6 +131,32 @@ def step_us(N: int, K: int, replicas: int, backend: str, steps: int,
     return (long - short) / (2 * n) / replicas * 1e6
 
 
+def kernel_step_us(N: int, K: int, replicas: int, threads: int, steps: int) -> float:
+    """us per replica-step of the compiled kernel's stepper alone, as ``run`` drives it
+    (``chunk`` steps per call, all replicas per call). The analyzer's set-up (the
+    realisation of the initial weights: a QR per replica, ~2 s for 32 replicas at
+    N = 10000 on a loaded machine) is too noisy at many replicas for the difference of
+    two runs; a step's cost does not depend on the weights' values."""
+    ex = Experiment(TeacherStudent(K, K), normalization="plain", eta=0.5, seed=0)
+    sim = simmod.Simulation(N=N, replicas=replicas, backend="numba", progress=False,
+                            threads=threads)
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((replicas, 2 * K, N))
+    keys = rng.integers(0, 2**63, size=(replicas, 2)).astype(np.uint64)
+    stepper = simmod._KernelStepper(sim, ex, W, keys, {}, np.ones((replicas, K)))
+    try:
+        stepper.advance(0, 1)  # compile / warm up
+        step = 1
+        t = time.perf_counter()
+        while step <= steps:
+            n = min(stepper.chunk, steps + 1 - step)
+            stepper.advance(step, n)
+            step += n
+        return (time.perf_counter() - t) / steps / replicas * 1e6
+    finally:
+        stepper.close()
+
+
 def interleaved(configs: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
     """Median of each configuration over ``rounds`` rounds, each running all once."""
     vals: dict[str, list[float]] = {name: [] for name in configs}
@@ -180,9 +207,9 @@ def main() -> None:
         for threads in (1, 2):
             if replicas == 1 and threads == 2:
                 continue  # one replica runs on one thread
-            steps = max(20, int(scale * (4e6 if replicas == 1 else 1e6) / (N * K)))
+            steps = max(20, int(scale * 6e7 / (replicas * N * K)))  # ~0.5 s a replica-step
             configs[f"{replicas}/{threads}"] = functools.partial(
-                step_us, N, K, replicas, "numba", steps, threads=threads)
+                kernel_step_us, N, K, replicas, threads, steps)
     res = interleaved(configs, rounds)
     print(f"3. N={N} K=M={K}, compiled kernel, us per replica-step (bound per replica-step "
           f"on one thread {bound:.1f} us incl. draws, flops {flops:.2f} us; default "

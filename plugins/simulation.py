@@ -133,11 +133,12 @@ def njit(*args: Any, **kwargs: Any) -> Any:
 # ==================================================================================
 # A step needs N fresh normals but only ~6 K N flops, so the generator dominates:
 # numpy's PCG64 ziggurat costs ~10-20 ns a normal (~10 us a step at N = 1000). The
-# stream below costs ~2.4 ns a normal compiled (fill_nb: a SIMD pass for the fast path,
-# a second for its rejects; ~1.4 + 1 ns; one number at a time it is ~2.5x slower), has
-# no state to carry (normal i of a key is a pure function of (key, i)), and has a
-# vectorized numpy twin giving the same values, so the kernel and the generic path
-# consume identical inputs with or without numba (bench/simulation.py measures all).
+# stream below costs ~2.2 ns a normal compiled (fill_nb: a SIMD pass for the fast path,
+# ~1.4 ns, and a second pass for the 1.5 % it rejects, ~0.8 ns; one number at a time,
+# normal_nb in a loop, ~2.3 ns), has no state to carry (normal i of a key is a pure
+# function of (key, i)), and has a vectorized numpy twin giving the same values, so the
+# kernel and the generic path consume identical inputs with or without numba
+# (bench/simulation.py measures them next to numpy's generators).
 #   word(k, c)    = splitmix64_mix(k + (c + 1) * 0x9E3779B97F4A7C15)   (mod 2^64)
 #   uniform(k, c) = (word(k, c) >> 11) * 2^-53
 #   normal(key, i): numpy's 256-layer ziggurat fed with w0 = word(key, i); when the
@@ -351,9 +352,10 @@ def fill_nb(key, start, out):
     """Normals ``start .. start + len(out) - 1`` of stream ``key`` into ``out`` (1-D).
 
     Same values as :func:`normal_nb`, in two passes: the fast path of every number
-    without a branch (SIMD: the words, the table gathers and the conversions four or
-    eight at a time), marking the 0.7 % the fast path rejects with a NaN, then the
-    slow path for those. ~2.5x faster than :func:`normal_nb` in a loop.
+    without a branch (SIMD: the words, the table gathers and the conversions four at a
+    time), marking the 1.5 % the fast path rejects with a NaN, then the slow path for
+    those. The first pass costs ~1.4 ns a number, the second ~0.8 (the slow path's
+    exp/log1p); together ~5-10 % faster than :func:`normal_nb` in a loop.
     """
     n = out.shape[0]
     bad = False
@@ -376,8 +378,8 @@ def fill_nb(key, start, out):
 
 @njit(cache=True)
 def _fill_nb(keys, start, out):
-    # Serial on purpose: called from a parallel=True function, fill_nb inherits the
-    # parallel flags and its first pass is no longer vectorized (6x slower).
+    # Serial on purpose: inside a numba parallel region (prange over keys, as before)
+    # the same fill measured 3-7x slower on a loaded 2-core machine (7-15 ns a number).
     P, count = out.shape
     for p in range(P):
         row = out[p]  # a C-contiguous row (out[p, a:b] would not be typed contiguous)
@@ -635,11 +637,9 @@ def _advance_one(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise
 def _kernel_entry_point() -> Any:
     """The kernel for one replica, typed once for any scale functions (first-class
     function types, so compiled once and cached on disk). It releases the GIL: replicas
-    run on a thread pool (:meth:`_KernelStepper.advance`), not in a numba ``prange``
-    -- compiled inside a parallel region the input stream loses its SIMD first pass
-    (:func:`fill_nb`), and a parallel region per call starts and joins its threads
-    with a static share of replicas per thread, which under load made two threads
-    slower than one."""
+    run on a thread pool (:meth:`_KernelStepper.advance`) taking them one at a time,
+    not in a numba ``prange`` (a parallel region per call with a static share of
+    replicas per thread: under load two threads were 2.5x slower than one there)."""
     t = numba.types
     f2 = t.float64[:, ::1]
     with warnings.catch_warnings():  # first-class function types are "experimental"
