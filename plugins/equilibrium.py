@@ -858,9 +858,7 @@ class EscapeAnalyzer(Analyzer):
             br = _branches(experiment, eta, self.second_order, self.subspace, q, True,
                            self.quadrature, partition=False)
         if br.plateau < 0:
-            raise SpecificationError(
-                f"no unstable symmetric fixed point (plateau) found for K={model.K}, "
-                f"M={model.M}, normalization {norm.name!r}, eta={eta}")
+            raise SpecificationError(_no_plateau(br, model, norm, eta, q))
         fp = br.points[br.plateau]
         if self.plateau == "eta":
             eps_plateau = fp.eps_g
@@ -960,6 +958,29 @@ def _escape_mode_variables(experiment: Experiment, br: _Branches, spec: Any
                                                f"component along {k} of the unit Hessian "
                                                "escape mode")
     return out
+
+
+def _no_plateau(br: _Branches, model: Any, norm: Any, eta: float, q: float | None) -> str:
+    """Why the escape analyzer has no plateau to start from: the symmetric branches found
+    and their unstable directions (a stable symmetric branch: the symmetric phase does not
+    decay at this eta and held weight norm)."""
+    sym = [(fp, int(np.sum(lam.real > 1e-9))) for fp, lam in zip(br.points, br.eigvals,
+                                                                  strict=True)
+           if not np.any(eq.specialized(fp.R)) and fp.kind == "symmetric"]
+    where = (f"K={model.K}, M={model.M}, normalization {norm.name!r}, eta={eta}"
+             + ("" if q is None else f", weight norm {q:g} (eta / weight norm = "
+                f"{eta / q:g})"))
+    if not sym:
+        return f"no symmetric fixed point (plateau) found for {where}"
+    found = "; ".join(f"eps_g {fp.eps_g:.6g} with {n} unstable direction(s)" for fp, n in sym)
+    why = ""
+    if any(n == 0 for _, n in sym):
+        why = (": a symmetric branch is stable here, so the symmetric phase is not left at "
+               "this eta" + ("" if q is None else " and held weight norm (batch norm's weight "
+                             "norm grows in the full ODE: run 'dynamics' from the init, or "
+                             "choose a larger weight_norm / smaller eta)"))
+    return (f"no unstable symmetric fixed point (plateau) to escape from for {where}; "
+            f"symmetric branches found: {found}{why}")
 
 
 @hookimpl
