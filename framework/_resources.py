@@ -6,12 +6,15 @@ specification mapping (the JSON form, before any object is built) and raises
 (``MemAvailable`` of ``/proc/meminfo``, else ``psutil``; no check where neither is known).
 The bound, in bytes, is
 
-    8 * (M**2 + (K**2 + K*M) * L + (K + M) * init_N)
+    8 * (M**2 + (K**2 + K*M) * P + (K * R + M) * N)
 
-with ``L`` the largest integer option of the analyzers (a grid size, a system size, a
-sample count; at least 1): the teacher overlap ``T`` (M x M), one (K x K) and one (K x M)
-overlap per grid point or sample, and the initial weights. It only refuses what certainly
-does not fit; an analyzer can still need more.
+the teacher overlap ``T`` (M x M), one (K x K) and one (K x M) overlap per stored point of
+a trajectory, and the weights of a finite-N network. ``P`` is the largest trajectory size
+among the analyzers' options named in :data:`TRAJECTORY_OPTIONS` (at least 1); ``N`` the
+largest of ``init_N`` and the options named in :data:`SYSTEM_OPTIONS`; ``R`` the
+``replicas`` option (at least 1). Analyzer options of other names (iteration counts,
+seeds) are not sizes and are not counted. It only refuses what certainly does not fit;
+an analyzer can still need more.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from framework.validators import SpecificationError
 __all__ = ["available_memory", "check_memory", "estimate_bytes"]
 
 _GIB = 2.0**30
+#: Analyzer options that are numbers of stored points of a trajectory (the convention of
+#: the built-in analyzers: ``dynamics``/``escape`` ``n_points``, ``simulation`` ``records``).
+TRAJECTORY_OPTIONS = ("n_points", "records", "n_alpha")
+#: Analyzer options that are input dimensions or sample counts (``simulation`` ``N``,
+#: ``mc_samples``): each takes ``K + M`` numbers at least.
+SYSTEM_OPTIONS = ("N", "mc_samples", "samples")
 
 
 def available_memory() -> int | None:
@@ -76,19 +85,26 @@ def estimate_bytes(spec: Mapping[str, Any], grid: Mapping[str, Any] | None = Non
     K = size(model.get("K"), ("K", "model.K"), 1)
     M = size(model.get("M", model.get("K")), ("M", "model.M", "K", "model.K"), 1)
     init_N = size(spec.get("init_N"), ("init_N",), 1000)
-    largest, where = 1, ""
+    sizes = {"trajectory": (1, ""), "system": (init_N, ""), "replicas": (1, "")}
     analyzers = spec.get("analyzers")
     for analyzer in analyzers if isinstance(analyzers, list | tuple) else ():
         if not isinstance(analyzer, Mapping):
             continue
         name = analyzer.get("name")
         for option, value in analyzer.items():
+            kind = ("trajectory" if option in TRAJECTORY_OPTIONS else
+                    "system" if option in SYSTEM_OPTIONS else
+                    "replicas" if option == "replicas" else None)
+            if kind is None:
+                continue
             swept = grid.get(f"{name}.{option}")
             n = _largest([value, *(swept if isinstance(swept, list | tuple) else [])], 1)
-            if n > largest:
-                largest, where = n, f"{name}.{option} = {n}"
-    total = 8.0 * (M * M + (K * K + K * M) * largest + (K + M) * init_N)
-    why = f"K = {K}, M = {M}, init_N = {init_N}" + (f", {where}" if where else "")
+            if n > sizes[kind][0]:
+                sizes[kind] = (n, f"{name}.{option} = {n}")
+    P, N, R = (sizes[k][0] for k in ("trajectory", "system", "replicas"))
+    total = 8.0 * (M * M + (K * K + K * M) * P + (K * R + M) * N)
+    why = ", ".join([f"K = {K}", f"M = {M}", f"init_N = {init_N}",
+                     *(w for _, w in sizes.values() if w)])
     return total, why
 
 

@@ -155,6 +155,15 @@ def test_memory_estimate_is_a_lower_bound_of_real_allocations():
     ds = exp.run()["dynamics"]
     held = ds["Q"].nbytes + ds["R"].nbytes + np.asarray(exp.model.T).nbytes
     assert need <= held + 8 * (3 + 4) * 10 + 1e-9
+    # options that are not sizes (iteration counts, seeds) are not counted
+    small, why = estimate_bytes({"model": {"K": 2, "M": 2},
+                                 "analyzers": [{"name": "x", "loops": 3 * 10**9}]})
+    assert small < 1e6 and "loops" not in why
+    # a simulation holds (K * replicas + M) * N weights at least
+    sim, why = estimate_bytes({"model": {"K": 2, "M": 3}, "init_N": 5, "analyzers": [
+        {"name": "simulation", "N": 100, "replicas": 4, "records": 11}]})
+    assert sim == 8.0 * (9 + (4 + 6) * 11 + (2 * 4 + 3) * 100)
+    assert "simulation.N = 100" in why and "simulation.replicas = 4" in why
 
 
 def test_check_memory_refuses_and_load_experiment_refuses_crafted_file(tmp_path):

@@ -182,7 +182,12 @@ def test_killed_run_leaves_no_worker_and_keeps_stored_points(tmp_path, how):
         if how != "SIGKILL":
             assert proc.returncode == (143 if how == "SIGTERM" else 130), err
             assert "Traceback" not in err
-            assert len(err.strip().splitlines()) == 1, err
+            # Python's multiprocessing resource tracker (a child of the client) may warn
+            # about semaphores of the killed workers as it exits; that is not our output
+            ours = [line for line in err.strip().splitlines()
+                    if "resource_tracker" not in line and "warnings.warn(" not in line]
+            assert ours == [("symphase: terminated; " if how == "SIGTERM" else
+                             "symphase: interrupted; ") + "results stored so far are kept"], err
         # the stored point is whole and verified; it is reused by a re-run
         stored = list((out / POINTS_DIR).glob("*.nc"))
         assert 1 <= len(stored) <= 2  # the fast points only
