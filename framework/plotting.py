@@ -49,9 +49,13 @@ def _numeric(var: xr.DataArray) -> bool:
 
 
 def _label(var: xr.DataArray) -> str:
+    """``long_name [units]``, wrapped to lines of 40 characters (axis labels that fit)."""
+    import textwrap
+
     text = str(var.attrs.get("long_name", var.name))
     units = var.attrs.get("units")
-    return f"{text} [{units}]" if units not in (None, "", "1") else text
+    text = f"{text} [{units}]" if units not in (None, "", "1") else text
+    return "\n".join(textwrap.wrap(text, 40)) or str(var.name)
 
 
 def _series(var: xr.DataArray, along: str) -> list[tuple[str, np.ndarray]]:
@@ -125,13 +129,18 @@ def _curves(ax: Any, var: xr.DataArray, along: str, x: np.ndarray, xlabel: str) 
     lines = _series(var, along)
     more = f" (first {MAX_LINES} lines)" if len(lines) > MAX_LINES else ""
     lines = lines[:MAX_LINES]
-    for label, values in lines:
-        ax.plot(x, values, label=label or None, lw=1.2)
+    styles = ("-", "--", ":", "-.")
+    for i, (label, values) in enumerate(lines):  # colour cycles first, then the dash
+        ax.plot(x, values, label=label or None, lw=1.2, color=f"C{i % 10}",
+                linestyle=styles[(i // 10) % len(styles)])
     _scales(ax, x, [v for _, v in lines])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(_label(var))
-    ax.set_title(f"{var.name}{more}")
-    if 1 < len(lines) <= 8:
+    ax.set_title(f"{var.name}{more}", fontsize="medium")
+    if len(lines) > 8:  # many lines: the legend beside the panel, not over the data
+        ax.legend(fontsize="xx-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  ncol=1 + len(lines) // 25, frameon=False)
+    elif len(lines) > 1:
         ax.legend(fontsize="x-small")
 
 
@@ -166,7 +175,8 @@ def plot_dataset(ds: xr.Dataset, figure: Any) -> bool:
         return False
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
-    figure.set_size_inches(6.0 * cols, 4.0 * rows)
+    wide = 1.35 if ds.attrs.get("symphase_sweep_dims") else 1.0  # room for legends
+    figure.set_size_inches(6.0 * cols * wide, 4.0 * rows)
     for k, (kind, what) in enumerate(panels):
         ax = figure.add_subplot(rows, cols, k + 1)
         if kind == "spectrum":

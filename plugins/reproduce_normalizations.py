@@ -310,33 +310,70 @@ def _table(ds: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
+def _figure_series(ds: xr.Dataset) -> tuple[list[dict[str, Any]], list[str]]:
+    """The curves of the figure: one per (normalization, K, readout) with data, identical
+    curves merged into one labelled ``a = b`` (so that no series hides under another), and
+    the names of the entries without any data (with their reason)."""
+    series: list[dict[str, Any]] = []
+    empty: list[str] = []
+    for i, n in enumerate(ds.normalization.values):
+        for j, K in enumerate(ds.K.values):
+            s = ds.sel(normalization=n, K=K)
+            cases = [("", s.lambda_min.values, s.alpha_escape.values)]
+            if "alpha_escape_trained" in ds and n in TRAINED_READOUT:
+                cases.append((", trained v", s.lambda_min_trained.values,
+                              s.alpha_escape_trained.values))
+            for tag, lam, esc in cases:
+                lam, esc = np.asarray(lam, dtype=float), np.asarray(esc, dtype=float)
+                if not (np.any(np.isfinite(lam)) or np.any(np.isfinite(esc))):
+                    if not tag:
+                        reason = str(s.status.values[0]).split(":")[0]
+                        empty.append(f"{n} K={K} ({reason})")
+                    continue
+                twin = next((c for c in series if c["K"] == K and c["tag"] == tag
+                             and np.allclose(c["lam"], lam, rtol=1e-6, equal_nan=True)
+                             and np.allclose(c["esc"], esc, rtol=1e-6, equal_nan=True)),
+                            None)
+                if twin is not None:
+                    twin["names"].append(str(n))
+                    continue
+                series.append({"names": [str(n)], "K": K, "tag": tag, "lam": lam, "esc": esc,
+                               "color": f"C{i}", "j": j})
+    return series, empty
+
+
 def _figure(ds: xr.Dataset, path: Path) -> None:
+    """lambda_min and escape time against eta: colour = normalization, line style = K,
+    circles = fixed readout, open squares = trained readout; curves that coincide are one
+    entry ``a = b``; entries without data are listed under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, n in enumerate(ds.normalization.values):
-        for j, K in enumerate(ds.K.values):
-            s = ds.sel(normalization=n, K=K)
-            style = dict(color=f"C{i}", linestyle=("-", "--", ":")[j % 3], marker="o")
-            axes[0].plot(ds.eta, s.lambda_min, label=f"{n} K={K}", **style)
-            axes[1].plot(ds.eta, s.alpha_escape, label=f"{n} K={K}", **style)
-            if "alpha_escape_trained" in ds and n in TRAINED_READOUT:
-                tstyle = dict(color=f"C{i}", linestyle=("-.", (0, (1, 3)), ":")[j % 3],
-                              marker="s", fillstyle="none")
-                axes[0].plot(ds.eta, s.lambda_min_trained, label=f"{n} K={K}, trained v",
-                             **tstyle)
-                axes[1].plot(ds.eta, s.alpha_escape_trained, label=f"{n} K={K}, trained v",
-                             **tstyle)
+    series, empty = _figure_series(ds)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
+    for c in series:
+        trained = bool(c["tag"])
+        style = dict(color=c["color"], marker="s" if trained else "o",
+                     fillstyle="none" if trained else "full",
+                     linestyle=(("-.", ":") if trained else ("-", "--"))[c["j"] % 2])
+        label = f"{' = '.join(c['names'])} K={c['K']}{c['tag']}"
+        axes[0].plot(ds.eta, c["lam"], label=label, **style)
+        axes[1].plot(ds.eta, c["esc"], **style)
     axes[0].set_yscale("symlog", linthresh=0.01)
-    axes[0].set(xscale="log", xlabel="eta",
-                ylabel="lambda_min at the plateau (symlog)")
-    axes[1].set(xscale="log", yscale="log", xlabel="eta", ylabel="alpha_escape")
-    axes[0].legend(fontsize=5, title="meanonly = plain; squares: trained readout",
-                   title_fontsize=5, ncol=2)
-    fig.tight_layout()
+    axes[0].set(xscale="log", xlabel="eta", ylabel="lambda_min at the plateau (symlog)",
+                title="smallest Hessian eigenvalue at the plateau")
+    axes[1].set(xscale="log", yscale="log", xlabel="eta", ylabel="alpha_escape",
+                title="escape time from the plateau")
+    fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.035), ncol=4, fontsize=7,
+               frameon=False)
+    note = "open squares: trained readout (eta_v = eta); a = b: identical curves"
+    if empty:
+        note += "; no data: " + ", ".join(empty)
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7)
+    rows = (len(series) + 3) // 4
+    fig.tight_layout(rect=(0.0, 0.07 + 0.035 * rows, 1.0, 1.0))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
