@@ -18,8 +18,8 @@ shared: a slow spell then hits all configurations of a round alike.
    flops (x = J xi, y = B xi, J += ...) timed as a numpy matmul of the same size
    (X (8 x N) @ W (N x 3K) costs 8 * 6KN flops; its time per row).
 3. us per replica-step at N = 10000, K = M = 8: 1 and 32 replicas, 1 and 2 threads
-   (the ``threads`` option; the default is ``default_threads()``), timing the kernel's
-   stepper alone (see ``kernel_step_us``).
+   (the ``threads`` option; the default is ``default_threads()``, the usable CPUs),
+   timing the kernel's stepper alone (see ``kernel_step_us``).
 4. Unless ``--skip-table``: the table of N in {1000, 10000}, K = M in {2, 4}, 1 and 32
    replicas and both backends, with the same bound; then ``batchnorm_affine`` (gain and
    shift trained) on the compiled kernel against the numpy path, and a two-layer
@@ -27,9 +27,10 @@ shared: a slow spell then hits all configurations of a round alike.
    the committee machine, both on the compiled kernel.
 
 A step's cost is the difference of two runs of different lengths (so set-up, the
-realisation of the initial weights and eps_g are excluded; the short run lasts
->= 0.25 s), each the median of 3. For scale: the fastest public peer (C++) needs ~44 us
-a step at N = 1000, K = M = 2; the target here is <= 5 us per step per replica.
+realisation of the initial weights and eps_g are excluded; the steps of the short run
+last >= 0.25 s and >= the set-up), each the median of 3. For scale: the fastest public
+peer (C++) needs ~44 us a step at N = 1000, K = M = 2; the target here is <= 5 us per
+step per replica.
 """
 
 from __future__ import annotations
@@ -109,22 +110,24 @@ def stream_ns(rounds: int, count: int = 1 << 20) -> dict[str, float]:
 
 
 def step_us(N: int, K: int, replicas: int, backend: str, steps: int,
-            normalization: str = "plain", model: TeacherStudent | None = None,
-            threads: int | None = None) -> float:
+            normalization: str = "plain", model: TeacherStudent | None = None) -> float:
     """us per step per replica of the analyzer (difference of two run lengths)."""
     model = TeacherStudent(K, K) if model is None else model
     ex = Experiment(model, normalization=normalization, eta=0.5, seed=0)
 
     def run(n: int) -> float:
         sim = get_analyzer("simulation", N=N, alpha=[0.0, n / N], replicas=replicas,
-                           backend=backend, progress=False, threads=threads)
+                           backend=backend, progress=False)
         t = time.perf_counter()
         sim.run(ex)
         return time.perf_counter() - t
 
     run(10)  # compile / warm up
+    setup = run(1)  # set-up (realisation of the weights, eps_g): ~2 s at 32 x N = 10000
     n = steps
-    while run(n) < 0.25:  # long enough that timer and scheduler noise do not matter
+    # the steps of the short run last >= 0.25 s and >= the set-up, so that timer,
+    # scheduler and set-up noise do not swamp the difference
+    while run(n) - setup < max(0.25, setup):
         n *= 2
     short = float(np.median([run(n) for _ in range(3)]))
     long = float(np.median([run(3 * n) for _ in range(3)]))

@@ -55,9 +55,11 @@ Backends
 ``"numpy"``: the generic path, any registered normalization through its
 per-sample API, replicas advancing together as ``(replicas, K + M, N)`` arrays.
 ``"numba"``: a compiled kernel for the erf activation and population statistics,
-replicas in parallel on a pool of ``threads`` threads (each replica takes ~4e6
+replicas in parallel on a pool of ``threads`` threads (default :func:`default_threads`:
+the usable CPUs, at most ``numba.get_num_threads()``, i.e. ``NUMBA_NUM_THREADS`` or
+``numba.set_num_threads``; at most one per replica); each replica takes ~4e6
 multiply-adds of steps in a row, so its weights stay in cache; results do not depend
-on the number of threads), for any normalization that provides compiled scale
+on the number of threads. It applies to any normalization that provides compiled scale
 functions (:meth:`~framework.Normalization.scale_kernels`: ``x~_i = s_i(Q, p) x_i``
 plus optional shift parameters). The gradient through the statistics comes from the
 compiled ``ds_i / dQ_jk``, trainable parameters are stepped with ``ds_i / dp`` (or,
@@ -688,7 +690,7 @@ def _to_initial(value: Any) -> OrderParameters | None:
 
 def default_threads() -> int:
     """Default number of kernel threads: the CPUs this process may run on, at most
-    ``numba.get_num_threads()`` (``NUMBA_NUM_THREADS``)."""
+    ``numba.get_num_threads()`` (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
