@@ -7,6 +7,7 @@ problem (no traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -109,6 +110,19 @@ def _show_warning(message: Any, category: type[Warning], filename: str, lineno: 
     print(f"symphase: warning: {_one_line(Exception(message))}", file=sys.stderr)
 
 
+def _exit_now(status: int) -> None:
+    """End the process at once after an interruption (the `symphase` command only).
+
+    Points still running in threads of this process (``--scheduler threads``) cannot be
+    stopped, and the interpreter would wait for them at exit; everything stored is whole
+    on disk already (stores are atomic), so nothing is lost by not waiting.
+    """
+    if threading.active_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``symphase`` command; returns the exit status.
 
@@ -137,12 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecursionError:
         print("symphase: error: the input is nested too deeply", file=sys.stderr)
         return 2
-    except _Terminated:
-        print("symphase: terminated; results stored so far are kept", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("symphase: interrupted; results stored so far are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        status = 143 if isinstance(exc, _Terminated) else 130
+        print(f"symphase: {'terminated' if status == 143 else 'interrupted'}; results "
+              "stored so far are kept", file=sys.stderr)
+        if argv is None:  # the `symphase` command itself: end now (see _exit_now)
+            _exit_now(status)
+        return status
     finally:
         warnings.showwarning = shown
         if previous is not None:

@@ -223,3 +223,17 @@ def test_campaign_script_of_the_issue_runs_without_traceback(files):
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
+
+
+def test_load_sweep_refuses_a_crafted_grid_before_allocating(tmp_path):
+    free = available_memory()
+    if free is None:
+        pytest.skip("available memory unknown here")
+    K = int(np.sqrt(free / 8)) * 2
+    ds = xr.Dataset({"eps_g": ("alpha", np.ones(2))}, coords={"alpha": [0.0, 1.0]})
+    ds.attrs["symphase_spec_json"] = json.dumps(
+        {"model": {"name": "teacher_student", "K": 2, "M": 2}, "analyzers": []})
+    ds.attrs["symphase_sweep_grid_json"] = json.dumps({"K": [2, K]})
+    framework.save(ds, tmp_path / "crafted_sweep.nc")
+    with pytest.raises(SpecificationError, match=rf"the stored sweep needs .*K = {K}"):
+        framework.point_experiment(tmp_path / "crafted_sweep.nc", K=K)

@@ -55,13 +55,16 @@ SPIN_PLUGIN = textwrap.dedent(
         description: ClassVar[str] = "test-only: holds the GIL"
         slow_above: float = 0.15
         loops: int = 10**11
+        nap: float = 0.0  # > 0: slow points sleep (GIL released) instead of the C loop
 
         def run(self, experiment):
             log = os.environ.get("SPIN_LOG")
             if log:
                 with open(log, "a") as fh:
                     fh.write(json.dumps({"pid": os.getpid(), "eta": experiment.eta}) + "\\n")
-            if experiment.eta > self.slow_above:
+            if experiment.eta > self.slow_above and self.nap:
+                time.sleep(self.nap)
+            elif experiment.eta > self.slow_above:
                 sum(itertools.repeat(1, self.loops))  # C loop: the GIL is never released
             alpha = np.linspace(0.0, 1.0, 3)
             return xr.Dataset(
@@ -135,8 +138,11 @@ def _log(path: Path) -> list[dict]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PDEATHSIG")
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT-group"])
-def test_killed_run_leaves_no_worker_and_keeps_stored_points(tmp_path, how):
+@pytest.mark.parametrize(("how", "scheduler"), [
+    ("SIGKILL", "processes"), ("SIGTERM", "processes"), ("SIGINT-group", "processes"),
+    ("SIGINT-group", "threads"),
+])
+def test_killed_run_leaves_no_worker_and_keeps_stored_points(tmp_path, how, scheduler):
     pytest.importorskip("distributed")
     env = _install_spin(tmp_path / "plug")
     spin_log = tmp_path / "spin.log"
@@ -148,14 +154,15 @@ def test_killed_run_leaves_no_worker_and_keeps_stored_points(tmp_path, how):
         K = 2
         M = 2
         [analyzers.spin]
+        nap = {nap}
         [sweep]
         eta = [0.1, 0.12, 0.2, 0.3]
         """
-    ))
+    ).replace("{nap}", "600.0" if scheduler == "threads" else "0.0"))
     out = tmp_path / "res"
     proc = subprocess.Popen(
         [sys.executable, "-m", "framework.cli", "run", str(toml), "--out", str(out),
-         "--scheduler", "processes", "--workers", "2", "--no-progress"],
+         "--scheduler", scheduler, "--workers", "2", "--no-progress"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
@@ -168,7 +175,10 @@ def test_killed_run_leaves_no_worker_and_keeps_stored_points(tmp_path, how):
 
         assert _wait_for(started, 90), proc.communicate()[1] if proc.poll() is not None else ""
         workers = {r["pid"] for r in _log(spin_log)}
-        assert workers and proc.pid not in workers  # the points run in worker processes
+        if scheduler == "processes":  # the points run in worker processes
+            assert workers and proc.pid not in workers
+        else:  # threads of the client: the client must exit although they sleep on
+            assert workers == {proc.pid}
         workers |= _descendants(proc.pid)
         if how == "SIGKILL":
             proc.send_signal(signal.SIGKILL)
@@ -289,7 +299,6 @@ def test_forced_processes_without_main_guard_is_one_clear_error(tmp_path):
     assert "if __name__ == \"__main__\":" in done.stdout
 
 
-@pytest.mark.slow
 def test_script_with_main_guard_runs_on_processes(tmp_path):
     pytest.importorskip("distributed")
     done = _script(tmp_path, GUARDED)

@@ -344,23 +344,36 @@ def _shutdown(client: Any, owned: list[Any], futures: list[Any], finished: bool)
         _release(client, owned, futures, finished)
 
 
+#: Seconds Dask's loggers stay silent after an interrupted run began tearing down.
+QUIET_SECONDS = 10.0
+
+
 @contextlib.contextmanager
 def _quiet_dask() -> Any:
     """Silence Dask's loggers while an interrupted run tears its cluster down.
 
-    (Killing workers mid-task makes the scheduler log errors about keys it cannot gather;
-    the run reports the interruption itself, in one line.)
+    Killing workers mid-task makes the scheduler log errors about keys it cannot gather,
+    and a thread worker that is still computing logs its cancelled close a little later;
+    the run reports the interruption itself, in one line. The levels are restored
+    :data:`QUIET_SECONDS` after the teardown (a timer), so that later Dask use in the same
+    process (a notebook) logs as before.
     """
     names = ["distributed", *(n for n in logging.root.manager.loggerDict
                               if n.startswith("distributed."))]
     levels = {n: logging.getLogger(n).level for n in names}
     for n in names:
         logging.getLogger(n).setLevel(logging.CRITICAL + 1)
+
+    def restore() -> None:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
     try:
         yield
     finally:
-        for n, level in levels.items():
-            logging.getLogger(n).setLevel(level)
+        timer = threading.Timer(QUIET_SECONDS, restore)
+        timer.daemon = True
+        timer.start()
 
 
 def _release(client: Any, owned: list[Any], futures: list[Any], finished: bool) -> None:

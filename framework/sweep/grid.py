@@ -436,7 +436,21 @@ def load_sweep(path_or_dataset: Any) -> Sweep:
     text = ds.attrs.get("symphase_sweep_grid_json")
     if not isinstance(text, str):
         raise ValueError("dataset has no 'symphase_sweep_grid_json' attr: it is not a sweep")
-    return Sweep(load_experiment(ds), json.loads(text))
+    grid = json.loads(text)
+    _check_stored_sizes(ds, grid)
+    return Sweep(load_experiment(ds), grid)
+
+
+def _check_stored_sizes(ds: xr.Dataset, grid: Any) -> None:
+    """Refuse a stored sweep whose largest point cannot fit in memory, before building it."""
+    from framework._resources import check_memory
+
+    try:
+        spec = json.loads(ds.attrs.get("symphase_spec_json", ""))
+    except (ValueError, TypeError, RecursionError):
+        return  # load_experiment reports it
+    if isinstance(spec, Mapping) and isinstance(grid, Mapping):
+        check_memory(spec, grid, what="the stored sweep")
 
 
 def point_experiment(path_or_dataset: Any, *index: int, **coords: Any) -> Experiment:
