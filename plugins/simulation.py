@@ -137,7 +137,7 @@ def njit(*args: Any, **kwargs: Any) -> Any:
 # numpy's PCG64 ziggurat costs ~10-20 ns a normal (~10 us a step at N = 1000). The
 # stream below costs ~2.2 ns a normal compiled (fill_nb: a SIMD pass for the fast path,
 # ~1.4 ns, and a second pass for the 1.5 % it rejects, ~0.8 ns; one number at a time,
-# normal_nb in a loop, ~2.3 ns), has no state to carry (normal i of a key is a pure
+# normal_nb in a loop, 2.1-2.3 ns), has no state to carry (normal i of a key is a pure
 # function of (key, i)), and has a vectorized numpy twin giving the same values, so the
 # kernel and the generic path consume identical inputs with or without numba
 # (bench/simulation.py measures them next to numpy's generators).
@@ -357,7 +357,8 @@ def fill_nb(key, start, out):
     without a branch (SIMD: the words, the table gathers and the conversions four at a
     time), marking the 1.5 % the fast path rejects with a NaN, then the slow path for
     those. The first pass costs ~1.4 ns a number, the second ~0.8 (the slow path's
-    exp/log1p); together ~5-10 % faster than :func:`normal_nb` in a loop.
+    exp/log1p); together 0-8 % faster than :func:`normal_nb` in a loop (2.1-2.2 ns on
+    the development machine; bench/simulation.py), ~6 % on a K = 2 kernel step.
     """
     n = out.shape[0]
     bad = False
