@@ -72,6 +72,8 @@ def out_file(value: str | os.PathLike[str], arg: str, UsageError: type[Exception
                          f"({exc.strerror or exc})") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"'{arg}' {str(path)!r}: the folder is not writable")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"'{arg}' {str(path)!r}: is not a regular file")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"'{arg}' {str(path)!r}: the file is not writable")
     return path
@@ -153,6 +155,8 @@ def _open(path: str, UsageError: type[Exception]) -> Any:
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{path}: is a folder, not a netCDF file")
+    if p.exists() and not p.is_file():
+        raise UsageError(f"{path}: is not a regular file")
     if not p.is_file():
         raise UsageError(f"{path}: no such file")
     try:

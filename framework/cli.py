@@ -13,7 +13,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main"]
 
@@ -51,8 +51,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return int(function(out=out, quick=args.quick))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (``symphase run: error: argument --workers: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
+                     f"(see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="symphase",
         description="Online learning in teacher-student networks, with normalizations as plugins.",
     )

@@ -237,3 +237,31 @@ def test_load_sweep_refuses_a_crafted_grid_before_allocating(tmp_path):
     framework.save(ds, tmp_path / "crafted_sweep.nc")
     with pytest.raises(SpecificationError, match=rf"the stored sweep needs .*K = {K}"):
         framework.point_experiment(tmp_path / "crafted_sweep.nc", K=K)
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["run", "good.toml", "--workers", "abc"],
+         r"^symphase run: error: argument --workers: invalid int value: 'abc' \(see symphase "
+         r"run --help\)$"),
+        (["frobnicate"], r"^symphase: error: argument COMMAND: invalid choice: 'frobnicate'"),
+        ([], r"^symphase: error: the following arguments are required: COMMAND"),
+    ],
+)
+def test_argument_errors_are_one_line(files, capsys, argv, pattern):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), lines
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
+def test_device_files_are_not_inputs_or_outputs(files, capsys):
+    code, _, err = run_cli(capsys, "show", "/dev/null")
+    one_line_error(code, err, r"/dev/null: is not a regular file")
+    code, _, err = run_cli(capsys, "plot", "plain.nc", "-o", "/dev/null")
+    one_line_error(code, err, r"'-o' '/dev/null': is not a regular file")
+    code, _, err = run_cli(capsys, "run", "good.toml", "--out", "/dev/null")
+    one_line_error(code, err, r"'--out' '/dev/null': is a file, not a folder")
