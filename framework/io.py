@@ -76,11 +76,13 @@ def checksum(dataset: xr.Dataset) -> str:
 
 
 def _netcdf_safe(dataset: xr.Dataset) -> xr.Dataset:
-    """A copy whose attrs, dtypes and encodings netCDF4 stores losslessly."""
-    ds = dataset.copy(deep=False)
-    ds.attrs = flatten_attrs(ds.attrs)
-    for name in list(ds.variables):
-        var = ds.variables[name]
+    """A copy whose attrs, dtypes and encodings netCDF4 stores losslessly.
+
+    Built in one step from the prepared variables (assigning them one by one realigns the
+    whole dataset each time: ~7 ms for a small point, most of a sweep point's storage)."""
+    coords: dict[str, xr.Variable] = {}
+    data_vars: dict[str, xr.Variable] = {}
+    for name, var in dataset.variables.items():
         attrs = flatten_attrs(var.attrs)
         if var.dtype == bool:
             var = var.astype(np.int8)
@@ -94,10 +96,8 @@ def _netcdf_safe(dataset: xr.Dataset) -> xr.Dataset:
         var.encoding = {}
         if var.dtype.kind == "f":
             var.encoding["_FillValue"] = None  # NaN is data here, not "missing"
-        if name in ds.indexes and name in ds.dims:
-            ds = ds.assign_coords({name: var})
-        else:
-            ds[name] = var
+        (coords if name in dataset.coords else data_vars)[str(name)] = var
+    ds = xr.Dataset(data_vars, coords=coords, attrs=flatten_attrs(dataset.attrs))
     ds.encoding = {}
     return ds
 
