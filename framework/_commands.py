@@ -43,17 +43,24 @@ def out_folder(value: str | os.PathLike[str], arg: str, UsageError: type[Excepti
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise UsageError(f"'{arg}' {str(path)!r}: is a file, not a folder")
-    base = _existing_ancestor(path)
+    _writable_folder(path, path, arg, UsageError)
+    return path
+
+
+def _writable_folder(folder: Path, path: Path, arg: str, UsageError: type[Exception]) -> None:
+    """Create ``folder`` (for the argument ``arg`` naming ``path``) and check that it is
+    writable; a one-line :class:`UsageError` naming the argument and the reason if not."""
+    base = _existing_ancestor(folder)
     if not base.is_dir():
         raise UsageError(f"'{arg}' {str(path)!r}: {str(base)!r} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"'{arg}' {str(path)!r}: cannot create the folder "
+        where = "" if folder == path else f" {str(folder)!r}"
+        raise UsageError(f"'{arg}' {str(path)!r}: cannot create the folder{where} "
                          f"({exc.strerror or exc})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"'{arg}' {str(path)!r}: the folder is not writable")
-    return path
 
 
 def out_file(value: str | os.PathLike[str], arg: str, UsageError: type[Exception]) -> Path:
@@ -61,17 +68,7 @@ def out_file(value: str | os.PathLike[str], arg: str, UsageError: type[Exception
     path = Path(value)
     if path.is_dir():
         raise UsageError(f"'{arg}' {str(path)!r}: is a folder; give a file name")
-    parent = path.parent
-    base = _existing_ancestor(parent)
-    if not base.is_dir():
-        raise UsageError(f"'{arg}' {str(path)!r}: {str(base)!r} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"'{arg}' {str(path)!r}: cannot create the folder {str(parent)!r} "
-                         f"({exc.strerror or exc})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"'{arg}' {str(path)!r}: the folder is not writable")
+    _writable_folder(path.parent, path, arg, UsageError)
     if path.exists() and not path.is_file():
         raise UsageError(f"'{arg}' {str(path)!r}: is not a regular file")
     if path.exists() and not os.access(path, os.W_OK):

@@ -806,24 +806,11 @@ def find_fixed_points(
         sol = optimize.root(residual, x0, method="hybr",
                             options={"xtol": 1e-14 if exact else 1e-12})
         x = _newton_polish(residual, sol.x) if exact else sol.x
-        if x is None:
+        root = _accepted_root(eng, flow, x, model.T, found, trainable, eta=eta,
+                              batch_size=batch_size, second_order=second_order)
+        if root is None or x is None:
             continue
-        Q, R, params, dQ, dR, dth, err = flow(x)
-        margin = -1e-9 if exact else 1e-9
-        if not np.all(np.isfinite(Q)) or psd_margin(Q, R, model.T) < margin:
-            continue
-        res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
-                        *[np.max(np.abs(v)) for v in dth.values()]))
-        if not res < max(RESIDUAL_TOL, 10.0 * err):
-            continue
-        dedupe = DEDUPE_TOL if exact else 1e-4
-        if any(max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R)),
-                   *[np.max(np.abs(fp.params[k] - params[k])) for k in trainable]) < dedupe
-               for fp in found):
-            continue
-        eng.rates(Q, R, params, eta=eta, batch_size=batch_size,
-                  second_order=second_order)  # AccuracyError if the estimate is too noisy
-        eps, eps_err = eng.generalization_error(Q, R, params)
+        Q, R, params, res, err, eps, eps_err = root
         theta = np.empty(sub.size)
         theta[free] = x[:nf]
         if invariance != "none":
@@ -1004,25 +991,12 @@ def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
                                     options={"xtol": 1e-14 if exact else 1e-12,
                                              "maxfev": PARTITION_MAXFEV * (x0.size + 1)})
                 x = _newton_polish(residual, sol.x) if exact else sol.x
-                if x is None:
+                root = _accepted_root(eng, flow, x, T, [*found, *out], tuple(eng.trainable),
+                                      eta=eta, batch_size=batch_size,
+                                      second_order=second_order)
+                if root is None:
                     continue
-                Q, R, params, dQ, dR, dth, err = flow(x)
-                margin = -1e-9 if exact else 1e-9
-                if not np.all(np.isfinite(Q)) or psd_margin(Q, R, T) < margin:
-                    continue
-                res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
-                                *[np.max(np.abs(v)) for v in dth.values()]))
-                if not res < max(RESIDUAL_TOL, 10.0 * err):
-                    continue
-                dedupe = DEDUPE_TOL if exact else 1e-4
-                if any(max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R)),
-                           *[np.max(np.abs(fp.params[k] - params[k]))
-                             for k in eng.trainable]) < dedupe
-                       for fp in (*found, *out)):
-                    continue
-                eng.rates(Q, R, params, eta=eta, batch_size=batch_size,
-                          second_order=second_order)  # AccuracyError if too noisy
-                eps, eps_err = eng.generalization_error(Q, R, params)
+                Q, R, params, res, err, eps, eps_err = root
                 out.append(FixedPoint(
                     Q, R, sub.project(Q, R), res, float(eps),
                     float(np.mean(np.diagonal(Q))), f"{label}, readout x {scale:g}", sub,
@@ -1030,6 +1004,38 @@ def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
                             for k in (*eng.trainable, *eng.held)},
                     rate_error=float(err), eps_g_error=float(eps_err), kind=kind))
     return out
+
+
+def _accepted_root(
+    eng: Engine, flow: Any, x: np.ndarray | None, T: np.ndarray, found: Any,
+    trainable: tuple[str, ...], *, eta: float, batch_size: int, second_order: bool,
+) -> tuple[np.ndarray, np.ndarray, dict, float, float, float, float] | None:
+    """The fixed point at the root ``x`` of a branch search, or None if it is rejected:
+    not finite, outside the PSD cone (``-1e-9``; ``+1e-9`` for an engine of estimates),
+    a residual of the full right-hand side above ``max(RESIDUAL_TOL, 10 * its error)``,
+    or a duplicate of one in ``found`` (``DEDUPE_TOL``; ``1e-4`` for estimates).
+    Returns ``(Q, R, params, residual, rate error, eps_g, eps_g error)``; an estimate
+    too noisy there raises :class:`AccuracyError`."""
+    if x is None:
+        return None
+    exact = bool(eng.exact)
+    Q, R, params, dQ, dR, dth, err = flow(x)
+    margin = -1e-9 if exact else 1e-9
+    if not np.all(np.isfinite(Q)) or psd_margin(Q, R, T) < margin:
+        return None
+    res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
+                    *[np.max(np.abs(v)) for v in dth.values()]))
+    if not res < max(RESIDUAL_TOL, 10.0 * err):
+        return None
+    dedupe = DEDUPE_TOL if exact else 1e-4
+    if any(max(np.max(np.abs(fp.Q - Q)), np.max(np.abs(fp.R - R)),
+               *[np.max(np.abs(fp.params[k] - params[k])) for k in trainable]) < dedupe
+           for fp in found):
+        return None
+    eng.rates(Q, R, params, eta=eta, batch_size=batch_size,
+              second_order=second_order)  # AccuracyError if the estimate is too noisy
+    eps, eps_err = eng.generalization_error(Q, R, params)
+    return Q, R, params, res, float(err), float(eps), float(eps_err)
 
 
 def jacobian_coordinates(
