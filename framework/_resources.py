@@ -9,12 +9,13 @@ The bound, in bytes, is
     8 * (M**2 + (K**2 + K*M) * P + (K * R + M) * N)
 
 the teacher overlap ``T`` (M x M), one (K x K) and one (K x M) overlap per stored point of
-a trajectory, and the weights of a finite-N network. ``P`` is the largest trajectory size
-among the analyzers' options named in :data:`TRAJECTORY_OPTIONS` (at least 1); ``N`` the
-largest of ``init_N`` and the options named in :data:`SYSTEM_OPTIONS`; ``R`` the
-``replicas`` option (at least 1). Analyzer options of other names (iteration counts,
-seeds) are not sizes and are not counted. It only refuses what certainly does not fit;
-an analyzer can still need more.
+a trajectory, and the weights of a finite-N network. ``P`` is the largest of the
+analyzers' options declared ``"trajectory"`` in their class's
+:attr:`~framework.Analyzer.size_options` (at least 1); ``N`` the largest of ``init_N``
+and the options declared ``"system"``; ``R`` the largest declared ``"replicas"`` (at
+least 1). Other options (iteration counts, seeds) are not sizes and are not counted; an
+analyzer not installed counts nothing. It only refuses what certainly does not fit; an
+analyzer can still need more.
 """
 
 from __future__ import annotations
@@ -28,12 +29,20 @@ from framework.validators import SpecificationError
 __all__ = ["available_memory", "check_memory", "estimate_bytes"]
 
 _GIB = 2.0**30
-#: Analyzer options that are numbers of stored points of a trajectory (the convention of
-#: the built-in analyzers: ``dynamics``/``escape`` ``n_points``, ``simulation`` ``records``).
-TRAJECTORY_OPTIONS = ("n_points", "records", "n_alpha")
-#: Analyzer options that are input dimensions or sample counts (``simulation`` ``N``,
-#: ``mc_samples``): each takes ``K + M`` numbers at least.
-SYSTEM_OPTIONS = ("N", "mc_samples", "samples")
+
+
+def _size_options(name: Any) -> dict[str, str]:
+    """The :attr:`~framework.Analyzer.size_options` of the analyzer registered as
+    ``name`` (empty if it is not installed or ``name`` is not a string)."""
+    if not isinstance(name, str):
+        return {}
+    from framework.manager import get_registry
+
+    try:
+        cls = get_registry().get("analyzer", name)
+    except Exception:  # an unknown analyzer is reported where it is built
+        return {}
+    return dict(getattr(cls, "size_options", {}) or {})
 
 
 def available_memory() -> int | None:
@@ -91,11 +100,10 @@ def estimate_bytes(spec: Mapping[str, Any], grid: Mapping[str, Any] | None = Non
         if not isinstance(analyzer, Mapping):
             continue
         name = analyzer.get("name")
+        declared = _size_options(name)
         for option, value in analyzer.items():
-            kind = ("trajectory" if option in TRAJECTORY_OPTIONS else
-                    "system" if option in SYSTEM_OPTIONS else
-                    "replicas" if option == "replicas" else None)
-            if kind is None:
+            kind = declared.get(option)
+            if kind not in sizes:
                 continue
             swept = grid.get(f"{name}.{option}")
             n = _largest([value, *(swept if isinstance(swept, list | tuple) else [])], 1)

@@ -8,7 +8,9 @@ analyzer's own options (``get_analyzer("dynamics", alpha_max=100)``).
 What a subclass must implement: ``name``, ``description`` and :meth:`run`.
 Optional: ``requires`` (capabilities such as ``"diagonal_scale"``) checked by
 :meth:`check`, which may be overridden to reject an experiment early with a
-clear error.
+clear error; ``size_options``, the options that size the arrays the analyzer
+allocates, which the framework reads to refuse a specification beyond the machine's
+memory before building it.
 
 Datasets must use the shared dimension names (``alpha``, ``student``,
 ``student_``, ``teacher``, ``teacher_``, ``eigen``, ``replica``, ``branch``),
@@ -38,6 +40,13 @@ class Analyzer(Named):
     kind: ClassVar[str] = "analyzer"
     #: One-line description shown by ``symphase plugins``.
     description: ClassVar[str] = ""
+    #: Options that size what :meth:`run` allocates, mapped to their kind:
+    #: ``"trajectory"`` (stored points of a trajectory, ``K (K + M)`` numbers each),
+    #: ``"system"`` (an input dimension or a sample count, ``K + M`` numbers each and
+    #: per replica) or ``"replicas"``. Read (from the JSON form, before anything is
+    #: built) by the memory check of ``symphase run`` and of stored results; options not
+    #: listed are not sizes.
+    size_options: ClassVar[dict[str, str]] = {}
 
     def check(self, experiment: Experiment) -> None:
         """Raise a ``ValueError`` if this analyzer cannot run ``experiment`` (default: accept)."""

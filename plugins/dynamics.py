@@ -81,6 +81,7 @@ class Dynamics(Analyzer):
 
     name: ClassVar[str] = "dynamics"
     description: ClassVar[str] = "order-parameter ODE over alpha (exact N -> infinity theory)"
+    size_options: ClassVar[dict[str, str]] = {"n_points": "trajectory"}
 
     alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
     alpha_max: float = attrs.field(default=1000.0, converter=to_float, validator=gt(0.0))

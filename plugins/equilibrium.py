@@ -799,6 +799,7 @@ class EscapeAnalyzer(Analyzer):
 
     name: ClassVar[str] = "escape"
     description: ClassVar[str] = "escape time from the symmetric plateau (ODE)"
+    size_options: ClassVar[dict[str, str]] = {"n_points": "trajectory"}
 
     start: str = attrs.field(default="fixedpoint", validator=one_of("fixedpoint", "init"))
     perturbation: float = attrs.field(default=1e-3, converter=to_float, validator=gt(0.0))

@@ -749,6 +749,8 @@ class Simulation(Analyzer):
 
     name: ClassVar[str] = "simulation"
     description: ClassVar[str] = "finite-N online SGD, replicas batched (erf kernel compiled)"
+    size_options: ClassVar[dict[str, str]] = {
+        "records": "trajectory", "N": "system", "mc_samples": "system", "replicas": "replicas"}
 
     N: int = attrs.field(default=1000, validator=integer(minimum=1))
     alpha_max: float = attrs.field(default=10.0, converter=to_float, validator=gt(0.0))
