@@ -103,3 +103,27 @@ def test_compile_notice_on_cold_cache(tmp_path):
 
     assert stderr().count(MESSAGE) == 1
     assert MESSAGE not in stderr()
+
+
+def test_stale_integrator_cache_is_dropped_when_the_kernels_change(tmp_path):
+    # the compiled integrator inlines _kernels' functions; numba keys its cache on
+    # _dop853.py only, so a changed _kernels.py must remove _dop853's cache files
+    from framework.theory import _dop853
+
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    kernels = tmp_path / "_kernels.py"
+    kernels.write_text("x = 1\n")
+    stale = [cache / "_dop853._dop853_nb-1.py311.nbi", cache / "_dop853._dop853_nb-1.py311.1.nbc"]
+    other = cache / "_kernels._rhs_nb-1.py311.nbi"
+    for f in (*stale, other):
+        f.write_text("")
+    _dop853._drop_stale_cache(cache, kernels)  # no marker yet: dropped, marker written
+    assert not any(f.exists() for f in stale) and other.exists()
+    for f in stale:
+        f.write_text("")
+    _dop853._drop_stale_cache(cache, kernels)  # same kernels: kept
+    assert all(f.exists() for f in stale)
+    kernels.write_text("x = 2\n")
+    _dop853._drop_stale_cache(cache, kernels)  # changed kernels: dropped
+    assert not any(f.exists() for f in stale)

@@ -51,6 +51,36 @@ from framework.theory._kernels import (
     pack_state,
 )
 
+
+def _drop_stale_cache(cache: Any = None, kernels_file: Any = None) -> None:
+    """Remove this module's numba cache files when ``_kernels.py`` changed since they were
+    written. The compiled integrator inlines the kernels' functions, but numba keys a
+    cache on the source file of the function it compiles only, so an edited kernel would
+    otherwise keep running in its old, cached form (seen in development; an install
+    replaces both files). The kernels' content hash is kept next to the cache files."""
+    import hashlib
+    from pathlib import Path
+
+    from framework.theory import _kernels
+
+    cache = Path(__file__).with_name("__pycache__") if cache is None else Path(cache)
+    source = Path(_kernels.__file__ if kernels_file is None else kernels_file)
+    try:
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        marker = cache / "_dop853.kernels-sha256"
+        if marker.is_file() and marker.read_text() == digest:
+            return
+        for stale in [*cache.glob("_dop853.*.nbi"), *cache.glob("_dop853.*.nbc")]:
+            stale.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        marker.write_text(digest)
+    except OSError:  # a read-only install: numba caches elsewhere or not at all
+        return
+
+
+if HAVE_NUMBA:
+    _drop_stale_cache()
+
 __all__ = [
     "E3",
     "E5",
