@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -94,69 +95,75 @@ def takagi2020(out: Path, quick: bool = False) -> int:
     q_traj = np.full((nS, nN, nK, nE, grid.size), np.nan)
     base = None
 
-    for k, K in enumerate(Ks):
-        model = TeacherStudent(K, K)
-        for n, norm in enumerate(NORMALIZATIONS):
-            e = Experiment(model, normalization=norm, eta=0.1, seed=0, analyzers=[
-                {"name": "fixedpoint", "eta": 0.0},
-                {"name": "hessian", "eta": 0.0},
-            ])
-            base = base or e
-            res = e.run()
-            fp, hs = _plateau(res["fixedpoint"]), _plateau(res["hessian"])
-            eps_plateau[n, k] = float(fp.eps_g)
-            Q = fp.Q.values
-            q_plateau[n, k] = float(np.mean(np.diag(Q)))
-            c_over_q[n, k] = float(Q[0, 1] / Q[0, 0])
-            lam_min[n, k] = float(hs.lambda_min)
-            rate[n, k] = float(fp.jacobian_eigenvalue_real[0])
-            escape_mode[n, k] = str(hs.escape_mode.values)
-            # trained readout at the gradient-flow plateau: eta_v / eta = 1 in the scaled
-            # flow, whose eta = 0 limit is evaluated at eta = 1 (so eta_v = 1 there)
-            et = Experiment(_trained(K, 1.0), normalization=norm, eta=0.1, seed=0, analyzers=[
-                {"name": "fixedpoint", "eta": 0.0}, {"name": "hessian", "eta": 0.0}])
-            rt = et.run()
-            fpt, hst = _plateau(rt["fixedpoint"]), _plateau(rt["hessian"])
-            tr["eps"][n, k] = float(fpt.eps_g)
-            tr["q"][n, k] = float(np.mean(np.diag(fpt.Q.values)))
-            tr["v"][n, k] = float(np.mean(fpt.param_v.values))
-            tr["lam"][n, k] = float(hst.lambda_min)
-            tr["rate"][n, k] = float(fpt.jacobian_eigenvalue_real[0])
-            tr_mode[n, k] = str(hst.escape_mode.values)
-            if norm == "batchnorm":
-                from framework import OrderParameters
+    interrupted = False  # Ctrl-C: keep what is finished (the rest stays NaN)
+    try:
+        for k, K in enumerate(Ks):
+            model = TeacherStudent(K, K)
+            for n, norm in enumerate(NORMALIZATIONS):
+                e = Experiment(model, normalization=norm, eta=0.1, seed=0, analyzers=[
+                    {"name": "fixedpoint", "eta": 0.0},
+                    {"name": "hessian", "eta": 0.0},
+                ])
+                base = base or e
+                res = e.run()
+                fp, hs = _plateau(res["fixedpoint"]), _plateau(res["hessian"])
+                eps_plateau[n, k] = float(fp.eps_g)
+                Q = fp.Q.values
+                q_plateau[n, k] = float(np.mean(np.diag(Q)))
+                c_over_q[n, k] = float(Q[0, 1] / Q[0, 0])
+                lam_min[n, k] = float(hs.lambda_min)
+                rate[n, k] = float(fp.jacobian_eigenvalue_real[0])
+                escape_mode[n, k] = str(hs.escape_mode.values)
+                # trained readout at the gradient-flow plateau: eta_v / eta = 1 in the scaled
+                # flow, whose eta = 0 limit is evaluated at eta = 1 (so eta_v = 1 there)
+                et = Experiment(_trained(K, 1.0), normalization=norm, eta=0.1, seed=0, analyzers=[
+                    {"name": "fixedpoint", "eta": 0.0}, {"name": "hessian", "eta": 0.0}])
+                rt = et.run()
+                fpt, hst = _plateau(rt["fixedpoint"]), _plateau(rt["hessian"])
+                tr["eps"][n, k] = float(fpt.eps_g)
+                tr["q"][n, k] = float(np.mean(np.diag(fpt.Q.values)))
+                tr["v"][n, k] = float(np.mean(fpt.param_v.values))
+                tr["lam"][n, k] = float(hst.lambda_min)
+                tr["rate"][n, k] = float(fpt.jacobian_eigenvalue_real[0])
+                tr_mode[n, k] = str(hst.escape_mode.values)
+                if norm == "batchnorm":
+                    from framework import OrderParameters
 
-                at = OrderParameters(Q, fp.R.values, model.T)
-                e2 = Experiment(model, normalization=norm, analyzers=[{
-                    "name": "hessian", "at": at,
-                    "weight_norm": [q_plateau[0, k], *curve.tolist()]}])
-                lm = e2.run()["hessian"].lambda_min.values[:, 0]
-                lam_bn_plain_norm[k] = lm[0]
-                lam_curve[k] = lm[1:]
-            for j, eta in enumerate(etas):
-                for s, scale in enumerate(scales):
-                    ex = Experiment(model, normalization=norm, eta=eta, seed=0, init="random",
-                                    init_scale=scale, analyzers=[{
-                                        "name": "escape", "start": "init",
-                                        "plateau": "gradient_flow",
-                                        "alpha": grid.tolist(), "rtol": 1e-9, "atol": 1e-11}])
-                    ds = ex.run()["escape"]
-                    q_init0[s, k] = float(np.mean(np.diag(ex.initial_order_parameters().Q)))
-                    a_init[s, n, k, j] = float(ds.alpha_escape)
-                    q_init_esc[s, n, k, j] = float(ds.weight_norm_at_escape)
-                    eps_eta[s, n, k, j] = float(ds.eps_plateau)
-                    eps_traj[s, n, k, j] = ds.eps_g.values
-                    q_traj[s, n, k, j] = ds.weight_norm.values
-                ex = Experiment(model, normalization=norm, eta=eta, seed=0, analyzers=[{
-                    "name": "escape", "start": "fixedpoint", "perturbation": 1e-3,
-                    "alpha": grid.tolist(), "rtol": 1e-9, "atol": 1e-11}])
-                a_fp[n, k, j] = float(ex.run()["escape"].alpha_escape)
-                ex = Experiment(_trained(K, eta), normalization=norm, eta=eta, seed=0,
-                                analyzers=[{"name": "escape", "start": "fixedpoint",
-                                            "perturbation": 1e-3, "alpha": grid.tolist(),
-                                            "rtol": 1e-9, "atol": 1e-11,
-                                            "stop_at_escape": True}])
-                a_fp_t[n, k, j] = float(ex.run()["escape"].alpha_escape)
+                    at = OrderParameters(Q, fp.R.values, model.T)
+                    e2 = Experiment(model, normalization=norm, analyzers=[{
+                        "name": "hessian", "at": at,
+                        "weight_norm": [q_plateau[0, k], *curve.tolist()]}])
+                    lm = e2.run()["hessian"].lambda_min.values[:, 0]
+                    lam_bn_plain_norm[k] = lm[0]
+                    lam_curve[k] = lm[1:]
+                for j, eta in enumerate(etas):
+                    for s, scale in enumerate(scales):
+                        ex = Experiment(model, normalization=norm, eta=eta, seed=0, init="random",
+                                        init_scale=scale, analyzers=[{
+                                            "name": "escape", "start": "init",
+                                            "plateau": "gradient_flow",
+                                            "alpha": grid.tolist(), "rtol": 1e-9, "atol": 1e-11}])
+                        ds = ex.run()["escape"]
+                        q_init0[s, k] = float(np.mean(np.diag(ex.initial_order_parameters().Q)))
+                        a_init[s, n, k, j] = float(ds.alpha_escape)
+                        q_init_esc[s, n, k, j] = float(ds.weight_norm_at_escape)
+                        eps_eta[s, n, k, j] = float(ds.eps_plateau)
+                        eps_traj[s, n, k, j] = ds.eps_g.values
+                        q_traj[s, n, k, j] = ds.weight_norm.values
+                    ex = Experiment(model, normalization=norm, eta=eta, seed=0, analyzers=[{
+                        "name": "escape", "start": "fixedpoint", "perturbation": 1e-3,
+                        "alpha": grid.tolist(), "rtol": 1e-9, "atol": 1e-11}])
+                    a_fp[n, k, j] = float(ex.run()["escape"].alpha_escape)
+                    ex = Experiment(_trained(K, eta), normalization=norm, eta=eta, seed=0,
+                                    analyzers=[{"name": "escape", "start": "fixedpoint",
+                                                "perturbation": 1e-3, "alpha": grid.tolist(),
+                                                "rtol": 1e-9, "atol": 1e-11,
+                                                "stop_at_escape": True}])
+                    a_fp_t[n, k, j] = float(ex.run()["escape"].alpha_escape)
+    except KeyboardInterrupt:
+        if base is None:  # nothing finished
+            raise
+        interrupted = True
 
     crossover = lam_min[1] / lam_min[0]  # batchnorm at weight norm 1 over plain
     dims_nk = ("normalization", "K")
@@ -245,6 +252,8 @@ def takagi2020(out: Path, quick: bool = False) -> int:
             "term excluded there",
             "escape_eta_squared_term": "included (escape runs)",
             "init": "random, seed 0, same for plain and batchnorm (init_N = 1000)",
+            "status": ("interrupted (Ctrl-C): the entries not computed are NaN; run again "
+                       "for the full result") if interrupted else "complete",
             "readout": "variables without suffix: readout v = 1 fixed (soft committee "
             "machine); *_trained: the readout v trained (initial 1) with eta_v = eta, v a "
             "state variable of the ODE and a coordinate of the Hessian (block d^2 eps_g / "
@@ -254,6 +263,10 @@ def takagi2020(out: Path, quick: bool = False) -> int:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save(ds, out / "takagi2020.nc")
+    if interrupted:  # no figures or table of a partial result
+        print(f"interrupted: wrote what was finished to {out / 'takagi2020.nc'} (the rest is "
+              "NaN, attr status); no figures", file=sys.stderr)
+        return 130
     _figures(ds, out)
     print(_table(ds))
     print(f"wrote {out / 'takagi2020.nc'} and figures in {time.time() - t0:.0f} s")
