@@ -59,9 +59,8 @@ two of the three surplus units pair up.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import multiprocessing
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +77,7 @@ from framework import (
     save,
     theory,
 )
+from plugins._pool import run_jobs
 
 M_TEACHER = 2
 COMMAND = "symphase reproduce goldt2019 --out datasets"
@@ -217,26 +217,29 @@ def goldt2019(out: Path, quick: bool = False, workers: int = 2) -> int:
     jobs = [(a, b, c, d) for a in range(len(Ks)) for b in range(len(noises))
             for c in range(len(etas)) for d in range(len(layers))]
     jobs.sort(key=lambda j: (layers[j[3]] == "first", etas[j[2]], -Ks[j[0]]))  # long first
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
-        futures = {pool.submit(final_error, Ks[a], noises[b], etas[c], layers[d],
-                               cfg["n_alpha"]): (a, b, c, d) for a, b, c, d in jobs}
-        small = {pool.submit(small_eta_ratio, K, e): (i, j)
-                 for i, K in enumerate(cfg["small_Ks"]) for j, e in enumerate(cfg["small_etas"])}
-        for fut in concurrent.futures.as_completed(futures):
-            a, b, c, d = futures[fut]
-            r = fut.result()
-            print(f"K={Ks[a]} noise={noises[b]:g} eta={etas[c]:g} {layers[d]}: "
-                  f"{r['seconds']:.1f} s, eps_g={r['eps_final']:.5g}, {r['state']}", flush=True)
-            for k in res:
-                res[k][a, b, c, d] = r[k]
-            conv[a, b, c, d] = r["converged"]
-            state[a, b, c, d] = r["state"]
-        ratio = np.full((len(cfg["small_Ks"]), len(cfg["small_etas"])), np.nan)
-        ratio_change = np.full_like(ratio, np.nan)
-        for sfut in concurrent.futures.as_completed(small):
-            i, j = small[sfut]
-            ratio[i, j], ratio_change[i, j] = sfut.result()
+    ratio = np.full((len(cfg["small_Ks"]), len(cfg["small_etas"])), np.nan)
+    ratio_change = np.full_like(ratio, np.nan)
+
+    def on_result(key: tuple, r: Any) -> None:
+        if key[0] == "small":
+            ratio[key[1], key[2]], ratio_change[key[1], key[2]] = r
+            return
+        a, b, c, d = key[1:]
+        print(f"K={Ks[a]} noise={noises[b]:g} eta={etas[c]:g} {layers[d]}: "
+              f"{r['seconds']:.1f} s, eps_g={r['eps_final']:.5g}, {r['state']}", flush=True)
+        for k in res:
+            res[k][a, b, c, d] = r[k]
+        conv[a, b, c, d] = r["converged"]
+        state[a, b, c, d] = r["state"]
+
+    interrupted = run_jobs(
+        [(("final", a, b, c, d), final_error,
+          (Ks[a], noises[b], etas[c], layers[d], cfg["n_alpha"])) for a, b, c, d in jobs]
+        + [(("small", i, j), small_eta_ratio, (K, e))
+           for i, K in enumerate(cfg["small_Ks"]) for j, e in enumerate(cfg["small_etas"])],
+        workers, on_result)
+    if interrupted:
+        state[state == ""] = "not computed (interrupted)"
     c_KM = np.array([asymptotic_coefficient(K, M_TEACHER) for K in Ks])
     noise_arr = np.asarray(noises)[None, :, None]
     eta_arr = np.asarray(etas)[None, None, :]
@@ -309,7 +312,14 @@ def goldt2019(out: Path, quick: bool = False, workers: int = 2) -> int:
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ds.attrs["status"] = ("interrupted (Ctrl-C): the entries not computed are NaN (state "
+                          "'not computed'); run again for the full result") if interrupted \
+        else "complete"
     save(ds, out / "goldt2019.nc")
+    if interrupted:  # no figure or table of a partial result
+        print(f"interrupted: wrote what was finished to {out / 'goldt2019.nc'} (the rest is "
+              "NaN, attr status); no figure", file=sys.stderr)
+        return 130
     _figure(ds, out / "goldt2019.png")
     print(table(ds))
     return 0

@@ -22,9 +22,8 @@ next to a ``docs`` one: the shipped results), and prints a table.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import multiprocessing
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 import xarray as xr
 
 from framework import Experiment, TeacherStudent, convention_attrs, hookimpl, save
+from plugins._pool import run_jobs
 
 NORMALIZATIONS = ("plain", "batchnorm", "weightnorm", "batchnorm_affine", "meanonly",
                   "layernorm", "batchnorm_stopgrad")
@@ -167,20 +167,21 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
     jobs = [(a, b, c, ro) for a in range(len(names)) for b in range(len(Ks))
             for c in range(len(etas)) for ro in readouts]
     jobs.sort(key=lambda j: (etas[j[2]], -Ks[j[1]]))  # long ones (small eta) first
-    workers = max(1, min(workers, len(jobs)))
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_entry, names[a], Ks[b], etas[c], cfg, ro): (a, b, c, ro)
-                   for a, b, c, ro in jobs}
-        for fut in concurrent.futures.as_completed(futures):
-            a, b, c, ro = futures[fut]
-            r = fut.result()
-            print(f"{names[a]} K={Ks[b]} eta={etas[c]:g} {ro} readout: "
-                  f"{r['seconds']:.1f} s, {r['status'][:70]}", flush=True)
-            for k in _FIELDS:
-                results[ro][k][a, b, c] = r[k]
-            statuses[ro][a, b, c] = r["status"]
-            engine_names[ro][a, b, c] = r["engine"]
+
+    def on_result(key: tuple, r: Any) -> None:
+        a, b, c, ro = key
+        print(f"{names[a]} K={Ks[b]} eta={etas[c]:g} {ro} readout: "
+              f"{r['seconds']:.1f} s, {r['status'][:70]}", flush=True)
+        for k in _FIELDS:
+            results[ro][k][a, b, c] = r[k]
+        statuses[ro][a, b, c] = r["status"]
+        engine_names[ro][a, b, c] = r["engine"]
+
+    interrupted = run_jobs([((a, b, c, ro), _entry, (names[a], Ks[b], etas[c], cfg, ro))
+                            for a, b, c, ro in jobs], workers, on_result)
+    if interrupted:
+        for ro in readouts:
+            statuses[ro][statuses[ro] == ""] = "not computed: interrupted (Ctrl-C)"
     res, status, engines = results["fixed"], statuses["fixed"], engine_names["fixed"]
     tr, tr_status, tr_engines = (results["trained"], statuses["trained"],
                                  engine_names["trained"])
@@ -247,7 +248,14 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ds.attrs["status"] = ("interrupted (Ctrl-C): the entries not computed are NaN (status "
+                          "'not computed'); run again for the full result") if interrupted \
+        else "complete"
     save(ds, out / "normalizations.nc")
+    if interrupted:  # no figure, table or docs of a partial result
+        print(f"interrupted: wrote what was finished to {out / 'normalizations.nc'} (the rest "
+              "is NaN, attr status); no figure or docs", file=sys.stderr)
+        return 130
     _figure(ds, out / "normalizations.png")
     table = _table(ds)
     print(table)
