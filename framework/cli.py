@@ -95,6 +95,16 @@ def _extend(sub: argparse._SubParsersAction) -> None:
     _commands.add_commands(sub, UsageError)
 
 
+def _interrupt_of(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """``exc`` if it is a KeyboardInterrupt, else the one it was raised because of (an
+    interrupt during compiled code reaches Python as ``SystemError`` caused by it)."""
+    for _ in range(20):
+        if exc is None or isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that a run stops its workers and keeps its results."""
 
@@ -159,8 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecursionError:
         print("symphase: error: the input is nested too deeply", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        status = 143 if isinstance(exc, _Terminated) else 130
+    except (KeyboardInterrupt, SystemError) as caught:
+        interrupt = _interrupt_of(caught)  # numba wraps an interrupt in a SystemError
+        if interrupt is None:
+            raise
+        status = 143 if isinstance(interrupt, _Terminated) else 130
         print(f"symphase: {'terminated' if status == 143 else 'interrupted'}; results "
               "stored so far are kept", file=sys.stderr)
         if argv is None:  # the `symphase` command itself: end now (see _exit_now)
