@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["run_jobs"]
+__all__ = ["run_jobs", "save_run"]
 
 Job = tuple[Any, Callable[..., Any], tuple[Any, ...]]
 
@@ -43,3 +43,21 @@ def run_jobs(jobs: Iterable[Job], workers: int,
             pool.terminate()
             return True
     return False
+
+
+def save_run(ds: Any, path: Any, interrupted: bool) -> bool:
+    """Store a reproduction's dataset with attr ``status`` ("complete", or "interrupted
+    ...": the entries not computed are NaN) and return ``interrupted``; an interrupted
+    run says on stderr what was written (the caller then exits 130, with no figures or
+    docs of a partial result)."""
+    import sys
+
+    from framework import save
+
+    ds.attrs["status"] = ("interrupted (Ctrl-C): the entries not computed are NaN; run "
+                          "again for the full result") if interrupted else "complete"
+    save(ds, path)
+    if interrupted:
+        print(f"interrupted: wrote what was finished to {path} (the rest is NaN, attr "
+              "status); no figures", file=sys.stderr)
+    return interrupted

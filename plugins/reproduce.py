@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from framework import Experiment, TeacherStudent, convention_attrs, hookimpl, save
+from framework import Experiment, TeacherStudent, convention_attrs, hookimpl
+from plugins._pool import save_run
 
 NORMALIZATIONS = ("plain", "batchnorm")
 COMMAND = "symphase reproduce takagi2020 --out datasets"
@@ -264,8 +264,6 @@ def takagi2020(out: Path, quick: bool = False) -> int:
             "term excluded there",
             "escape_eta_squared_term": "included (escape runs)",
             "init": "random, seed 0, same for plain and batchnorm (init_N = 1000)",
-            "status": ("interrupted (Ctrl-C): the entries not computed are NaN; run again "
-                       "for the full result") if interrupted else "complete",
             "readout": "variables without suffix: readout v = 1 fixed (soft committee "
             "machine); *_trained: the readout v trained (initial 1) with eta_v = eta, v a "
             "state variable of the ODE and a coordinate of the Hessian (block d^2 eps_g / "
@@ -274,10 +272,7 @@ def takagi2020(out: Path, quick: bool = False) -> int:
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save(ds, out / "takagi2020.nc")
-    if interrupted:  # no figures or table of a partial result
-        print(f"interrupted: wrote what was finished to {out / 'takagi2020.nc'} (the rest is "
-              "NaN, attr status); no figures", file=sys.stderr)
+    if save_run(ds, out / "takagi2020.nc", interrupted):  # no figures of a partial result
         return 130
     _figures(ds, out)
     print(_table(ds))
@@ -289,6 +284,14 @@ def _fmt(x: float, spec: str = ".0f") -> str:
     return "   n/e" if not np.isfinite(x) else format(x, spec)
 
 
+def _plateau_row(K: Any, norm: Any, r: xr.Dataset, suffix: str, middle: str) -> str:
+    """One line of the plateau table: Q_ii, ``middle`` (cos or v), eps, lambda_min, rate
+    and escape mode of the variables with ``suffix`` ("" or "_trained")."""
+    return (f"{K:>2} {norm:<14} {float(r[f'weight_norm_plateau{suffix}']):7.4f} {middle} "
+            f"{float(r[f'eps_plateau{suffix}']):12.6f} {float(r[f'lambda_min{suffix}']):11.6f} "
+            f"{float(r[f'unstable_rate{suffix}']):8.5f}  {r[f'escape_mode{suffix}'].values}")
+
+
 def _table(ds: xr.Dataset) -> str:
     lines = ["Plateau (eta -> 0) and Hessian, K = M, T = I:",
              f"{'K':>2} {'normalization':<14} {'Q_ii':>7} {'cos':>6} {'eps_plateau':>12} "
@@ -296,11 +299,7 @@ def _table(ds: xr.Dataset) -> str:
     for K in ds.K.values:
         for norm in ds.normalization.values:
             r = ds.sel(K=K, normalization=norm)
-            lines.append(
-                f"{K:>2} {norm:<14} {float(r.weight_norm_plateau):7.4f} "
-                f"{float(r.cos_students_plateau):6.3f} {float(r.eps_plateau):12.6f} "
-                f"{float(r.lambda_min):11.6f} {float(r.unstable_rate):8.5f}  "
-                f"{r.escape_mode.values}")
+            lines.append(_plateau_row(K, norm, r, "", f"{float(r.cos_students_plateau):6.3f}"))
         r = ds.sel(K=K)
         qp = float(r.weight_norm_plateau.sel(normalization="plain"))
         lines.append(
@@ -316,12 +315,8 @@ def _table(ds: xr.Dataset) -> str:
         for K in ds.K.values:
             for norm in ds.normalization.values:
                 r = ds.sel(K=K, normalization=norm)
-                lines.append(
-                    f"{K:>2} {norm:<14} {float(r.weight_norm_plateau_trained):7.4f} "
-                    f"{float(r.readout_plateau_trained):7.4f} "
-                    f"{float(r.eps_plateau_trained):12.6f} "
-                    f"{float(r.lambda_min_trained):11.6f} "
-                    f"{float(r.unstable_rate_trained):8.5f}  {r.escape_mode_trained.values}")
+                lines.append(_plateau_row(K, norm, r, "_trained",
+                                          f"{float(r.readout_plateau_trained):7.4f}"))
     etas = ds.eta.values
     head = " ".join(f"{'eta=' + format(e, 'g'):>10}" for e in etas)
     for start, var in (("random init (same seed); threshold: eta->0 plateau",

@@ -60,7 +60,6 @@ two of the three surplus units pair up.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,10 +73,9 @@ from framework import (
     convention_attrs,
     get_normalization,
     hookimpl,
-    save,
     theory,
 )
-from plugins._pool import run_jobs
+from plugins._pool import run_jobs, save_run
 
 M_TEACHER = 2
 COMMAND = "symphase reproduce goldt2019 --out datasets"
@@ -312,13 +310,7 @@ def goldt2019(out: Path, quick: bool = False, workers: int = 2) -> int:
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds.attrs["status"] = ("interrupted (Ctrl-C): the entries not computed are NaN (state "
-                          "'not computed'); run again for the full result") if interrupted \
-        else "complete"
-    save(ds, out / "goldt2019.nc")
-    if interrupted:  # no figure or table of a partial result
-        print(f"interrupted: wrote what was finished to {out / 'goldt2019.nc'} (the rest is "
-              "NaN, attr status); no figure", file=sys.stderr)
+    if save_run(ds, out / "goldt2019.nc", interrupted):  # no figure of a partial result
         return 130
     _figure(ds, out / "goldt2019.png")
     print(table(ds))

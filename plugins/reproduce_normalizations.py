@@ -23,7 +23,6 @@ next to a ``docs`` one: the shipped results), and prints a table.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from framework import Experiment, TeacherStudent, convention_attrs, hookimpl, save
-from plugins._pool import run_jobs
+from framework import Experiment, TeacherStudent, convention_attrs, hookimpl
+from plugins._pool import run_jobs, save_run
 
 NORMALIZATIONS = ("plain", "batchnorm", "weightnorm", "batchnorm_affine", "meanonly",
                   "layernorm", "batchnorm_stopgrad")
@@ -248,13 +247,7 @@ def normalizations(out: Path, quick: bool = False, docs: Path | None = None,
     )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds.attrs["status"] = ("interrupted (Ctrl-C): the entries not computed are NaN (status "
-                          "'not computed'); run again for the full result") if interrupted \
-        else "complete"
-    save(ds, out / "normalizations.nc")
-    if interrupted:  # no figure, table or docs of a partial result
-        print(f"interrupted: wrote what was finished to {out / 'normalizations.nc'} (the rest "
-              "is NaN, attr status); no figure or docs", file=sys.stderr)
+    if save_run(ds, out / "normalizations.nc", interrupted):  # no figure or docs then
         return 130
     _figure(ds, out / "normalizations.png")
     table = _table(ds)
