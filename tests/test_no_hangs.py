@@ -35,9 +35,15 @@ def _integrate(model, norm_name, start, **kw):
     return eng.integrate(*start, eta=0.5, alpha=GRID, **kw)
 
 
-@pytest.mark.parametrize("path", ["compiled", "scipy", "trained_readout", "trained_gain",
-                                  "generic"])
-@pytest.mark.parametrize("start", ["identical", "zero_unit"])
+# weight normalization divides by a zero norm: its zero-unit start is the non-finite-rates
+# case below, not a valid start
+BOUNDARY_CASES = [(path, start)
+                  for path in ("compiled", "scipy", "trained_readout", "trained_gain", "generic")
+                  for start in ("identical", "zero_unit")
+                  if (path, start) != ("trained_gain", "zero_unit")]
+
+
+@pytest.mark.parametrize("path, start", BOUNDARY_CASES)
 def test_boundary_starts_integrate_on_every_path(path, start):
     Q0, R0 = IDENTICAL if start == "identical" else ZERO_UNIT
     model, norm, kw = TeacherStudent(2, 2), "plain", {}
@@ -46,8 +52,6 @@ def test_boundary_starts_integrate_on_every_path(path, start):
     elif path == "trained_readout":
         model = TeacherStudent(2, 2, second_layer="trained", eta_v=0.5)
     elif path == "trained_gain":
-        if start == "zero_unit":
-            pytest.skip("weight normalization divides by the zero norm (tested below)")
         norm = "weightnorm"
     elif path == "generic":
         model = TeacherStudent(2, 2, activation="tanh")

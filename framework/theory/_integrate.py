@@ -239,8 +239,8 @@ def solve_grid(
         ``(y, status, t_fail, message)``: a failure (non-finite state, code 1; an event, codes 2
         and 3, at the time of the located crossing; step-size underflow, code 4) keeps
         the grid points before it; an invalid initial state gives no rows and
-        ``t_fail = alpha[0]``; non-finite rates at the initial state give its row alone
-        (code 5), and at a later accepted state stop there (code 5); a
+        ``t_fail = alpha[0]``; non-finite rates at an accepted state (the initial one
+        included: its row alone is kept) stop there (code 5); a
         :class:`StopIntegration` raised by ``fun`` stops with its code and message.
     """
     alpha = np.asarray(alpha, dtype=np.float64)
@@ -260,11 +260,6 @@ def solve_grid(
     if code:
         return GridSolution(np.empty((0, y0.size)), code, float(alpha[0]),
                             _STATUS_MESSAGES[code])
-    with np.errstate(all="ignore"):
-        f0 = np.asarray(fun(float(alpha[0]), y0), dtype=np.float64)
-    if not np.all(np.isfinite(f0)):  # e.g. a normalization dividing by a zero weight norm
-        return GridSolution(y0[None].copy(), 5, float(alpha[0]),
-                            _STATUS_MESSAGES[5] + " (at the initial state)")
     failures = [
         _terminal(lambda t, y: max_value - float(np.max(np.abs(y)))),  # code 2
         _terminal(lambda t, y: definiteness(y, K, semidefinite)),  # code 3

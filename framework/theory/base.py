@@ -337,7 +337,7 @@ class Engine(abc.ABC):
             nfev += 1
             Q, R, p = split(y)
             with np.errstate(all="ignore"):
-                if self._state_status(y, max_value, semidefinite=True):  # outside the cone
+                if self._state_status(y, max_value):  # outside the cone
                     return np.full_like(y, np.nan)
                 try:
                     r = self.rates(Q, R, p, eta=eta, batch_size=batch_size,
@@ -355,7 +355,7 @@ class Engine(abc.ABC):
         ys, status, t_fail, message = solve_grid(
             fun, y0, alpha, K=self.K, method=method, rtol=rtol, atol=atol,
             max_value=max_value, semidefinite=True,
-            status=lambda y: self._state_status(y, max_value, semidefinite=True),
+            status=lambda y: self._state_status(y, max_value),
             eps_g=_eps_g_of_state(self, fixed), stop_below=stop_below,
         )
         n_rows = ys.shape[0]
@@ -376,25 +376,20 @@ class Engine(abc.ABC):
             description=self.describe(), exact=self.exact,
         )
 
-    def _state_status(self, y: np.ndarray, max_value: float,
-                      semidefinite: bool | None = None) -> int:
+    def _state_status(self, y: np.ndarray, max_value: float) -> int:
         """0 for a valid integrator state, else the failure code of
         ``framework.theory._kernels._STATUS_MESSAGES``: non-finite (1), beyond
-        ``max_value`` (2), ``Q`` not positive definite -- or, where semidefinite
-        (default :attr:`semidefinite`), with an eigenvalue below ``-1e-9 max(1, max
-        |Q|)`` -- (3). :meth:`integrate` accepts the closed cone for every engine: the
-        expectations are defined on its boundary (identical students, a zero-norm unit;
-        the quadrature samples the degenerate Gaussian exactly), which is invariant
-        under the flow; :attr:`semidefinite` is about smoothness there (Jacobians)."""
-        semi = self.semidefinite if semidefinite is None else semidefinite
+        ``max_value`` (2), ``Q`` outside the closed positive semidefinite cone, i.e. an
+        eigenvalue below ``-1e-9 max(1, max |Q|)`` (3). :meth:`integrate` accepts the
+        boundary for every engine: the expectations are defined there (identical students,
+        a zero-norm unit; the quadrature samples the degenerate Gaussian exactly), and it
+        is invariant under the flow; :attr:`semidefinite` is about smoothness there
+        (Jacobians)."""
         if not np.all(np.isfinite(y)):
             return 1
         if np.max(np.abs(y)) > max_value:
             return 2
-        margin = definiteness(y, self.K, semi)  # smallest eigenvalue (+ tol)
-        if margin < 0 or (margin == 0 and not semi):
-            return 3
-        return 0
+        return 3 if definiteness(y, self.K, True) < 0 else 0
 
     # -- description -----------------------------------------------------------------
     @abc.abstractmethod

@@ -424,7 +424,8 @@ class ExpectationEngine(Engine):
         """``dQ/dalpha``, ``dR/dalpha``, ``dtheta/dalpha`` and ``eps_g`` with errors."""
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         Q = 0.5 * (Q + Q.T)
-        mom = self._replicate_moments(Q, R, self.params(params), second_order=second_order)
+        p = self.params(params)
+        mom = self._replicate_moments(Q, R, p, second_order=second_order)
         if mom is None:
             return self.nan_rates()
         if check:
@@ -445,7 +446,7 @@ class ExpectationEngine(Engine):
         Qr = np.broadcast_to(Q, dQ.shape)
         Rr = np.broadcast_to(R, dR.shape)
         # weight decay and the trained readout's rate, per replicate (linear in them)
-        dQ, dR, dv = self.layer_rates(Qr, Rr, self.params(params), dQ, dR,
+        dQ, dR, dv = self.layer_rates(Qr, Rr, p, dQ, dR,
                                       None if "readout" not in mom else -mom["readout"])
         dQ, dQe = self._mean_err(dQ)
         dR, dRe = self._mean_err(dR)
