@@ -54,6 +54,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "load_sweep": ("framework.sweep", "load_sweep"),
     "point_experiment": ("framework.sweep", "point_experiment"),
     "spec_hash": ("framework.sweep", "spec_hash"),
+    "interrupt_of": ("framework.cli", "interrupt_of"),
 }
 
 
@@ -107,6 +108,7 @@ __all__ = [
     "get_plugin_manager",
     "get_registry",
     "hookimpl",
+    "interrupt_of",
     "list_analyzers",
     "list_models",
     "list_normalizations",

@@ -95,9 +95,11 @@ def _extend(sub: argparse._SubParsersAction) -> None:
     _commands.add_commands(sub, UsageError)
 
 
-def _interrupt_of(exc: BaseException | None) -> KeyboardInterrupt | None:
+def interrupt_of(exc: BaseException | None) -> KeyboardInterrupt | None:
     """``exc`` if it is a KeyboardInterrupt, else the one it was raised because of (an
-    interrupt during compiled code reaches Python as ``SystemError`` caused by it)."""
+    interrupt during compiled code reaches Python as ``SystemError`` caused by it), else
+    None. Public as ``framework.interrupt_of``: code that saves partial results on Ctrl-C
+    catches ``(KeyboardInterrupt, SystemError)`` and asks this."""
     for _ in range(20):
         if exc is None or isinstance(exc, KeyboardInterrupt):
             return exc
@@ -170,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("symphase: error: the input is nested too deeply", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemError) as caught:
-        interrupt = _interrupt_of(caught)  # numba wraps an interrupt in a SystemError
+        interrupt = interrupt_of(caught)  # numba wraps an interrupt in a SystemError
         if interrupt is None:
             raise
         status = 143 if isinstance(interrupt, _Terminated) else 130

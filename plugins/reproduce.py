@@ -59,17 +59,6 @@ def _trained(K: int, eta_v: float) -> TeacherStudent:
     return TeacherStudent(K, K, second_layer="trained", eta_v=eta_v)
 
 
-def _caused_by_interrupt(exc: BaseException | None) -> bool:
-    """True if ``exc`` is, or was raised because of, a KeyboardInterrupt (numba turns an
-    interrupt during a call back into Python into ``SystemError`` with that cause)."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
 def _first(experiment: Experiment | None) -> Experiment:
     """The first experiment of the run (set in the loop: there is always one)."""
     if experiment is None:
@@ -173,7 +162,9 @@ def takagi2020(out: Path, quick: bool = False) -> int:
                     a_fp_t[n, k, j] = float(ex.run()["escape"].alpha_escape)
     except (KeyboardInterrupt, SystemError) as exc:
         # Ctrl-C inside compiled code reaches Python as a SystemError caused by it
-        if base is None or not _caused_by_interrupt(exc):  # nothing finished, or a bug
+        from framework import interrupt_of
+
+        if base is None or interrupt_of(exc) is None:  # nothing finished, or a bug
             raise
         interrupted = True
 
