@@ -66,18 +66,6 @@ def flop_bound_us(N: int, K: int, repeats: int = 5) -> float:
     return best * 1e6
 
 
-def _scalar_loop() -> Callable[[np.uint64, np.uint64, np.ndarray], None]:
-    """The stream one number at a time (the compiled ``normal_nb`` in a loop)."""
-    normal_nb = simmod.normal_nb
-
-    @simmod.njit()
-    def scalar(key, start, out):
-        for i in range(out.shape[0]):
-            out[i] = normal_nb(key, start + np.uint64(i))
-
-    return scalar
-
-
 def stream_ns(rounds: int, count: int = 1 << 20) -> dict[str, float]:
     """Median ns per normal of each generator over interleaved rounds."""
     key = np.uint64(12345)
@@ -86,7 +74,7 @@ def stream_ns(rounds: int, count: int = 1 << 20) -> dict[str, float]:
     sfc = np.random.Generator(np.random.SFC64(0))
     gens: dict[str, Callable[[], object]] = {}
     if HAVE_NUMBA:
-        scalar = _scalar_loop()
+        scalar = simmod.fill_one_at_a_time_nb
         gens["stream (fill_nb, SIMD ziggurat)"] = lambda: simmod.fill_nb(key, np.uint64(0), out)
         gens["same numbers one at a time"] = lambda: scalar(key, np.uint64(0), out)
     gens["numpy standard_normal PCG64"] = lambda: pcg.standard_normal(out=out)

@@ -350,6 +350,14 @@ def normal_nb(key, i):
 
 
 @njit(cache=True)
+def fill_one_at_a_time_nb(key, start, out):
+    """``out[i] = normal_nb(key, start + i)``: the stream one number at a time, the
+    reference :func:`fill_nb` equals bit for bit (tests) and is timed against (bench)."""
+    for i in range(out.shape[0]):
+        out[i] = normal_nb(key, start + np.uint64(i))
+
+
+@njit(cache=True)
 def fill_nb(key, start, out):
     """Normals ``start .. start + len(out) - 1`` of stream ``key`` into ``out`` (1-D).
 

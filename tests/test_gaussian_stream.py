@@ -16,25 +16,14 @@ from plugins import simulation as simmod
 needs_numba = pytest.mark.skipif(not simmod.HAVE_NUMBA, reason="numba not installed")
 
 
-def _one_at_a_time() -> object:
-    normal_nb = simmod.normal_nb
-
-    @simmod.njit()
-    def scalar(key, start, out):
-        for i in range(out.shape[0]):
-            out[i] = normal_nb(key, start + np.uint64(i))
-
-    return scalar
-
-
 @needs_numba
 @pytest.mark.parametrize("key", [0, 1, 2**63 + 5, 2**64 - 1])
 @pytest.mark.parametrize(("start", "count"), [(0, 200_003), (2**40 + 3, 4097), (5, 1), (9, 0)])
 def test_fill_is_bit_identical_to_the_scalar_stream(key: int, start: int, count: int) -> None:
-    scalar = _one_at_a_time()
+    scalar = simmod.fill_one_at_a_time_nb
     ref = np.full(count, np.nan)
     out = np.full(count, np.nan)
-    scalar(np.uint64(key), np.uint64(start), ref)  # type: ignore[operator]
+    scalar(np.uint64(key), np.uint64(start), ref)
     simmod.fill_nb(np.uint64(key), np.uint64(start), out)
     np.testing.assert_array_equal(out, ref)
     if count > 100_000:  # the slow path ran: tail values beyond r and wedge values
@@ -47,10 +36,10 @@ def test_normals_of_several_keys_do_not_depend_on_blocks_and_match_numpy_twin() 
     keys = np.array([3, 2**63 + 7, 11], dtype=np.uint64)
     start, count = 1000, 3 * 4096 + 17  # spans the 4096-number blocks of normals()
     got = simmod.normals(keys, start, count)
-    scalar = _one_at_a_time()
+    scalar = simmod.fill_one_at_a_time_nb
     for p, key in enumerate(keys):
         ref = np.empty(count)
-        scalar(key, np.uint64(start), ref)  # type: ignore[operator]
+        scalar(key, np.uint64(start), ref)
         np.testing.assert_array_equal(got[p], ref)
     parts = np.concatenate([simmod.normals(keys, start, 5000),
                             simmod.normals(keys, start + 5000, count - 5000)], axis=1)
