@@ -989,3 +989,6 @@ def symphase_register_analyzers(registry: Any) -> None:
     registry.add_analyzer(FixedPointAnalyzer)
     registry.add_analyzer(HessianAnalyzer)
     registry.add_analyzer(EscapeAnalyzer)
+    from plugins.fisher import FisherAnalyzer  # here: plugins.fisher imports this module
+
+    registry.add_analyzer(FisherAnalyzer)
