@@ -69,12 +69,11 @@ class FisherAnalyzer(Analyzer):
     point (Gauss-Newton).
 
     Coordinates ``W = J / sqrt(N)``, trainable parameters and a trained readout with
-    plain derivatives, as in ``hessian``. The spectrum is the span block (each eigenvalue once) and the
-    complement block ``E[b b^T]`` (``b = d sigma / d x``; each eigenvalue ``N -
-    dim_span`` times), exact for every ``N``
+    plain derivatives, as in ``hessian``; the spectrum is exact for every ``N``
     (:func:`framework.theory.fisher.weight_space_fisher`). Reported: every distinct
-    eigenvalue with its multiplicity at ``N``, ``lambda_min`` and ``lambda_max`` with
-    theirs, and the complement matrix.
+    eigenvalue with its multiplicity at ``N`` and its block (``span``: once each;
+    ``complement``: ``N - dim_span`` times each), ``lambda_min`` and ``lambda_max`` with
+    theirs, and the complement matrix ``E[b b^T]`` (``b = d sigma / d x``).
 
     Where: at every branch of ``fixedpoint`` (default; the plateau flagged), at the
     order parameters ``at``, or along the ODE trajectory from the Experiment's init on

@@ -53,8 +53,11 @@ normalization's per-sample ``forward`` / ``backward`` (as the generic engine doe
 rule chosen by the engine's exactness: an exact engine (erf closed forms) gets a tensor
 Gauss-Hermite rule (deterministic; the integrands are entire functions times the
 Gaussian, so it converges geometrically; error estimate: the difference to a rule with
-3/4 of the points per dimension), an engine of estimates its own randomized QMC base
-points (common random numbers; error: standard error over replicates, with
+3/4 of the points per dimension; to rounding for ``rank Q <= 3``, ~1e-7 at 4, ~1e-5 at 5
+with the default budget of 2^18 points), an engine of estimates -- and the exact engine
+beyond ``rank Q = 5``, where a product rule gets too coarse -- randomized QMC base points
+(the engine's :class:`~framework.theory.Quadrature`, a default one for the exact engine;
+common random numbers; error: standard error over replicates, with
 :class:`~framework.theory.AccuracyError` beyond the quadrature's accuracy).
 Cost: ``n_points (K r + n_theta)^2`` per evaluation, independent of ``N``.
 """
@@ -86,11 +89,13 @@ FISHER_DEFINITION = (
     "the teacher; at a realizable zero-error point F = Hessian of eps_g (Gauss-Newton)"
 )
 
-#: Points of the exact engine's tensor Gauss-Hermite rule: at most this many in all, at
-#: most ``GH_MAX`` and at least ``GH_MIN`` per dimension.
+#: Points of the exact engine's tensor Gauss-Hermite rule: at most this many in all and
+#: at most ``GH_MAX`` per dimension; with fewer than ``GH_MIN`` per dimension (``rank Q >=
+#: 6``) the randomized QMC rule of a default :class:`~framework.theory.Quadrature` is
+#: used instead (the product rule would need too many points for its accuracy).
 GH_BUDGET = 1 << 18
 GH_MAX = 64
-GH_MIN = 6
+GH_MIN = 12
 #: Rows of samples per block (memory bound of the per-sample gradients).
 CHUNK = 1 << 14
 
@@ -234,21 +239,24 @@ def _minimal_realization(Q: np.ndarray) -> np.ndarray:
     return vec[:, keep] * np.sqrt(lam[keep])
 
 
-def fisher_rule(eng: Engine, dim: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+def fisher_rule(
+    eng: Engine, dim: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], str, bool]:
     """The expectation rules over ``z ~ N(0, I_dim)``: a list of ``(points (n, dim),
-    weights (n,))`` and a description.
+    weights (n,))``, a description, and whether they are replicates.
 
     Exact engine: two tensor Gauss-Hermite rules (``n`` points per dimension, ``n`` the
-    largest with ``n^dim <= GH_BUDGET`` within ``[GH_MIN, GH_MAX]``, then ``3n/4``); the
-    first is the value, the difference the error estimate. Engine of estimates: its
-    quadrature's replicates (:class:`~framework.theory.Quadrature`), each a rule of
-    equal weights; the value is their mean and the error their standard error.
+    largest with ``n^dim <= GH_BUDGET``, at most ``GH_MAX``, then ``3n/4``); the first is
+    the value, the difference the error estimate (``replicates`` False). Where ``n <
+    GH_MIN``, and for an engine of estimates: the quadrature's replicates (the engine's
+    :class:`~framework.theory.Quadrature`, a default one for an exact engine), each a
+    rule of equal weights; the value is their mean and the error their standard error.
     (A natural engine method, ``Engine.field_rule(dim)``, if moved to the interface.)
     """
-    if eng.exact:
-        n = int(min(GH_MAX, max(GH_MIN, math.floor(GH_BUDGET ** (1.0 / max(dim, 1)) + 1e-9))))
+    n = int(min(GH_MAX, math.floor(GH_BUDGET ** (1.0 / max(dim, 1)) + 1e-9)))
+    if eng.exact and n >= GH_MIN:
         rules = []
-        for m in (n, max(GH_MIN - 2, (3 * n) // 4)):
+        for m in (n, (3 * n) // 4):
             x, w = np.polynomial.hermite_e.hermegauss(m)
             w = w / w.sum()
             grids = np.meshgrid(*([x] * dim), indexing="ij")
@@ -257,13 +265,13 @@ def fisher_rule(eng: Engine, dim: int) -> tuple[list[tuple[np.ndarray, np.ndarra
                    if dim else np.ones(1))
             rules.append((pts, wts))
         return rules, (f"tensor Gauss-Hermite rule, {n}^{dim} points (error estimate: the "
-                       f"difference to {rules[1][1].size} points)")
+                       f"difference to {rules[1][1].size} points)"), False
     q = getattr(eng, "quadrature", None) or Quadrature()
     if dim == 0:
-        return [(np.zeros((1, 0)), np.ones(1))] * q.replicates, q.describe()
+        return [(np.zeros((1, 0)), np.ones(1))] * q.replicates, q.describe(), True
     z = _base_points(q.method, dim, q.samples, q.replicates, q.seed)
     return [(z[r], np.full(z.shape[1], 1.0 / z.shape[1])) for r in range(z.shape[0])], \
-        q.describe()
+        q.describe(), True
 
 
 def _moments(eng: Engine, X: np.ndarray, p: Mapping[str, np.ndarray], names: tuple[str, ...],
@@ -339,7 +347,7 @@ def weight_space_fisher(
     names = (*eng.trainable, *eng.held)
     X = _minimal_realization(Q)
     r = X.shape[1]
-    rules, method = fisher_rule(eng, r)
+    rules, method, replicates = fisher_rule(eng, r)
     with np.errstate(all="ignore"):
         mats = [_moments(eng, X, p, names, landscape, z, w) for z, w in rules]
     Fs = np.array([m[0] for m in mats])
@@ -348,7 +356,7 @@ def weight_space_fisher(
         raise SpecificationError(
             f"the Fisher is not finite at Q={Q.tolist()} for normalization "
             f"{normalization.name!r} (e.g. a normalization dividing by a zero weight norm)")
-    if eng.exact:
+    if not replicates:
         F, C = Fs[0], Cs[0]
     else:
         F, C = Fs.mean(axis=0), Cs.mean(axis=0)
@@ -356,7 +364,7 @@ def weight_space_fisher(
     def eig_err(mat: np.ndarray, mats_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vals, vecs = np.linalg.eigh(mat)
         per = np.einsum("ia,rij,ja->ra", vecs, mats_, vecs)  # first order, per rule
-        if eng.exact:  # Weyl's bound on the coarser rule's deviation (conservative)
+        if not replicates:  # Weyl's bound on the coarser rule's deviation (conservative)
             err = np.full(vals.size, float(np.linalg.norm(mats_[1] - mat, 2))
                           if mat.size else 0.0)
         else:
@@ -372,7 +380,7 @@ def weight_space_fisher(
         statistics_gradient_included=bool(normalization.statistics_names) and (
             landscape or normalization.statistics_gradient),
         engine=eng.name, method=method)
-    if not eng.exact:
+    if replicates:
         acc = float(accuracy) if accuracy is not None else getattr(
             eng, "quadrature", Quadrature()).accuracy
         scale = max(1.0, out.lambda_max)
