@@ -219,6 +219,59 @@ def test_rank_deficient_point_identical_students():
     np.testing.assert_allclose(np.linalg.eigvalsh(spec.matrix(W)), spec.full(20), atol=1e-12)
 
 
+PAIRWISE = [
+    ({"K": 2, "M": 2}, "plain", {}), ({"K": 2, "M": 2}, "batchnorm", {"gamma": 1.3}),
+    ({"K": 3, "M": 2}, "weightnorm", {"g": 0.8}), ({"K": 3, "M": 3}, "batchnorm_affine", {}),
+    ({"K": 3, "M": 1, "second_layer": "trained", "eta_v": 0.5, "output_scale": "sqrt",
+      "student_readout": [0.5, -1.0, 1.5]}, "batchnorm", {}),
+    ({"K": 2, "M": 2}, "batchnorm_stopgrad", {}),
+]
+
+
+@pytest.mark.parametrize("landscape", [False, True])
+@pytest.mark.parametrize(("mkw", "norm_name", "nkw"), PAIRWISE)
+def test_pairwise_reduction_equals_the_per_sample_gradients(mkw, norm_name, nkw, landscape):
+    """The exact engine's two computations: pairs of units (the diagonal-scale structure,
+    g' absorbed into the Gaussian) and the normalization's own backward on a tensor
+    Gauss-Hermite rule."""
+    model = TeacherStudent(**mkw)
+    norm = framework.get_normalization(norm_name, **nkw)
+    K = model.K
+    A = np.random.default_rng(K).standard_normal((K, K))
+    Q = A @ A.T / K + 0.5 * np.eye(K)
+    a = weight_space_fisher(model, norm, Q, landscape=landscape, method="pairwise")
+    b = weight_space_fisher(model, norm, Q, landscape=landscape, method="samples")
+    assert "pairwise" in a.method and "Gauss-Hermite rule, 64^" in b.method
+    # the product rule is the less accurate one (plain, Q_22 ~ 2.6: ~1e-7); its own
+    # error estimate bounds the difference
+    tol = 1e-9 + float(b.span_error.max())
+    np.testing.assert_allclose(a.span_matrix, b.span_matrix, rtol=0, atol=tol)
+    np.testing.assert_allclose(a.complement_matrix, b.complement_matrix, rtol=0, atol=tol)
+    assert float(a.span_error.max()) < 1e-10
+
+
+@pytest.mark.parametrize("norm_name", ["plain", "batchnorm"])
+def test_complement_is_the_closed_form_at_large_overlaps(norm_name):
+    """E[b_i b_k] = s_i s_k E[g'(x~_i) g'(x~_k)] = s_i s_k (2/pi) / sqrt((1 + S_ii)(1 +
+    S_kk) - S_ik^2) with S the covariance of x~ (Saad & Solla's integral), at Q = O(10)
+    where the pre-activations are broad and g' narrow."""
+    model = TeacherStudent(K=2, M=2)
+    norm = framework.get_normalization(norm_name, gamma=2.0) if norm_name == "batchnorm" \
+        else framework.get_normalization(norm_name)
+    Q = np.array([[9.0, 2.0], [2.0, 16.0]])
+    spec = weight_space_fisher(model, norm, Q)
+    s = np.ones(2) if norm_name == "plain" else 2.0 / np.sqrt(np.diag(Q))
+    S = Q * np.outer(s, s)
+    d = np.diag(S)
+    ref = np.outer(s, s) * (2.0 / np.pi) / np.sqrt(np.outer(1 + d, 1 + d) - S**2)
+    np.testing.assert_allclose(spec.complement_matrix, ref, rtol=1e-13)
+    with pytest.raises(SpecificationError, match=r"'method' must be one of 'auto', "):
+        weight_space_fisher(model, norm, Q, method="exact")
+    relu = TeacherStudent(K=2, M=2, activation="relu")
+    with pytest.raises(SpecificationError, match=r"'method' 'pairwise' needs an exact engine"):
+        weight_space_fisher(relu, norm, Q, method="pairwise")
+
+
 def test_matrix_refuses_a_realization_of_another_Q():
     spec = weight_space_fisher(TeacherStudent(K=2, M=2), framework.get_normalization("plain"),
                                np.eye(2))

@@ -48,25 +48,36 @@ the student vectors; the teacher plays no part), and split ``xi = xi_S + xi_perp
   normalization's scale, e.g. ``s_i = gamma / sqrt(Q_ii)``);
 
 ``K r + n_theta + K (N - r) = K N + n_theta`` eigenvalues in all. The cross terms vanish
-exactly. The expectations over the ``r``-dimensional ``z`` are written once, from the
-normalization's per-sample ``forward`` / ``backward`` (as the generic engine does), on a
-rule chosen by the engine's exactness: an exact engine (erf closed forms) gets a tensor
-Gauss-Hermite rule (deterministic; the integrands are entire functions times the
-Gaussian, so it converges geometrically; error estimate: the difference to a rule with
-3/4 of the points per dimension; to rounding for ``rank Q <= 3``, ~1e-7 at 4, ~1e-5 at 5
-with the default budget of 2^18 points), an engine of estimates -- and the exact engine
-beyond ``rank Q = 5``, where a product rule gets too coarse -- randomized QMC base points
-(the engine's :class:`~framework.theory.Quadrature`, a default one for the exact engine;
-common random numbers; error: standard error over replicates, with
-:class:`~framework.theory.AccuracyError` beyond the quadrature's accuracy).
-Cost: ``n_points (K r + n_theta)^2`` per evaluation, independent of ``N``.
+exactly.
+
+The expectations (``method``)
+-----------------------------
+``"samples"``, for every normalization: the per-sample gradients from the
+normalization's ``forward`` / ``backward`` (as the generic engine computes them) averaged
+over the ``r``-dimensional ``z`` on :func:`fisher_rule`'s points -- an engine of
+estimates' randomized QMC replicates (common random numbers; error: standard error over
+replicates, :class:`~framework.theory.AccuracyError` beyond the quadrature's accuracy),
+for an exact engine a tensor Gauss-Hermite rule (error: the difference to a coarser one;
+~1e-12 for ``rank Q <= 3`` at ``Q ~ 1``, coarser for larger ``rank Q`` or ``Q``) and QMC
+beyond ``rank Q = 5``. Cost ``n_points (K r + n_theta)^2``.
+
+``"pairwise"``, the exact engine's default (a diagonal-scale normalization ``x~_i =
+s_i(Q, theta) x_i``, shifts at 0): every entry is an expectation over the fields of at
+most two units (:func:`_pairwise_moments`), ``K (K + 1) / 2`` two-dimensional integrals.
+For the erf the factor ``g'(u) = sqrt(2/pi) exp(-u^2/2)`` is absorbed into the Gaussian
+(the closed form: a determinant and an inverse of a 2 x 2 matrix), leaving polynomials,
+or the bounded ``g(x~)`` of a readout term, for a 128^2-point Gauss-Hermite rule: exact to
+rounding at any ``K`` and ``Q`` (error estimate: the difference to 96^2 points).
+
+Either way the cost is independent of ``N``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import numpy as np
@@ -255,15 +266,7 @@ def fisher_rule(
     """
     n = int(min(GH_MAX, math.floor(GH_BUDGET ** (1.0 / max(dim, 1)) + 1e-9)))
     if eng.exact and n >= GH_MIN:
-        rules = []
-        for m in (n, (3 * n) // 4):
-            x, w = np.polynomial.hermite_e.hermegauss(m)
-            w = w / w.sum()
-            grids = np.meshgrid(*([x] * dim), indexing="ij")
-            pts = np.stack([g.ravel() for g in grids], axis=-1) if dim else np.zeros((1, 0))
-            wts = (np.prod(np.meshgrid(*([w] * dim), indexing="ij"), axis=0).ravel()
-                   if dim else np.ones(1))
-            rules.append((pts, wts))
+        rules = [_gauss_hermite(dim, m) for m in (n, (3 * n) // 4)]
         return rules, (f"tensor Gauss-Hermite rule, {n}^{dim} points (error estimate: the "
                        f"difference to {rules[1][1].size} points)"), False
     q = getattr(eng, "quadrature", None) or Quadrature()
@@ -314,6 +317,125 @@ def _moments(eng: Engine, X: np.ndarray, p: Mapping[str, np.ndarray], names: tup
     return 0.5 * (F + F.T), 0.5 * (C + C.T)
 
 
+#: Gauss-Hermite points per dimension of the pairwise rule (and 3/4 of it for the error).
+PAIR_GH = 128
+
+
+@functools.lru_cache(maxsize=16)
+def _gauss_hermite(dim: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tensor Gauss-Hermite rule for ``N(0, I_dim)``: ``(points (m^dim, dim), weights)``
+    (cached: never modify them)."""
+    if dim == 0:
+        return np.zeros((1, 0)), np.ones(1)
+    x, w = np.polynomial.hermite_e.hermegauss(m)
+    w = w / w.sum()
+    grids = np.meshgrid(*([x] * dim), indexing="ij")
+    pts = np.stack([g.ravel() for g in grids], axis=-1)
+    return pts, np.prod(np.meshgrid(*([w] * dim), indexing="ij"), axis=0).ravel()
+
+
+def _pairwise_moments(eng: Engine, X: np.ndarray, p: Mapping[str, np.ndarray],
+                      names: tuple[str, ...], landscape: bool, m: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``(E[g g^T], E[b b^T])`` for a diagonal-scale normalization ``x~_i = s_i(Q,
+    theta) x_i`` (shifts at 0), by two-dimensional integrals over pairs of units.
+
+    Per sample ``g = g0 + L psi``: ``g0_(j,d) = b_j z_d`` with ``b_j = a_j s_j g'(x~_j)``
+    and ``psi`` the per-unit functions ``h_i = a_i g'(x~_i) x_i`` (through ``ds_i``),
+    ``f_i = a_i g'(x~_i)`` (a shift) and ``e_i = c_K g(x~_i)`` (the readout), ``L`` a
+    constant map (``ds_i / dW_j = ((S_i + S_i^T) X)_j``, ``ds_i / dtheta_j``). Every
+    moment involves at most two units' fields; ``z`` given them is Gaussian (regression
+    on the pair's rank-``rho`` part, ``rho <= 2``), so each is an ``m^rho``-point
+    Gauss-Hermite sum: exact to rounding for the erf at any ``K`` (``K (K + 1) / 2``
+    pairs).
+    """
+    norm, act = eng.normalization, eng.activation
+    K, r = X.shape
+    Q = X @ X.T
+    a = -eng.error_weights(p)[:K]  # c_K v
+    pn = eng.norm_params(p)
+    s = np.asarray(norm.scale(Q, pn), dtype=float)
+    if landscape and not norm.statistics_gradient:  # ds/dQ by central differences
+        S = np.asarray(cast(Any, eng)._landscape_jacobian(Q, p), dtype=np.float64)
+    else:
+        S = np.asarray(norm.scale_jacobian(Q, pn), dtype=float)
+    M = np.einsum("ijk,kd->ijd", S + np.swapaxes(S, 1, 2), X)  # ds_i / dW_j
+    nW = K * r
+    L = np.zeros((nW + K * len(names), 3 * K))
+    L[:nW, :K] = np.transpose(M, (1, 2, 0)).reshape(nW, K)
+    dtheta = norm.scale_parameter_jacobian(Q, pn) if norm.scale_parameters else {}
+    for t, name in enumerate(names):
+        rows = slice(nW + t * K, nW + (t + 1) * K)
+        if name in eng.model_trainable:
+            L[rows, 2 * K:] = np.eye(K)
+        elif name in norm.shift_parameters:
+            L[rows, K:2 * K] = np.eye(K)
+        else:  # row: parameter of unit j; column: scale of unit i
+            L[rows, :K] = np.asarray(dtheta[name], dtype=float).T
+
+    # erf: g'(u) = sqrt(2/pi) exp(-u^2/2) is absorbed into the rule ("tilted" Gaussian,
+    # det and inverse of a rho x rho matrix); what is left is polynomial, or the smooth,
+    # bounded g(x~) of the readout terms
+    erf = act.closed_form == "erf"
+    c0 = math.sqrt(2.0 / math.pi)
+
+    def unit(i: int, x: np.ndarray, tilted: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``b_i`` and ``psi_i = (h_i, f_i, e_i)`` at ``x``; the g' factor left out if
+        ``tilted`` (then ``e_i`` is not used)."""
+        gp = np.full_like(x, c0) if tilted else act.gprime(s[i] * x)
+        e = np.zeros_like(x) if tilted else eng.layers.c_student * act.g(s[i] * x)
+        return a[i] * s[i] * gp, np.stack([a[i] * gp * x, a[i] * gp, e])
+
+    A = np.zeros((K, r, K, r))
+    B = np.zeros((K, r, 3, K))
+    C = np.zeros((3, K, 3, K))
+    Cb = np.zeros((K, K))
+    narrow = (True, True, False)  # h, f contain g'(x~); e does not
+    # the readout's e = c_K g(x~) only with a trained readout (its columns of L are 0)
+    types = (0, 1, 2) if any(k in eng.model_trainable for k in names) else (0, 1)
+    for j in range(K):
+        for k in range(j, K):
+            U, sv, Vt = np.linalg.svd(X[[j, k]], full_matrices=False)
+            rho = int(np.sum(sv > RANK_TOL * max(1.0, float(sv[0])) * 2))
+            V, T = Vt[:rho].T, U[:, :rho] * sv[:rho]  # fields (x_j, x_k) = T w
+            perp = np.eye(r) - V @ V.T
+            rules: dict[tuple[bool, bool], tuple] = {}
+
+            def rule(tj: bool, tk: bool, j=j, k=k, rho=rho, T=T, rules=rules) -> tuple:
+                """Nodes, weights and unit functions with g' absorbed where tilted (erf
+                only); tilted on both units the integrand is a polynomial of degree <= 4,
+                which 8 points per dimension integrate exactly."""
+                tj, tk = tj and erf, tk and erf
+                if (tj, tk) not in rules:
+                    xi, omega = _gauss_hermite(rho, min(m, 8) if tj and tk else m)
+                    D = np.diag([s[j] ** 2 * tj, s[k] ** 2 * tk])
+                    Pm = np.eye(rho) + T.T @ D @ T
+                    w = xi @ np.linalg.cholesky(np.linalg.inv(Pm)).T if rho else xi
+                    u = w @ T.T
+                    rules[tj, tk] = (w, omega / math.sqrt(np.linalg.det(Pm)),
+                                     *unit(j, u[:, 0], tj), *unit(k, u[:, 1], tk))
+                return rules[tj, tk]
+
+            w, wts, bj, _, bk, _ = rule(True, True)
+            f2 = wts * bj * bk
+            A[j, :, k, :] = A[k, :, j, :] = V @ (w.T * f2) @ w @ V.T + f2.sum() * perp
+            Cb[j, k] = Cb[k, j] = f2.sum()
+            for t in types:
+                w, wts, bj, _, _, pk = rule(True, narrow[t])
+                B[j, :, t, k] = V @ (w.T @ (wts * bj * pk[t]))
+                w, wts, _, pj, bk, _ = rule(narrow[t], True)
+                B[k, :, t, j] = V @ (w.T @ (wts * bk * pj[t]))
+                for t2 in types:
+                    w, wts, _, pj, _, pk = rule(narrow[t], narrow[t2])
+                    C[t, j, t2, k] = C[t2, k, t, j] = float(wts @ (pj[t] * pk[t2]))
+    G = np.zeros_like(L @ L.T)
+    G[:nW, :nW] = A.reshape(nW, nW)
+    Bf = np.zeros_like(L)
+    Bf[:nW] = B.reshape(nW, 3 * K)
+    F = G + Bf @ L.T + L @ Bf.T + L @ C.reshape(3 * K, 3 * K) @ L.T
+    return 0.5 * (F + F.T), Cb
+
+
 def weight_space_fisher(
     model: Model,
     normalization: Normalization,
@@ -324,13 +446,18 @@ def weight_space_fisher(
     quadrature: Any = None,
     accuracy: float | None = None,
     engine: EngineArg = "auto",
+    method: str = "auto",
 ) -> FisherSpectrum:
     """The population Fisher of the student output in ``(W, theta)`` at ``Q``, exact for
     every ``N`` (module docstring: definition, reduction, multiplicities).
 
     ``params``: the normalization's (and a trained readout's ``v``) values (default:
     the engine's initial ones). ``landscape``: see the module docstring (default False:
-    the gradient the normalization passes). Raises
+    the gradient the normalization passes). ``method``: ``"pairwise"`` (two-dimensional
+    integrals over pairs of units; exact engine, diagonal-scale normalization, shifts
+    at 0), ``"samples"`` (the per-sample gradients from ``forward`` / ``backward`` on
+    :func:`fisher_rule`, any normalization) or ``"auto"`` (pairwise where it applies).
+    Raises
     :class:`~framework.theory.AccuracyError` when an engine of estimates gives an
     eigenvalue error above ``accuracy`` (default: the quadrature's) times ``max(1,
     lambda_max)``.
@@ -347,9 +474,31 @@ def weight_space_fisher(
     names = (*eng.trainable, *eng.held)
     X = _minimal_realization(Q)
     r = X.shape[1]
-    rules, method, replicates = fisher_rule(eng, r)
+    if method not in ("auto", "pairwise", "samples"):
+        raise SpecificationError(
+            f"'method' must be one of 'auto', 'pairwise', 'samples', got {method!r}")
+    # the landscape of a stop-gradient normalization needs the engine's finite-difference
+    # ds/dQ (ClosedFormEngine._landscape_jacobian)
+    pairwise_ok = eng.exact and normalization.is_diagonal_scale() and not any(
+        np.any(p[k] != 0.0) for k in normalization.shift_parameters if k in p) and (
+        normalization.statistics_gradient or not landscape
+        or hasattr(eng, "_landscape_jacobian"))
+    if method == "pairwise" and not pairwise_ok:
+        raise SpecificationError(
+            f"'method' 'pairwise' needs an exact engine and a diagonal-scale normalization "
+            f"with its shifts at 0, got engine {eng.name!r} and normalization "
+            f"{normalization.name!r}")
     with np.errstate(all="ignore"):
-        mats = [_moments(eng, X, p, names, landscape, z, w) for z, w in rules]
+        if pairwise_ok and method != "samples":
+            mats = [_pairwise_moments(eng, X, p, names, landscape, m)
+                    for m in (PAIR_GH, (3 * PAIR_GH) // 4)]
+            rule = (f"pairwise reduction of the diagonal-scale family: K(K+1)/2 "
+                    f"two-dimensional Gauss-Hermite rules of {PAIR_GH}^2 points (error "
+                    f"estimate: the difference to {(3 * PAIR_GH) // 4}^2)")
+            replicates = False
+        else:
+            rules, rule, replicates = fisher_rule(eng, r)
+            mats = [_moments(eng, X, p, names, landscape, z, w) for z, w in rules]
     Fs = np.array([m[0] for m in mats])
     Cs = np.array([m[1] for m in mats])
     if not (np.all(np.isfinite(Fs)) and np.all(np.isfinite(Cs))):
@@ -379,7 +528,7 @@ def weight_space_fisher(
         landscape=landscape,
         statistics_gradient_included=bool(normalization.statistics_names) and (
             landscape or normalization.statistics_gradient),
-        engine=eng.name, method=method)
+        engine=eng.name, method=rule)
     if replicates:
         acc = float(accuracy) if accuracy is not None else getattr(
             eng, "quadrature", Quadrature()).accuracy
