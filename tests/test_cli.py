@@ -105,7 +105,10 @@ def test_run_show_plot(tmp_path, capsys):
     ds = framework.load(out_dir / "curve.nc")
     assert ds["eps_g"].dims == ("eta", "normalization", "alpha")
     assert framework.load_sweep(ds) == read_toml(toml)[0]
-    assert len(list((out_dir / "points").glob("*.nc"))) == 6
+    from framework.sweep.storage import POINTS_SUFFIX, read_points
+
+    stored = [k for f in (out_dir / "points").glob(f"*{POINTS_SUFFIX}") for k in read_points(f)]
+    assert len(stored) == 6  # in batch files (one per batch of points)
 
     code, out, err = run_cli(capsys, "show", str(out_dir / "curve.nc"))
     assert code == 0, err

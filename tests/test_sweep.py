@@ -20,10 +20,17 @@ import xarray as xr
 import framework
 from framework import Analyzer, Experiment, SpecificationError, TeacherStudent, hookimpl
 from framework.sweep import Sweep, spec_hash
+from framework.sweep.storage import POINTS_SUFFIX, read_points, remove_points
 from framework.validators import integer
 
 LOG_ENV = "SYMPHASE_TEST_SWEEP_LOG"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def stored_keys(folder: Path) -> list[str]:
+    """The task keys stored in the batch files of a results folder (each file whole)."""
+    return [key for path in sorted((folder / "points").glob(f"*{POINTS_SUFFIX}"))
+            for key in read_points(path)]
 
 
 @attrs.frozen
@@ -263,13 +270,13 @@ def test_failures_and_divergence_are_recorded_and_other_points_complete(tmp_path
     assert ds["eps_g"].attrs["symphase_fill"].startswith("NaN: ")
     assert np.isnan(ds["eps_g"].sel(eta=1.0)).all()
     assert np.isfinite(ds["eps_g"].sel(eta=0.5)).all()
-    # every stored file reopens, with plain xarray too
-    files = sorted(tmp_path.rglob("*.nc"))
-    assert len(files) == 4  # 3 points + combined
-    for f in files:
-        with xr.open_dataset(f) as opened:
-            opened.load()
-        framework.load(f)
+    # the combined file reopens, with plain xarray too; the 3 points are in one batch file
+    (combined,) = sorted(tmp_path.rglob("*.nc"))
+    with xr.open_dataset(combined) as opened:
+        opened.load()
+    framework.load(combined)
+    assert len(list((tmp_path / "points").glob(f"*{POINTS_SUFFIX}"))) == 1
+    assert sorted(stored_keys(tmp_path)) == sorted(ds["sweep_sha256"].values.ravel())
     # a failure is stored: not retried unless asked
     n = len(log())
     exp.sweep(eta=[0.1, 0.5, 1.0], results_dir=tmp_path, scheduler="synchronous")
@@ -292,8 +299,7 @@ def test_results_dir_resume_recomputes_only_missing(tmp_path, log):
     first = exp.sweep(grid, results_dir=tmp_path, scheduler="synchronous")["toy"]
     assert len(log()) == 6
     # lose two points, as if killed before they were stored
-    for key in first["sweep_sha256"].values.ravel()[[1, 4]]:
-        (tmp_path / "points" / f"{key}.nc").unlink()
+    assert remove_points(tmp_path, first["sweep_sha256"].values.ravel()[[1, 4]]) == 2
     again = exp.sweep(grid, results_dir=tmp_path, scheduler="synchronous")["toy"]
     assert len(log()) == 8
     xr.testing.assert_identical(first, again)
@@ -318,11 +324,21 @@ def test_spec_hash_is_stable_and_canonical():
 def test_corrupt_point_file_is_recomputed(tmp_path, log):
     exp = base()
     ds = exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")["toy"]
+    (batch,) = (tmp_path / "points").glob(f"*{POINTS_SUFFIX}")
+    batch.write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="not a symphase batch file"):
+        again = exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")["toy"]
+    assert len(log()) == 2
+    xr.testing.assert_identical(again, ds)
+    # a task file of the old layout that is garbage: recomputed too
+    batch.unlink()
+    for path in (tmp_path / "points").glob(f"*{POINTS_SUFFIX}"):
+        path.unlink()
     key = ds["sweep_sha256"].item()
     (tmp_path / "points" / f"{key}.nc").write_bytes(b"garbage")
     with pytest.warns(RuntimeWarning, match="recomputing unreadable"):
         exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")
-    assert len(log()) == 2
+    assert len(log()) == 3
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -376,16 +392,14 @@ def test_sigkill_mid_sweep_resumes_without_recomputation(tmp_path, scheduler):
     points = results / "points"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # kill after a few points are stored
-        if points.exists() and len(list(points.glob("*.nc"))) >= 4:
+        if points.exists() and len(stored_keys(results)) >= 4:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    stored_before = {p.name for p in points.glob("*.nc")}
+    stored_before = set(stored_keys(results))  # reads every record: every file is whole
     assert 4 <= len(stored_before) < 12
     started_before = len(log.read_text().splitlines())
-    for f in points.glob("*.nc"):  # every stored file is whole
-        framework.load(f)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "done" in done.stdout
@@ -419,7 +433,7 @@ def test_sweep_on_existing_cluster_by_address(cluster, tmp_path, log):
     remote = exp.sweep(grid, scheduler=cluster.scheduler_address, results_dir=tmp_path)["toy"]
     local = exp.sweep(grid, scheduler="synchronous")["toy"]
     xr.testing.assert_identical(remote, local)
-    assert len(list((tmp_path / "points").glob("*.nc"))) == 6
+    assert len(stored_keys(tmp_path)) == 6
     assert len(log()) == 6  # only here: the workers started before $SYMPHASE_TEST_SWEEP_LOG
 
 
@@ -466,12 +480,15 @@ def test_batched_results_equal_unbatched_and_resume_is_exact(tmp_path, log):
     assert len(log()) == 18
     xr.testing.assert_identical(single, batched)
     xr.testing.assert_identical(batched, exp.sweep(grid, scheduler="synchronous")["toy"])
-    names = {p.name for p in (tmp_path / "four" / "points").glob("*.nc")}
-    assert names == {p.name for p in (tmp_path / "one" / "points").glob("*.nc")}
-    assert len(names) == 9
+    names = stored_keys(tmp_path / "four")
+    assert sorted(names) == sorted(stored_keys(tmp_path / "one"))
+    assert len(set(names)) == len(names) == 9
+    # one file per batch: ceil(9 / 4) batches; unbatched, one file per point
+    assert len(list((tmp_path / "four" / "points").glob(f"*{POINTS_SUFFIX}"))) == 3
+    assert len(list((tmp_path / "one" / "points").glob(f"*{POINTS_SUFFIX}"))) == 9
     # lose three points: a batched re-run recomputes exactly those
-    for key in batched["sweep_sha256"].values.ravel()[[0, 4, 8]]:
-        (tmp_path / "four" / "points" / f"{key}.nc").unlink()
+    assert remove_points(tmp_path / "four", batched["sweep_sha256"].values.ravel()[[0, 4, 8]]
+                         ) == 3
     n = len(log())
     again = exp.sweep(grid, scheduler="threads", workers=2, points_per_task=2,
                       results_dir=tmp_path / "four")["toy"]
@@ -489,7 +506,7 @@ def test_batched_sweep_on_worker_processes_stores_in_the_workers(cluster, tmp_pa
         remote = exp.sweep(grid, scheduler=cluster.scheduler_address, results_dir=out,
                            points_per_task=size)["toy"]
         xr.testing.assert_identical(remote, local)
-        assert len(list((out / "points").glob("*.nc"))) == 8
+        assert sorted(stored_keys(out)) == sorted(local["sweep_sha256"].values.ravel())
         xr.testing.assert_identical(framework.load(out / "toy.nc"), local)
 
 
@@ -500,7 +517,7 @@ def test_workers_that_do_not_see_the_folder_return_results_to_store(tmp_path, mo
     exp = base()
     ds = exp.sweep(eta=[0.1, 0.2, 0.3], scheduler="threads", workers=2, points_per_task=2,
                    results_dir=tmp_path)["toy"]
-    assert len(list((tmp_path / "points").glob("*.nc"))) == 3  # stored by this process
+    assert len(stored_keys(tmp_path)) == 3  # stored by this process
     xr.testing.assert_identical(ds, exp.sweep(eta=[0.1, 0.2, 0.3],
                                               scheduler="synchronous")["toy"])
 

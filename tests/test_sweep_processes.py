@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,10 +30,18 @@ from framework import Analyzer, Experiment, SpecificationError, TeacherStudent, 
 from framework.io import ChecksumError, checksum, load, save
 from framework.sweep import POINTS_DIR, spec_hash
 from framework.sweep.execute import _guarded_lines, default_scheduler
-from framework.sweep.storage import point_lock
+from framework.sweep.storage import POINTS_SUFFIX, point_lock, point_path, read_points
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_ENV = "SYMPHASE_TEST_PROC_LOG"
+
+
+def stored(folder: Path) -> dict[str, xr.Dataset]:
+    """The task datasets in the batch files of a results folder (each file whole)."""
+    out: dict[str, xr.Dataset] = {}
+    for path in sorted((folder / POINTS_DIR).glob(f"*{POINTS_SUFFIX}")):
+        out.update(read_points(path))
+    return out
 
 # -- a plugin for subprocesses (entry point), and one for this process ---------------------
 SPIN_PLUGIN = textwrap.dedent(
@@ -171,7 +180,7 @@ def test_killed_run_leaves_no_worker_and_keeps_stored_points(tmp_path, how, sche
         # the fast point is stored, and a slow point is running in a worker
         def started() -> bool:
             slow = [r for r in _log(spin_log) if r["eta"] > 0.15]
-            return bool(slow) and len(list((out / POINTS_DIR).glob("*.nc"))) >= 1
+            return bool(slow) and len(stored(out)) >= 1
 
         assert _wait_for(started, 90), proc.communicate()[1] if proc.poll() is not None else ""
         workers = {r["pid"] for r in _log(spin_log)}
@@ -199,10 +208,9 @@ def test_killed_run_leaves_no_worker_and_keeps_stored_points(tmp_path, how, sche
             assert ours == [("symphase: terminated; " if how == "SIGTERM" else
                              "symphase: interrupted; ") + "results stored so far are kept"], err
         # the stored point is whole and verified; it is reused by a re-run
-        stored = list((out / POINTS_DIR).glob("*.nc"))
-        assert 1 <= len(stored) <= 2  # the fast points only
-        for path in stored:
-            ds = load(path, require_checksum=True)
+        points = stored(out)  # every record verified
+        assert 1 <= len(points) <= 2  # the fast points only
+        for ds in points.values():
             assert ds.attrs["spec.eta"] in (0.1, 0.12)
             np.testing.assert_allclose(ds["eps_g"].values,
                                        ds.attrs["spec.eta"] * np.linspace(0, 1, 3))
@@ -287,7 +295,7 @@ def test_script_without_main_guard_runs_on_threads(tmp_path):
     assert "Traceback" not in done.stderr
     assert "safe False threads" in done.stdout
     assert "'eta': 2" in done.stdout
-    assert len(list((tmp_path / "res" / POINTS_DIR).glob("*.nc"))) == 2
+    assert len(stored(tmp_path / "res")) == 2
 
 
 def test_forced_processes_without_main_guard_is_one_clear_error(tmp_path):
@@ -395,10 +403,37 @@ def test_a_locked_point_is_waited_for_and_reused(tmp_path, counted):
 def test_a_flipped_bit_in_a_stored_point_is_detected_and_recomputed(tmp_path, counted):
     exp = base()
     exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")
-    (path,) = (tmp_path / POINTS_DIR).glob("*.nc")
+    (path,) = (tmp_path / POINTS_DIR).glob(f"*{POINTS_SUFFIX}")
+    data = bytearray(path.read_bytes())
+    (clean,) = read_points(path).values()
+    # flip one bit of one stored value: find the float64 bytes of eps_g[1] in the file
+    needle = np.float64(clean["eps_g"].values[1]).tobytes()
+    at = bytes(data).find(needle)
+    assert at >= 0
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged record"):
+        read_points(path)
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        again = exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")["counted"]
+    assert counted() == ["0.1", "0.1"]  # recomputed, not reused
+    np.testing.assert_array_equal(again["eps_g"].values[0], clean["eps_g"].values)
+    (sound,) = stored(tmp_path).values()  # the damaged record is gone, the new one is sound
+    xr.testing.assert_identical(sound, clean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")
+    assert counted() == ["0.1", "0.1"]  # reused, no warning
+
+
+def test_a_flipped_bit_in_an_old_layout_point_is_detected_and_recomputed(tmp_path, counted):
+    exp = base()
+    key = spec_hash(attrs.evolve(exp, eta=0.1))
+    (tmp_path / POINTS_DIR).mkdir(parents=True)
+    ds = framework.sweep.execute._compute(attrs.evolve(exp, eta=0.1), key)
+    path = save(ds, point_path(tmp_path, key), lock=False)  # as symphase stored tasks before
     data = bytearray(path.read_bytes())
     clean = load(path, require_checksum=True)
-    # flip one bit of one stored value: find the float64 bytes of eps_g[1] in the file
     needle = np.float64(clean["eps_g"].values[1]).tobytes()
     at = bytes(data).find(needle)
     assert at >= 0
@@ -408,9 +443,12 @@ def test_a_flipped_bit_in_a_stored_point_is_detected_and_recomputed(tmp_path, co
         load(path)
     with pytest.warns(RuntimeWarning, match="damaged"):
         again = exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")["counted"]
-    assert counted() == ["0.1", "0.1"]  # recomputed, not reused
+    assert counted() == ["0.1", "0.1"]  # the run above, and this one: recomputed
     np.testing.assert_array_equal(again["eps_g"].values[0], clean["eps_g"].values)
-    load(path, require_checksum=True)  # the file was replaced by a sound one
+    with warnings.catch_warnings():  # the batch record wins over the old file from now on
+        warnings.simplefilter("error")
+        exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")
+    assert counted() == ["0.1", "0.1"]
 
 
 def test_checksum_covers_values_and_attrs_and_survives_the_round_trip(tmp_path):
@@ -434,12 +472,11 @@ def test_checksum_covers_values_and_attrs_and_survives_the_round_trip(tmp_path):
 def test_a_point_without_checksum_is_recomputed(tmp_path, counted):
     exp = base()
     exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")
-    (path,) = (tmp_path / POINTS_DIR).glob("*.nc")
-    with xr.open_dataset(path) as raw:
-        ds = raw.load()
-    del ds.attrs["symphase_checksum"]
+    (batch,) = (tmp_path / POINTS_DIR).glob(f"*{POINTS_SUFFIX}")
+    ((key, ds),) = read_points(batch).items()
+    batch.unlink()  # as an old-layout task file, written without checksum
     ds.to_netcdf(tmp_path / "plain.nc")
-    os.replace(tmp_path / "plain.nc", path)
+    os.replace(tmp_path / "plain.nc", point_path(tmp_path, key))
     with pytest.warns(RuntimeWarning, match="no 'symphase_checksum'"):
         exp.sweep(eta=[0.1], results_dir=tmp_path, scheduler="synchronous")
     assert counted() == ["0.1", "0.1"]

@@ -29,6 +29,7 @@ ordering otherwise. Analyzers should label their dimensions themselves.
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -154,6 +155,18 @@ def combine_parts(
         raise ValueError(f"'parts' must have {int(np.prod(shape, dtype=int))} entries for "
                          f"a grid of shape {shape}, got {len(parts)}")
     labelled = [None if p is None else label_dimensions(p) for p in parts]
+    if dims and all(p is not None for p in labelled):
+        stacked = _stack_uniform(labelled, coords)  # type: ignore[arg-type]
+        if stacked is not None:
+            return stacked
+    return _combine_outer(labelled, coords)
+
+
+def _combine_outer(labelled: Sequence[xr.Dataset | None],
+                   coords: Mapping[str, np.ndarray]) -> xr.Dataset:
+    """:func:`combine_parts` of labelled parts with xarray's outer join (the general case)."""
+    dims = list(coords)
+    shape = tuple(len(c) for c in coords.values())
     filled = _to_fill(labelled)
     fills, meanings, casts = {}, {}, {}
     for name, dtype in filled.items():
@@ -192,6 +205,76 @@ def combine_parts(
             combined = (combined.assign_coords({name: var}) if name in combined.coords
                         else combined.assign({name: var}))
     return combined
+
+
+def _attrs_merger() -> Any:
+    """xarray's own attrs merge (``merge_attrs``), or None where it cannot be imported."""
+    for module in ("xarray.structure.merge", "xarray.core.merge"):
+        try:
+            return importlib.import_module(module).merge_attrs
+        except (ImportError, AttributeError):
+            continue
+    return None  # pragma: no cover - a layout of xarray we do not know: no fast path
+
+
+def _stack_uniform(parts: Sequence[xr.Dataset],
+                   coords: Mapping[str, np.ndarray]) -> xr.Dataset | None:
+    """:func:`combine_parts` of parts of one structure by stacking arrays; None if not.
+
+    The common case of a sweep (every point has the same variables, shapes, dtypes and
+    analyzer labels): nothing is missing, so the outer join is a stack. The result is
+    identical to :func:`_combine_outer`'s (tested): grid dimensions first, every data
+    variable stacked, coordinates equal across the parts (None otherwise), attrs of
+    stacked variables and of the dataset combined with ``drop_conflicts``, the other
+    coordinates' attrs from the first part; string grid labels are objects.
+    """
+    merge_attrs = _attrs_merger()
+    if merge_attrs is None:  # pragma: no cover
+        return None
+
+    def drop_conflicts(attrs: list[Mapping[Any, Any]]) -> dict[Any, Any]:
+        return dict(merge_attrs(attrs, combine_attrs="drop_conflicts"))
+
+    first = parts[0]
+    layout = {name: (var.dims, var.shape, var.dtype) for name, var in first.variables.items()}
+    coord_names = set(first.coords)
+    if any(d in layout for d in coords):
+        return None
+    for part in parts[1:]:
+        if set(part.coords) != coord_names or len(part.variables) != len(layout):
+            return None
+        for name, var in part.variables.items():
+            if layout.get(name) != (var.dims, var.shape, var.dtype):
+                return None
+        for dim, index in first.indexes.items():
+            if dim not in part.indexes or not part.indexes[dim].equals(index):
+                return None
+    dims = tuple(coords)
+    shape = tuple(len(c) for c in coords.values())
+    grid = {}
+    for dim, labels in coords.items():
+        labels = np.asarray(labels)
+        grid[dim] = xr.Variable((dim,), labels.astype(object) if labels.dtype.kind == "U"
+                                else labels)
+    data_vars: dict[str, xr.Variable] = {}
+    out_coords: dict[str, xr.Variable] = dict(grid)
+    for name, var in first.variables.items():
+        key = str(name)
+        is_coord = name in coord_names
+        if name in first.indexes:
+            out_coords[key] = var.copy(deep=False)
+            continue
+        if is_coord:
+            if not all(p.variables[name].equals(var) for p in parts[1:]):
+                return None  # xarray orders such a coordinate's grid dimensions oddly
+            out_coords[key] = var.copy(deep=False)
+            continue
+        values = np.stack([np.asarray(p.variables[name].values) for p in parts])
+        stacked = xr.Variable(dims + var.dims, values.reshape(shape + var.shape),
+                              drop_conflicts([p.variables[name].attrs for p in parts]))
+        data_vars[key] = stacked
+    return xr.Dataset(data_vars, coords=out_coords,
+                      attrs=drop_conflicts([p.attrs for p in parts]))
 
 
 def combine_sweep(

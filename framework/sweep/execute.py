@@ -34,14 +34,16 @@ from framework.experiment import Experiment
 from framework.sweep.combine import combine_sweep
 from framework.sweep.grid import Sweep, _describe, spec_hash
 from framework.sweep.storage import (
+    PointLock,
+    PointWriter,
+    acquire,
     folder_token,
     is_failure,
     load_point,
-    point_lock,
+    load_points,
     prepare,
     sees_folder,
     store_combined,
-    store_point,
 )
 from framework.validators import SpecificationError
 
@@ -112,9 +114,8 @@ def run(
 
     results: dict[str, xr.Dataset] = {}
     if folder is not None:
-        for key in tasks:
-            stored = load_point(folder, key)
-            if stored is not None and (not retry_failed or not is_failure(stored)):
+        for key, stored in load_points(folder, tasks).items():
+            if not retry_failed or not is_failure(stored):
                 results[key] = stored
     todo = {k: t for k, t in tasks.items() if k not in results}
     show = sys.stderr.isatty() if progress is None else bool(progress)
@@ -156,8 +157,8 @@ def _ensure_plugins(plugins: Sequence[Any]) -> None:
                 have.add(_plugin_key(plugin))
 
 
-def _compute(spec_json: str, key: str, plugins: Sequence[Any] = ()) -> xr.Dataset:
-    """Run one task (on a worker): an experiment with exactly one analyzer.
+def _compute(spec: str | Experiment, key: str, plugins: Sequence[Any] = ()) -> xr.Dataset:
+    """Run one task: an experiment (or its JSON, on a worker) with exactly one analyzer.
 
     An exception raised by the analyzer is returned as a failure record (a dataset
     without variables, ``symphase_failed = 1``, ``symphase_error``), so that the other
@@ -166,7 +167,7 @@ def _compute(spec_json: str, key: str, plugins: Sequence[Any] = ()) -> xr.Datase
     from framework.results import finalize, provenance_attrs
 
     _ensure_plugins(plugins)
-    experiment = Experiment.from_json(spec_json)
+    experiment = Experiment.from_json(spec) if isinstance(spec, str) else spec
     (analyzer,) = experiment.analyzers
     try:
         ds = finalize(analyzer.run(experiment), experiment, analyzer)
@@ -183,22 +184,42 @@ def _reusable(ds: xr.Dataset | None, retry_failed: bool) -> bool:
     return ds is not None and not (retry_failed and is_failure(ds))
 
 
-def _compute_stored(folder: Path, spec_json: str, key: str, plugins: Sequence[Any],
-                    retry_failed: bool) -> xr.Dataset:
-    """With the task's lock held: reuse the file a concurrent sweep stored, else compute."""
-    stored = load_point(folder, key, warn=False)
-    if stored is not None and _reusable(stored, retry_failed):
-        return stored
-    return store_point(folder, key, _compute(spec_json, key, plugins))
+def _acquire(folder: Path, key: str, writer: PointWriter, wait: bool) -> PointLock | None:
+    """The lock of task ``key``; with ``wait``, the writer's locks are released first.
+
+    A writer holds the locks of its pending tasks: waiting for another sweep's lock
+    while holding them could deadlock (that sweep may wait for one of ours).
+    """
+    lock = acquire(folder, key)
+    if lock is None and wait:
+        writer.flush()
+        lock = acquire(folder, key, wait=True)
+    return lock
 
 
-def _compute_locked(folder: Path, spec_json: str, key: str, plugins: Sequence[Any],
-                    retry_failed: bool) -> xr.Dataset | None:
-    """Compute and store task ``key`` under its lock; None if another process holds it."""
-    with point_lock(folder, key) as held:
-        if not held:
-            return None
-        return _compute_stored(folder, spec_json, key, plugins, retry_failed)
+def _compute_locked(folder: Path, spec: str | Experiment, key: str, plugins: Sequence[Any],
+                    retry_failed: bool, writer: PointWriter,
+                    wait: bool = False) -> xr.Dataset | None:
+    """Compute task ``key`` under its lock and queue it on ``writer``.
+
+    Returns the dataset a resumed run will see, or None if another sweep holds the
+    lock (unless ``wait``). Holding the lock, a record another sweep stored meanwhile is
+    reused instead of computing the task again. The writer releases the lock once the
+    record is written.
+    """
+    lock = _acquire(folder, key, writer, wait)
+    if lock is None:
+        return None
+    try:
+        stored = load_point(folder, key, warn=False)
+        if _reusable(stored, retry_failed):
+            lock.release()
+            return stored
+        ds = _compute(spec, key, plugins)
+    except BaseException:
+        lock.release()
+        raise
+    return writer.add(key, ds, lock)
 
 
 #: Status of a task returned by a worker: stored by the worker, to be stored by the
@@ -213,22 +234,20 @@ def _compute_batch(
     token: str | None,
     retry_failed: bool = False,
 ) -> list[tuple[str, xr.Dataset | None, str]]:
-    """Run a batch of tasks (on a worker); store each as it completes if the folder is here.
+    """Run a batch of tasks (on a worker); store them as one batch file if the folder is here.
 
-    Returns ``(key, dataset, status)`` per task: :data:`STORED` (the task's file was
-    written here under its lock, ``dataset`` read back from it), :data:`RETURNED` (the
-    submitting process stores it) or :data:`BUSY` (another sweep holds the task's lock;
-    ``dataset`` is None).
+    Returns ``(key, dataset, status)`` per task: :data:`STORED` (the task's record was
+    written here under its lock before this returns; ``dataset`` is what a resumed run
+    will see), :data:`RETURNED` (the submitting process stores it) or :data:`BUSY`
+    (another sweep holds the task's lock; ``dataset`` is None).
     """
-    here = folder is not None and token is not None and sees_folder(folder, token)
+    if folder is None or token is None or not sees_folder(folder, token):
+        return [(key, _compute(spec_json, key, plugins), RETURNED) for spec_json, key in items]
     out: list[tuple[str, xr.Dataset | None, str]] = []
-    for spec_json, key in items:
-        if here:
-            assert folder is not None
-            ds = _compute_locked(folder, spec_json, key, plugins, retry_failed)
+    with PointWriter(folder) as writer:
+        for spec_json, key in items:
+            ds = _compute_locked(folder, spec_json, key, plugins, retry_failed, writer)
             out.append((key, ds, STORED if ds is not None else BUSY))
-        else:
-            out.append((key, _compute(spec_json, key, plugins), RETURNED))
     return out
 
 
@@ -250,14 +269,15 @@ def _execute(
     plugins = tuple(manager._runtime_plugins)
     bar = _progress(show, total, total - len(todo))
     busy: list[str] = []
+    writer = PointWriter(folder) if folder is not None else None
 
     def done(key: str, ds: xr.Dataset | None, status: str) -> None:
         if status == BUSY:
             busy.append(key)
             return
-        if status == RETURNED and folder is not None:
-            with point_lock(folder, key, wait=True):
-                ds = store_point(folder, key, ds)  # type: ignore[arg-type]
+        if status == RETURNED and writer is not None:
+            assert folder is not None and ds is not None
+            ds = writer.add(key, ds, _acquire(folder, key, writer, wait=True))
         assert ds is not None
         results[key] = ds
         bar.update(1)
@@ -265,23 +285,29 @@ def _execute(
     try:
         if scheduler == "synchronous":
             for key, task in todo.items():
-                if folder is None:
-                    done(key, _compute(task.to_json(), key, plugins), RETURNED)
+                if writer is None:
+                    done(key, _compute(task, key, plugins), RETURNED)
                 else:
-                    ds = _compute_locked(folder, task.to_json(), key, plugins, retry_failed)
+                    assert folder is not None
+                    ds = _compute_locked(folder, task, key, plugins, retry_failed, writer)
                     done(key, ds, STORED if ds is not None else BUSY)
         else:
             _execute_dask(todo, folder, scheduler, workers, points_per_task, plugins,
-                          retry_failed, done)
+                          retry_failed, done, writer)
         # Tasks another sweep was computing: wait for its lock, reuse what it stored.
         for key in busy:
-            assert folder is not None
-            with point_lock(folder, key, wait=True):
-                ds = _compute_stored(folder, todo[key].to_json(), key, plugins, retry_failed)
+            assert folder is not None and writer is not None
+            ds = _compute_locked(folder, todo[key], key, plugins, retry_failed, writer,
+                                 wait=True)
+            assert ds is not None
             results[key] = ds
             bar.update(1)
     finally:
-        bar.close()
+        try:
+            if writer is not None:
+                writer.flush()  # also on Ctrl-C: every point computed here is kept
+        finally:
+            bar.close()
 
 
 def _execute_dask(
@@ -293,6 +319,7 @@ def _execute_dask(
     plugins: Sequence[Any],
     retry_failed: bool,
     done: Any,
+    writer: PointWriter | None,
 ) -> None:
     client, owned = _client(scheduler, workers, len(todo))
     futures: list[Any] = []
@@ -315,6 +342,8 @@ def _execute_dask(
         for future in as_completed(futures):
             for key, ds, status in future.result():
                 done(key, ds, status)
+            if writer is not None:
+                writer.flush()  # what this process stored for the batch
         finished = True
     finally:
         _shutdown(client, owned, futures, finished)

@@ -1,81 +1,160 @@
-"""Sweep storage: one netCDF file per task, plus the combined file of each analyzer.
+"""Sweep storage: batch files of task records, per-task locks, the combined files.
 
-A results folder holds ``points/<key>.nc`` (one task: a grid point restricted to one
-analyzer; ``key`` is its :func:`~framework.sweep.spec_hash`) and ``<analyzer>.nc``
-(the combined dataset). Every write goes through :func:`framework.io.save`, which is
-atomic, so a file is either whole or absent. A task file carries its key in the
-``symphase_spec_sha256`` attr and the checksum of its content in ``symphase_checksum``
-(:func:`framework.io.checksum`); a file whose key or checksum does not match, that has no
-checksum, or that cannot be read, is ignored with a :class:`RuntimeWarning` (the task is
-recomputed and the file replaced).
+Layout of a results folder::
 
-Locks. While a task is computed, its lock ``points/.<key>.lock`` is held (an exclusive
-``flock``, released by the kernel when the holder dies, however it dies): a second sweep
-into the same folder that reaches a locked task skips it, and at the end waits for the
-lock and reuses the file the first one stored (:func:`point_lock`), so no task is
-computed twice. The holder of a task's lock removes the task's stale temporary files
-(``points/.<key>.nc.*.tmp``, left by a process killed while saving); the combined files'
-stale temporaries are removed under the lock ``points/.<analyzer>.combined.lock``.
-Without ``fcntl`` (Windows) there are no locks.
+    <analyzer>.nc                 the combined dataset of each analyzer (framework.io.save)
+    points/<random>.points        a batch file: the records of the tasks one writer stored
+    points/<key>.nc               a task file of symphase before batch files (still read)
+    points/.locks/<key>.lock      the lock of task <key>
+    points/.symphase-folder       the folder's random token
 
-Task files are written by the worker that computed the task when it sees the results
+One task is a grid point restricted to one analyzer; its ``key`` is its
+:func:`~framework.sweep.spec_hash` (64 hex digits).
+
+Batch files. A writer (:class:`PointWriter`: the synchronous loop, each Dask task of a
+worker that sees the folder, the submitting process for the others) collects the tasks
+it computes and writes them as ONE file, atomically (a temporary file in ``points/``,
+flushed to disk, renamed), when its batch ends, when :data:`MAX_POINTS_PER_FILE` are
+pending, or when the first pending one has waited :data:`FLUSH_SECONDS` (checked as
+each task completes). A small point therefore costs no file of its own, a slow one is
+stored as soon as it completes. A task computed but not yet written is lost if its
+process is killed (SIGKILL, the workers of an interrupted cluster): at most the
+writer's pending tasks; a synchronous run writes them on Ctrl-C and on any exception.
+Batch files are never modified, except that a file with damaged records is rewritten
+without them (below).
+
+A batch file is the 16-byte magic :data:`MAGIC` followed by records. A record is a
+112-byte prefix (little-endian u64 lengths of its JSON header and of its data, the
+sha256 of the record, the 64-character key) then the UTF-8 JSON header (attrs,
+coordinate names, per variable: name, dims, dtype, shape, attrs and the offset of its
+bytes, or the strings themselves), then the raw C-order bytes of the numeric
+variables (16-byte aligned). The sha256 covers the two lengths, the key, the header and
+the data: it is the task's checksum (the batch-file form of the ``symphase_checksum``
+attr of :func:`framework.io.save`). Nothing is pickled and nothing is evaluated on load.
+Attrs are flattened as for netCDF (:func:`framework.results.flatten_attrs`); numeric
+and boolean variables keep their dtype, string variables their dtype (``<U..`` or
+object), so decoding a record gives back the dataset that was stored
+(:func:`encode_point` returns that dataset, and a fresh and a resumed sweep combine
+identical datasets without reading back what was just written).
+
+Verification. Every record is verified when its file is read: a record whose sha256
+does not match (a flipped bit anywhere in it) is ignored with a :class:`RuntimeWarning`
+naming the file, the file is rewritten without it (or removed if nothing sound is
+left; readers see the old or the new file, never a partial one), and the task is
+recomputed. A file that does not start with :data:`MAGIC` is ignored with a warning.
+When a task has several records (a failure retried with ``retry_failed``), a success
+wins over a failure. Task files of the old layout (``points/<key>.nc``) are read with
+:func:`framework.io.load` (checksum required, key checked) when no batch file holds the
+task; an unusable one is ignored with a warning, and the recomputed task goes to a
+batch file, which wins from then on.
+
+Locks. While a task is computed and until its record is written, its lock
+``points/.locks/<key>.lock`` is held (an exclusive ``flock``, released by the kernel
+when the holder dies, however it dies): a second sweep into the same folder that
+reaches a locked task skips it, and at the end waits for the lock and reuses the record
+the first one stored (:func:`point_lock`, :func:`acquire`), so no task is computed
+twice. The holder of a lock looks for the task in the batch files written meanwhile
+(:func:`load_point`; the folder is listed again and only files not seen before are
+read: :class:`_Catalog`) before computing it. Without ``fcntl`` (Windows) there are no
+locks.
+
+Temporaries. A writer holds an ``flock`` on its temporary file until it is renamed;
+:func:`prepare` removes every temporary in ``points/`` that nobody holds (left by a
+process killed while writing; the folder token's after a minute); the combined files'
+stale temporaries are removed under the lock ``points/.locks/<analyzer>.combined.lock``.
+
+Batch files are written by the worker that computed the tasks when it sees the results
 folder (:func:`folder_token`: ``points/.symphase-folder`` holds a random token that the
-submitting process passes along), otherwise by the submitting process. They are
-written without Dask's file lock (``framework.io.save(..., lock=False)``): each file is
-private to its task (a unique temporary file, renamed atomically).
+submitting process passes along), otherwise by the submitting process; no Dask lock is
+taken (each file is private to its writer). The combined ``<analyzer>.nc`` files are
+netCDF, written by :func:`framework.io.save`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import re
+import struct
 import tempfile
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import xarray as xr
 
 __all__ = [
+    "FLUSH_SECONDS",
+    "MAGIC",
+    "MAX_POINTS_PER_FILE",
     "POINTS_DIR",
+    "POINTS_SUFFIX",
+    "PointLock",
+    "PointWriter",
+    "acquire",
+    "encode_point",
     "folder_token",
     "is_failure",
     "load_point",
+    "load_points",
     "point_lock",
     "point_path",
     "prepare",
+    "read_points",
+    "remove_points",
     "sees_folder",
     "store_combined",
     "store_point",
 ]
 
-#: Sub-folder of a results folder that holds the per-task files.
+#: Sub-folder of a results folder that holds the batch files.
 POINTS_DIR = "points"
+#: Suffix of a batch file.
+POINTS_SUFFIX = ".points"
+#: First 16 bytes of a batch file (format version 1).
+MAGIC = b"SYMPHASE-PTS-v1\n"
+_MAGIC_FAMILY = b"SYMPHASE-PTS-v"
+#: A writer writes its pending records once the first has waited this long (seconds).
+FLUSH_SECONDS = 1.0
+#: A writer writes its pending records once this many are pending.
+MAX_POINTS_PER_FILE = 64
+_LOCKS_DIR = ".locks"
 _TOKEN_FILE = ".symphase-folder"
+_KEY = re.compile(r"[0-9a-f]{64}")
+# prefix: header length, data length, sha256, key
+_PREFIX = struct.Struct("<QQ32s64s")
+_ALIGN = 16
 # netCDF-C/HDF5 calls from several threads of one process (the "threads" scheduler)
 # are not safe even under xarray's own locks (a segfault was observed with in-memory
-# writes): this process's sweep file I/O goes through one lock.
+# writes): this process's netCDF sweep I/O (old task files, combined files) goes
+# through one lock. Batch files are plain Python and numpy.
 _io_lock = threading.Lock()
-
 
 #: Age (seconds) after which a leftover temporary file of the token is removed.
 _STALE_TOKEN_TMP = 60.0
 
 
+# -- the folder ---------------------------------------------------------------------------
 def prepare(folder: Path) -> None:
-    """Create ``folder/points`` (and ``folder``) if missing; remove stale token temporaries.
+    """Create ``folder/points`` (and its lock folder); remove stale temporaries.
 
-    Raises :class:`~framework.validators.SpecificationError` naming ``results_dir`` if the
+    A temporary file in ``points/`` is stale when no process holds its ``flock`` (its
+    writer died); the token's temporaries when older than a minute. Raises
+    :class:`~framework.validators.SpecificationError` naming ``results_dir`` if the
     folder cannot be created or is not writable.
     """
     from framework.validators import SpecificationError
 
     points = folder / POINTS_DIR
     try:
-        points.mkdir(parents=True, exist_ok=True)
+        (points / _LOCKS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SpecificationError(
             f"'results_dir' {str(folder)!r}: cannot create {str(points)!r} "
@@ -84,10 +163,30 @@ def prepare(folder: Path) -> None:
     if not os.access(points, os.W_OK | os.X_OK):
         raise SpecificationError(f"'results_dir' {str(folder)!r}: the folder is not writable")
     now = time.time()
-    for tmp in points.glob(f"{_TOKEN_FILE}.*.tmp"):
+    for tmp in points.glob(".*.tmp"):
         with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > _STALE_TOKEN_TMP:
-                tmp.unlink()
+            if tmp.name.startswith(f"{_TOKEN_FILE}."):
+                if now - tmp.stat().st_mtime > _STALE_TOKEN_TMP:
+                    tmp.unlink()
+                continue
+            _remove_if_unheld(tmp)
+
+
+def _remove_if_unheld(path: Path) -> None:
+    """Remove the temporary ``path`` unless a live writer holds its ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locks, temporaries stay
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # being written
+        path.unlink()
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(folder: Path, name: str) -> None:
@@ -95,42 +194,6 @@ def _remove_stale(folder: Path, name: str) -> None:
     for tmp in folder.glob(f".{name}.*.tmp"):
         with contextlib.suppress(OSError):
             tmp.unlink()
-
-
-@contextlib.contextmanager
-def _flock(path: Path, wait: bool) -> Iterator[bool]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no locks
-        yield True
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def point_lock(folder: Path, key: str, *, wait: bool = False) -> Iterator[bool]:
-    """Hold the lock of task ``key`` (yields True), or yield False if another holds it.
-
-    With ``wait``, block until the other holder is done (then yield True). Holding the
-    lock, the task's stale temporary files are removed.
-    """
-    points = folder / POINTS_DIR
-    with _flock(points / f".{key}.lock", wait) as held:
-        if held:
-            _remove_stale(points, f"{key}.nc")
-        yield held
 
 
 def _read_token(folder: Path) -> str | None:
@@ -171,7 +234,7 @@ def sees_folder(folder: Path, token: str) -> bool:
 
 
 def point_path(folder: Path, key: str) -> Path:
-    """The file of the task ``key`` under the results folder ``folder``."""
+    """The task file ``points/<key>.nc`` of the layout before batch files (still read)."""
     return folder / POINTS_DIR / f"{key}.nc"
 
 
@@ -180,11 +243,447 @@ def is_failure(ds: xr.Dataset) -> bool:
     return bool(int(ds.attrs.get("symphase_failed", 0)))
 
 
-def load_point(folder: Path, key: str, *, warn: bool = True) -> xr.Dataset | None:
-    """The stored dataset of task ``key``, or None if absent, unreadable or mismatched.
+# -- locks --------------------------------------------------------------------------------
+class PointLock:
+    """A held lock of one task (see :func:`acquire`); :meth:`release` it once."""
 
-    A file that is present but unusable warns (:class:`RuntimeWarning`) unless not ``warn``.
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _lock_file(path: Path, wait: bool) -> PointLock | None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locks
+        return PointLock(None)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return PointLock(fd)
+
+
+def acquire(folder: Path, key: str, *, wait: bool = False) -> PointLock | None:
+    """Take the lock of task ``key``; None if another holds it (unless ``wait``)."""
+    path = folder / POINTS_DIR / _LOCKS_DIR / f"{key}.lock"
+    try:
+        return _lock_file(path, wait)
+    except FileNotFoundError:  # a folder not made by prepare(): create the lock folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _lock_file(path, wait)
+
+
+@contextlib.contextmanager
+def point_lock(folder: Path, key: str, *, wait: bool = False) -> Iterator[bool]:
+    """Hold the lock of task ``key`` (yields True), or yield False if another holds it.
+
+    With ``wait``, block until the other holder is done (then yield True).
     """
+    lock = acquire(folder, key, wait=wait)
+    try:
+        yield lock is not None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# -- records ------------------------------------------------------------------------------
+def _pad(n: int) -> int:
+    return -n % _ALIGN
+
+
+def _digest(n_header: int, n_data: int, key: bytes, header: Any, data: Any) -> bytes:
+    h = hashlib.sha256(struct.pack("<QQ", n_header, n_data))
+    h.update(key)
+    h.update(header)
+    h.update(data)
+    return h.digest()
+
+
+def _same_attrs(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and all(
+        k in b and type(b[k]) is type(v) and (b[k] == v or v != v) for k, v in a.items())
+
+
+def encode_point(key: str, ds: xr.Dataset) -> tuple[bytes, xr.Dataset]:
+    """``(record, dataset)``: the batch-file record of task ``key`` and what it decodes to.
+
+    The dataset is ``ds`` itself when its attrs are already flat (as
+    :func:`framework.results.finalize` leaves them), else a shallow copy with flattened
+    attrs: decoding the record gives a dataset identical to it. Raises ``ValueError``
+    for a ``key`` that is not 64 hex digits and ``TypeError`` for a variable that
+    cannot be stored (an object array of non-strings, a structured dtype).
+    """
+    from framework.results import flatten_attrs
+
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"'key' must be 64 lowercase hex digits (a spec_hash), got {key!r}")
+    ds = ds.load()
+    kept = ds
+    attrs = flatten_attrs(ds.attrs)
+    if not _same_attrs(attrs, ds.attrs):
+        kept = ds.copy(deep=False)
+        kept.attrs = attrs
+    coords = [str(n) for n in ds.coords]
+    chunks: list[bytes] = []
+    variables = []
+    offset = 0
+    for name, var in ds.variables.items():
+        values = np.asarray(var.values)
+        var_attrs = flatten_attrs(var.attrs)
+        if not _same_attrs(var_attrs, var.attrs):
+            if kept is ds:
+                kept = ds.copy(deep=False)
+            kept.variables[name].attrs = var_attrs
+        entry: dict[str, Any] = {"name": str(name), "dims": [str(d) for d in var.dims],
+                                 "dtype": values.dtype.str, "shape": list(values.shape),
+                                 "attrs": var_attrs}
+        kind = values.dtype.kind
+        if kind in "OU":
+            items = values.ravel().tolist()
+            if kind == "O" and not all(isinstance(v, str) for v in items):
+                bad = next(type(v).__name__ for v in items if not isinstance(v, str))
+                raise TypeError(f"cannot store variable {str(name)!r}: an object array "
+                                f"holds a {bad}; only strings are stored")
+            entry["strings"] = items
+        elif kind in "biufcmM" and values.dtype.fields is None:
+            raw = np.ascontiguousarray(values).tobytes()
+            entry["offset"] = offset
+            chunks.append(raw)
+            chunks.append(b"\0" * _pad(len(raw)))
+            offset += len(raw) + _pad(len(raw))
+        else:
+            raise TypeError(f"cannot store variable {str(name)!r} of dtype {values.dtype}")
+        variables.append(entry)
+    header = json.dumps({"attrs": attrs, "coords": coords, "variables": variables},
+                        allow_nan=True, ensure_ascii=False).encode()
+    data = b"".join(chunks)
+    key_bytes = key.encode("ascii")
+    prefix = _PREFIX.pack(len(header), len(data), _digest(len(header), len(data), key_bytes,
+                                                          header, data), key_bytes)
+    return b"".join([prefix, header, b"\0" * _pad(len(header)), data]), kept
+
+
+class _Record:
+    """A verified record in a file buffer."""
+
+    __slots__ = ("at", "buf", "end", "key")
+
+    def __init__(self, buf: bytearray, at: int, end: int, key: str) -> None:
+        self.buf, self.at, self.end, self.key = buf, at, end, key
+
+    def dataset(self) -> xr.Dataset:
+        n_header = _PREFIX.unpack_from(self.buf, self.at)[0]
+        start = self.at + _PREFIX.size
+        header = json.loads(bytes(memoryview(self.buf)[start:start + n_header]))
+        base = start + n_header + _pad(n_header)
+        coords: dict[str, xr.Variable] = {}
+        data_vars: dict[str, xr.Variable] = {}
+        is_coord = set(header["coords"])
+        for entry in header["variables"]:
+            dtype = np.dtype(entry["dtype"])
+            shape = tuple(entry["shape"])
+            if "strings" in entry:
+                values = np.array(entry["strings"], dtype=dtype).reshape(shape)
+            else:
+                count = int(np.prod(shape, dtype=np.int64))
+                values = np.frombuffer(self.buf, dtype=dtype, count=count,
+                                       offset=base + entry["offset"]).reshape(shape)
+            var = xr.Variable(entry["dims"], values, entry["attrs"])
+            (coords if entry["name"] in is_coord else data_vars)[entry["name"]] = var
+        return xr.Dataset(data_vars, coords=coords, attrs=header["attrs"])
+
+
+def _parse(buf: bytearray) -> tuple[list[_Record], int, bool]:
+    """``(sound records, damaged count, truncated)`` of a batch file's content.
+
+    A record whose sha256 does not match is damaged; if its lengths run past the end
+    of the file, nothing after it can be framed (``truncated``).
+    """
+    records: list[_Record] = []
+    damaged = 0
+    at = len(MAGIC)
+    view = memoryview(buf)
+    while at < len(buf):
+        if at + _PREFIX.size > len(buf):
+            return records, damaged + 1, True
+        n_header, n_data, digest, key_bytes = _PREFIX.unpack_from(buf, at)
+        start = at + _PREFIX.size
+        data_at = start + n_header + _pad(n_header)
+        end = data_at + n_data
+        if end > len(buf):
+            return records, damaged + 1, True
+        header = view[start:start + n_header]
+        if (_digest(n_header, n_data, key_bytes, header, view[data_at:end]) == digest
+                and _KEY.fullmatch(key_bytes.decode("ascii", "replace"))):
+            records.append(_Record(buf, at, end, key_bytes.decode("ascii")))
+        else:
+            damaged += 1
+        at = end
+    return records, damaged, False
+
+
+def read_points(path: str | os.PathLike[str]) -> dict[str, xr.Dataset]:
+    """The task datasets stored in the batch file ``path``, by task key.
+
+    Raises ``ValueError`` if the file is not a batch file or has a damaged record.
+    """
+    buf = bytearray(Path(path).read_bytes())
+    if not buf.startswith(MAGIC):
+        raise ValueError(f"{os.fspath(path)}: not a symphase batch file (no magic bytes)")
+    records, damaged, _ = _parse(buf)
+    if damaged:
+        raise ValueError(f"{os.fspath(path)}: {damaged} damaged record(s) (sha256 mismatch)")
+    return {r.key: r.dataset() for r in records}
+
+
+# -- writing ------------------------------------------------------------------------------
+def _write_atomic(path: Path, chunks: list[bytes]) -> None:
+    """Write ``chunks`` to ``path`` atomically (flock-held temporary, fsync, rename)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locks
+        fcntl = None  # type: ignore[assignment]
+    for attempt in range(3):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # "being written": prepare() leaves it
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give normal permissions
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                # prepare() of another sweep removed it between mkstemp and flock
+                if attempt == 2:
+                    raise
+                continue
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        break
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _new_name() -> str:
+    return f"{uuid.uuid4().hex}{POINTS_SUFFIX}"
+
+
+class PointWriter:
+    """Collects computed tasks (with their held locks) and writes them as batch files.
+
+    :meth:`add` queues a task's record, returns the dataset a resumed run will see,
+    and writes the queue as one file when :data:`MAX_POINTS_PER_FILE` records are
+    pending or the oldest has waited :data:`FLUSH_SECONDS`; :meth:`flush` writes
+    it now. The locks are released once their records are on disk (or the write
+    failed). Use as a context manager: leaving it flushes, also on an exception.
+    """
+
+    def __init__(self, folder: Path, *, flush_seconds: float = FLUSH_SECONDS,
+                 max_points: int = MAX_POINTS_PER_FILE) -> None:
+        self.folder = folder
+        self.flush_seconds = flush_seconds
+        self.max_points = max_points
+        self._pending: list[tuple[str, bytes, PointLock | None]] = []
+        self._since = 0.0
+
+    def add(self, key: str, ds: xr.Dataset, lock: PointLock | None) -> xr.Dataset:
+        """Queue task ``key`` (whose ``lock`` the writer now owns); return its dataset."""
+        try:
+            record, kept = encode_point(key, ds)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if not self._pending:
+            self._since = time.monotonic()
+        self._pending.append((key, record, lock))
+        if (len(self._pending) >= self.max_points
+                or time.monotonic() - self._since >= self.flush_seconds):
+            self.flush()
+        return kept
+
+    def flush(self) -> None:
+        """Write the pending records as one batch file and release their locks."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            name = _new_name()
+            _write_atomic(self.folder / POINTS_DIR / name,
+                          [MAGIC, *(record for _, record, _ in pending)])
+            _catalog(self.folder).written(name, [key for key, _, _ in pending])
+        finally:
+            for _, _, lock in pending:
+                if lock is not None:
+                    lock.release()
+
+    def __enter__(self) -> PointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+
+def store_point(folder: Path | None, key: str, ds: xr.Dataset) -> xr.Dataset:
+    """Write task ``key`` as a batch file of its own now (if ``folder``); return its dataset.
+
+    The caller holds the task's lock, or knows nobody else computes it. Returns what a
+    resumed run will see (:func:`encode_point`).
+    """
+    if folder is None:
+        return ds
+    with PointWriter(folder) as writer:
+        return writer.add(key, ds, None)
+
+
+# -- reading ------------------------------------------------------------------------------
+class _Catalog:
+    """Which task keys the batch files of one folder hold, as this process has read them.
+
+    Batch files are immutable (a damaged one is replaced by a file of the same name
+    without the damaged records): listing the folder and reading only the names not
+    seen before keeps the catalog current. An entry may be stale (a record removed as
+    damaged); every record is verified again when it is decoded.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.points = folder / POINTS_DIR
+        self.files: dict[str, list[str]] = {}  # file name -> keys of its sound records
+        self.where: dict[str, set[str]] = {}  # key -> names of the files holding it
+        self.lock = threading.Lock()
+
+    def _add(self, name: str, keys: list[str]) -> None:
+        self.files[name] = keys
+        for key in keys:
+            self.where.setdefault(key, set()).add(name)
+
+    def written(self, name: str, keys: list[str]) -> None:
+        with self.lock:
+            self._add(name, keys)
+
+    def forget(self) -> None:
+        """Drop what was read (files were rewritten here): the next refresh reads all."""
+        with self.lock:
+            self.files.clear()
+            self.where.clear()
+
+    def refresh(self, warn: bool) -> dict[str, bytearray]:
+        """Read the batch files not seen before; returns their content by name."""
+        try:
+            names = {n for n in os.listdir(self.points) if n.endswith(POINTS_SUFFIX)}
+        except FileNotFoundError:
+            names = set()
+        fresh: dict[str, bytearray] = {}
+        with self.lock:
+            for gone in set(self.files) - names:
+                for key in self.files.pop(gone):
+                    self.where[key].discard(gone)
+            new = names - set(self.files)
+        for name in sorted(new):
+            got = _read_file(self.points / name, warn)
+            with self.lock:
+                self._add(name, [] if got is None else [r.key for r in got[1]])
+            if got is not None:
+                fresh[name] = got[0]
+        return fresh
+
+    def holders(self, keys: Collection[str]) -> dict[str, list[str]]:
+        """``{file name: the keys among keys it holds}``."""
+        out: dict[str, list[str]] = {}
+        with self.lock:
+            for key in keys:
+                for name in self.where.get(key, ()):
+                    out.setdefault(name, []).append(key)
+        return out
+
+
+_catalogs: dict[str, _Catalog] = {}
+_catalogs_lock = threading.Lock()
+
+
+def _catalog(folder: Path) -> _Catalog:
+    name = os.path.abspath(folder)
+    with _catalogs_lock:
+        if name not in _catalogs:
+            _catalogs[name] = _Catalog(Path(name))
+        return _catalogs[name]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _read_file(path: Path, warn: bool) -> tuple[bytearray, list[_Record]] | None:
+    """The content and sound records of a batch file; a damaged file is repaired.
+
+    A file with damaged records is rewritten without them, or removed if none is sound
+    (atomically: a concurrent reader sees either version, both without surprises).
+    """
+    try:
+        buf = bytearray(path.read_bytes())
+    except FileNotFoundError:
+        return None  # replaced or removed meanwhile
+    except OSError as exc:
+        if warn:
+            _warn(f"recomputing the sweep results in unreadable {path.name}: {exc}")
+        return None
+    if not buf.startswith(MAGIC):
+        if warn:
+            what = ("written by another version of symphase"
+                    if buf.startswith(_MAGIC_FAMILY) else "not a symphase batch file")
+            _warn(f"ignoring {path.name} in the sweep results: {what}")
+        return None
+    records, damaged, truncated = _parse(buf)
+    if not damaged:
+        return buf, records
+    if warn:
+        _warn(f"recomputing {damaged}{'+' if truncated else ''} damaged sweep result(s) in "
+              f"{path.name}: the sha256 of the record does not match (the file is "
+              f"rewritten with its {len(records)} sound record(s))")
+    with contextlib.suppress(OSError):
+        if records:
+            _write_atomic(path, [MAGIC, *(bytes(buf[r.at:r.end]) for r in records)])
+            buf = bytearray(path.read_bytes())
+            records = _parse(buf)[0]
+        else:
+            path.unlink()
+    return buf, records
+
+
+def _legacy(folder: Path, key: str, warn: bool) -> xr.Dataset | None:
+    """Task ``key`` from its task file of the layout before batch files, if usable."""
     from framework.io import load
 
     path = point_path(folder, key)
@@ -195,36 +694,112 @@ def load_point(folder: Path, key: str, *, warn: bool = True) -> xr.Dataset | Non
             ds = load(path, require_checksum=True)
     except Exception as exc:
         if warn:
-            warnings.warn(f"recomputing unreadable or damaged sweep result {path.name}: "
-                          f"{exc}", RuntimeWarning, stacklevel=3)
+            _warn(f"recomputing unreadable or damaged sweep result {path.name}: {exc}")
         return None
     if ds.attrs.get("symphase_spec_sha256") != key:
         if warn:
-            warnings.warn(f"recomputing {path.name}: its specification hash does not match",
-                          RuntimeWarning, stacklevel=3)
+            _warn(f"recomputing {path.name}: its specification hash does not match")
         return None
     return ds
 
 
-def store_point(folder: Path | None, key: str, ds: xr.Dataset) -> xr.Dataset:
-    """Write task ``key`` atomically (if ``folder``); return what a resumed run will see.
+def _best(candidates: list[xr.Dataset]) -> xr.Dataset | None:
+    """A success if there is one, else the last failure."""
+    for ds in candidates:
+        if not is_failure(ds):
+            return ds
+    return candidates[-1] if candidates else None
 
-    The stored file is read back, so that a fresh and a resumed sweep combine
-    identical datasets. The file is private to the task: it is written without Dask's
-    file lock (see :func:`framework.io.save`).
+
+def load_points(folder: Path, keys: Collection[str], *,
+                warn: bool = True) -> dict[str, xr.Dataset]:
+    """The stored datasets of those of ``keys`` that ``folder`` holds (sound records only).
+
+    Damaged or unreadable files warn (:class:`RuntimeWarning`) unless not ``warn``.
     """
-    if folder is None:
-        return ds
-    from framework.io import load, save
+    catalog = _catalog(folder)
+    fresh = catalog.refresh(warn)
+    wanted = set(keys)
+    found: dict[str, list[xr.Dataset]] = {}
+    for name, held in sorted(catalog.holders(wanted).items()):
+        buf = fresh.get(name)
+        records: list[_Record]
+        if buf is None:
+            got = _read_file(catalog.points / name, warn)
+            if got is None:
+                continue
+            buf, records = got
+        else:
+            records = _parse(buf)[0]
+        for record in records:
+            if record.key in held:
+                found.setdefault(record.key, []).append(record.dataset())
+    out = {k: ds for k, c in found.items() if (ds := _best(c)) is not None}
+    for key in wanted - set(out):
+        legacy = _legacy(folder, key, warn)
+        if legacy is not None:
+            out[key] = legacy
+    return out
 
-    with _io_lock:
-        return load(save(ds, point_path(folder, key), lock=False))
+
+def load_point(folder: Path, key: str, *, warn: bool = True) -> xr.Dataset | None:
+    """The stored dataset of task ``key``, or None (see :func:`load_points`)."""
+    return load_points(folder, (key,), warn=warn).get(key)
+
+
+#: A combined dataset up to this size (bytes) is serialized in memory, without Dask's lock.
+IN_MEMORY_COMBINED_BYTES = 1 << 28
+
+
+def remove_points(folder: Path, keys: Collection[str]) -> int:
+    """Remove the stored records of the tasks ``keys``; returns how many were removed.
+
+    Batch files are rewritten without them (atomically; a file left empty is removed)
+    and old task files of those keys are deleted, so that the next run recomputes
+    them. Do not run two of these on one folder at the same time (one rewrite could
+    undo the other's); sweeps writing meanwhile are safe (they never modify a file).
+    """
+    points = Path(folder) / POINTS_DIR
+    drop = set(keys)
+    removed = 0
+    for path in sorted(points.glob(f"*{POINTS_SUFFIX}")):
+        got = _read_file(path, warn=True)
+        if got is None:
+            continue
+        buf, records = got
+        keep = [r for r in records if r.key not in drop]
+        if len(keep) == len(records):
+            continue
+        removed += len(records) - len(keep)
+        if keep:
+            _write_atomic(path, [MAGIC, *(bytes(buf[r.at:r.end]) for r in keep)])
+        else:
+            path.unlink(missing_ok=True)
+    for key in drop:
+        with contextlib.suppress(FileNotFoundError):
+            point_path(Path(folder), key).unlink()
+            removed += 1
+    _catalog(Path(folder)).forget()
+    return removed
 
 
 def store_combined(folder: Path, name: str, ds: xr.Dataset) -> Path:
-    """Write the combined dataset of analyzer ``name`` atomically to ``folder/<name>.nc``."""
+    """Write the combined dataset of analyzer ``name`` atomically to ``folder/<name>.nc``.
+
+    Up to :data:`IN_MEMORY_COMBINED_BYTES` it is serialized in memory
+    (``framework.io.save(..., lock=False)``): while a ``dask.distributed`` client is the
+    default scheduler, xarray would otherwise take a ``distributed.Lock`` (a round trip
+    to the scheduler) for every netCDF operation, ~100 per small combined file, though
+    the temporary file is private to this call.
+    """
     from framework.io import save
 
-    with _flock(folder / POINTS_DIR / f".{name}.combined.lock", True), _io_lock:
-        _remove_stale(folder, f"{name}.nc")
-        return save(ds, folder / f"{name}.nc")
+    lock = _lock_file(folder / POINTS_DIR / _LOCKS_DIR / f"{name}.combined.lock", True)
+    try:
+        with _io_lock:
+            _remove_stale(folder, f"{name}.nc")
+            return save(ds, folder / f"{name}.nc",
+                        lock=ds.nbytes > IN_MEMORY_COMBINED_BYTES)
+    finally:
+        if lock is not None:
+            lock.release()
