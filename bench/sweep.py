@@ -13,8 +13,10 @@ a cheap analyzer, `dynamics` with ``alpha_max = --small-alpha-max`` or a tiny st
 a plain Python loop ``Experiment.run()`` over the same points in this process is the
 baseline; the sweep runs synchronously and on the warmed 2-worker cluster, each with
 and without a results directory (a fresh one every time, so every point is computed
-and stored). The ratios to the baseline are printed (target: storage within 2x of the
-loop per point).
+and stored in batch files, and the combined file written). Printed: ms per point, the
+ratio to the baseline (target: with a results directory within 2x of the loop), and
+what storage adds per point. The load average is printed: on a machine whose cores
+other processes use, the 2-worker rows measure the competition, not the sweep.
 
     python bench/sweep.py [--alpha-max 1e4] [--K 6] [--repeat 2] [--points 64]
     python bench/sweep.py --overhead-only
@@ -194,7 +196,8 @@ def overhead(args: argparse.Namespace) -> None:
     sweep = framework.Sweep(exp, grid)
     points = [e for _, e in sweep.points()]
     n = len(points)
-    print(f"\nper-point overhead, {n} small points: {what}")
+    print(f"\nper-point overhead, {n} small points: {what}; "
+          f"load average before: {os.getloadavg()[0]:.2f}")
     for e in points[:2]:
         e.run()  # warm up this process
     loop = _per_point(lambda: [e.run() for e in points], n, args.repeat)
@@ -219,6 +222,13 @@ def overhead(args: argparse.Namespace) -> None:
         timed("sweep on 2 warm worker processes", scheduler=client)
     for label, ms in rows:
         print(f"  {label:<52} {ms:8.2f} ms per point  {ms / loop:6.2f}x the loop")
+    by = dict(rows)
+    for label in ("sweep synchronous", "sweep on 2 warm worker processes"):
+        extra = by[f"{label}, with results_dir"] - by[f"{label}, no results_dir"]
+        print(f"  storage adds {extra:+.2f} ms per point ({extra / loop:+.2f}x the loop), "
+              f"{label}")
+    print(f"  (target: with results_dir <= 2x the loop; load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import xarray as xr
 
 from framework.results import flatten_attrs
 
-__all__ = ["ChecksumError", "checksum", "load", "load_experiment", "save"]
+__all__ = ["ChecksumError", "checksum", "load", "load_experiment", "save", "write_atomic"]
 
 _BOOL_MARK = "symphase_dtype"
 #: Global attr holding :func:`checksum` of the stored content (written by :func:`save`).
@@ -111,6 +111,54 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def write_atomic(path: Path, chunks: list[bytes]) -> None:
+    """Write the bytes ``chunks`` to ``path`` atomically; an existing ``path`` is replaced.
+
+    The bytes go to a temporary file ``.<name>.<random>.tmp`` next to ``path``, which is
+    flushed to disk and renamed over ``path`` (then the folder is flushed); on any error
+    (or interruption) the temporary file is removed. The writer holds an exclusive
+    ``flock`` on the temporary file until it is renamed, so that a cleaner can tell a
+    stale temporary (nobody holds it: its writer died) from one being written
+    (:func:`framework.sweep.storage.prepare`); if a cleaner removed it in the instant
+    before the lock was taken, the write is retried.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no locks
+        fcntl = None  # type: ignore[assignment]
+    for attempt in range(3):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            with os.fdopen(fd, "wb", closefd=False) as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _normal_permissions(tmp)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:  # removed by a cleaner before we held it
+                if attempt == 2:
+                    raise
+                continue
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        break
+    _fsync_dir(path.parent)
+
+
+def _normal_permissions(path: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600; give normal permissions
+
+
 def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True) -> Path:
     """Write ``dataset`` to ``path`` (netCDF4) atomically and return the path.
 
@@ -144,22 +192,16 @@ def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True
     plugin_manager().hook.symphase_before_save(dataset=ds, path=str(path))
     ds = _netcdf_safe(ds)  # a hook may have added attrs or variables
     ds.attrs[CHECKSUM_ATTR] = checksum(ds)
+    if not lock:
+        write_atomic(path, [bytes(ds.to_netcdf(None, engine="netcdf4", format="NETCDF4"))])
+        return path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if lock:
-            ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        else:
-            data = ds.to_netcdf(None, engine="netcdf4", format="NETCDF4")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give normal permissions
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _normal_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,6 +19,11 @@ gets the attrs ``symphase_fill`` (what the fill value means) and, when its dtype
 changed, ``symphase_fill_from_dtype`` (the analyzer's dtype). Every variable of a part
 that failed is missing at that point.
 
+Parts of one structure (the same variables, dims, shapes, dtypes, coordinates and
+analyzer labels: the common case) have nothing missing; they are stacked directly
+(:func:`_stack_uniform`, ~8x faster than the join for small points), with a result
+identical to the join's (tested).
+
 Alignment needs an index coordinate on every dimension. A dimension an analyzer left
 without one gets ``arange(size)`` here, on the fly, with the attr
 ``symphase_positional`` saying so: such parts are aligned by position, which is right
@@ -319,7 +324,7 @@ def combine_sweep(
         "long_name": "exception raised at this sweep point ('' if none)",
         "units": "1"})
     combined["sweep_sha256"] = (dims, np.array(keys, dtype=object).reshape(shape), {
-        "long_name": "sha256 of the point specification (stored as points/<key>.nc)",
+        "long_name": "sha256 of the point specification (its key in points/)",
         "units": "1"})
     attrs_ = {k: v for k, v in combined.attrs.items()
               if not k.startswith(("spec.", "symphase_", "sweep."))}

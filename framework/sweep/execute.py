@@ -3,14 +3,20 @@
 One task is one (grid point, analyzer) pair: the point's experiment restricted to that
 analyzer, keyed by its :func:`~framework.sweep.spec_hash`. :func:`run` validates the
 sweep, reuses the tasks stored under ``results_dir`` (:mod:`framework.sweep.storage`),
-computes the others with the chosen scheduler, stores each as it completes, and
+computes the others with the chosen scheduler, stores them in batch files, and
 combines them per analyzer (:mod:`framework.sweep.combine`). See :mod:`framework.sweep`
 for the schedulers.
 
 On Dask, the tasks are submitted in batches of ``points_per_task`` (default:
 :func:`default_points_per_task`), so that a small point does not pay a scheduler round
-trip of its own; a worker that sees the results folder stores each task's file itself
-as soon as the task is computed (the submitting process stores the others).
+trip of its own. Tasks are stored by a :class:`~framework.sweep.storage.PointWriter`:
+a worker that sees the results folder writes the tasks of its batch as one batch file
+itself (at the end of the batch, or earlier for slow points: see
+:mod:`framework.sweep.storage`); the submitting process stores the others, one batch
+file per Dask batch; a synchronous run writes a file every 64 tasks or every second
+(``MAX_POINTS_PER_FILE``, ``FLUSH_SECONDS``), and what it computed on Ctrl-C or an
+error. A task's lock is held from before it is computed until its record is written;
+a writer releases its locks before it waits for another sweep's (no deadlock).
 """
 
 from __future__ import annotations

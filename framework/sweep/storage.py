@@ -11,17 +11,20 @@ Layout of a results folder::
 One task is a grid point restricted to one analyzer; its ``key`` is its
 :func:`~framework.sweep.spec_hash` (64 hex digits).
 
-Batch files. A writer (:class:`PointWriter`: the synchronous loop, each Dask task of a
+Batch files. A netCDF file per task cost ~10 ms to write and as much to read back,
+several times the computation of a small point; records in a batch file cost ~0.2 ms
+to encode. A writer (:class:`PointWriter`: the synchronous loop, each Dask task of a
 worker that sees the folder, the submitting process for the others) collects the tasks
 it computes and writes them as ONE file, atomically (a temporary file in ``points/``,
 flushed to disk, renamed), when its batch ends, when :data:`MAX_POINTS_PER_FILE` are
-pending, or when the first pending one has waited :data:`FLUSH_SECONDS` (checked as
-each task completes). A small point therefore costs no file of its own, a slow one is
-stored as soon as it completes. A task computed but not yet written is lost if its
-process is killed (SIGKILL, the workers of an interrupted cluster): at most the
-writer's pending tasks; a synchronous run writes them on Ctrl-C and on any exception.
-Batch files are never modified, except that a file with damaged records is rewritten
-without them (below).
+pending (or :data:`MAX_PENDING_BYTES`), or when the first pending one has waited
+:data:`FLUSH_SECONDS` (checked as each task completes). A small point therefore costs
+no file of its own, a slow one is stored as soon as it completes. A task computed but
+not yet written is lost if its process is killed (SIGKILL, the workers of an
+interrupted cluster): at most the writer's pending tasks; a synchronous run writes them
+on Ctrl-C and on any exception. Batch files are never modified, except that a file
+with damaged records is rewritten without them (below), and :func:`remove_points`
+rewrites files without the records it is asked to remove.
 
 A batch file is the 16-byte magic :data:`MAGIC` followed by records. A record is a
 112-byte prefix (little-endian u64 lengths of its JSON header and of its data, the
@@ -56,7 +59,7 @@ the first one stored (:func:`point_lock`, :func:`acquire`), so no task is comput
 twice. The holder of a lock looks for the task in the batch files written meanwhile
 (:func:`load_point`; the folder is listed again and only files not seen before are
 read: :class:`_Catalog`) before computing it. Without ``fcntl`` (Windows) there are no
-locks.
+locks, and stale temporaries are not removed.
 
 Temporaries. A writer holds an ``flock`` on its temporary file until it is renamed;
 :func:`prepare` removes every temporary in ``points/`` that nobody holds (left by a
@@ -90,9 +93,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from framework.io import write_atomic
+
 __all__ = [
     "FLUSH_SECONDS",
     "MAGIC",
+    "MAX_PENDING_BYTES",
     "MAX_POINTS_PER_FILE",
     "POINTS_DIR",
     "POINTS_SUFFIX",
@@ -125,6 +131,8 @@ _MAGIC_FAMILY = b"SYMPHASE-PTS-v"
 FLUSH_SECONDS = 1.0
 #: A writer writes its pending records once this many are pending.
 MAX_POINTS_PER_FILE = 64
+#: ... or once they hold this many bytes (large points are not kept in memory).
+MAX_PENDING_BYTES = 1 << 26
 _LOCKS_DIR = ".locks"
 _TOKEN_FILE = ".symphase-folder"
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -451,51 +459,6 @@ def read_points(path: str | os.PathLike[str]) -> dict[str, xr.Dataset]:
 
 
 # -- writing ------------------------------------------------------------------------------
-def _write_atomic(path: Path, chunks: list[bytes]) -> None:
-    """Write ``chunks`` to ``path`` atomically (flock-held temporary, fsync, rename)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no locks
-        fcntl = None  # type: ignore[assignment]
-    for attempt in range(3):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # "being written": prepare() leaves it
-            with os.fdopen(fd, "wb", closefd=False) as fh:
-                for chunk in chunks:
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give normal permissions
-            try:
-                os.replace(tmp, path)
-            except FileNotFoundError:
-                # prepare() of another sweep removed it between mkstemp and flock
-                if attempt == 2:
-                    raise
-                continue
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)
-        break
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _new_name() -> str:
     return f"{uuid.uuid4().hex}{POINTS_SUFFIX}"
 
@@ -504,8 +467,9 @@ class PointWriter:
     """Collects computed tasks (with their held locks) and writes them as batch files.
 
     :meth:`add` queues a task's record, returns the dataset a resumed run will see,
-    and writes the queue as one file when :data:`MAX_POINTS_PER_FILE` records are
-    pending or the oldest has waited :data:`FLUSH_SECONDS`; :meth:`flush` writes
+    and writes the queue as one file when :data:`MAX_POINTS_PER_FILE` records (or
+    :data:`MAX_PENDING_BYTES`) are pending or the oldest has waited
+    :data:`FLUSH_SECONDS`; :meth:`flush` writes
     it now. The locks are released once their records are on disk (or the write
     failed). Use as a context manager: leaving it flushes, also on an exception.
     """
@@ -517,6 +481,7 @@ class PointWriter:
         self.max_points = max_points
         self._pending: list[tuple[str, bytes, PointLock | None]] = []
         self._since = 0.0
+        self._bytes = 0
 
     def add(self, key: str, ds: xr.Dataset, lock: PointLock | None) -> xr.Dataset:
         """Queue task ``key`` (whose ``lock`` the writer now owns); return its dataset."""
@@ -529,19 +494,20 @@ class PointWriter:
         if not self._pending:
             self._since = time.monotonic()
         self._pending.append((key, record, lock))
-        if (len(self._pending) >= self.max_points
+        self._bytes += len(record)
+        if (len(self._pending) >= self.max_points or self._bytes >= MAX_PENDING_BYTES
                 or time.monotonic() - self._since >= self.flush_seconds):
             self.flush()
         return kept
 
     def flush(self) -> None:
         """Write the pending records as one batch file and release their locks."""
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._bytes = self._pending, [], 0
         if not pending:
             return
         try:
             name = _new_name()
-            _write_atomic(self.folder / POINTS_DIR / name,
+            write_atomic(self.folder / POINTS_DIR / name,
                           [MAGIC, *(record for _, record, _ in pending)])
             _catalog(self.folder).written(name, [key for key, _, _ in pending])
         finally:
@@ -674,7 +640,7 @@ def _read_file(path: Path, warn: bool) -> tuple[bytearray, list[_Record]] | None
               f"rewritten with its {len(records)} sound record(s))")
     with contextlib.suppress(OSError):
         if records:
-            _write_atomic(path, [MAGIC, *(bytes(buf[r.at:r.end]) for r in records)])
+            write_atomic(path, [MAGIC, *(bytes(buf[r.at:r.end]) for r in records)])
             buf = bytearray(path.read_bytes())
             records = _parse(buf)[0]
         else:
@@ -772,7 +738,7 @@ def remove_points(folder: Path, keys: Collection[str]) -> int:
             continue
         removed += len(records) - len(keep)
         if keep:
-            _write_atomic(path, [MAGIC, *(bytes(buf[r.at:r.end]) for r in keep)])
+            write_atomic(path, [MAGIC, *(bytes(buf[r.at:r.end]) for r in keep)])
         else:
             path.unlink(missing_ok=True)
     for key in drop:
