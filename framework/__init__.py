@@ -18,17 +18,20 @@ from framework.manager import (
     SymphasePluginWarning,
     get_activation,
     get_analyzer,
+    get_learning_rule,
     get_model,
     get_normalization,
     get_plugin_manager,
     get_registry,
     list_analyzers,
+    list_learning_rules,
     list_models,
     list_normalizations,
     refresh_plugins,
     register_plugin,
     unregister_plugin,
 )
+from framework.learning_rule import LearningRule
 from framework.model import Forward, Layers, Model, OrderParameters, TeacherStudent
 from framework.normalization import Backward, Normalization, ScaleKernels
 from framework.plugin import hookimpl
@@ -87,6 +90,7 @@ __all__ = [
     "Experiment",
     "Forward",
     "Layers",
+    "LearningRule",
     "Model",
     "Normalization",
     "OrderParameters",
@@ -103,6 +107,7 @@ __all__ = [
     "datasets",
     "get_activation",
     "get_analyzer",
+    "get_learning_rule",
     "get_model",
     "get_normalization",
     "get_plugin_manager",
@@ -110,6 +115,7 @@ __all__ = [
     "hookimpl",
     "interrupt_of",
     "list_analyzers",
+    "list_learning_rules",
     "list_models",
     "list_normalizations",
     "load",

@@ -10,7 +10,8 @@ import attrs
 import numpy as np
 
 from framework.analyzer import Analyzer
-from framework.manager import get_analyzer, get_model, get_normalization
+from framework.learning_rule import LearningRule
+from framework.manager import get_analyzer, get_learning_rule, get_model, get_normalization
 from framework.model import Model, OrderParameters, TeacherStudent, _known_keys
 from framework.normalization import Normalization
 from framework.streams import STREAM_INIT, STREAM_SIMULATION
@@ -20,6 +21,10 @@ __all__ = ["STREAM_INIT", "STREAM_SIMULATION", "Experiment"]
 
 #: The model a mapping without a ``name`` means (dicts stored before models were plugins).
 DEFAULT_MODEL = TeacherStudent.name
+#: The learning rule of an experiment that names none (left out of :meth:`to_dict` when
+#: it is this one with its default options, so that stored specifications keep their
+#: hashes).
+DEFAULT_LEARNING_RULE = "sgd"
 
 
 def _to_model(value: Any) -> Model:
@@ -43,6 +48,21 @@ def _to_normalization(value: Any) -> Normalization:
         return get_normalization(data.pop("name"), **data)
     raise TypeError(
         f"'normalization' must be a name, a mapping or a Normalization, got {value!r}"
+    )
+
+
+def _to_learning_rule(value: Any) -> LearningRule:
+    if isinstance(value, LearningRule):
+        return value
+    if isinstance(value, str):
+        return get_learning_rule(value)
+    if isinstance(value, Mapping):
+        data = dict(value)
+        if "name" not in data:
+            raise SpecificationError(f"'learning_rule' mapping needs a 'name', got {value!r}")
+        return get_learning_rule(data.pop("name"), **data)
+    raise TypeError(
+        f"'learning_rule' must be a name, a mapping or a LearningRule, got {value!r}"
     )
 
 
@@ -121,6 +141,11 @@ class Experiment:
         Dimension in which the random initial condition is drawn (>= K + M).
     seed : int
         Seed of every random stream (>= 0).
+    learning_rule : str, mapping or LearningRule
+        How a step is taken from the loss gradient: a registered name (default
+        ``"sgd"``, the plain step above), ``{"name": ..., **options}`` (e.g.
+        ``{"name": "natural_gradient", "damping": 0.1}``) or an instance; ``symphase
+        plugins`` lists them.
     """
 
     model: Model = attrs.field(converter=_to_model)
@@ -134,9 +159,13 @@ class Experiment:
     init_scale: float = attrs.field(default=1.0, converter=to_float, validator=gt(0.0))
     init_N: int = attrs.field(default=1000, validator=integer(minimum=1))
     seed: int = attrs.field(default=0, validator=integer(minimum=0))
+    learning_rule: LearningRule = attrs.field(
+        default=DEFAULT_LEARNING_RULE, converter=_to_learning_rule  # type: ignore[assignment]
+    )
 
     def __attrs_post_init__(self) -> None:
         self.model.check(self)
+        self.learning_rule.check(self.model, self.normalization)
         for analyzer in self.analyzers:
             analyzer.check(self)
 
@@ -196,7 +225,7 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible description that :meth:`from_dict` rebuilds exactly."""
         init = self.init if isinstance(self.init, str) else self.init.to_dict()
-        return {
+        out = {
             "model": {"name": self.model.name, **self.model.to_dict()},
             "normalization": self.normalization.to_dict(),
             "analyzers": [a.to_dict() for a in self.analyzers],
@@ -207,6 +236,10 @@ class Experiment:
             "init_N": self.init_N,
             "seed": self.seed,
         }
+        rule = self.learning_rule.to_dict()
+        if rule != get_learning_rule(DEFAULT_LEARNING_RULE).to_dict():
+            out["learning_rule"] = rule  # the default is left out: hashes as before
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

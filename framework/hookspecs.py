@@ -117,6 +117,32 @@ def symphase_register_activations(registry: Registry) -> None:
 
 
 @hookspec
+def symphase_register_learning_rules(registry: Registry) -> None:
+    """Register learning-rule classes.
+
+    Call ``registry.add_learning_rule(cls)`` for each :class:`~framework.LearningRule`
+    subclass the plugin provides; an experiment then names it as
+    ``learning_rule="natural_gradient"`` or ``{"name": ..., **options}``.
+
+    Parameters
+    ----------
+    registry : Registry
+        The registry being built; it validates each class (a subclass of
+        ``LearningRule`` implementing ``rates`` and ``direction``, with a ``name`` and a
+        ``description``) and rejects duplicate names.
+
+    Returns
+    -------
+    None
+
+    Fires
+    -----
+    Once per plugin when the registry is built, in the same order as
+    :func:`symphase_register_normalizations`.
+    """
+
+
+@hookspec
 def symphase_register_reproductions(registry: Registry) -> None:
     """Register named reproductions runnable as ``symphase reproduce NAME``.
 

@@ -21,6 +21,7 @@ import pluggy
 from framework import _numba_notice, hookspecs
 from framework.activation import Activation
 from framework.analyzer import Analyzer
+from framework.learning_rule import LearningRule
 from framework.model import Model
 from framework.normalization import Normalization
 from framework.plugin import PROJECT
@@ -31,11 +32,13 @@ __all__ = [
     "SymphasePluginWarning",
     "get_activation",
     "get_analyzer",
+    "get_learning_rule",
     "get_model",
     "get_normalization",
     "get_plugin_manager",
     "get_registry",
     "list_analyzers",
+    "list_learning_rules",
     "list_models",
     "list_normalizations",
     "refresh_plugins",
@@ -48,6 +51,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.activations",
     "plugins.normalizations",
     "plugins.normalizations_extra",
+    "plugins.learning_rules",
     "plugins.simulation",
     "plugins.dynamics",
     "plugins.equilibrium",
@@ -60,6 +64,7 @@ _REGISTRATION_HOOKS = (
     "symphase_register_models",
     "symphase_register_activations",
     "symphase_register_normalizations",
+    "symphase_register_learning_rules",
     "symphase_register_analyzers",
     "symphase_register_reproductions",
 )
@@ -197,6 +202,12 @@ def get_normalization(name: str, **params: Any) -> Normalization:
     return cls.from_dict(params)
 
 
+def get_learning_rule(name: str, **options: Any) -> LearningRule:
+    """An instance of the learning rule registered as ``name`` with its options."""
+    cls = get_registry().get("learning_rule", name)
+    return cls.from_dict(options)
+
+
 def get_model(name: str, **spec: Any) -> Model:
     """An instance of the model registered as ``name`` built from its specification.
 
@@ -221,6 +232,11 @@ def get_activation(name: str) -> Activation:
 def list_normalizations() -> list[str]:
     """Names of the installed normalizations, sorted."""
     return get_registry().names("normalization")
+
+
+def list_learning_rules() -> list[str]:
+    """Names of the installed learning rules, sorted."""
+    return get_registry().names("learning_rule")
 
 
 def list_models() -> list[str]:

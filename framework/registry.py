@@ -11,6 +11,7 @@ import attrs
 
 from framework.activation import Activation
 from framework.analyzer import Analyzer
+from framework.learning_rule import LearningRule
 from framework.model import Model
 from framework.normalization import Normalization
 
@@ -39,14 +40,15 @@ class Entry:
 
 
 class Registry:
-    """Models, normalizations, analyzers, activations and reproductions by name.
+    """Models, normalizations, learning rules, analyzers, activations and reproductions
+    by name.
 
     Registration hooks receive an instance; the plugin manager sets
     :attr:`source` before calling each plugin so that every entry records where it
     came from.
     """
 
-    KINDS = ("model", "normalization", "analyzer", "activation", "reproduction")
+    KINDS = ("model", "normalization", "learning_rule", "analyzer", "activation", "reproduction")
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in self.KINDS}
@@ -99,6 +101,11 @@ class Registry:
                 "normalization", cls, Normalization, ("scale", "scale_jacobian")
             )
         self._add("normalization", cls.name, cls, cls.description)
+
+    def add_learning_rule(self, cls: type[LearningRule]) -> None:
+        """Register a :class:`~framework.LearningRule` subclass under ``cls.name``."""
+        self._check_class("learning_rule", cls, LearningRule, ("rates", "direction"))
+        self._add("learning_rule", cls.name, cls, cls.description)
 
     def add_analyzer(self, cls: type[Analyzer]) -> None:
         """Register an :class:`~framework.Analyzer` subclass under ``cls.name``."""

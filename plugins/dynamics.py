@@ -48,7 +48,9 @@ def alpha_grid(
 
 @attrs.frozen
 class Dynamics(Analyzer):
-    """Integrate the order-parameter ODE (N -> infinity) from the experiment's init.
+    """Integrate the order-parameter ODE (N -> infinity) from the experiment's init,
+    under the experiment's learning rule (``learning_rule`` attrs; a rule other than
+    ``sgd`` integrates on scipy's solver through the rule's rates).
 
     Parameters
     ----------
@@ -110,7 +112,8 @@ class Dynamics(Analyzer):
     def check(self, experiment: Experiment) -> None:
         # closed form or generic engine: every (activation, normalization) pair works;
         # this validates the normalization against the model (e.g. layernorm's K >= 2)
-        theory.expectation_engine(experiment.model, experiment.normalization)
+        theory.select_engine(experiment.model, experiment.normalization,
+                             rule=experiment.learning_rule)
         grid = alpha_grid(self.alpha, self.alpha_max, self.n_points, self.alpha_min)
         theory.check_horizon(grid, experiment.eta, experiment.model.layers().eta_v)
 
@@ -122,10 +125,12 @@ class Dynamics(Analyzer):
             eta=experiment.eta, batch_size=experiment.batch_size, alpha=grid,
             rtol=self.rtol, atol=self.atol, method=self.method,
             second_order=self.second_order, max_value=self.max_value,
-            quadrature=self.quadrature,
+            quadrature=self.quadrature, rule=experiment.learning_rule,
         )
-        return trajectory_dataset(experiment, traj, grid, method=self.method, rtol=self.rtol,
-                                  atol=self.atol, second_order=self.second_order)
+        ds = trajectory_dataset(experiment, traj, grid, method=self.method, rtol=self.rtol,
+                                atol=self.atol, second_order=self.second_order)
+        ds.attrs.update(experiment.learning_rule.attrs())
+        return ds
 
 
 @hookimpl

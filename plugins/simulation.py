@@ -39,6 +39,14 @@ A trained readout (``second_layer="trained"``) is per replica, starts at
 ``eps_g`` is evaluated at each replica's current ``v``.
 Time ``alpha = steps / N`` (a step is one minibatch).
 
+Learning rules. The experiment's ``learning_rule`` maps the minibatch gradient to the
+update direction (:meth:`framework.LearningRule.direction`): ``J <- J - eta * D``
+(``sgd``: ``D = grad_J``; ``natural_gradient``: the inverse population Fisher at each
+replica's current ``Q``, through the span/complement reduction, ``O(N K)`` a step).
+Weight decay is added to the step as above (not preconditioned). Only the numpy
+backend applies a rule other than ``sgd``: ``backend="numba"`` is refused with the
+reason, ``"auto"`` takes numpy.
+
 Randomness
 ----------
 Replica ``r`` draws everything from ``experiment.rng(STREAM_SIMULATION, r)``: first
@@ -795,6 +803,10 @@ class Simulation(Analyzer):
         norm = experiment.normalization
         if not HAVE_NUMBA:
             return "numba is not installed"
+        rule = experiment.learning_rule
+        if not rule.engine_native:
+            return (f"learning rule {rule.name!r} is not in the compiled kernel (it knows "
+                    "the plain gradient step only)")
         if not experiment.model.committee_machine:
             return (f"model {experiment.model.name!r} is not a soft committee machine "
                     "(its forward/readout run through numpy)")
@@ -999,6 +1011,7 @@ class Simulation(Analyzer):
         else:
             conventions = dict(convention_attrs(experiment))
         ds.attrs.update(conventions)
+        ds.attrs.update(experiment.learning_rule.attrs())
         ds.attrs.update({
             "N": N,
             "replicas": P,
@@ -1006,8 +1019,10 @@ class Simulation(Analyzer):
             "batch_size": experiment.batch_size,
             "statistics": self.statistics,
             "backend": backend,
-            "learning_rate_scaling": "J <- J - eta * (batch mean of grad_J loss): a step "
-                                     "eta/sqrt(N) along xi on weights with O(1) components",
+            "learning_rate_scaling": "J <- J - eta * D, D = the learning rule's direction "
+                                     "of the batch mean of grad_J loss (sgd: D = grad_J, a "
+                                     "step eta/sqrt(N) along xi on weights with O(1) "
+                                     "components)",
             "normalization_parameter_step": "theta <- theta - (eta/N) * (batch mean of "
                                             "d loss/d theta) per step (alpha time scale)",
             "time": "alpha = steps / N (one step = one minibatch)",
@@ -1168,6 +1183,7 @@ class _GenericStepper:
         self.population = sim.statistics == "population"
         self.stat_names = tuple(self.norm.statistics_names)
         self.trainable = tuple(self.norm.trainable)
+        self.rule = experiment.learning_rule
         P, _, N = W.shape
         # inputs are drawn in chunks of ~2^20 numbers (8 MB)
         self.chunk = max(1, (1 << 20) // (P * N * self.batch))
@@ -1216,6 +1232,7 @@ class _GenericStepper:
             G = norm.population_statistics_vjp(
                 Q, {k: bw.stats[k].mean(axis=1) for k in self.stat_names})
             grad += np.matmul(G + G.transpose(0, 2, 1), J) / N
+        grad = self.rule.direction(self.model, norm, J, grad)  # sgd: grad itself
         for name in self.trainable:
             params[name] -= (self.eta / N) * bw.params[name].mean(axis=1, keepdims=True)
         lay = self.layers

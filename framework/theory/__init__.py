@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +59,7 @@ from framework.theory.base import (
     check_horizon,
 )
 from framework.theory.closed import ClosedFormEngine
+from framework.theory.ruled import RuleEngine
 from framework.theory.quadrature import (
     ExpectationEngine,
     GenericRates,
@@ -66,6 +67,9 @@ from framework.theory.quadrature import (
     Quadrature,
 )
 from framework.validators import SpecificationError
+
+if TYPE_CHECKING:
+    from framework.learning_rule import LearningRule
 
 # one line on stderr before numba compiles the kernels (first run only, see the module)
 _numba_notice.install()
@@ -85,6 +89,7 @@ __all__ = [
     "GenericTrajectory",
     "Quadrature",
     "Rates",
+    "RuleEngine",
     "Trajectory",
     "check_horizon",
     "expectation_engine",
@@ -108,13 +113,18 @@ ENGINE_CHOICES = ("auto", *ENGINES)
 
 @functools.lru_cache(maxsize=32)
 def _cached(cls: type[Engine], model: Model, normalization: Normalization,
-            activation: Activation, quadrature: Quadrature) -> Engine:
-    return _build(cls, model, normalization, activation, quadrature)
+            activation: Activation, quadrature: Quadrature,
+            rule: LearningRule | None) -> Engine:
+    return _build(cls, model, normalization, activation, quadrature, rule)
 
 
 def _build(cls: type[Engine], model: Model, normalization: Normalization,
-           activation: Activation, quadrature: Quadrature) -> Engine:
-    return cls(model, normalization, activation, quadrature)
+           activation: Activation, quadrature: Quadrature,
+           rule: LearningRule | None) -> Engine:
+    eng = cls(model, normalization, activation, quadrature)
+    if rule is None or rule.engine_native:
+        return eng
+    return RuleEngine(eng, rule)
 
 
 def select_engine(
@@ -125,17 +135,20 @@ def select_engine(
     engine: str = "auto",
     quadrature: Quadrature | Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
+    rule: LearningRule | None = None,
 ) -> Engine:
     """The engine object for this triple (cached per model, normalization, activation,
-    quadrature): the one place that chooses.
+    quadrature, learning rule): the one place that chooses.
 
     ``engine="auto"``: the first class of :data:`ENGINES` whose
-    :meth:`~Engine.supports` accepts the triple and ``params`` (e.g. a nonzero shift
-    parameter is not for the closed form); a name: that engine, or
+    :meth:`~Engine.supports` accepts the triple, ``params`` (e.g. a nonzero shift
+    parameter is not for the closed form) and ``rule``; a name: that engine, or
     :class:`ClosedFormUnavailable` naming the reason. ``quadrature`` is a
     :class:`Quadrature`, a mapping of its options, or None (defaults; used by engines
     that take one). ``activation``: the model's :class:`~framework.Activation` (default:
-    ``model.activation_function()``).
+    ``model.activation_function()``). ``rule``: a :class:`~framework.LearningRule`
+    instance (None: the plain gradient step); a rule that is not ``engine_native`` gets
+    the chosen engine wrapped in a :class:`RuleEngine` (its rates are the rule's).
     """
     if engine not in ENGINE_CHOICES:
         raise SpecificationError(
@@ -148,20 +161,28 @@ def select_engine(
     if not isinstance(quadrature, Quadrature):
         quadrature = Quadrature.from_dict(quadrature)
     normalization.parameters(model.K)  # validates K for the normalization
+    if rule is not None:
+        from framework.learning_rule import LearningRule
+
+        if not isinstance(rule, LearningRule):
+            raise SpecificationError(
+                f"'rule' must be a LearningRule or None, got {type(rule).__name__}")
+        rule.check(model, normalization)
     names = list(ENGINES) if engine == "auto" else [engine]
     reasons = []
     for name in names:
         cls = ENGINES[name]
-        why = cls.supports(model, normalization, act, params)
+        why = cls.supports(model, normalization, act, params, rule=rule)
         if why is None:
             try:
-                return _cached(cls, model, normalization, act, quadrature)
+                return _cached(cls, model, normalization, act, quadrature, rule)
             except TypeError:  # an unhashable plugin instance
-                return _build(cls, model, normalization, act, quadrature)
+                return _build(cls, model, normalization, act, quadrature, rule)
         reasons.append(f"{name}: {why}")
+    under = f" under learning rule {rule.name!r}" if rule is not None else ""
     raise ClosedFormUnavailable(
         f"no engine {engine!r} for activation {act.name!r} with normalization "
-        f"{normalization.name!r} ({'; '.join(reasons)}); use engine='generic'"
+        f"{normalization.name!r}{under} ({'; '.join(reasons)}); use engine='generic'"
     )
 
 
@@ -252,14 +273,16 @@ def ode_rhs(
     engine: str = "auto",
     params: Mapping[str, Any] | None = None,
     quadrature: Quadrature | Mapping[str, Any] | None = None,
+    rule: LearningRule | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(dQ/dalpha, dR/dalpha)`` of the general ODE (DESIGN.md) at ``(Q, R)``.
 
     ``second_order=False`` drops the ``eta^2`` term (gradient-flow limit). For the
     parameters' rates and the error estimates use ``select_engine(...).rates(...)``.
+    ``rule``: a learning rule (None: the plain gradient step, :func:`select_engine`).
     """
     eng = select_engine(model, normalization, activation, engine=engine,
-                        quadrature=quadrature, params=params)
+                        quadrature=quadrature, params=params, rule=rule)
     r = eng.rates(Q, R, params, eta=eta, batch_size=batch_size, second_order=second_order)
     return r.dQ, r.dR
 
@@ -284,6 +307,7 @@ def integrate(
     min_rtol: float = 1e-5,
     min_atol: float = 1e-8,
     stop_below: float | None = None,
+    rule: LearningRule | None = None,
 ) -> Trajectory:
     """Integrate the order-parameter ODE from ``initial`` and report on the grid ``alpha``.
 
@@ -300,9 +324,10 @@ def integrate(
     pass ``rtol=1e-4`` or more, else the adaptive step size chases those jumps.
 
     ``stop_below``: stop at the first reported grid point with ``eps_g`` below it.
+    ``rule``: a learning rule (None: the plain gradient step, :func:`select_engine`).
     """
     eng = select_engine(model, normalization, activation, engine=engine,
-                        quadrature=quadrature, params=params)
+                        quadrature=quadrature, params=params, rule=rule)
     if not eng.exact:
         rtol, atol = max(rtol, min_rtol), max(atol, min_atol)
     return eng.integrate(

@@ -49,6 +49,7 @@ from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
     from framework.activation import Activation
+    from framework.learning_rule import LearningRule
     from framework.model import Model
     from framework.normalization import Normalization
 
@@ -212,9 +213,27 @@ class Engine(abc.ABC):
         normalization: Normalization,
         activation: Activation,
         params: Mapping[str, Any] | None = None,
+        rule: LearningRule | None = None,
     ) -> str | None:
-        """None if this engine applies to the triple (and parameter values), else the
-        reason why not (one phrase, used in error messages)."""
+        """None if this engine applies to the triple (and parameter values) under the
+        learning rule ``rule`` (None: the plain gradient step of :meth:`rates`), else the
+        reason why not (one phrase, used in error messages). An implementation ends with
+        ``return cls.supports_rule(rule, model, normalization, activation)``."""
+
+    @classmethod
+    def supports_rule(
+        cls,
+        rule: LearningRule | None,
+        model: Model,
+        normalization: Normalization,
+        activation: Activation,
+    ) -> str | None:
+        """None if this engine can integrate ``rule`` (None: the plain gradient step),
+        else the reason: the rule is asked (:meth:`framework.LearningRule.supports`)
+        with this engine class."""
+        if rule is None:
+            return None
+        return rule.supports(cls, model, normalization, activation)
 
     # -- the expectations ----------------------------------------------------------------
     @abc.abstractmethod

@@ -35,7 +35,7 @@ scipy's solver with the same tolerances.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from framework.theory import _kernels as _theory
 from framework.theory._erf import J2
 from framework.theory.base import Engine, Rates, Trajectory, check_horizon
 from framework.validators import SpecificationError
+
+if TYPE_CHECKING:
+    from framework.learning_rule import LearningRule
 
 __all__ = ["ClosedFormEngine"]
 
@@ -93,10 +96,12 @@ class ClosedFormEngine(Engine):
         normalization: Normalization,
         activation: Activation,
         params: Mapping[str, Any] | None = None,
+        rule: LearningRule | None = None,
     ) -> str | None:
         """The erf activation and a diagonal-scale normalization whose trainable
         parameters (if any) are ``scale_parameters`` or ``shift_parameters`` at 0, with
-        gradients through its statistics."""
+        gradients through its statistics; a learning rule that accepts this engine
+        (:meth:`~framework.theory.Engine.supports_rule`)."""
         if activation.closed_form != "erf":
             return f"activation {activation.name!r} has no closed form (needs 'erf')"
         if not normalization.is_diagonal_scale():
@@ -112,7 +117,7 @@ class ClosedFormEngine(Engine):
         for k, v in (params or {}).items():
             if k in normalization.shift_parameters and np.any(np.asarray(v, dtype=float) != 0):
                 return f"its shift parameter {k!r} is nonzero"
-        return None
+        return cls.supports_rule(rule, model, normalization, activation)
 
     # -- the scale at the current parameters --------------------------------------------
     def _checked(self, params: Mapping[str, Any] | None) -> dict[str, np.ndarray]:

@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import numpy as np
@@ -66,6 +66,9 @@ from framework.model import Model
 from framework.normalization import Normalization
 from framework.theory.base import AccuracyError, Engine, Rates, Trajectory
 from framework.validators import SpecificationError, gt, integer, one_of, to_float
+
+if TYPE_CHECKING:
+    from framework.learning_rule import LearningRule
 
 __all__ = [
     "AccuracyError",
@@ -220,9 +223,12 @@ class ExpectationEngine(Engine):
         normalization: Normalization,
         activation: Activation,
         params: Mapping[str, Any] | None = None,
+        rule: LearningRule | None = None,
     ) -> str | None:
-        """Every triple: only the per-sample ``forward``/``backward`` are used."""
-        return None
+        """Every triple (only the per-sample ``forward``/``backward`` are used), under
+        any learning rule that accepts this engine
+        (:meth:`~framework.theory.Engine.supports_rule`)."""
+        return cls.supports_rule(rule, model, normalization, activation)
 
     def describe(self) -> str:
         """One line for attrs."""
