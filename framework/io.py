@@ -111,11 +111,13 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, chunks: list[bytes]) -> None:
+def write_atomic(path: Path, chunks: list[bytes], *, sync_folder: bool = True) -> None:
     """Write the bytes ``chunks`` to ``path`` atomically; an existing ``path`` is replaced.
 
     The bytes go to a temporary file ``.<name>.<random>.tmp`` next to ``path``, which is
-    flushed to disk and renamed over ``path`` (then the folder is flushed); on any error
+    flushed to disk and renamed over ``path``; then, if ``sync_folder``, the folder is
+    flushed too (the rename survives a power failure; without it, a power failure may
+    lose the new file, never leave a partial one). On any error
     (or interruption) the temporary file is removed. The writer holds an exclusive
     ``flock`` on the temporary file until it is renamed, so that a cleaner can tell a
     stale temporary (nobody holds it: its writer died) from one being written
@@ -150,7 +152,8 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
         finally:
             os.close(fd)
         break
-    _fsync_dir(path.parent)
+    if sync_folder:
+        _fsync_dir(path.parent)
 
 
 def _normal_permissions(path: str) -> None:

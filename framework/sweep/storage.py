@@ -16,7 +16,8 @@ several times the computation of a small point; records in a batch file cost ~0.
 to encode. A writer (:class:`PointWriter`: the synchronous loop, each Dask task of a
 worker that sees the folder, the submitting process for the others) collects the tasks
 it computes and writes them as ONE file, atomically (a temporary file in ``points/``,
-flushed to disk, renamed), when its batch ends, when :data:`MAX_POINTS_PER_FILE` are
+flushed to disk, renamed; the folder is not flushed: a file whose rename a power
+failure undid is recomputed), when its batch ends, when :data:`MAX_POINTS_PER_FILE` are
 pending (or :data:`MAX_PENDING_BYTES`), or when the first pending one has waited
 :data:`FLUSH_SECONDS` (checked as each task completes). A small point therefore costs
 no file of its own, a slow one is stored as soon as it completes. A task computed but
@@ -507,8 +508,9 @@ class PointWriter:
             return
         try:
             name = _new_name()
+            # no folder fsync: a rename lost in a power failure only means recomputing
             write_atomic(self.folder / POINTS_DIR / name,
-                          [MAGIC, *(record for _, record, _ in pending)])
+                         [MAGIC, *(record for _, record, _ in pending)], sync_folder=False)
             _catalog(self.folder).written(name, [key for key, _, _ in pending])
         finally:
             for _, _, lock in pending:
