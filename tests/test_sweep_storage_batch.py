@@ -334,3 +334,33 @@ def test_a_real_sweep_combines_identically_by_either_path():
     fast = combine_mod._stack_uniform(parts, sweep.coords())
     assert fast is not None
     xr.testing.assert_identical(fast, combine_mod._combine_outer(parts, sweep.coords()))
+
+
+def test_two_sweeps_in_opposite_orders_compute_each_point_once(tmp_path, log, monkeypatch):
+    """Each writer holds the locks of its pending points; neither waits while holding."""
+    import time
+
+    etas = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    real_run = Logged.run
+
+    def slow_run(self: Logged, experiment: Experiment) -> xr.Dataset:
+        time.sleep(0.05)
+        return real_run(self, experiment)
+
+    monkeypatch.setattr(Logged, "run", slow_run)
+    outs: dict[str, xr.Dataset] = {}
+
+    def one(name: str, order: list[float]) -> None:
+        outs[name] = base().sweep(eta=order, results_dir=tmp_path,
+                                  scheduler="synchronous")["logged"]
+
+    threads = [threading.Thread(target=one, args=("up", etas)),
+               threading.Thread(target=one, args=("down", etas[::-1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)  # no deadlock
+    assert sorted(log()) == etas  # each point computed exactly once
+    xr.testing.assert_identical(outs["up"].drop_attrs(),  # the grids' attrs differ
+                                outs["down"].isel(eta=slice(None, None, -1)).drop_attrs())
