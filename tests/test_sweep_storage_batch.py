@@ -163,6 +163,19 @@ def test_a_writer_holds_the_locks_until_it_writes_one_file(tmp_path):
     assert not list((tmp_path / POINTS_DIR).glob(".*.tmp"))
 
 
+def test_a_point_slower_than_flush_seconds_is_written_when_it_completes(tmp_path):
+    import time
+
+    prepare(tmp_path)
+    with PointWriter(tmp_path, flush_seconds=0.2) as writer:
+        time.sleep(0.25)  # "computing" the first point
+        writer.add(KEY, xr.Dataset({"x": ((), 1.0)}), acquire(tmp_path, KEY))
+        assert len(batch_files(tmp_path)) == 1  # written at once, not with the next one
+        writer.add(KEY.replace("1", "2"), xr.Dataset({"x": ((), 2.0)}), None)
+        assert len(batch_files(tmp_path)) == 1  # a fast one waits for the batch
+    assert len(batch_files(tmp_path)) == 2
+
+
 def test_a_synchronous_sweep_writes_one_file_and_resumes_bit_exact(tmp_path, log):
     grid = {"eta": [0.1, 0.2, 0.3], "seed": [0, 1]}
     first = base().sweep(grid, results_dir=tmp_path, scheduler="synchronous")["logged"]

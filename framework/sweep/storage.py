@@ -18,9 +18,10 @@ worker that sees the folder, the submitting process for the others) collects the
 it computes and writes them as ONE file, atomically (a temporary file in ``points/``,
 flushed to disk, renamed; the folder is not flushed: a file whose rename a power
 failure undid is recomputed), when its batch ends, when :data:`MAX_POINTS_PER_FILE` are
-pending (or :data:`MAX_PENDING_BYTES`), or when the first pending one has waited
-:data:`FLUSH_SECONDS` (checked as each task completes). A small point therefore costs
-no file of its own, a slow one is stored as soon as it completes. A task computed but
+pending (or :data:`MAX_PENDING_BYTES`), or when :data:`FLUSH_SECONDS` have passed
+since it last wrote (checked as each task completes). A small point therefore costs no
+file of its own, and a point that takes longer than that is stored as soon as it
+completes. A task computed but
 not yet written is lost if its process is killed (SIGKILL, the workers of an
 interrupted cluster): at most the writer's pending tasks; a synchronous run writes them
 on Ctrl-C and on any exception. Batch files are never modified, except that a file
@@ -128,7 +129,7 @@ POINTS_SUFFIX = ".points"
 #: First 16 bytes of a batch file (format version 1).
 MAGIC = b"SYMPHASE-PTS-v1\n"
 _MAGIC_FAMILY = b"SYMPHASE-PTS-v"
-#: A writer writes its pending records once the first has waited this long (seconds).
+#: A writer writes its pending records once this long (seconds) after its last write.
 FLUSH_SECONDS = 1.0
 #: A writer writes its pending records once this many are pending.
 MAX_POINTS_PER_FILE = 64
@@ -469,8 +470,8 @@ class PointWriter:
 
     :meth:`add` queues a task's record, returns the dataset a resumed run will see,
     and writes the queue as one file when :data:`MAX_POINTS_PER_FILE` records (or
-    :data:`MAX_PENDING_BYTES`) are pending or the oldest has waited
-    :data:`FLUSH_SECONDS`; :meth:`flush` writes
+    :data:`MAX_PENDING_BYTES`) are pending or :data:`FLUSH_SECONDS` have passed since
+    its last write (or its creation); :meth:`flush` writes
     it now. The locks are released once their records are on disk (or the write
     failed). Use as a context manager: leaving it flushes, also on an exception.
     """
@@ -481,7 +482,7 @@ class PointWriter:
         self.flush_seconds = flush_seconds
         self.max_points = max_points
         self._pending: list[tuple[str, bytes, PointLock | None]] = []
-        self._since = 0.0
+        self._since = time.monotonic()  # the last write
         self._bytes = 0
 
     def add(self, key: str, ds: xr.Dataset, lock: PointLock | None) -> xr.Dataset:
@@ -492,8 +493,6 @@ class PointWriter:
             if lock is not None:
                 lock.release()
             raise
-        if not self._pending:
-            self._since = time.monotonic()
         self._pending.append((key, record, lock))
         self._bytes += len(record)
         if (len(self._pending) >= self.max_points or self._bytes >= MAX_PENDING_BYTES
@@ -504,6 +503,7 @@ class PointWriter:
     def flush(self) -> None:
         """Write the pending records as one batch file and release their locks."""
         pending, self._pending, self._bytes = self._pending, [], 0
+        self._since = time.monotonic()
         if not pending:
             return
         try:
