@@ -1,4 +1,6 @@
-"""The ``dynamics`` analyzer: the order-parameter ODE integrated over alpha."""
+"""The ``dynamics`` analyzer: the order-parameter ODE integrated over alpha, under the
+experiment's learning rule (``learning_rule`` attrs; a rule other than ``sgd``
+integrates on scipy's solver through the rule's rates)."""
 
 from __future__ import annotations
 
@@ -48,9 +50,7 @@ def alpha_grid(
 
 @attrs.frozen
 class Dynamics(Analyzer):
-    """Integrate the order-parameter ODE (N -> infinity) from the experiment's init,
-    under the experiment's learning rule (``learning_rule`` attrs; a rule other than
-    ``sgd`` integrates on scipy's solver through the rule's rates).
+    """Integrate the order-parameter ODE (N -> infinity) from the experiment's init.
 
     Parameters
     ----------

@@ -122,9 +122,7 @@ def _build(cls: type[Engine], model: Model, normalization: Normalization,
            activation: Activation, quadrature: Quadrature,
            rule: LearningRule | None) -> Engine:
     eng = cls(model, normalization, activation, quadrature)
-    if rule is None or rule.engine_native:
-        return eng
-    return RuleEngine(eng, rule)
+    return eng if rule is None else RuleEngine(eng, rule)
 
 
 def select_engine(
@@ -168,6 +166,7 @@ def select_engine(
             raise SpecificationError(
                 f"'rule' must be a LearningRule or None, got {type(rule).__name__}")
         rule.check(model, normalization)
+    wrap = None if rule is None or rule.engine_native else rule  # native: the engine itself
     names = list(ENGINES) if engine == "auto" else [engine]
     reasons = []
     for name in names:
@@ -175,9 +174,9 @@ def select_engine(
         why = cls.supports(model, normalization, act, params, rule=rule)
         if why is None:
             try:
-                return _cached(cls, model, normalization, act, quadrature, rule)
+                return _cached(cls, model, normalization, act, quadrature, wrap)
             except TypeError:  # an unhashable plugin instance
-                return _build(cls, model, normalization, act, quadrature, rule)
+                return _build(cls, model, normalization, act, quadrature, wrap)
         reasons.append(f"{name}: {why}")
     under = f" under learning rule {rule.name!r}" if rule is not None else ""
     raise ClosedFormUnavailable(
