@@ -13,6 +13,7 @@ from framework import streams, validators
 from framework.activation import Activation
 from framework.analyzer import Analyzer
 from framework.experiment import Experiment
+from framework.learning_rule import LearningRule
 from framework.manager import (
     DEFAULT_PLUGINS,
     SymphasePluginWarning,
@@ -31,7 +32,6 @@ from framework.manager import (
     register_plugin,
     unregister_plugin,
 )
-from framework.learning_rule import LearningRule
 from framework.model import Forward, Layers, Model, OrderParameters, TeacherStudent
 from framework.normalization import Backward, Normalization, ScaleKernels
 from framework.plugin import hookimpl

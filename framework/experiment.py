@@ -36,34 +36,29 @@ def _to_model(value: Any) -> Model:
     raise TypeError(f"'model' must be a Model or a mapping, got {value!r}")
 
 
-def _to_normalization(value: Any) -> Normalization:
-    if isinstance(value, Normalization):
+def _to_plugin(field: str, value: Any, cls: type, get: Any) -> Any:
+    """An instance of ``cls`` from itself, a registered name or ``{"name": ...,
+    **options}`` (``get(name, **options)`` looks it up)."""
+    if isinstance(value, cls):
         return value
     if isinstance(value, str):
-        return get_normalization(value)
+        return get(value)
     if isinstance(value, Mapping):
         data = dict(value)
         if "name" not in data:
-            raise SpecificationError(f"'normalization' mapping needs a 'name', got {value!r}")
-        return get_normalization(data.pop("name"), **data)
+            raise SpecificationError(f"{field!r} mapping needs a 'name', got {value!r}")
+        return get(data.pop("name"), **data)
     raise TypeError(
-        f"'normalization' must be a name, a mapping or a Normalization, got {value!r}"
+        f"{field!r} must be a name, a mapping or a {cls.__name__}, got {value!r}"
     )
+
+
+def _to_normalization(value: Any) -> Normalization:
+    return _to_plugin("normalization", value, Normalization, get_normalization)
 
 
 def _to_learning_rule(value: Any) -> LearningRule:
-    if isinstance(value, LearningRule):
-        return value
-    if isinstance(value, str):
-        return get_learning_rule(value)
-    if isinstance(value, Mapping):
-        data = dict(value)
-        if "name" not in data:
-            raise SpecificationError(f"'learning_rule' mapping needs a 'name', got {value!r}")
-        return get_learning_rule(data.pop("name"), **data)
-    raise TypeError(
-        f"'learning_rule' must be a name, a mapping or a LearningRule, got {value!r}"
-    )
+    return _to_plugin("learning_rule", value, LearningRule, get_learning_rule)
 
 
 def _to_analyzer(value: Any) -> Analyzer:

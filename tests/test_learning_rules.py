@@ -73,7 +73,7 @@ def test_registry_validates_rule_classes() -> None:
     with pytest.raises(PluginError, match="must implement direction"):
         reg.add_learning_rule(NoDirection)
     reg.add_learning_rule(SGD)
-    with pytest.raises(PluginError, match="'sgd' .* is already registered"):
+    with pytest.raises(PluginError, match=r"'sgd' .* is already registered"):
         reg.add_learning_rule(SGD)
 
 
@@ -110,7 +110,7 @@ def test_runtime_rule_through_the_hook_and_engine_fallback() -> None:
         eng = theory.select_engine(MODEL, norm, rule=rule)  # closed form refused: generic
         assert eng.name == "generic" and isinstance(eng, theory.RuleEngine)
         with pytest.raises(theory.ClosedFormUnavailable,
-                           match="under learning rule 'sgd_no_exact'.*exact engines refused"):
+                           match=r"under learning rule 'sgd_no_exact'.*exact engines refused"):
             theory.select_engine(MODEL, norm, rule=rule, engine="closed_form")
         exp = Experiment(model=MODEL, learning_rule="sgd_no_exact")
         assert exp.to_dict()["learning_rule"] == {"name": "sgd_no_exact"}

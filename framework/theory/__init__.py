@@ -18,6 +18,13 @@ a name picks that engine (or raises :class:`ClosedFormUnavailable` with the reas
 Fixed points, Jacobians, Hessians and the escape geometry are written once against the
 interface in :mod:`framework.theory.equilibrium`.
 
+Learning rules (:class:`~framework.LearningRule`, ``rule=``): each engine's
+:meth:`~Engine.supports` also asks the rule whether it can be integrated on that
+engine, so the choice falls back to the next engine when the rule refuses one. The
+plain gradient step (no rule, or a rule with ``engine_native`` such as ``sgd``) gets
+the engine itself; any other rule the chosen engine wrapped in a :class:`RuleEngine`,
+whose rates are the rule's (:mod:`framework.theory.ruled`).
+
 The functions below (:func:`generalization_error`, :func:`ode_rhs`,
 :func:`integrate`, ...) are conveniences over ``select_engine(...)``; they take the
 activation object (``activation=``), by default the model's
@@ -59,13 +66,13 @@ from framework.theory.base import (
     check_horizon,
 )
 from framework.theory.closed import ClosedFormEngine
-from framework.theory.ruled import RuleEngine
 from framework.theory.quadrature import (
     ExpectationEngine,
     GenericRates,
     GenericTrajectory,
     Quadrature,
 )
+from framework.theory.ruled import RuleEngine
 from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
