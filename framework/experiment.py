@@ -140,7 +140,9 @@ class Experiment:
         How a step is taken from the loss gradient: a registered name (default
         ``"sgd"``, the plain step above), ``{"name": ..., **options}`` (e.g.
         ``{"name": "natural_gradient", "damping": 0.1}``) or an instance; ``symphase
-        plugins`` lists them.
+        plugins`` lists them. A rule other than the plain step (one that is not
+        ``engine_native``) needs analyzers that declare ``supports_learning_rules =
+        True`` (the others compute under the plain gradient step and are refused).
     """
 
     model: Model = attrs.field(converter=_to_model)
@@ -161,6 +163,16 @@ class Experiment:
     def __attrs_post_init__(self) -> None:
         self.model.check(self)
         self.learning_rule.check(self.model, self.normalization)
+        if not self.learning_rule.engine_native:
+            blind = [a.name for a in self.analyzers
+                     if not getattr(a, "supports_learning_rules", False)]
+            if blind:
+                raise SpecificationError(
+                    f"analyzer(s) {', '.join(map(repr, blind))} compute under the plain "
+                    f"gradient step only, not under learning_rule "
+                    f"{self.learning_rule.name!r}; analyzers that take a learning rule "
+                    f"declare supports_learning_rules = True (e.g. 'dynamics', "
+                    f"'simulation')")
         for analyzer in self.analyzers:
             analyzer.check(self)
 

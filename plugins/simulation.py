@@ -767,6 +767,8 @@ class Simulation(Analyzer):
     description: ClassVar[str] = "finite-N online SGD, replicas batched (erf kernel compiled)"
     size_options: ClassVar[dict[str, str]] = {
         "records": "trajectory", "N": "system", "mc_samples": "system", "replicas": "replicas"}
+    #: The experiment's learning rule is applied (framework.LearningRule).
+    supports_learning_rules: ClassVar[bool] = True
 
     N: int = attrs.field(default=1000, validator=integer(minimum=1))
     alpha_max: float = attrs.field(default=10.0, converter=to_float, validator=gt(0.0))

@@ -348,3 +348,12 @@ def test_compiled_kernel_refuses_other_rules() -> None:
                        r"\(learning rule 'natural_gradient' is not in the compiled kernel"):
         Experiment(model=MODEL, learning_rule="natural_gradient",
                    analyzers=[{"name": "simulation", "backend": "numba"}]).run()
+
+
+def test_analyzers_blind_to_the_rule_are_refused() -> None:
+    with pytest.raises(SpecificationError, match=r"analyzer\(s\) 'fixedpoint' compute under "
+                       r"the plain gradient step only, not under learning_rule "
+                       r"'natural_gradient'"):
+        Experiment(model=MODEL, learning_rule="natural_gradient",
+                   analyzers=["dynamics", "fixedpoint"])
+    Experiment(model=MODEL, analyzers=["dynamics", "fixedpoint"])  # sgd: every analyzer
