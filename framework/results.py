@@ -11,6 +11,7 @@ Every dataset an experiment returns carries:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["convention_attrs", "finalize", "flatten_attrs", "symphase_version"]
 
 
+@functools.cache
 def symphase_version() -> str:
+    """The installed package's version (looked up once per process)."""
     from importlib import metadata
 
     try:

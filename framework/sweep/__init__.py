@@ -21,8 +21,9 @@ with the key, the value and its grid position.
 Work unit and storage. One task is one (grid point, analyzer) pair: the point's
 experiment restricted to that analyzer. Its key is :func:`spec_hash` of that
 experiment, the sha256 of its canonical JSON. With ``results_dir``, each task's
-dataset is written atomically to ``results_dir/points/<key>.nc`` as soon as it
-completes, and a re-run loads the stored tasks instead of recomputing them, so a
+dataset is stored atomically under ``results_dir/points/`` (a record of a batch
+file, :mod:`framework.sweep.storage`) as soon as it completes, and a re-run loads
+the stored tasks instead of recomputing them, so a
 sweep killed at any moment resumes where it stopped (a task that was running is
 recomputed; no file is ever partial). While a task is computed its lock is held, so
 that a second sweep into the same folder waits for it instead of computing it again;
@@ -49,7 +50,7 @@ and an entry a point does not have is missing: NaN for floats, integers and bool
   regardless. A failure is stored like a result, so a re-run does not retry it unless
   ``retry_failed=True``. Divergence that an analyzer detects itself is *not* a
   failure: it is the analyzer's own variable (e.g. ``diverged``), combined like any other;
-- ``sweep_sha256`` (str): the task key, i.e. the stored file ``points/<key>.nc``.
+- ``sweep_sha256`` (str): the task key of its stored record.
 
 The attrs are those of :func:`framework.results.provenance_attrs` for the *base*
 experiment (``symphase_spec_json``, ``spec.*``, plugins, version; sweep coordinates
@@ -80,7 +81,7 @@ On Dask, tasks are submitted in batches of ``points_per_task`` (default: about f
 batches per worker, at most 32 tasks each; a worker stores each task of its batch as
 it completes, so batching changes neither the results nor what a resumed run
 recomputes). A worker that sees the results folder (the same path holds the same
-random token, ``points/.symphase-folder``) writes its tasks' files itself, without
+random token, ``points/.symphase-folder``) writes its tasks' records itself, without
 Dask's distributed file lock; otherwise it returns the datasets and the process that
 calls :meth:`Sweep.run` stores them, so remote workers need no shared file system.
 

@@ -389,7 +389,8 @@ class Sweep:
         Parameters
         ----------
         results_dir : path, optional
-            Store each task in ``results_dir/points/<spec_hash>.nc`` when it completes,
+            Store each task (a record keyed by its spec_hash, under ``results_dir/points/``)
+            when it completes,
             reuse stored tasks, and write the combined ``results_dir/<analyzer>.nc``.
         scheduler : None, "processes", "threads", "synchronous", address or Client
             Where to run (see :mod:`framework.sweep`); default: an embedded local
