@@ -96,15 +96,17 @@ class LearningRule(Named):
 
     # -- the simulation ----------------------------------------------------------------
     def direction(
-        self, model: Model, normalization: Normalization, J: np.ndarray, grad: np.ndarray
+        self, model: Model, normalization: Normalization, J: np.ndarray, grad: np.ndarray,
+        state: dict[str, Any],
     ) -> np.ndarray:
         """The update direction ``D`` of one step, ``J <- J - eta D``.
 
         ``J``: the student weights ``(P, K, N)`` (``P`` replicas, components O(1));
         ``grad``: the minibatch mean of ``grad_J`` of the loss at ``J``, same shape
         (gradient through the statistics included). Weight decay is not part of it (the
-        simulation adds ``-(lambda / N) J`` to the step). Returns an array of the same
-        shape; it may be ``grad`` itself.
+        simulation adds ``-(lambda / N) J`` to the step). ``state``: a dict the caller
+        keeps for one run (empty at its first step), where a rule with memory keeps it
+        (e.g. a velocity). Returns an array of the same shape; it may be ``grad`` itself.
         """
         raise NotImplementedError(f"learning rule {self.name!r} must implement direction()")
 

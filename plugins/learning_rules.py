@@ -1,4 +1,5 @@
-"""Built-in learning rules: ``sgd`` (the default) and ``natural_gradient``.
+"""Built-in learning rules: ``sgd`` (the default), ``natural_gradient`` and ``momentum``
+(heavy ball, online limit: :class:`Momentum`).
 
 Conventions (DESIGN.md): ``W = J / sqrt(N)``, ``Q = W W^T``, ``R = W B^T / sqrt(N)``;
 online SGD takes ``J <- J - eta grad_J eps`` per sample, i.e. ``dW = -(eta / N) grad_W
@@ -74,7 +75,7 @@ from framework import LearningRule, SpecificationError, hookimpl, theory
 from framework.theory import fisher as fi
 from framework.validators import check_real, ge, to_float
 
-__all__ = ["SGD", "NaturalGradient", "pseudo_inverse"]
+__all__ = ["SGD", "Momentum", "NaturalGradient", "pseudo_inverse", "refuse_trainable"]
 
 
 @attrs.frozen
@@ -95,9 +96,24 @@ class SGD(LearningRule):
                             second_order=second_order, check=check)
 
     def direction(self, model: Any, normalization: Any, J: np.ndarray,
-                  grad: np.ndarray) -> np.ndarray:
+                  grad: np.ndarray, state: dict[str, Any]) -> np.ndarray:
         """The gradient itself."""
         return grad
+
+
+def refuse_trainable(rule: str, model: Any, normalization: Any) -> None:
+    """Raise :class:`~framework.SpecificationError` if the pair trains parameters (a
+    normalization's, a trained readout): rule ``rule`` moves the weights only."""
+    trained = tuple(normalization.trainable)
+    if trained:
+        raise SpecificationError(
+            f"learning rule {rule!r} does not train parameters: normalization "
+            f"{normalization.name!r} trains {trained!r}; use a normalization with fixed "
+            f"parameters or learning_rule='sgd'")
+    if model.layers().readout_trained:
+        raise SpecificationError(
+            f"learning rule {rule!r} does not train parameters: the model's readout is "
+            f"trained (second_layer='trained'); use a fixed readout or learning_rule='sgd'")
 
 
 def _rcond(instance: Any, attribute: Any, value: Any) -> None:
@@ -148,17 +164,7 @@ class NaturalGradient(LearningRule):
     # -- capability ------------------------------------------------------------------
     def check(self, model: Any, normalization: Any) -> None:
         """Refuse trainable parameters (a normalization's, a trained readout)."""
-        trained = tuple(normalization.trainable)
-        if trained:
-            raise SpecificationError(
-                f"learning rule 'natural_gradient' does not train parameters: normalization "
-                f"{normalization.name!r} trains {trained!r}; use a normalization with fixed "
-                f"parameters or learning_rule='sgd'")
-        if model.layers().readout_trained:
-            raise SpecificationError(
-                "learning rule 'natural_gradient' does not train parameters: the model's "
-                "readout is trained (second_layer='trained'); use a fixed readout or "
-                "learning_rule='sgd'")
+        refuse_trainable(self.name, model, normalization)
 
     def supports(self, engine: Any, model: Any, normalization: Any,
                  activation: Any) -> str | None:
@@ -239,7 +245,7 @@ class NaturalGradient(LearningRule):
 
     # -- the simulation ----------------------------------------------------------------
     def direction(self, model: Any, normalization: Any, J: np.ndarray,
-                  grad: np.ndarray) -> np.ndarray:
+                  grad: np.ndarray, state: dict[str, Any]) -> np.ndarray:
         """``(F + lambda)^+ grad`` per replica at its current ``Q = J J^T / N``, through
         the span/complement reduction (``O(N K r)``, module docstring)."""
         P, K, N = J.shape
@@ -257,6 +263,57 @@ class NaturalGradient(LearningRule):
         return out
 
 
+def _beta(instance: Any, attribute: Any, value: Any) -> None:
+    check_real(attribute.name, value, minimum=0.0)
+    if not value < 1.0:
+        raise SpecificationError(f"'{attribute.name}' must be < 1, got {value!r}")
+
+
+@attrs.frozen
+class Momentum(LearningRule):
+    """SGD with heavy-ball momentum, in the online limit.
+
+    Per step ``v <- beta v + grad_J eps`` (``v = 0`` at the start), ``J <- J - eta v``.
+    With ``beta`` fixed as ``N -> infinity`` the velocity relaxes in ``1 / (1 - beta)``
+    steps, ``O(1/N)`` in ``alpha``: each sample's gradient moves ``J`` by ``eta / (1 -
+    beta)`` times itself in all (``sum_k beta^k``), so drift *and* the ``eta^2`` term are
+    those of SGD at ``eta / (1 - beta)``: ``dQ/dalpha = (eta') (...) + (eta'^2 / B) E[a
+    a^T]`` with ``eta' = eta / (1 - beta)`` (the engine's rates at ``eta'``; weight decay
+    not accelerated). Trainable parameters are refused (their step has no momentum).
+
+    Parameters
+    ----------
+    beta : float
+        Momentum, ``0 <= beta < 1``; default 0.9.
+    """
+
+    name: ClassVar[str] = "momentum"
+    description: ClassVar[str] = (
+        "heavy-ball momentum v <- beta v + grad_J, J <- J - eta v (online limit: SGD at "
+        "eta / (1 - beta))")
+
+    beta: float = attrs.field(default=0.9, converter=to_float, validator=_beta)
+
+    def check(self, model: Any, normalization: Any) -> None:
+        """Refuse trainable parameters (a normalization's, a trained readout)."""
+        refuse_trainable(self.name, model, normalization)
+
+    def rates(self, engine: Any, Q: Any, R: Any, params: Mapping[str, Any] | None = None,
+              *, eta: float, batch_size: int = 1, second_order: bool = True,
+              check: bool = True) -> theory.Rates:
+        """The engine's rates at ``eta / (1 - beta)``."""
+        return engine.rates(Q, R, params, eta=eta / (1.0 - self.beta),
+                            batch_size=batch_size, second_order=second_order, check=check)
+
+    def direction(self, model: Any, normalization: Any, J: np.ndarray,
+                  grad: np.ndarray, state: dict[str, Any]) -> np.ndarray:
+        """The velocity ``v <- beta v + grad`` (kept in ``state["velocity"]``)."""
+        v = state.get("velocity")
+        v = grad.copy() if v is None else self.beta * v + grad
+        state["velocity"] = v
+        return v
+
+
 def _mean_err(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over the leading (replicate) axis and its standard error (0 for one)."""
     n = values.shape[0]
@@ -269,3 +326,4 @@ def _mean_err(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def symphase_register_learning_rules(registry):
     registry.add_learning_rule(SGD)
     registry.add_learning_rule(NaturalGradient)
+    registry.add_learning_rule(Momentum)

@@ -1186,6 +1186,7 @@ class _GenericStepper:
         self.stat_names = tuple(self.norm.statistics_names)
         self.trainable = tuple(self.norm.trainable)
         self.rule = experiment.learning_rule
+        self.rule_state: dict[str, Any] = {}  # the rule's memory over the run
         P, _, N = W.shape
         # inputs are drawn in chunks of ~2^20 numbers (8 MB)
         self.chunk = max(1, (1 << 20) // (P * N * self.batch))
@@ -1234,7 +1235,7 @@ class _GenericStepper:
             G = norm.population_statistics_vjp(
                 Q, {k: bw.stats[k].mean(axis=1) for k in self.stat_names})
             grad += np.matmul(G + G.transpose(0, 2, 1), J) / N
-        grad = self.rule.direction(self.model, norm, J, grad)  # sgd: grad itself
+        grad = self.rule.direction(self.model, norm, J, grad, self.rule_state)  # sgd: grad
         for name in self.trainable:
             params[name] -= (self.eta / N) * bw.params[name].mean(axis=1, keepdims=True)
         lay = self.layers
