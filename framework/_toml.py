@@ -27,8 +27,8 @@ def _describe(exc: BaseException) -> str:
 
 #: Top-level keys of an experiment TOML file (see docs/toml.md).
 TOML_KEYS: tuple[str, ...] = (
-    "model", "normalization", "analyzers", "eta", "batch_size", "init", "init_scale",
-    "init_N", "seed", "sweep", "run",
+    "model", "normalization", "learning_rule", "analyzers", "eta", "batch_size", "init",
+    "init_scale", "init_N", "seed", "sweep", "run",
 )
 #: Keys of the ``[run]`` table.
 RUN_KEYS: tuple[str, ...] = ("out", "scheduler", "workers", "progress", "retry_failed")

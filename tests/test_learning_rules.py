@@ -404,3 +404,27 @@ def test_momentum_ode_matches_the_simulation(norm: str) -> None:
     for v in ("Q", "R"):
         z = (sim[f"{v}_mean"].values[1:] - ode[v].values[1:]) / sim[f"{v}_sem"].values[1:]
         assert np.all(np.abs(z) < 5.0), z
+
+
+def test_learning_rule_in_toml_and_sweeps(tmp_path):
+    """TOML takes ``learning_rule`` (a name or a table) and a sweep grids over it."""
+    from framework._toml import read_toml
+
+    f = tmp_path / "x.toml"
+    f.write_text('[model]\nK = 2\nM = 2\n[learning_rule]\nname = "momentum"\nbeta = 0.5\n'
+                 '[analyzers.dynamics]\nalpha_max = 2.0\n')
+    sweep, _ = read_toml(f)
+    assert sweep.experiment.learning_rule.to_dict() == {"name": "momentum", "beta": 0.5}
+    f.write_text('learning_rule = 1\n[model]\nK = 2\nM = 2\n')
+    with pytest.raises(Exception, match="learning_rule"):
+        read_toml(f)
+    exp = Experiment(TeacherStudent(K=2, M=2), eta=0.3,
+                     analyzers=[{"name": "dynamics", "alpha_max": 2.0, "n_points": 5}])
+    ds = exp.sweep(learning_rule=["sgd", {"name": "momentum", "beta": 0.5}],
+                   scheduler="synchronous", progress=False)["dynamics"]
+    assert ds.sizes["learning_rule"] == 2
+    # momentum at beta is SGD at eta / (1 - beta) in the online limit
+    ref = Experiment(TeacherStudent(K=2, M=2), eta=0.6,
+                     analyzers=[{"name": "dynamics", "alpha_max": 2.0, "n_points": 5}]).run()
+    np.testing.assert_allclose(ds.eps_g.isel(learning_rule=1).values,
+                               ref["dynamics"].eps_g.values, rtol=1e-6)

@@ -20,8 +20,8 @@ import attrs
 import numpy as np
 import xarray as xr
 
+from framework._named import Named
 from framework.experiment import Experiment
-from framework.normalization import Normalization
 from framework.validators import SpecificationError
 
 __all__ = [
@@ -41,6 +41,7 @@ EXPERIMENT_KEYS: tuple[str, ...] = (
     "init_scale",
     "init_N",
     "normalization",
+    "learning_rule",
 )
 #: Model fields a grid may sweep (also spelled ``model.<field>``).
 MODEL_KEYS: tuple[str, ...] = (
@@ -83,7 +84,7 @@ def spec_hash(experiment: Experiment) -> str:
 
 def _plain(value: Any) -> Any:
     """A JSON-compatible copy of a grid value (numpy scalars to Python)."""
-    if isinstance(value, Normalization):
+    if isinstance(value, Named):  # a normalization or learning rule instance
         return value.to_dict()
     if isinstance(value, np.generic):
         return value.item()
@@ -133,7 +134,7 @@ def _to_grid(value: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
             )
         if len(values) == 0:
             raise SpecificationError(f"sweep {key!r} must have at least one value, got []")
-        values = tuple(_plain(v) if not isinstance(v, Normalization) else v for v in values)
+        values = tuple(_plain(v) if not isinstance(v, Named) else v for v in values)
         labels = [_label(v) for v in values]
         for i, lab in enumerate(labels):
             if lab in labels[:i]:
