@@ -301,6 +301,7 @@ def trajectory_dataset(
             "second_order": int(second_order),
             "nfev": int(traj.nfev),
             "status": str(traj.message),
+            "eps_g_method": str(traj.eps_g_method),
             "runaway_rule": RUNAWAY_RULE,
         },
     )

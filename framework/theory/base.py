@@ -123,6 +123,8 @@ class Trajectory:
         The engine's one-line description (stored in attrs).
     exact : bool
         The engine's values are exact (``eps_g_error`` is 0).
+    eps_g_method : str
+        How ``eps_g`` was computed (e.g. the converged phase in deviation variables).
     """
 
     alpha: np.ndarray
@@ -139,6 +141,8 @@ class Trajectory:
     integrator: str = "scipy"
     description: str = ""
     exact: bool = False
+    #: How ``eps_g`` was computed (stored as the attr ``eps_g_method``).
+    eps_g_method: str = "the engine's eps_g at the integrated order parameters"
 
 
 class Engine(abc.ABC):

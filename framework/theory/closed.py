@@ -44,6 +44,7 @@ from framework.model import Model
 from framework.normalization import Normalization
 from framework.theory import _kernels as _theory
 from framework.theory._erf import J2
+from framework.theory._tail import TAIL_MAX_K, TAIL_THRESHOLD, refine_tail
 from framework.theory.base import Engine, Rates, Trajectory, check_horizon
 from framework.validators import SpecificationError
 
@@ -311,18 +312,43 @@ class ClosedFormEngine(Engine):
             kernels=None if plain else kernels,
             kernel_params=None if plain or kernels is None else kernels.pack(p, self.K),
         )
+        Qs, Rs, eps = traj.Q, traj.R, traj.eps_g
+        why = ("a normalization" if not plain else "output noise" if self.noise
+               else "K != M" if self.K != self.M else f"K > {TAIL_MAX_K}"
+               if self.K > TAIL_MAX_K else "")
+        eps_method = ("closed form at the integrated (Q, R) (the converged phase is not "
+                      f"refined in deviation variables with {why})")
+        if not why:
+            tail = refine_tail(traj.alpha, Qs, Rs, eps, self.T, eta=kwargs["eta"],
+                               batch_size=kwargs.get("batch_size", 1),
+                               second_order=kwargs.get("second_order", True),
+                               rtol=kwargs.get("rtol", 1e-10))
+            if isinstance(tail, str):
+                eps_method = f"closed form at the integrated (Q, R) ({tail})"
+            else:
+                j = tail.start
+                Qs = np.concatenate([Qs[:j], tail.Q])
+                Rs = np.concatenate([Rs[:j], tail.R])
+                eps = np.concatenate([eps[:j], tail.eps_g])
+                eps_method = (
+                    f"closed form up to alpha = {tail.alpha_start:.6g}; from there (eps_g < "
+                    f"{TAIL_THRESHOLD:g}, students matched to teachers) the deviation "
+                    f"(J - B) integrated without cancellation at rtol = "
+                    f"{kwargs.get('rtol', 1e-10):g} per component "
+                    "(framework.theory._tail): " + tail.message)
         n = traj.alpha.size
         stop = kwargs.get("stop_below")
-        if stop is not None and np.any(traj.eps_g < stop):
-            n = int(np.argmax(traj.eps_g < stop)) + 1
+        if stop is not None and np.any(eps < stop):
+            n = int(np.argmax(eps < stop)) + 1
         cut = n < traj.alpha.size  # stopped below the threshold before any failure
         return Trajectory(
-            alpha=traj.alpha[:n], Q=traj.Q[:n], R=traj.R[:n], eps_g=traj.eps_g[:n],
+            alpha=traj.alpha[:n], Q=Qs[:n], R=Rs[:n], eps_g=eps[:n],
             diverged=traj.diverged and not cut,
             alpha_diverged=np.nan if cut else traj.alpha_diverged, nfev=traj.nfev,
             message="integration successful" if cut else traj.message,
             engine=self.name, params={}, eps_g_error=np.zeros(n),
             integrator=traj.engine, description=self.describe(), exact=True,
+            eps_g_method=eps_method,
         )
 
     def describe(self) -> str:
