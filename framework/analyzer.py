@@ -6,7 +6,7 @@ normalization, training parameters) that returns a labelled
 analyzer's own options (``get_analyzer("dynamics", alpha_max=100)``).
 
 What a subclass must implement: ``name``, ``description`` and :meth:`run`.
-Optional: ``requires`` (capabilities such as ``"diagonal_scale"``) checked by
+Optional: ``supports_learning_rules`` (below); ``requires`` (capabilities such as ``"diagonal_scale"``) checked by
 :meth:`check`, which may be overridden to reject an experiment early with a
 clear error; ``size_options``, the options that size the arrays the analyzer
 allocates, which the framework reads to refuse a specification beyond the machine's
@@ -47,6 +47,11 @@ class Analyzer(Named):
     #: built) by the memory check of ``symphase run`` and of stored results; options not
     #: listed are not sizes.
     size_options: ClassVar[dict[str, str]] = {}
+    #: True if :meth:`run` computes under the experiment's ``learning_rule`` (e.g. through
+    #: the engine :func:`framework.theory.select_engine` returns for it); an experiment
+    #: with a rule other than the plain gradient step refuses analyzers that leave it
+    #: False (default), since they would silently compute under SGD.
+    supports_learning_rules: ClassVar[bool] = False
 
     def check(self, experiment: Experiment) -> None:
         """Raise a ``ValueError`` if this analyzer cannot run ``experiment`` (default: accept)."""

@@ -59,6 +59,11 @@ class LearningRule(Named):
     #: True if :meth:`Engine.rates <framework.theory.Engine.rates>` are this rule's rates
     #: (the plain gradient step): engines and compiled kernels are used as they are.
     engine_native: ClassVar[bool] = False
+    #: True if :meth:`rates` on an exact engine are analytic a little beyond the PSD cone
+    #: of the state, like the engines' closed forms (e.g. the engine's rates at another
+    #: ``eta``); False (default) makes :func:`framework.theory.equilibrium.ode_jacobian`
+    #: keep its finite-difference steps inside the cone, as for an engine of estimates.
+    analytic_beyond_cone: ClassVar[bool] = False
 
     # -- capability ------------------------------------------------------------------
     def check(self, model: Model, normalization: Normalization) -> None:

@@ -157,11 +157,27 @@ class _Branches:
 
 
 def _engine(experiment: Experiment, quadrature: Any = None) -> Engine:
-    """The engine of this experiment (the one choice, :func:`theory.select_engine`)."""
+    """The engine of this experiment (the one choice, :func:`theory.select_engine`), for
+    its learning rule: the rates (fixed points, Jacobians, escape runs) are the rule's."""
     model = experiment.model
     return theory.select_engine(model, experiment.normalization,
                                 model.activation_function(),
-                                quadrature=quadrature)
+                                quadrature=quadrature, rule=experiment.learning_rule)
+
+
+def _landscape_engine(eng: Engine) -> Engine:
+    """The engine of the expectations behind ``eng`` (the wrapped one of a rule's
+    :class:`~framework.theory.RuleEngine`): the loss landscape (Hessian, Fisher) does not
+    depend on the learning rule."""
+    return eng.base if isinstance(eng, theory.RuleEngine) else eng
+
+
+#: attrs of the analyzers whose quantity is a property of the loss, not of the rule
+RULE_INDEPENDENT = (
+    "the spectrum is a property of the loss and the network (independent of the learning "
+    "rule); the points where it is evaluated (fixed-point branches) are the rule's, and so "
+    "is the stability they imply (the ODE Jacobian is the rule's preconditioner times the "
+    "Hessian only for small eta)")
 
 
 #: Branch searches of this process, most recent last: the analyzers of one experiment
@@ -194,6 +210,8 @@ def _branches(
         return (type(model), type(norm),  # the classes too: two plugins may share a name
                 model.activation_function(),
                 json.dumps([model.to_dict(), norm.to_dict(), experiment.batch_size,
+                            type(experiment.learning_rule).__qualname__,
+                            experiment.learning_rule.to_dict(),
                             float(eta), bool(second_order), subspace, weight_norm,
                             bool(flag_plateau), quadrature, part],
                            sort_keys=True, default=repr))
@@ -259,6 +277,7 @@ def _no_branches(experiment: Experiment) -> SpecificationError:
 def _engine_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
     return {
         **eng.attrs(),
+        **experiment.learning_rule.attrs(),
         "norm_invariance": eq.scale_invariance(experiment.model, experiment.normalization),
     }
 
@@ -328,6 +347,8 @@ class FixedPointAnalyzer(Analyzer):
 
     name: ClassVar[str] = "fixedpoint"
     description: ClassVar[str] = "fixed points of the ODE in the symmetric subspace (branches)"
+    #: The fixed points and Jacobians are those of the experiment's learning rule.
+    supports_learning_rules: ClassVar[bool] = True
 
     eta: float | None = attrs.field(default=None, converter=_optional_eta)
     second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
@@ -497,6 +518,8 @@ class HessianAnalyzer(Analyzer):
 
     name: ClassVar[str] = "hessian"
     description: ClassVar[str] = "exact weight-space Hessian spectrum of eps_g (any N)"
+    #: The Hessian does not depend on the rule; the branches where it is evaluated do.
+    supports_learning_rules: ClassVar[bool] = True
 
     eta: float | None = attrs.field(default=None, converter=_optional_eta)
     second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
@@ -564,7 +587,8 @@ class HessianAnalyzer(Analyzer):
             plateau = br.plateau
             eps = [fp.eps_g for fp in br.points]
             source = "fixed points of the symmetric subspace ('fixedpoint' branches)"
-        specs = [eq.weight_space_hessian(model, norm, Q, R, pp or None, engine=eng)
+        specs = [eq.weight_space_hessian(model, norm, Q, R, pp or None,
+                                         engine=_landscape_engine(eng))
                  for (Q, R), pp in zip(points, point_params, strict=True)]
         ref = eq.symmetric_subspace(model, "exchangeable")
         K, M = model.K, model.M
@@ -708,6 +732,7 @@ def _hessian_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
             "form) is decoupled from (W, theta) by the odd symmetry") if eng.held else ""
     out = {
         **_engine_attrs(experiment, eng),
+        "learning_rule_dependence": RULE_INDEPENDENT,
         "hessian_method": (
             "exact weight gradients " if eng.exact else "per-replicate weight gradients "
             "(randomized QMC, common random numbers) ") + "differentiated by central "
@@ -799,6 +824,8 @@ class EscapeAnalyzer(Analyzer):
 
     name: ClassVar[str] = "escape"
     description: ClassVar[str] = "escape time from the symmetric plateau (ODE)"
+    #: The plateau, its unstable mode and the run are those of the experiment's rule.
+    supports_learning_rules: ClassVar[bool] = True
     size_options: ClassVar[dict[str, str]] = {"n_points": "trajectory"}
 
     start: str = attrs.field(default="fixedpoint", validator=one_of("fixedpoint", "init"))
@@ -864,7 +891,7 @@ class EscapeAnalyzer(Analyzer):
         if self.plateau == "eta":
             eps_plateau = fp.eps_g
         spec = eq.weight_space_hessian(model, norm, fp.Q, fp.R, fp.params or None,
-                                       engine=br.engine)
+                                       engine=_landscape_engine(br.engine))
         how = "experiment init"
         dparams: dict[str, np.ndarray] = {}
         if self.start == "fixedpoint":
@@ -883,6 +910,7 @@ class EscapeAnalyzer(Analyzer):
             second_order=self.second_order, max_value=self.max_value,
             params=params or None, quadrature=self.quadrature,
             stop_below=0.5 * eps_plateau if self.stop_at_escape else None,
+            rule=experiment.learning_rule,
         )
         ds = trajectory_dataset(exp_eta, traj, grid, method=self.method, rtol=self.rtol,
                                 atol=self.atol, second_order=self.second_order)

@@ -39,11 +39,13 @@ from framework.validators import (
 )
 from plugins.equilibrium import (
     READOUT_SCALING,
+    RULE_INDEPENDENT,
     _branches,
     _check_weight_norm,
     _common_attrs,
     _engine,
     _engine_attrs,
+    _landscape_engine,
     _no_branches,
     _optional_eta,
     _optional_op,
@@ -108,6 +110,8 @@ class FisherAnalyzer(Analyzer):
     name: ClassVar[str] = "fisher"
     description: ClassVar[str] = "exact weight-space Fisher spectrum of the output (any N)"
     size_options: ClassVar[dict[str, str]] = {}
+    #: The Fisher does not depend on the rule; the points where it is evaluated do.
+    supports_learning_rules: ClassVar[bool] = True
 
     eta: float | None = attrs.field(default=None, converter=_optional_eta)
     second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
@@ -193,8 +197,8 @@ class FisherAnalyzer(Analyzer):
             plateau, eps = br.plateau, [fp.eps_g for fp in br.points]
             source = "fixed points of the symmetric subspace ('fixedpoint' branches)"
         specs = [fi.weight_space_fisher(model, norm, Q, p, landscape=self.landscape,
-                                        engine=eng) for (Q, _), p, in zip(points, params,
-                                                                          strict=True)]
+                                        engine=_landscape_engine(eng))
+                 for (Q, _), p in zip(points, params, strict=True)]
         ds = _spectrum_dataset(experiment, eng, specs, points, eps, N, "branch", np.arange(
             len(specs)), {"long_name": "fixed-point branch", "units": "1"})
         ds["is_plateau"] = variable(np.arange(len(specs)) == plateau, ("branch",),
@@ -219,12 +223,14 @@ class FisherAnalyzer(Analyzer):
         traj = theory.integrate(
             model, norm, experiment.initial_order_parameters(), eta=eta,
             batch_size=experiment.batch_size, alpha=grid, rtol=self.rtol, atol=self.atol,
-            second_order=self.second_order, quadrature=self.quadrature)
+            second_order=self.second_order, quadrature=self.quadrature,
+            rule=experiment.learning_rule)
         n = traj.alpha.size
         params = [eng.params({k: v[j] for k, v in traj.params.items()} or None)
                   for j in range(n)]
         specs = [fi.weight_space_fisher(model, norm, traj.Q[j], params[j],
-                                        landscape=self.landscape, engine=eng)
+                                        landscape=self.landscape,
+                                        engine=_landscape_engine(eng))
                  for j in range(n)]
         points = [(traj.Q[j], traj.R[j]) for j in range(n)]
         ds = _spectrum_dataset(experiment, eng, specs, points, list(traj.eps_g), N, "alpha",
@@ -316,6 +322,7 @@ def _fisher_attrs(experiment: Experiment, eng: Any, specs: list, N: int) -> dict
     theta = specs[0].theta_names
     out = {
         **_engine_attrs(experiment, eng),
+        "learning_rule_dependence": RULE_INDEPENDENT,
         "N": N,
         "multiplicity_formula": MULTIPLICITY_FORMULA,
         "fisher_definition": fi.FISHER_DEFINITION,

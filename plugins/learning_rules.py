@@ -30,6 +30,18 @@ of the student vectors) plus ``C (x) P_perp`` on the complement, ``C = E[b b^T]`
 solved with ``F_S``) and ``G - G U U^T`` (multiplied by ``C^+`` over the unit index):
 ``O(N K r)`` work a step, no ``N x N`` solve (:meth:`NaturalGradient.direction`).
 
+Outside the cone. A ``Q`` with a negative eigenvalue is not the state of any network,
+but root finders and finite-difference Jacobians probe such states next to the
+boundary (identical students: the plateau of gradient flow, the starts of
+:func:`framework.theory.equilibrium.find_fixed_points`), where the engines' closed
+forms are analytic and the Fisher (which needs a realization ``X X^T = Q``) is not
+defined. :meth:`NaturalGradient.rates` takes the Fisher, the realization and the drift
+and everything else at the nearest point of the closed PSD cone (negative eigenvalues
+of ``Q`` set to 0, the Frobenius projection; ``R`` is projected the same way through
+``Z Z^T = T - Y Y^T``): a continuous extension, not analytic across
+the boundary (so :func:`~framework.theory.equilibrium.ode_jacobian` keeps its steps
+inside the cone for this rule: ``analytic_beyond_cone = False``).
+
 Order-parameter ODE (``N -> infinity``). Realize the state in ``r + M`` dimensions:
 ``W = [X, 0]``, ``Bt = [Y, Z]`` with ``Y^T = X^+ R`` (``X Y^T = R``) and ``Z Z^T = T - Y
 Y^T``. Let ``Gbar = E[grad_W eps]`` in that realization (the engine's
@@ -155,6 +167,7 @@ class NaturalGradient(LearningRule):
 
     damping: float = attrs.field(default=0.0, converter=to_float, validator=ge(0.0))
     rcond: float = attrs.field(default=1e-10, converter=to_float, validator=_rcond)
+    analytic_beyond_cone: ClassVar[bool] = False  # rates at the projected Q
 
     def describe(self) -> str:
         return (f"natural gradient dW = -(eta/N) (F + {self.damping:g} I)^+ grad_W eps, F the "
@@ -204,6 +217,9 @@ class NaturalGradient(LearningRule):
                 f"{engine.trainable!r}")
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         Q = 0.5 * (Q + Q.T)
+        lq, vq = np.linalg.eigh(Q)
+        if lq[0] < 0.0:  # the nearest point of the closed PSD cone (module docstring)
+            Q = (vq * np.clip(lq, 0.0, None)) @ vq.T
         p = engine.params(params)
         fisher, span_inv, comp_inv, rel = self.preconditioner(
             engine.model, engine.normalization, Q, p, engine=engine)
@@ -293,6 +309,7 @@ class Momentum(LearningRule):
         "eta / (1 - beta))")
 
     beta: float = attrs.field(default=0.9, converter=to_float, validator=_beta)
+    analytic_beyond_cone: ClassVar[bool] = True  # the engine's rates at another eta
 
     def check(self, model: Any, normalization: Any) -> None:
         """Refuse trainable parameters (a normalization's, a trained readout)."""

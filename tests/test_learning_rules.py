@@ -12,6 +12,7 @@ import pytest
 from scipy.special import erf
 
 from framework import (
+    Analyzer,
     Experiment,
     LearningRule,
     OrderParameters,
@@ -361,13 +362,38 @@ def test_compiled_kernel_refuses_other_rules() -> None:
                    analyzers=[{"name": "simulation", "backend": "numba"}]).run()
 
 
+@attrs.frozen
+class _BlindAnalyzer(Analyzer):
+    """An analyzer that does not declare supports_learning_rules (test)."""
+
+    name: ClassVar[str] = "blind_to_rules"
+    description: ClassVar[str] = "computes under the plain gradient step only (test)"
+
+    def run(self, experiment):  # type: ignore[override]
+        raise NotImplementedError
+
+
+class _BlindPlugin:
+    @staticmethod
+    @hookimpl
+    def symphase_register_analyzers(registry: Registry) -> None:
+        registry.add_analyzer(_BlindAnalyzer)
+
+
 def test_analyzers_blind_to_the_rule_are_refused() -> None:
-    with pytest.raises(SpecificationError, match=r"analyzer\(s\) 'fixedpoint' compute under "
-                       r"the plain gradient step only, not under learning_rule "
-                       r"'natural_gradient'"):
-        Experiment(model=MODEL, learning_rule="natural_gradient",
-                   analyzers=["dynamics", "fixedpoint"])
-    Experiment(model=MODEL, analyzers=["dynamics", "fixedpoint"])  # sgd: every analyzer
+    register_plugin(_BlindPlugin)
+    try:
+        with pytest.raises(SpecificationError, match=r"analyzer\(s\) 'blind_to_rules' "
+                           r"compute under the plain gradient step only, not under "
+                           r"learning_rule 'natural_gradient'"):
+            Experiment(model=MODEL, learning_rule="natural_gradient",
+                       analyzers=["dynamics", "blind_to_rules"])
+        Experiment(model=MODEL, analyzers=["dynamics", "blind_to_rules"])  # sgd: any
+    finally:
+        unregister_plugin(_BlindPlugin)
+    # the built-in analyzers all take a rule (the equilibrium ones through their engine)
+    Experiment(model=MODEL, learning_rule="natural_gradient",
+               analyzers=["dynamics", "fixedpoint", "hessian", "escape", "fisher"])
 
 
 # -- momentum in the online limit ------------------------------------------------------------

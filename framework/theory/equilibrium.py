@@ -57,6 +57,7 @@ from framework.activation import Activation
 from framework.model import Model, OrderParameters
 from framework.normalization import Normalization
 from framework.theory import AccuracyError, Engine, Quadrature, select_engine
+from framework.theory.ruled import RuleEngine
 from framework.validators import SpecificationError, check_int, check_real
 
 __all__ = [
@@ -1070,11 +1071,12 @@ def ode_jacobian(
     differences with two Richardson levels (error ``O(h^6)``): step ``1e-3`` with an
     exact engine (the closed forms are analytic a little beyond the cone), ``min(1e-3,
     psd margin / 4)`` for an engine of estimates (its estimate is smooth in the state:
-    common random numbers). Held parameters contribute the decoupled block
-    ``-held_hessian`` (their drift is ``-eta`` times their gradient, no ``eta^2`` term;
-    coordinates last). For a per-unit norm-conserving normalization at ``eta = 0`` its
-    eigenvalues are those of the full ODE without the ``K`` zeros of the conserved
-    norms."""
+    common random numbers) and for a learning rule whose rates are not analytic beyond
+    the cone (:attr:`framework.LearningRule.analytic_beyond_cone`). Held parameters
+    contribute the decoupled block ``-held_hessian`` (their drift is ``-eta`` times
+    their gradient, no ``eta^2`` term; coordinates last). For a per-unit norm-conserving
+    normalization at ``eta = 0`` its eigenvalues are those of the full ODE without the
+    ``K`` zeros of the conserved norms."""
     eng = _engine(model, normalization, engine, quadrature)
     inv = scale_invariance(model, normalization)
     K, M = model.K, model.M
@@ -1098,7 +1100,8 @@ def ode_jacobian(
         return np.concatenate([dQ[iq[:, 0], iq[:, 1]], dR.ravel(),
                                *[dth[k] for k in trainable]])
 
-    h = 1e-3 if eng.exact else min(1e-3, max(psd_margin(Q, R, model.T), 1e-8) / 4.0)
+    analytic = eng.exact and (not isinstance(eng, RuleEngine) or eng.analytic_beyond_cone)
+    h = 1e-3 if analytic else min(1e-3, max(psd_margin(Q, R, model.T), 1e-8) / 4.0)
     jac = _richardson_jacobian(fun, x0, np.full(x0.size, h))
     held = eng.held_hessian(Q, R, p)
     if held.size:

@@ -396,7 +396,8 @@ def _pairwise_moments(eng: Engine, X: np.ndarray, p: Mapping[str, np.ndarray],
     for j in range(K):
         for k in range(j, K):
             U, sv, Vt = np.linalg.svd(X[[j, k]], full_matrices=False)
-            rho = int(np.sum(sv > RANK_TOL * max(1.0, float(sv[0])) * 2))
+            top = float(sv[0]) if sv.size else 0.0  # Q = 0: no span (r = 0)
+            rho = int(np.sum(sv > RANK_TOL * max(1.0, top) * 2))
             V, T = Vt[:rho].T, U[:, :rho] * sv[:rho]  # fields (x_j, x_k) = T w
             perp = np.eye(r) - V @ V.T
             rules: dict[tuple[bool, bool], tuple] = {}

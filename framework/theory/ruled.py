@@ -46,6 +46,8 @@ class RuleEngine(Engine):
         self.initial_params = dict(base.initial_params)
         #: the wrapped engine's accuracy settings (None for an exact engine)
         self.quadrature = getattr(base, "quadrature", None)
+        #: the rule's rates are analytic a little beyond the PSD cone (on an exact engine)
+        self.analytic_beyond_cone = bool(rule.analytic_beyond_cone)
 
     @classmethod
     def supports(
