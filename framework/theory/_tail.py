@@ -80,6 +80,8 @@ TAIL_MAX_K = 4
 #: (:class:`_LinearTail`; what that neglects is ``O(|J - B|) ~ sqrt(TAIL_FLOOR)``
 #: relative).
 TAIL_FLOOR = 1e-20
+#: Report rows per solve of the deviation tail (fewer where eps_g falls faster).
+_CHUNK = 64
 #: Decades by which the linear tail's state is renormalized (it decays without bound).
 _RENORMALIZE = 100.0
 #: Gauss-Legendre nodes on [0, 1] for the ``t``-integrals (the integrand varies with
@@ -402,9 +404,13 @@ class _LinearTail:
         z = np.concatenate([e, np.outer(e, e).ravel(), D0.ravel()])
         decades = 0.0
         Es, Ds, eps = [], [], []
+        steps: dict[float, np.ndarray] = {}  # expm per distinct spacing (linear grids: one)
         for j in range(alpha.size):
             if j:
-                z = expm(self.A * float(alpha[j] - alpha[j - 1])) @ z
+                h = float(f"{float(alpha[j] - alpha[j - 1]):.13g}")
+                if h not in steps:
+                    steps[h] = expm(self.A * h)
+                z = steps[h] @ z
                 Dz = z[n + n * n:].reshape(K, K)
                 z[n + n * n:] = (0.5 * (Dz + Dz.T)).ravel()
             big = float(np.max(np.abs(z)))
@@ -480,24 +486,37 @@ def refine_tail(
     y = y0
     message = "integration successful"
     j_floor = None
-    for j in range(j0, alpha.size - 1):
-        if deviation_eps_g(Tp, y[:K * K].reshape(K, K), y[K * K:].reshape(K, K)) < floor:
+    j = j0
+    rate = 0.0  # decay rate of eps_g over the last chunk (0: unknown)
+    while j < alpha.size - 1:
+        e_now = deviation_eps_g(Tp, y[:K * K].reshape(K, K), y[K * K:].reshape(K, K))
+        if e_now < floor:
             j_floor = len(rows) - 1
             break
+        # one solve per chunk of report rows, short enough that eps_g falls by at most
+        # ~e in it (so that the absolute tolerances, fixed per chunk, stay relative);
         # each component relative to itself, floored at 1e-2 of its block's largest:
         # smaller components weigh at most that much in eps_g, and their rates carry
         # rounding noise relative to the block's scale (a tighter floor stalls the steps)
+        stop = min(j + (_CHUNK if rate > 0 else 1), alpha.size - 1)
+        if rate > 0:
+            stop = max(j + 1, min(stop, int(np.searchsorted(alpha, alpha[j] + 1.0 / rate,
+                                                            side="right")) - 1))
         mag = np.abs(y)
         floor_E = 1e-2 * float(np.max(mag[:K * K]))
         floor_D = 1e-2 * float(np.max(mag[K * K:]))
         atol = 1e-3 * rtol * np.maximum(mag, np.repeat([floor_E, floor_D], K * K)) + 1e-300
-        sol = solve_ivp(fun, (float(alpha[j]), float(alpha[j + 1])), y, method="DOP853",
-                        rtol=rtol, atol=atol)
-        if sol.status != 0 or not np.all(np.isfinite(sol.y[:, -1])):
+        sol = solve_ivp(fun, (float(alpha[j]), float(alpha[stop])), y, method="DOP853",
+                        t_eval=alpha[j + 1:stop + 1], rtol=rtol, atol=atol)
+        if sol.status != 0 or sol.y.shape[1] != stop - j or not np.all(np.isfinite(sol.y)):
             message = f"deviation tail stopped at alpha = {alpha[j]:.6g}: {sol.message}"
             break
+        rows.extend(sol.y.T)
         y = sol.y[:, -1]
-        rows.append(y)
+        e_new = deviation_eps_g(Tp, y[:K * K].reshape(K, K), y[K * K:].reshape(K, K))
+        if 0.0 < e_new < e_now:
+            rate = math.log(e_now / e_new) / float(alpha[stop] - alpha[j])
+        j = stop
     ys = np.array(rows)
     Es = ys[:, :K * K].reshape(-1, K, K)
     Ds = ys[:, K * K:].reshape(-1, K, K)

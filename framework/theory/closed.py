@@ -312,14 +312,20 @@ class ClosedFormEngine(Engine):
             kernels=None if plain else kernels,
             kernel_params=None if plain or kernels is None else kernels.pack(p, self.K),
         )
-        Qs, Rs, eps = traj.Q, traj.R, traj.eps_g
+        # rows reported: up to the first below stop_below (judged on the closed form at
+        # (Q, R), accurate to ~1e-8 relative above 1e-7), then the converged ones refined
+        n = traj.alpha.size
+        stop = kwargs.get("stop_below")
+        if stop is not None and np.any(traj.eps_g < stop):
+            n = int(np.argmax(traj.eps_g < stop)) + 1
+        Qs, Rs, eps = traj.Q[:n], traj.R[:n], traj.eps_g[:n]
         why = ("a normalization" if not plain else "output noise" if self.noise
                else "K != M" if self.K != self.M else f"K > {TAIL_MAX_K}"
                if self.K > TAIL_MAX_K else "")
         eps_method = ("closed form at the integrated (Q, R) (the converged phase is not "
                       f"refined in deviation variables with {why})")
         if not why:
-            tail = refine_tail(traj.alpha, Qs, Rs, eps, self.T, eta=kwargs["eta"],
+            tail = refine_tail(traj.alpha[:n], Qs, Rs, eps, self.T, eta=kwargs["eta"],
                                batch_size=kwargs.get("batch_size", 1),
                                second_order=kwargs.get("second_order", True),
                                rtol=kwargs.get("rtol", 1e-10))
@@ -336,10 +342,6 @@ class ClosedFormEngine(Engine):
                     f"(J - B) integrated without cancellation at rtol = "
                     f"{kwargs.get('rtol', 1e-10):g} per component "
                     "(framework.theory._tail): " + tail.message)
-        n = traj.alpha.size
-        stop = kwargs.get("stop_below")
-        if stop is not None and np.any(eps < stop):
-            n = int(np.argmax(eps < stop)) + 1
         cut = n < traj.alpha.size  # stopped below the threshold before any failure
         return Trajectory(
             alpha=traj.alpha[:n], Q=Qs[:n], R=Rs[:n], eps_g=eps[:n],
