@@ -6,9 +6,9 @@ normalization, training parameters) that returns a labelled
 analyzer's own options (``get_analyzer("dynamics", alpha_max=100)``).
 
 What a subclass must implement: ``name``, ``description`` and :meth:`run`.
-Optional: ``supports_learning_rules`` (below); ``requires`` (capabilities such as ``"diagonal_scale"``) checked by
-:meth:`check`, which may be overridden to reject an experiment early with a
-clear error; ``size_options``, the options that size the arrays the analyzer
+Optional: ``supports_learning_rules`` (below); ``requires`` (capabilities such as
+``"diagonal_scale"``) checked by :meth:`check`, which may be overridden to reject an
+experiment early with a clear error; ``size_options``, the options that size the arrays the analyzer
 allocates, which the framework reads to refuse a specification beyond the machine's
 memory before building it.
 
