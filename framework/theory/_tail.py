@@ -488,8 +488,8 @@ def refine_tail(
     j_floor = None
     j = j0
     rate = 0.0  # decay rate of eps_g over the last chunk (0: unknown)
+    e_now = deviation_eps_g(Tp, E0, D0)
     while j < alpha.size - 1:
-        e_now = deviation_eps_g(Tp, y[:K * K].reshape(K, K), y[K * K:].reshape(K, K))
         if e_now < floor:
             j_floor = len(rows) - 1
             break
@@ -516,7 +516,7 @@ def refine_tail(
         e_new = deviation_eps_g(Tp, y[:K * K].reshape(K, K), y[K * K:].reshape(K, K))
         if 0.0 < e_new < e_now:
             rate = math.log(e_now / e_new) / float(alpha[stop] - alpha[j])
-        j = stop
+        j, e_now = stop, e_new
     ys = np.array(rows)
     Es = ys[:, :K * K].reshape(-1, K, K)
     Ds = ys[:, K * K:].reshape(-1, K, K)
