@@ -114,6 +114,38 @@ def _optional_weight_norm(value: Any) -> float | None:
     return _optional_positive("weight_norm")(value)
 
 
+# --------------------------------------------------------------------------------------
+# options shared by the analyzers
+# --------------------------------------------------------------------------------------
+
+#: The options that several analyzers of this module and of :mod:`plugins.fisher` have,
+#: each defined once: the keyword arguments of its ``attrs.field`` (default, converter,
+#: validator), by key (the field's name, but ``weight_norms``: the ``weight_norm`` that
+#: also takes a sequence). A class declares one with :func:`_option` where it lists it
+#: (its fields' order is the order of its documented options and of the valid options an
+#: error about an unknown option lists); its docstring says what the option means to it.
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "eta": {"default": None, "converter": _optional_eta},
+    "second_order": {"default": True, "converter": to_bool, "validator": boolean()},
+    "subspace": {"default": "auto", "validator": one_of("auto", "matched", "exchangeable")},
+    "weight_norm": {"default": None, "converter": _optional_weight_norm},
+    "weight_norms": {"default": None, "converter": _weight_norms},
+    "N": {"default": None, "validator": optional_integer(minimum=1)},
+    "at": {"default": None, "converter": _optional_op},
+    "flag_plateau": {"default": True, "converter": to_bool, "validator": boolean()},
+    "horizon": {"default": 2000.0, "converter": to_float, "validator": gt(0.0)},
+    "alpha": {"default": None, "converter": alpha_grid_option},
+    "rtol": {"default": 1e-10, "converter": to_float, "validator": gt(0.0)},
+    "atol": {"default": 1e-12, "converter": to_float, "validator": gt(0.0)},
+    "quadrature": {"default": None, "converter": quadrature_option},
+}
+
+
+def _option(key: str) -> Any:
+    """A new ``attrs`` field for the shared option ``key`` of :data:`_OPTIONS`."""
+    return attrs.field(**_OPTIONS[key])
+
+
 def _resolve_eta(option: float | None, experiment: Experiment) -> float:
     return experiment.eta if option is None else option
 
@@ -350,14 +382,12 @@ class FixedPointAnalyzer(Analyzer):
     #: The fixed points and Jacobians are those of the experiment's learning rule.
     supports_learning_rules: ClassVar[bool] = True
 
-    eta: float | None = attrs.field(default=None, converter=_optional_eta)
-    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
-    subspace: str = attrs.field(
-        default="auto", validator=one_of("auto", "matched", "exchangeable"))
-    weight_norm: float | None = attrs.field(
-        default=None, converter=_optional_weight_norm)
-    flag_plateau: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
-    horizon: float = attrs.field(default=2000.0, converter=to_float, validator=gt(0.0))
+    eta: float | None = _option("eta")
+    second_order: bool = _option("second_order")
+    subspace: str = _option("subspace")
+    weight_norm: float | None = _option("weight_norm")
+    flag_plateau: bool = _option("flag_plateau")
+    horizon: float = _option("horizon")
 
     def check(self, experiment: Experiment) -> None:
         experiment.normalization.parameters(experiment.model.K)
@@ -480,7 +510,49 @@ def fixedpoint_dataset(
 
 
 @attrs.frozen
-class HessianAnalyzer(Analyzer):
+class _PointSpectrum(Analyzer):
+    """The options and the layout shared by ``hessian`` and ``fisher``: a spectrum at the
+    fixed-point branches (found as ``fixedpoint`` finds them, at one weight norm or one
+    per entry of ``weight_norm``) or at the order parameters ``at``."""
+
+    eta: float | None = _option("eta")
+    second_order: bool = _option("second_order")
+    subspace: str = _option("subspace")
+    weight_norm: float | tuple[float, ...] | None = _option("weight_norms")
+    N: int | None = _option("N")
+    at: OrderParameters | None = _option("at")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["at"] = None if self.at is None else self.at.to_dict()
+        out["weight_norm"] = (list(self.weight_norm) if isinstance(self.weight_norm, tuple)
+                              else self.weight_norm)
+        return out
+
+    def _check_point(self, experiment: Experiment) -> None:
+        """The checks of ``weight_norm`` and ``at`` against the experiment."""
+        model = experiment.model
+        experiment.normalization.parameters(model.K)
+        _check_weight_norm(experiment, self.weight_norm)
+        if self.at is not None and (self.at.K, self.at.M) != (model.K, model.M):
+            raise SpecificationError(
+                f"'at' must have K={model.K}, M={model.M}, got K={self.at.K}, M={self.at.M}")
+
+    def _per_weight_norm(self, one: Callable[[float | None], xr.Dataset]) -> xr.Dataset:
+        """``one(weight_norm)``, or for a sequence of weight norms the results of ``one``
+        at each, concatenated along a ``weight_norm`` dimension."""
+        norms = self.weight_norm
+        if not isinstance(norms, tuple):
+            return one(norms)
+        parts = [one(q) for q in norms]
+        ds = xr.concat(parts, dim="weight_norm", data_vars="all", coords="minimal",
+                       compat="override", combine_attrs="override", join="outer")
+        ds["weight_norm"].attrs = parts[0]["weight_norm"].attrs
+        return ds
+
+
+@attrs.frozen
+class HessianAnalyzer(_PointSpectrum):
     """Exact spectrum of the Hessian of ``eps_g`` in the student weights ``W = J / sqrt(N)``.
 
     At every branch of :class:`FixedPointAnalyzer` (the plateau flagged) or at given
@@ -521,47 +593,18 @@ class HessianAnalyzer(Analyzer):
     #: The Hessian does not depend on the rule; the branches where it is evaluated do.
     supports_learning_rules: ClassVar[bool] = True
 
-    eta: float | None = attrs.field(default=None, converter=_optional_eta)
-    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
-    subspace: str = attrs.field(
-        default="auto", validator=one_of("auto", "matched", "exchangeable"))
-    weight_norm: float | tuple[float, ...] | None = attrs.field(
-        default=None, converter=_weight_norms)
-    N: int | None = attrs.field(default=None, validator=optional_integer(minimum=1))
-    at: OrderParameters | None = attrs.field(default=None, converter=_optional_op)
-    flag_plateau: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
-    horizon: float = attrs.field(default=2000.0, converter=to_float, validator=gt(0.0))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["at"] = None if self.at is None else self.at.to_dict()
-        out["weight_norm"] = (list(self.weight_norm) if isinstance(self.weight_norm, tuple)
-                              else self.weight_norm)
-        return out
+    flag_plateau: bool = _option("flag_plateau")
+    horizon: float = _option("horizon")
 
     def check(self, experiment: Experiment) -> None:
-        experiment.normalization.parameters(experiment.model.K)
-        _check_weight_norm(experiment, self.weight_norm)
-        if self.at is not None and (self.at.K, self.at.M) != (experiment.model.K,
-                                                             experiment.model.M):
-            raise SpecificationError(
-                f"'at' must have K={experiment.model.K}, M={experiment.model.M}, got "
-                f"K={self.at.K}, M={self.at.M}"
-            )
+        self._check_point(experiment)
         if self.at is None:
             eq.symmetric_subspace(experiment.model, self.subspace)
 
     def run(self, experiment: Experiment) -> xr.Dataset:
         eta = _resolve_eta(self.eta, experiment)
         N = experiment.init_N if self.N is None else int(self.N)
-        norms = self.weight_norm
-        if isinstance(norms, tuple):
-            parts = [self._one(experiment, eta, N, q) for q in norms]
-            ds = xr.concat(parts, dim="weight_norm", data_vars="all", coords="minimal",
-                           compat="override", combine_attrs="override", join="outer")
-            ds["weight_norm"].attrs = parts[0]["weight_norm"].attrs
-            return ds
-        return self._one(experiment, eta, N, norms)
+        return self._per_weight_norm(lambda q: self._one(experiment, eta, N, q))
 
     def _one(self, experiment: Experiment, eta: float, N: int, q: float | None) -> xr.Dataset:
         model, norm = experiment.model, experiment.normalization
@@ -701,19 +744,14 @@ def _hessian_error_variables(specs: list, eng: Engine, n_eigen: int) -> dict[str
         "gradient_norm": variable([sp.gradient_norm for sp in specs], ("branch",),
                               "norm of the gradient of eps_g over (W, theta) at the point "
                               "(nonzero away from critical points of eps_g)"),
-        "coupling_complement_theta": variable(
-            [sp.coupling_complement_theta for sp in specs], ("branch",),
-            "largest |d^2 eps_g / d(complement) d(theta)| measured (zero in theory)"),
-        "coupling_complement_theta_error": variable(
-            [sp.coupling_complement_theta_error for sp in specs], ("branch",),
-            "error estimate of coupling_complement_theta"),
-        "coupling_complement_span": variable(
-            [sp.coupling_complement_span for sp in specs], ("branch",),
-            "largest |d^2 eps_g / d(complement) d(span)| measured (zero in theory)"),
-        "coupling_complement_span_error": variable(
-            [sp.coupling_complement_span_error for sp in specs], ("branch",),
-            "error estimate of coupling_complement_span"),
     }
+    for block in ("theta", "span"):  # the couplings of the complement (zero in theory)
+        name = f"coupling_complement_{block}"
+        out[name] = variable([getattr(sp, name) for sp in specs], ("branch",),
+                             f"largest |d^2 eps_g / d(complement) d({block})| measured "
+                             "(zero in theory)")
+        out[f"{name}_error"] = variable([getattr(sp, f"{name}_error") for sp in specs],
+                                        ("branch",), f"error estimate of {name}")
     for k in eng.trainable:
         what = "trained readout" if k in eng.model_trainable else "trainable parameter"
         out[f"param_{k}"] = variable(np.array([sp.params[k] for sp in specs]),
@@ -830,23 +868,21 @@ class EscapeAnalyzer(Analyzer):
 
     start: str = attrs.field(default="fixedpoint", validator=one_of("fixedpoint", "init"))
     perturbation: float = attrs.field(default=1e-3, converter=to_float, validator=gt(0.0))
-    eta: float | None = attrs.field(default=None, converter=_optional_eta)
-    weight_norm: float | None = attrs.field(
-        default=None, converter=_optional_weight_norm)
+    eta: float | None = _option("eta")
+    weight_norm: float | None = _option("weight_norm")
     alpha_max: float = attrs.field(default=10000.0, converter=to_float, validator=gt(0.0))
     n_points: int = attrs.field(default=2001, validator=integer(minimum=2))
-    alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
-    rtol: float = attrs.field(default=1e-10, converter=to_float, validator=gt(0.0))
-    atol: float = attrs.field(default=1e-12, converter=to_float, validator=gt(0.0))
+    alpha: tuple[float, ...] | None = _option("alpha")
+    rtol: float = _option("rtol")
+    atol: float = _option("atol")
     method: str = attrs.field(
         default="DOP853", validator=one_of("DOP853", "RK45", "LSODA", "Radau", "BDF"))
-    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
+    second_order: bool = _option("second_order")
     max_value: float = attrs.field(default=1e8, converter=to_float, validator=gt(0.0))
-    subspace: str = attrs.field(
-        default="auto", validator=one_of("auto", "matched", "exchangeable"))
-    horizon: float = attrs.field(default=2000.0, converter=to_float, validator=gt(0.0))
+    subspace: str = _option("subspace")
+    horizon: float = _option("horizon")
     plateau: str = attrs.field(default="eta", validator=one_of("eta", "gradient_flow"))
-    quadrature: dict | None = attrs.field(default=None, converter=quadrature_option)
+    quadrature: dict | None = _option("quadrature")
     stop_at_escape: bool = attrs.field(default=False, converter=to_bool, validator=boolean())
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,35 +23,24 @@ import attrs
 import numpy as np
 import xarray as xr
 
-from framework import Analyzer, Experiment, OrderParameters, SpecificationError, theory
+from framework import Experiment, SpecificationError, theory
 from framework.datasets import order_parameter_variables, variable
 from framework.theory import equilibrium as eq
 from framework.theory import fisher as fi
-from framework.validators import (
-    alpha_grid_option,
-    boolean,
-    gt,
-    one_of,
-    optional_integer,
-    quadrature_option,
-    to_bool,
-    to_float,
-)
+from framework.validators import boolean, to_bool
 from plugins.equilibrium import (
     READOUT_SCALING,
     RULE_INDEPENDENT,
     _branches,
-    _check_weight_norm,
     _common_attrs,
     _engine,
     _engine_attrs,
     _landscape_engine,
     _no_branches,
-    _optional_eta,
-    _optional_op,
+    _option,
     _param_name,
+    _PointSpectrum,
     _resolve_eta,
-    _weight_norms,
 )
 
 MULTIPLICITY_FORMULA = (
@@ -62,7 +51,7 @@ MULTIPLICITY_FORMULA = (
 
 
 @attrs.frozen
-class FisherAnalyzer(Analyzer):
+class FisherAnalyzer(_PointSpectrum):
     """Exact spectrum of the population Fisher of the student output in ``(W, theta)``:
     ``F = E_xi[grad sigma grad sigma^T]`` under unit-variance Gaussian output noise (the
     model's ``noise`` does not rescale it), the span block (each eigenvalue once) and the
@@ -113,20 +102,12 @@ class FisherAnalyzer(Analyzer):
     #: The Fisher does not depend on the rule; the points where it is evaluated do.
     supports_learning_rules: ClassVar[bool] = True
 
-    eta: float | None = attrs.field(default=None, converter=_optional_eta)
-    second_order: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
-    subspace: str = attrs.field(
-        default="auto", validator=one_of("auto", "matched", "exchangeable"))
-    weight_norm: float | tuple[float, ...] | None = attrs.field(
-        default=None, converter=_weight_norms)
-    N: int | None = attrs.field(default=None, validator=optional_integer(minimum=1))
-    at: OrderParameters | None = attrs.field(default=None, converter=_optional_op)
-    alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
-    flag_plateau: bool = attrs.field(default=True, converter=to_bool, validator=boolean())
+    alpha: tuple[float, ...] | None = _option("alpha")
+    flag_plateau: bool = _option("flag_plateau")
     landscape: bool = attrs.field(default=False, converter=to_bool, validator=boolean())
-    rtol: float = attrs.field(default=1e-10, converter=to_float, validator=gt(0.0))
-    atol: float = attrs.field(default=1e-12, converter=to_float, validator=gt(0.0))
-    quadrature: dict | None = attrs.field(default=None, converter=quadrature_option)
+    rtol: float = _option("rtol")
+    atol: float = _option("atol")
+    quadrature: dict | None = _option("quadrature")
 
     def __attrs_post_init__(self) -> None:
         if self.alpha is not None and self.at is not None:
@@ -140,19 +121,12 @@ class FisherAnalyzer(Analyzer):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        out["at"] = None if self.at is None else self.at.to_dict()
         out["alpha"] = None if self.alpha is None else list(self.alpha)
-        out["weight_norm"] = (list(self.weight_norm) if isinstance(self.weight_norm, tuple)
-                              else self.weight_norm)
         return out
 
     def check(self, experiment: Experiment) -> None:
         model = experiment.model
-        experiment.normalization.parameters(model.K)
-        _check_weight_norm(experiment, self.weight_norm)
-        if self.at is not None and (self.at.K, self.at.M) != (model.K, model.M):
-            raise SpecificationError(
-                f"'at' must have K={model.K}, M={model.M}, got K={self.at.K}, M={self.at.M}")
+        self._check_point(experiment)
         if self.alpha is not None:
             theory.check_horizon(np.asarray(self.alpha), _resolve_eta(self.eta, experiment),
                                  model.layers().eta_v)
@@ -164,14 +138,7 @@ class FisherAnalyzer(Analyzer):
         N = experiment.init_N if self.N is None else int(self.N)
         if self.alpha is not None:
             return self._trajectory(experiment, eta, N)
-        norms = self.weight_norm
-        if isinstance(norms, tuple):
-            parts = [self._points(experiment, eta, N, q) for q in norms]
-            ds = xr.concat(parts, dim="weight_norm", data_vars="all", coords="minimal",
-                           compat="override", combine_attrs="override", join="outer")
-            ds["weight_norm"].attrs = parts[0]["weight_norm"].attrs
-            return ds
-        return self._points(experiment, eta, N, norms)
+        return self._per_weight_norm(lambda q: self._points(experiment, eta, N, q))
 
     # -- where ----------------------------------------------------------------------------
     def _points(self, experiment: Experiment, eta: float, N: int, q: float | None
