@@ -2,8 +2,9 @@
 
 ``symphase run EXPERIMENT.toml [--out DIR] [--scheduler ADDR] [--workers N]``
     Run the experiment (and its ``[sweep]``) described by a TOML file (docs/toml.md);
-    results go to DIR: ``points/<sha256>.nc`` per task (re-running resumes) and
-    ``<analyzer>.nc`` combined. Exit status 1 if a point failed.
+    results go to DIR: the tasks' records in batch files ``points/*.points``
+    (:mod:`framework.sweep.storage`; re-running resumes) and ``<analyzer>.nc`` combined.
+    Exit status 1 if a point failed.
 ``symphase show FILE.nc``
     A readable summary: analyzer, specification, sweep, dimensions, variables with
     long_name/units, key scalars.
