@@ -13,6 +13,7 @@ from framework import streams, validators
 from framework.activation import Activation
 from framework.analyzer import Analyzer
 from framework.experiment import Experiment
+from framework.inputs import InputDistribution
 from framework.learning_rule import LearningRule
 from framework.manager import (
     DEFAULT_PLUGINS,
@@ -89,6 +90,7 @@ __all__ = [
     "Backward",
     "Experiment",
     "Forward",
+    "InputDistribution",
     "Layers",
     "LearningRule",
     "Model",

@@ -52,6 +52,12 @@ class Analyzer(Named):
     #: with a rule other than the plain gradient step refuses analyzers that leave it
     #: False (default), since they would silently compute under SGD.
     supports_learning_rules: ClassVar[bool] = False
+    #: True if :meth:`run` computes with the model's input distribution when it is not
+    #: isotropic (:meth:`framework.Model.input_distribution`; e.g. through the engine
+    #: :func:`framework.theory.select_engine` returns, whose state is per input
+    #: eigenspace); an experiment with structured inputs refuses analyzers that leave it
+    #: False (default), since they would silently compute with isotropic inputs.
+    supports_structured_inputs: ClassVar[bool] = False
 
     def check(self, experiment: Experiment) -> None:
         """Raise a ``ValueError`` if this analyzer cannot run ``experiment`` (default: accept)."""

@@ -41,6 +41,7 @@ __all__ = [
     "CONVENTIONS",
     "DIMENSIONS",
     "RUNAWAY_RULE",
+    "add_input_spaces",
     "check_dataset",
     "convention_attrs",
     "coordinate",
@@ -54,9 +55,11 @@ __all__ = [
 ]
 
 #: The shared dimension names: time, student units (twice, for K x K arrays), teacher
-#: units (twice), eigenvalue index, simulation replica, fixed-point branch.
+#: units (twice), eigenvalue index, simulation replica, fixed-point branch, eigenspace of
+#: the input covariance.
 DIMENSIONS: tuple[str, ...] = (
     "alpha", "student", "student_", "teacher", "teacher_", "eigen", "replica", "branch",
+    "eigenspace",
 )
 
 
@@ -200,6 +203,37 @@ def check_dataset(ds: xr.Dataset) -> None:
         )
 
 
+def add_input_spaces(ds: xr.Dataset, inputs: Any, Q_l: np.ndarray, R_l: np.ndarray,
+                     dims: Sequence[str], *, N: int | None = None) -> None:
+    """Add the order parameters per input eigenspace to ``ds`` (in place): ``Q_space``
+    ``(*dims, eigenspace, student, student_)``, ``R_space``, the coordinates
+    ``input_eigenvalue`` and ``input_fraction`` along ``eigenspace`` (with ``N``: the
+    fractions realized, ``N_l / N``, and the attr ``input_block_sizes``), and relabel
+    ``Q``, ``R`` as the pre-activation covariances (:mod:`framework.inputs`)."""
+    dims = tuple(dims)
+    frac = inputs.fractions if N is None else inputs.block_sizes(N) / N
+    ds.coords["eigenspace"] = coordinate(np.arange(inputs.L), "eigenspace",
+                                         "eigenspace l of the input covariance")
+    ds.coords["input_eigenvalue"] = variable(inputs.eigenvalues, ("eigenspace",),
+                                             "eigenvalue lambda_l of the input covariance")
+    ds.coords["input_fraction"] = variable(
+        frac, ("eigenspace",), "fraction f_l of the N directions in eigenspace l"
+        + ("" if N is None else " (realized: N_l / N)"))
+    ds["Q_space"] = variable(Q_l, (*dims, "eigenspace", "student", "student_"),
+                             "student-student overlap per input eigenspace Q_l = J^(l) "
+                             "J^(l)^T / N")
+    ds["R_space"] = variable(R_l, (*dims, "eigenspace", "student", "teacher"),
+                             "student-teacher overlap per input eigenspace R_l = J^(l) "
+                             "B^(l)^T / N")
+    for name, what in (("Q", "student-student"), ("R", "student-teacher")):
+        if name in ds:
+            ds[name].attrs["long_name"] = (
+                f"{what} pre-activation covariance {name} = sum_l lambda_l {name}_space[l] "
+                f"(J Sigma {'J' if name == 'Q' else 'B'}^T / N)")
+    if N is not None:
+        ds.attrs["input_block_sizes"] = ", ".join(str(int(n)) for n in inputs.block_sizes(N))
+
+
 def trajectory_dataset(
     experiment: Experiment,
     traj: Trajectory,
@@ -305,6 +339,11 @@ def trajectory_dataset(
             "runaway_rule": RUNAWAY_RULE,
         },
     )
+    if traj.spaces:
+        inputs = experiment.model.input_distribution()
+        L = inputs.L
+        add_input_spaces(ds, inputs, pad(traj.spaces["Q"], (L, K, K)),
+                         pad(traj.spaces["R"], (L, K, M)), ("alpha",))
     return ds
 
 

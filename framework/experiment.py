@@ -164,17 +164,28 @@ class Experiment:
         self.model.check(self)
         self.learning_rule.check(self.model, self.normalization)
         if not self.learning_rule.engine_native:
-            blind = [a.name for a in self.analyzers
-                     if not getattr(a, "supports_learning_rules", False)]
-            if blind:
+            self._refuse_blind("supports_learning_rules", (
+                f"compute under the plain gradient step only, not under learning_rule "
+                f"{self.learning_rule.name!r}"))
+        inputs = self.model.input_distribution()
+        if not inputs.isotropic:
+            self._refuse_blind("supports_structured_inputs", (
+                f"compute with isotropic inputs only, not with the model's "
+                f"{inputs.describe()}"))
+            if not self.learning_rule.engine_native:
                 raise SpecificationError(
-                    f"analyzer(s) {', '.join(map(repr, blind))} compute under the plain "
-                    f"gradient step only, not under learning_rule "
-                    f"{self.learning_rule.name!r}; analyzers that take a learning rule "
-                    f"declare supports_learning_rules = True (e.g. 'dynamics', "
-                    f"'simulation')")
+                    f"'learning_rule' must be the plain gradient step with structured "
+                    f"inputs ({inputs.describe()}), got {self.learning_rule.name!r}")
         for analyzer in self.analyzers:
             analyzer.check(self)
+
+    def _refuse_blind(self, flag: str, what: str) -> None:
+        """Refuse the analyzers that do not declare the capability ``flag``."""
+        blind = [a.name for a in self.analyzers if not getattr(a, flag, False)]
+        if blind:
+            raise SpecificationError(
+                f"analyzer(s) {', '.join(map(repr, blind))} {what}; analyzers that do "
+                f"declare {flag} = True (e.g. 'dynamics', 'simulation')")
 
     # -- derived quantities ----------------------------------------------------------
     def rng(self, *stream: int) -> np.random.Generator:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import numpy as np
 
+from framework.inputs import ISOTROPIC, InputDistribution
 from framework.validators import (
     SpecificationError,
     check_int,
@@ -303,6 +304,13 @@ class Model(abc.ABC):
         parameter ``"v"`` beside the normalization's trainable parameters)."""
         return Layers.committee(self.K, self.M)
 
+    def input_distribution(self) -> InputDistribution:
+        """The distribution of the inputs (:class:`~framework.InputDistribution`);
+        default: isotropic ``N(0, I)``. With a structured covariance the theory follows
+        the order parameters per eigenspace (:mod:`framework.inputs`) and the
+        simulation draws correlated inputs."""
+        return ISOTROPIC
+
     def activation_function(self) -> Activation:
         """The :class:`~framework.Activation` named by ``activation`` (the registry's
         look-up; an unknown name raises listing the installed ones). The theory engines
@@ -502,6 +510,12 @@ class TeacherStudent(Model):
     weight_decay_v : float
         Second-layer weight decay (trained readout only): ``-weight_decay_v v`` in
         ``dv/dalpha``.
+    inputs : InputDistribution or mapping, optional
+        The input distribution (default isotropic ``N(0, I)``): a covariance given by its
+        spectrum, ``{"eigenvalues": [...], "fractions": [...]}``
+        (:class:`~framework.InputDistribution`, :mod:`framework.inputs` for the
+        conventions). ``T`` stays ``B B^T / N``; the teacher's pre-activation covariance
+        is then ``mean_eigenvalue * T``.
 
     With the defaults this is the soft committee machine of Saad & Solla, bit for bit.
 
@@ -532,6 +546,7 @@ class TeacherStudent(Model):
                                       validator=real(minimum=0.0))
     weight_decay_v: float = attrs.field(default=0.0, converter=to_float,
                                         validator=real(minimum=0.0))
+    inputs: InputDistribution = attrs.field(default=ISOTROPIC)
 
     def __attrs_post_init__(self) -> None:
         trained = self.second_layer == "trained"
@@ -561,7 +576,7 @@ class TeacherStudent(Model):
                  noise: float = 0.0, second_layer: str = "fixed", student_readout: Any = None,
                  teacher_readout: Any = None, output_scale: str = "sum",
                  eta_v: float | None = None, weight_decay: float = 0.0,
-                 weight_decay_v: float = 0.0) -> None:
+                 weight_decay_v: float = 0.0, inputs: Any = None) -> None:
         K = check_int("K", K, minimum=1)
         M = check_int("M", M, minimum=1)
         if T is None:
@@ -572,9 +587,10 @@ class TeacherStudent(Model):
             _vector("teacher_readout", teacher_readout, M)
         readout.setflags(write=False)
         teacher_readout.setflags(write=False)
+        inputs = ISOTROPIC if inputs is None else InputDistribution.from_dict(inputs)
         self.__attrs_init__(  # type: ignore[attr-defined]
             K, M, activation, T, noise, second_layer, readout, teacher_readout, output_scale,
-            eta_v, weight_decay, weight_decay_v)
+            eta_v, weight_decay, weight_decay_v, inputs)
 
     #: Fields of the two-layer options and their defaults (omitted from :meth:`to_dict`
     #: at their defaults, so that the soft committee machine's specification -- and the
@@ -601,7 +617,13 @@ class TeacherStudent(Model):
         for key, default in self._LAYER_DEFAULTS.items():
             if getattr(self, key) != default:
                 out[key] = getattr(self, key)
+        if not self.inputs.isotropic:  # omitted when isotropic: hashes as before
+            out["inputs"] = self.inputs.to_dict()
         return out
+
+    def input_distribution(self) -> InputDistribution:
+        """The ``inputs`` field."""
+        return self.inputs
 
     def layers(self) -> Layers:
         """:class:`Layers` of this specification."""
@@ -623,7 +645,8 @@ class TeacherStudent(Model):
         data = _without_name(cls, data)
         return cls(**_known_keys(cls.__name__, data, (
             "K", "M", "activation", "T", "noise", "second_layer", "student_readout",
-            "teacher_readout", "output_scale", "eta_v", "weight_decay", "weight_decay_v")))
+            "teacher_readout", "output_scale", "eta_v", "weight_decay", "weight_decay_v",
+            "inputs")))
 
     # -- the Model interface -----------------------------------------------------------
     def check(self, experiment: Experiment) -> None:

@@ -98,6 +98,18 @@ def convention_attrs(experiment: Experiment) -> dict[str, str | int | float]:
             "readout_trained": int(layers.readout_trained), "eta_v": layers.eta_v,
             "weight_decay": layers.weight_decay, "weight_decay_v": layers.weight_decay_v,
         }
+    inputs = experiment.model.input_distribution()
+    if not inputs.isotropic:  # the input covariance's spectrum and what Q means then
+        extra.update({
+            "inputs": inputs.describe(),
+            "input_eigenvalues": ", ".join(f"{v:.17g}" for v in inputs.eigenvalues),
+            "input_fractions": ", ".join(f"{v:.17g}" for v in inputs.fractions),
+            "convention_inputs": (
+                "xi ~ N(0, Sigma); Q_space[l] = J^(l) J^(l)^T / N, R_space[l] = J^(l) "
+                "B^(l)^T / N per eigenspace l of Sigma; Q, R are the pre-activation "
+                "covariances sum_l lambda_l Q_space[l] (= J Sigma J^T / N); teacher "
+                "T_l = f_l T; learning rate not rescaled by Sigma"),
+        })
     return {
         **CONVENTIONS,
         **extra,

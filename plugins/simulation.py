@@ -456,7 +456,7 @@ def _gram_nb(W, K, Q):
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
 def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
-                  lay, tw, fns):
+                  lay, tw, lam, fns):
     KM, N = W.shape
     M = KM - K
     npar = p.shape[0]
@@ -483,11 +483,15 @@ def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, nois
     for a in range(npar):
         train_scale = train_scale or role[a] == _TRAINED_SCALE
         any_shift = any_shift or role[a] >= _FIXED_SHIFT
-    incremental = batch * (batch + 1) <= K * (K + 1)
+    # structured inputs (whitened coordinates): the step is preconditioned by the
+    # per-coordinate eigenvalues lam (empty: isotropic inputs); Q is then recomputed
+    aniso = lam.shape[0] > 0
+    incremental = batch * (batch + 1) <= K * (K + 1) and not aniso
     per_step = np.uint64(batch * N)
     c = -eta * inv_sqn / batch
     # the two layers: lay = (c_K, weight decay, eta_v, weight decay of v), tw = c_M v*
     c_k, decay, eta_v, decay_v = lay[0], lay[1], lay[2], lay[3]
+    keep = 1.0 - decay / N if aniso else 1.0
     train_v = eta_v > 0.0
     a_w = np.empty(K)  # effective student weights c_K v of this step
     gv = np.zeros(K)  # sum_b (zeta - sigma) g(x~_bk)
@@ -594,27 +598,41 @@ def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, nois
                         acc += ca[b2, k] * H[b2, b]
                     CH[k, b] = acc
         # the weight step, loops over n innermost (vectorized)
-        if offdiag:
+        if aniso:  # J' <- keep J' + lam * (sum_m (A - keep I)_km J'_m + sum_b c_bk xi_b)
             for k in range(K):
                 for n in range(N):
                     Jold[k, n] = W[k, n]
-        for k in range(K):
+            for k in range(K):
+                for n in range(N):
+                    acc = 0.0
+                    for m in range(K):
+                        a_km = A[k, m] - keep if m == k else A[k, m]
+                        acc += a_km * Jold[m, n]
+                    for b in range(batch):
+                        acc += ca[b, k] * xi[b, n]
+                    W[k, n] = keep * Jold[k, n] + lam[n] * acc
+        else:
             if offdiag:
-                for n in range(N):
-                    W[k, n] = 0.0
-                for m in range(K):
-                    a_km = A[k, m]
-                    if a_km != 0.0:
-                        for n in range(N):
-                            W[k, n] += a_km * Jold[m, n]
-            elif A[k, k] != 1.0:
-                a_kk = A[k, k]
-                for n in range(N):
-                    W[k, n] *= a_kk
-            for b in range(batch):
-                cb = ca[b, k]
-                for n in range(N):
-                    W[k, n] += cb * xi[b, n]
+                for k in range(K):
+                    for n in range(N):
+                        Jold[k, n] = W[k, n]
+            for k in range(K):
+                if offdiag:
+                    for n in range(N):
+                        W[k, n] = 0.0
+                    for m in range(K):
+                        a_km = A[k, m]
+                        if a_km != 0.0:
+                            for n in range(N):
+                                W[k, n] += a_km * Jold[m, n]
+                elif A[k, k] != 1.0:
+                    a_kk = A[k, k]
+                    for n in range(N):
+                        W[k, n] *= a_kk
+                for b in range(batch):
+                    cb = ca[b, k]
+                    for n in range(N):
+                        W[k, n] += cb * xi[b, n]
         # Q of the new weights
         if incremental:
             for k in range(K):
@@ -647,9 +665,9 @@ def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, nois
 
 
 def _advance_one(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
-                 lay, tw, scale, jacobian, parameter_jacobian):
+                 lay, tw, lam, scale, jacobian, parameter_jacobian):
     _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, noise_sd, role,
-                  lay, tw, (scale, jacobian, parameter_jacobian))
+                  lay, tw, lam, (scale, jacobian, parameter_jacobian))
 
 
 @functools.cache
@@ -666,7 +684,7 @@ def _kernel_entry_point() -> Any:
         fns = tuple(t.FunctionType(sig) for sig in _kernel_signatures())
         f1 = t.float64[::1]
         common = (t.int64, t.uint64, t.uint64, t.uint64, t.int64, t.int64, t.float64,
-                  t.float64, t.int64[::1], f1, f1, *fns)
+                  t.float64, t.int64[::1], f1, f1, f1, *fns)
         return numba.njit((f2, f2, f2, f1, *common), cache=True, nogil=True)(_advance_one)
 
 
@@ -769,6 +787,8 @@ class Simulation(Analyzer):
         "records": "trajectory", "N": "system", "mc_samples": "system", "replicas": "replicas"}
     #: The experiment's learning rule is applied (framework.LearningRule).
     supports_learning_rules: ClassVar[bool] = True
+    #: The model's input distribution is applied (structured inputs, framework.inputs).
+    supports_structured_inputs: ClassVar[bool] = True
 
     N: int = attrs.field(default=1000, validator=integer(minimum=1))
     alpha_max: float = attrs.field(default=10.0, converter=to_float, validator=gt(0.0))
@@ -865,13 +885,22 @@ class Simulation(Analyzer):
         use_kernel = self.backend == "numba" or (self.backend == "auto" and not reason)
 
         # initial weights and stream keys, replica by replica
+        inputs = model.input_distribution()
         W = np.empty((P, K + M, N))
         keys = np.empty((P, 2), dtype=np.uint64)
         for r in range(P):
             rng = experiment.rng(STREAM_SIMULATION, r)
-            J0, B0 = experiment.model.realize(op, N, rng)
+            if inputs.isotropic:
+                J0, B0 = experiment.model.realize(op, N, rng)
+            else:  # in the eigenbasis, each eigenspace holding its share of the state
+                J0, B0 = inputs.realize(experiment.model, op, N, rng)
             W[r, :K], W[r, K:] = J0, B0
             keys[r] = rng.integers(0, 2**64 - 1, size=2, dtype=np.uint64, endpoint=True)
+        # structured inputs: whitened coordinates W' = W Sigma^(1/2), where the inputs are
+        # isotropic and the step is preconditioned by Sigma (module docstring)
+        lam = np.zeros(0) if inputs.isotropic else inputs.coordinate_eigenvalues(N)
+        if lam.size:
+            W *= np.sqrt(lam)
         params = {name: np.broadcast_to(np.asarray(v, dtype=float), (P, 1, K)).copy()
                   for name, v in norm.parameters(K).items()}
         trainable = tuple(norm.trainable)
@@ -886,8 +915,10 @@ class Simulation(Analyzer):
         phist = {name: np.empty((P, A, K)) for name in trainable}
         vhist = np.empty((P, A, K)) if layers.readout_trained else None
 
-        stepper = _KernelStepper(self, experiment, W, keys, params, v) if use_kernel else \
-            _GenericStepper(self, experiment, W, keys, params, v)
+        stepper = _KernelStepper(self, experiment, W, keys, params, v, lam) if use_kernel \
+            else _GenericStepper(self, experiment, W, keys, params, v, lam)
+        spaces = None if not lam.size else (np.empty((P, A, inputs.L, K, K)),
+                                            np.empty((P, A, inputs.L, K, M)))
         pbar = _progress_bar(_progress_default(self.progress, float(steps[-1]) * P * N * B),
                              int(steps[-1]))
         step = 0
@@ -900,8 +931,12 @@ class Simulation(Analyzer):
                     if pbar is not None:
                         pbar.update(n)
                 J, Bt = W[:, :K], W[:, K:]
-                Qs[:, a] = J @ J.transpose(0, 2, 1) / N
+                Qs[:, a] = J @ J.transpose(0, 2, 1) / N  # structured: J Sigma J^T / N
                 Rs[:, a] = J @ Bt.transpose(0, 2, 1) / N
+                if spaces is not None:  # Q_l = J'^(l) J'^(l)^T / (N lambda_l)
+                    inv = (1.0 / inputs.eigenvalues)[:, None, None]
+                    spaces[0][:, a] = inputs.space_overlaps(J, J) * inv
+                    spaces[1][:, a] = inputs.space_overlaps(J, Bt) * inv
                 for name in trainable:
                     phist[name][:, a] = params[name][:, 0]
                 if vhist is not None:
@@ -916,6 +951,10 @@ class Simulation(Analyzer):
         eps, eps_attrs, eps_err = self._generalization_error(experiment, Qs, Rs, allp)
         ds = self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist, vhist,
                            "numba" if use_kernel else "numpy")
+        if spaces is not None:
+            from framework.datasets import add_input_spaces
+
+            add_input_spaces(ds, inputs, spaces[0], spaces[1], ("replica", "alpha"), N=N)
         ds["eps_g_error"] = xr.DataArray(eps_err, dims=("replica", "alpha"), attrs={
             "long_name": "error estimate of eps_g at the recorded order parameters (0: exact "
                          "engine; the quadrature's or the Monte Carlo fallback's standard "
@@ -1099,9 +1138,12 @@ class _KernelStepper:
     scale functions (:meth:`~framework.Normalization.scale_kernels`)."""
 
     def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
-                 keys: np.ndarray, params: dict[str, np.ndarray], v: np.ndarray) -> None:
+                 keys: np.ndarray, params: dict[str, np.ndarray], v: np.ndarray,
+                 lam: np.ndarray) -> None:
         norm = experiment.normalization
         kernels = norm.scale_kernels()
+        #: per-coordinate eigenvalues of structured inputs (empty: isotropic)
+        self.lam = np.ascontiguousarray(lam, dtype=float)
         if kernels is None:  # _kernel_applies() chose this stepper
             raise RuntimeError(f"normalization {norm.name!r} has no scale_kernels()")
         K = experiment.model.K
@@ -1142,7 +1184,7 @@ class _KernelStepper:
 
     def advance(self, step0: int, nsteps: int) -> None:
         rest = (np.uint64(step0), nsteps, self.batch, self.eta, self.noise_sd, self.role,
-                self.lay, self.tw, *self.fns)
+                self.lay, self.tw, self.lam, *self.fns)
 
         def replica(r: int) -> None:
             self.one(self.W[r], self.Q[r], self.p[r], self.v[r], self.K, self.keys[r],
@@ -1168,8 +1210,11 @@ class _GenericStepper:
     """Advance all replicas with numpy through the normalization's per-sample API."""
 
     def __init__(self, sim: Simulation, experiment: Experiment, W: np.ndarray,
-                 keys: np.ndarray, params: dict[str, np.ndarray], v: np.ndarray) -> None:
+                 keys: np.ndarray, params: dict[str, np.ndarray], v: np.ndarray,
+                 lam: np.ndarray) -> None:
         self.W, self.params = W, params
+        #: per-coordinate eigenvalues of structured inputs (None: isotropic)
+        self.lam = lam if lam.size else None
         self.model = experiment.model
         lay = experiment.model.layers()
         self.layers = lay
@@ -1236,6 +1281,8 @@ class _GenericStepper:
                 Q, {k: bw.stats[k].mean(axis=1) for k in self.stat_names})
             grad += np.matmul(G + G.transpose(0, 2, 1), J) / N
         grad = self.rule.direction(self.model, norm, J, grad, self.rule_state)  # sgd: grad
+        if self.lam is not None:  # whitened coordinates: the step preconditioned by Sigma
+            grad *= self.lam
         for name in self.trainable:
             params[name] -= (self.eta / N) * bw.params[name].mean(axis=1, keepdims=True)
         lay = self.layers

@@ -60,6 +60,7 @@ from framework.theory.base import (
     GRID_LIMIT,
     AccuracyError,
     ClosedFormUnavailable,
+    Drift,
     Engine,
     Rates,
     Trajectory,
@@ -73,6 +74,7 @@ from framework.theory.quadrature import (
     Quadrature,
 )
 from framework.theory.ruled import RuleEngine
+from framework.theory.spectral import SpectralEngine
 from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
@@ -90,6 +92,7 @@ __all__ = [
     "AccuracyError",
     "ClosedFormEngine",
     "ClosedFormUnavailable",
+    "Drift",
     "Engine",
     "ExpectationEngine",
     "GenericRates",
@@ -97,6 +100,7 @@ __all__ = [
     "Quadrature",
     "Rates",
     "RuleEngine",
+    "SpectralEngine",
     "Trajectory",
     "check_horizon",
     "expectation_engine",
@@ -129,7 +133,24 @@ def _build(cls: type[Engine], model: Model, normalization: Normalization,
            activation: Activation, quadrature: Quadrature,
            rule: LearningRule | None) -> Engine:
     eng = cls(model, normalization, activation, quadrature)
+    inputs = model.input_distribution()
+    if not inputs.isotropic:  # the blocks per input eigenspace around the engine
+        return SpectralEngine(eng, inputs)
     return eng if rule is None else RuleEngine(eng, rule)
+
+
+def _structured_reason(cls: type[Engine], model: Model, rule: LearningRule | None
+                       ) -> str | None:
+    """Why ``cls`` cannot run ``model``'s structured inputs (None: it can, or the inputs
+    are isotropic)."""
+    if model.input_distribution().isotropic:
+        return None
+    if cls.drift is Engine.drift:
+        return "it provides no Engine.drift, which structured inputs need"
+    if rule is not None and not rule.engine_native:
+        return (f"learning rule {rule.name!r} is not available with structured inputs "
+                f"(only the plain gradient step is)")
+    return None
 
 
 def select_engine(
@@ -179,6 +200,8 @@ def select_engine(
     for name in names:
         cls = ENGINES[name]
         why = cls.supports(model, normalization, act, params, rule=rule)
+        if why is None:
+            why = _structured_reason(cls, model, rule)
         if why is None:
             try:
                 return _cached(cls, model, normalization, act, quadrature, wrap)

@@ -243,24 +243,41 @@ def readout_gradient(
 # --------------------------------------------------------------------------------------
 
 
-def _assemble(Q, R, s, ds_dQ, dv, dd, eta, batch_size, second_order):
-    """Turn ``a_i E[delta~_i u^T]`` (``dv``, K x P) and ``a_i a_k E[delta~_i delta~_k]``
-    (``dd``) into (dQ, dR)."""
-    K = Q.shape[0]
-    dx, dy = dv[:, :K], dv[:, K:]
-    Eax = s[:, None] * dx / s[None, :]
-    drift_Q = Eax + Eax.T
-    drift_R = s[:, None] * dy
+def drift_moments(
+    Q: ArrayLike,
+    R: ArrayLike,
+    T: ArrayLike,
+    s: ArrayLike | None = None,
+    ds_dQ: ArrayLike | None = None,
+    noise_var: float = 0.0,
+    second_order: bool = True,
+    w: ArrayLike | None = None,
+) -> tuple[Array, Array, Array]:
+    """``(E[a u^T] (K, K + M), C (K, K), E[a a^T] (K, K))`` at ``(Q, R)``: the raw
+    pre-activations ``u = (x, y)`` (before the scale), ``a = -d eps / dx``, ``C =
+    -(Gbar + Gbar^T)`` the statistics' term (zeros without ``ds_dQ``), ``E[a a^T]`` zeros
+    with ``second_order=False``. :func:`ode_rhs_reference` assembles the isotropic ODE
+    from them; :mod:`framework.theory.spectral` the ODE per input eigenspace."""
+    Q, R, T = (np.asarray(a, dtype=np.float64) for a in (Q, R, T))
+    K, M = R.shape
+    s = _scale(s, K)
+    St = effective_covariance(Q, R, T, s)
+    w = _weights(w, K, M)
+    a = -w[:K]  # the student's effective output weights
+    idx = np.arange(K)
+    dv = a[:, None] * np.einsum("b,ibc->ic", w, I3(St, idx))  # a_i E[delta~_i u~_c]
+    au = s[:, None] * dv
+    au[:, :K] /= s[None, :]  # E[a_i x_k] = E[a_i x~_k] / s_k
+    C = np.zeros((K, K))
     if ds_dQ is not None:
-        Gbar = -np.einsum("i,ijk->jk", np.diag(dx) / s, ds_dQ)
+        Gbar = -np.einsum("i,ijk->jk", np.diag(dv[:, :K]) / s,
+                          np.asarray(ds_dQ, dtype=np.float64))
         C = -(Gbar + Gbar.T)
-        CQ = C @ Q
-        drift_Q = drift_Q + CQ + CQ.T
-        drift_R = drift_R + C @ R
-    dQ = eta * drift_Q
+    aa = np.zeros((K, K))
     if second_order:
-        dQ = dQ + (eta**2 / batch_size) * np.outer(s, s) * dd
-    return dQ, eta * drift_R
+        dd = np.einsum("c,d,ikcd->ik", w, w, I4(St, idx)) + noise_var * J2(St, idx)
+        aa = np.outer(s, s) * (np.outer(a, a) * 0.5 * (dd + dd.T))
+    return au, C, aa
 
 
 def ode_rhs_reference(
@@ -275,19 +292,16 @@ def ode_rhs_reference(
     second_order: bool = True,
     w: ArrayLike | None = None,
 ) -> tuple[Array, Array]:
-    """Readable numpy implementation of :func:`ode_rhs` (same signature)."""
-    Q, R, T = (np.asarray(a, dtype=np.float64) for a in (Q, R, T))
-    K, M = R.shape
-    s = _scale(s, K)
-    ds_dQ = None if ds_dQ is None else np.asarray(ds_dQ, dtype=np.float64)
-    St = effective_covariance(Q, R, T, s)
-    w = _weights(w, K, M)
-    a = -w[:K]  # the student's effective output weights
-    idx = np.arange(K)
-    dv = a[:, None] * np.einsum("b,ibc->ic", w, I3(St, idx))
-    dd = np.einsum("c,d,ikcd->ik", w, w, I4(St, idx)) + noise_var * J2(St, idx)
-    dd = np.outer(a, a) * 0.5 * (dd + dd.T)
-    return _assemble(Q, R, s, ds_dQ, dv, dd, eta, batch_size, second_order)
+    """Readable numpy implementation of :func:`ode_rhs` (same signature): the isotropic
+    assembly of :func:`drift_moments`."""
+    Q, R = np.asarray(Q, dtype=np.float64), np.asarray(R, dtype=np.float64)
+    K = Q.shape[0]
+    au, C, aa = drift_moments(Q, R, T, s, ds_dQ, noise_var, second_order, w)
+    drift_Q = au[:, :K] + C @ Q
+    dQ = eta * (drift_Q + drift_Q.T)
+    if second_order:
+        dQ = dQ + (eta**2 / batch_size) * aa
+    return dQ, eta * (au[:, K:] + C @ R)
 
 
 # --------------------------------------------------------------------------------------

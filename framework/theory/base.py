@@ -59,6 +59,7 @@ __all__ = [
     "GRID_LIMIT",
     "AccuracyError",
     "ClosedFormUnavailable",
+    "Drift",
     "Engine",
     "Rates",
     "Trajectory",
@@ -91,6 +92,49 @@ class Rates:
     dR_error: np.ndarray
     dparams_error: dict[str, np.ndarray]
     eps_g_error: float
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Expectations of the per-sample gradient at one state, per replicate, from which
+    the rates of the gradient step are assembled (:meth:`Engine.drift`).
+
+    The leading axis ``r`` of every array is the replicate (1 for an exact engine; the
+    quadrature's independent randomizations otherwise: the rates are linear in these
+    expectations, so an estimate's error is the standard error over ``r``). With ``a =
+    -d eps / dx`` the per-sample gradient with respect to the raw student
+    pre-activations and ``u = (x, y)`` the raw pre-activations::
+
+        dR/dalpha = eta (E[a y^T] + C R)
+        dQ/dalpha = eta (E[a x^T] + E[x a^T] + C Q + Q C^T) + (eta^2 / B) E[a a^T]
+
+    for isotropic inputs (before weight decay: :meth:`Engine.layer_rates`); per input
+    eigenspace in :mod:`framework.theory.spectral`.
+
+    Attributes
+    ----------
+    au : ndarray (r, K, K + M)
+        ``E[a u^T]``.
+    C : ndarray (r, K, K)
+        ``-(Gbar + Gbar^T)``, ``Gbar = E[d eps / d stats]`` pulled back to ``Q`` (the
+        path through the population statistics; zeros without statistics).
+    aa : ndarray (r, K, K)
+        ``E[a a^T]`` (output noise included; zeros when ``second_order`` is False).
+    dparams : dict
+        ``dtheta/dalpha`` (r, K) of the normalization's trainable parameters.
+    dE_da : ndarray (r, K) or None
+        ``d eps_g / d a`` for the effective student readout ``a = c_K v`` (a trained
+        readout only; :meth:`Engine.layer_rates` turns it into ``dv/dalpha``).
+    eps : ndarray (r,)
+        ``eps_g`` (noise term included).
+    """
+
+    au: np.ndarray
+    C: np.ndarray
+    aa: np.ndarray
+    dparams: dict[str, np.ndarray]
+    dE_da: np.ndarray | None
+    eps: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -143,6 +187,11 @@ class Trajectory:
     exact: bool = False
     #: How ``eps_g`` was computed (stored as the attr ``eps_g_method``).
     eps_g_method: str = "the engine's eps_g at the integrated order parameters"
+    #: Order parameters per input eigenspace (structured inputs): ``{"Q": (n, L, K,
+    #: K), "R": (n, L, K, M)}``, ``Q_l = J^(l) J^(l)^T / N``; then ``Q`` and ``R`` are
+    #: the pre-activation covariances ``sum_l lambda_l Q_l`` (:mod:`framework.inputs`).
+    #: Empty for isotropic inputs.
+    spaces: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Engine(abc.ABC):
@@ -190,7 +239,11 @@ class Engine(abc.ABC):
         self.normalization = normalization
         self.activation = activation
         self.K, self.M = model.K, model.M
-        self.T = np.asarray(model.T, dtype=float)
+        #: the teacher's pre-activation covariance (``T`` for isotropic inputs, ``Tt =
+        #: mean_eigenvalue * T`` otherwise: the engine computes at the pre-activation
+        #: covariances, :mod:`framework.inputs`)
+        self.T = np.asarray(model.input_distribution().teacher_covariance(model.T),
+                            dtype=float)
         self.noise = float(model.noise)
         self.layers = model.layers()
         #: Trainable parameters of the model (``("v",)`` with a trained readout), state
@@ -254,6 +307,28 @@ class Engine(abc.ABC):
     ) -> Rates:
         """``dQ/dalpha``, ``dR/dalpha``, ``dtheta/dalpha`` and ``eps_g`` at ``(Q, R)``
         with the parameters ``params`` (defaults: :meth:`params`)."""
+
+    def drift(
+        self,
+        Q: Any,
+        R: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        eta: float,
+        second_order: bool = True,
+        check: bool = True,
+    ) -> Drift:
+        """The expectations of the per-sample gradient at the pre-activation covariances
+        ``(Q, R)`` (:class:`Drift`), from which the rates of the gradient step are
+        assembled for any input distribution (:mod:`framework.theory.spectral`).
+
+        Optional: an engine without it cannot run structured inputs (the default raises
+        :class:`NotImplementedError`, and :func:`~framework.theory.select_engine` then
+        says so). ``eta`` scales ``dparams``; ``check``: as in :meth:`rates`.
+        """
+        raise NotImplementedError(
+            f"engine {self.name!r} does not provide Engine.drift (the expectations of the "
+            f"per-sample gradient), which structured inputs need")
 
     @abc.abstractmethod
     def generalization_error(
@@ -543,7 +618,8 @@ def _eps_g_of_state(
 
     def eps_g(y: np.ndarray) -> float:
         Q, R, tp = eng.unpack(y)
-        eps, _ = eng.generalization_error(0.5 * (Q + Q.T), R, {**fixed, **tp}, check=False)
+        eps, _ = eng.generalization_error(0.5 * (Q + np.swapaxes(Q, -1, -2)), R,
+                                          {**fixed, **tp}, check=False)
         return float(eps)
 
     return eps_g

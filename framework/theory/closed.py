@@ -45,7 +45,7 @@ from framework.normalization import Normalization
 from framework.theory import _kernels as _theory
 from framework.theory._erf import J2
 from framework.theory._tail import TAIL_MAX_K, TAIL_THRESHOLD, refine_tail
-from framework.theory.base import Engine, Rates, Trajectory, check_horizon
+from framework.theory.base import Drift, Engine, Rates, Trajectory, check_horizon
 from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
@@ -195,6 +195,31 @@ class ClosedFormEngine(Engine):
         dp.update(dv)
         zero = {k: np.zeros(K) for k in self.trainable}
         return Rates(dQ, dR, dp, float(eps), np.zeros((K, K)), np.zeros((K, M)), zero, 0.0)
+
+    def drift(
+        self,
+        Q: Any,
+        R: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        eta: float,
+        second_order: bool = True,
+        check: bool = True,
+    ) -> Drift:
+        """The exact expectations of the per-sample gradient (one "replicate";
+        :class:`~framework.theory.Drift`, :func:`framework.theory._kernels.drift_moments`)."""
+        Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+        Q = 0.5 * (Q + Q.T)
+        p = self._checked(params)
+        s, ds, dth = self._scale(Q, p)
+        w = self.error_weights(p)
+        au, C, aa = _theory.drift_moments(Q, R, self.T, s, ds, self.noise, second_order, w)
+        eps, edx = _theory.scale_moments(Q, R, self.T, s, self.noise, w)
+        edx = -w[:self.K] * edx
+        dp = {k: (eta * edx @ dth[k])[None] for k in self.scale_trainable}
+        dE_da = (_theory.readout_gradient(Q, R, self.T, s, w)[None]
+                 if self.model_trainable else None)
+        return Drift(au[None], C[None], aa[None], dp, dE_da, np.array([float(eps)]))
 
     def weight_moments(
         self,

@@ -64,7 +64,7 @@ from scipy import special
 from framework.activation import Activation
 from framework.model import Model
 from framework.normalization import Normalization
-from framework.theory.base import AccuracyError, Engine, Rates, Trajectory
+from framework.theory.base import AccuracyError, Drift, Engine, Rates, Trajectory
 from framework.validators import SpecificationError, gt, integer, one_of, to_float
 
 if TYPE_CHECKING:
@@ -416,6 +416,49 @@ class ExpectationEngine(Engine):
             gtheta["v"] = -self.layers.c_student * np.mean(e[..., None] * gxt, axis=1)
         return eps, gX, gtheta
 
+    def _checked_moments(self, Q: np.ndarray, R: np.ndarray, p: Mapping[str, np.ndarray],
+                         second_order: bool, check: bool) -> dict[str, Any] | None:
+        """:meth:`_replicate_moments` with the accuracy check (None: invalid state)."""
+        mom = self._replicate_moments(Q, R, p, second_order=second_order)
+        if mom is not None and check:
+            self._check({
+                **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs")
+                   if key in mom},
+                **{f"E[d eps / d {k}]": v for k, v in mom["params"].items()},
+                **({"E[d eps / d v]": mom["readout"]} if "readout" in mom else {}),
+            })
+        return mom
+
+    def drift(
+        self,
+        Q: Any,
+        R: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        eta: float,
+        second_order: bool = True,
+        check: bool = True,
+    ) -> Drift:
+        """The per-replicate expectations of the per-sample gradient
+        (:class:`~framework.theory.Drift`); NaN everywhere at an invalid state."""
+        Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+        Q = 0.5 * (Q + Q.T)
+        p = self.params(params)
+        K, P, r = self.K, self.K + self.M, self.quadrature.replicates
+        mom = self._checked_moments(Q, R, p, second_order, check)
+        if mom is None:
+            nan = np.full((r, K), np.nan)
+            return Drift(np.full((r, K, P), np.nan), np.full((r, K, K), np.nan),
+                         np.full((r, K, K), np.nan),
+                         {k: nan for k in self.trainable if k not in self.model_trainable},
+                         nan if self.model_trainable else None, np.full(r, np.nan))
+        gs = mom["gs"]
+        aa = mom["aa"] if second_order else np.zeros((r, K, K))
+        return Drift(np.concatenate([mom["ax"], mom["ay"]], axis=-1),
+                     -(gs + np.swapaxes(gs, 1, 2)), aa,
+                     {k: eta * v for k, v in mom["params"].items()},
+                     None if "readout" not in mom else -mom["readout"], mom["eps"])
+
     def rates(
         self,
         Q: Any,
@@ -431,16 +474,9 @@ class ExpectationEngine(Engine):
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         Q = 0.5 * (Q + Q.T)
         p = self.params(params)
-        mom = self._replicate_moments(Q, R, p, second_order=second_order)
+        mom = self._checked_moments(Q, R, p, second_order, check)
         if mom is None:
             return self.nan_rates()
-        if check:
-            self._check({
-                **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs")
-                   if key in mom},
-                **{f"E[d eps / d {k}]": v for k, v in mom["params"].items()},
-                **({"E[d eps / d v]": mom["readout"]} if "readout" in mom else {}),
-            })
         gs = mom["gs"]
         C = -(gs + np.swapaxes(gs, 1, 2))
         ax = mom["ax"]

@@ -1,0 +1,254 @@
+"""The order-parameter ODE with structured inputs: one block of order parameters per
+eigenspace of the input covariance, for any engine that provides :meth:`Engine.drift`.
+
+Mathematics (DESIGN.md, "Structured inputs"; conventions in :mod:`framework.inputs`)
+-------------------------------------------------------------------------------------
+Inputs ``xi ~ N(0, Sigma)``, ``Sigma = sum_l lambda_l P_l``. The state is ``Q_l = J^(l)
+J^(l)^T / N`` and ``R_l = J^(l) B^(l)^T / N`` per eigenspace (``T_l = f_l T`` fixed); the
+pre-activations ``u = (x, y)`` are Gaussian with covariance ``St = [[Qt, Rt], [Rt^T,
+Tt]]``, ``Qt = sum_l lambda_l Q_l`` etc., so every expectation of the network -- hence
+``eps_g``, the normalization's population statistics and the per-sample gradient ``a =
+-d eps / dx`` -- is the wrapped (isotropic) engine's at ``(Qt, Rt)``.
+
+One SGD step moves ``J_i`` by ``(eta / sqrt(N)) a_i xi`` plus, through the statistics,
+``(eta / N) sum_k C_ik Sigma J_k``. Projected on eigenspace ``l``, ``J_k . P_l xi /
+sqrt(N)`` is jointly Gaussian with ``u``, with covariances ``lambda_l [Q_l; R_l^T]`` (its
+column ``k``); Gaussian conditioning (Stein's lemma) gives ``E[a_i (J_k . P_l xi) /
+sqrt(N)] = (A lambda_l [Q_l; R_l^T])_ik`` with ``A = E[a u^T] St^+ = E[grad_u a]`` (the
+pseudo-inverse is exact: the covariance vector lies in the range of ``St``). With
+``|P_l xi|^2 / N -> f_l lambda_l``::
+
+    dQ_l/dalpha = eta lambda_l (A [Q_l; R_l^T] + C Q_l + transpose)
+                  + (eta^2 / B) f_l lambda_l E[a a^T]
+    dR_l/dalpha = eta lambda_l (A [R_l; T_l] + C R_l)
+
+plus weight decay per eigenspace (``-2 lambda_wd Q_l``, ``-lambda_wd R_l``) and the
+parameters' rates (``dtheta/dalpha``, the trained readout's ``dv/dalpha``) of the
+wrapped engine at ``(Qt, Rt)``: parameters are not inputs, their step is not
+preconditioned by ``Sigma``. For ``L = 1``, ``lambda = 1`` this is the isotropic ODE;
+for ``Sigma = c I`` the totals follow the isotropic ODE at rate ``c eta`` (tested).
+
+:class:`SpectralEngine` wraps the engine :func:`~framework.theory.select_engine` chose
+for the pre-activation covariances (its ``T`` is ``Tt``) and integrates the blocks
+through :meth:`Engine.integrate` (scipy's solver). An exact wrapped engine gives exact
+rates up to the pseudo-inverse's rounding, ``~1e-16 cond(St)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from framework.inputs import InputDistribution
+from framework.theory._integrate import SEMIDEFINITE_TOL
+from framework.theory.base import Engine, Rates, Trajectory
+
+if TYPE_CHECKING:
+    from framework.activation import Activation
+    from framework.learning_rule import LearningRule
+    from framework.model import Model
+    from framework.normalization import Normalization
+
+__all__ = ["SpectralEngine"]
+
+
+def _pinv_psd(S: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse of a symmetric PSD matrix (eigenvalues below ``1e-13 max`` are
+    treated as 0)."""
+    lam, vec = np.linalg.eigh(0.5 * (S + S.T))
+    cut = 1e-13 * max(float(np.max(np.abs(lam))), 1e-300)
+    inv = np.where(lam > cut, 1.0 / np.where(lam > cut, lam, 1.0), 0.0)
+    return (vec * inv) @ vec.T
+
+
+class SpectralEngine(Engine):
+    """``base`` (an engine at the pre-activation covariances) with the order parameters
+    per input eigenspace as state (module docstring).
+
+    The state arrays are ``Q (L, K, K)`` and ``R (L, K, M)``; :meth:`rates` returns
+    rates of these shapes; :meth:`generalization_error` takes them or the totals ``(Qt,
+    Rt)``. ``name``, ``exact`` and ``semidefinite`` are the wrapped engine's.
+    """
+
+    def __init__(self, base: Engine, inputs: InputDistribution) -> None:
+        super().__init__(base.model, base.normalization, base.activation)
+        self.base, self.inputs = base, inputs
+        self.name = base.name  # type: ignore[misc]
+        self.exact = base.exact  # type: ignore[misc]
+        self.semidefinite = base.semidefinite  # type: ignore[misc]
+        self.trainable, self.held = base.trainable, base.held
+        self.initial_params = dict(base.initial_params)
+        self.quadrature = getattr(base, "quadrature", None)
+        self.L = inputs.L
+        self.lam = inputs.eigenvalues
+        self.frac = inputs.fractions
+        #: teacher overlaps per eigenspace, ``T_l = f_l T`` (L, M, M)
+        self.T_l = inputs.lift(np.asarray(base.model.T, dtype=float))
+
+    @classmethod
+    def supports(
+        cls,
+        model: Model,
+        normalization: Normalization,
+        activation: Activation,
+        params: Mapping[str, Any] | None = None,
+        rule: LearningRule | None = None,
+    ) -> str | None:
+        """Not selectable on its own: :func:`~framework.theory.select_engine` builds it
+        around the engine it chose."""
+        return "a wrapper around another engine, built by select_engine"
+
+    # -- the state ---------------------------------------------------------------------
+    def lift(self, Q: Any, R: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A state per eigenspace: ``(Q, R)`` of shapes ``(K, K)``, ``(K, M)`` (overlaps
+        ``J J^T / N``, ``J B^T / N`` of weights spread over the eigenspaces in proportion
+        to their size) lifted to ``Q_l = f_l Q``; arrays already per eigenspace are
+        returned as they are."""
+        Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+        if Q.ndim == 2:
+            Q = self.inputs.lift(Q)
+        if R.ndim == 2:
+            R = self.inputs.lift(R)
+        return Q, R
+
+    def totals(self, Q: Any, R: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(Qt, Rt) = (sum_l lambda_l Q_l, sum_l lambda_l R_l)`` (also for stacks
+        ``(n, L, ...)``)."""
+        return self.inputs.total(Q), self.inputs.total(R)
+
+    def _as_totals(self, Q: Any, R: Any) -> tuple[np.ndarray, np.ndarray]:
+        Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+        return (self.inputs.total(Q) if Q.ndim == 3 else Q,
+                self.inputs.total(R) if R.ndim == 3 else R)
+
+    def pack(self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``[Q_1..Q_L ravelled, R_1..R_L ravelled, theta...]``."""
+        Q, R = self.lift(Q, R)
+        return np.concatenate(
+            [np.ravel(Q), np.ravel(R), *(np.ravel(params[k]) for k in self.trainable)])
+
+    def unpack(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        K, M, L = self.K, self.M, self.L
+        y = np.asarray(y)
+        lead = y.shape[:-1]
+        nq, nr = L * K * K, L * K * M
+        Q = y[..., :nq].reshape(*lead, L, K, K)
+        R = y[..., nq:nq + nr].reshape(*lead, L, K, M)
+        off = nq + nr
+        params = {k: y[..., off + j * K: off + (j + 1) * K]
+                  for j, k in enumerate(self.trainable)}
+        return Q, R, params
+
+    def _state_status(self, y: np.ndarray, max_value: float) -> int:
+        """As :meth:`Engine._state_status`, with every ``Q_l`` in the closed PSD cone."""
+        if not np.all(np.isfinite(y)):
+            return 1
+        if np.max(np.abs(y)) > max_value:
+            return 2
+        Q, _, _ = self.unpack(y)
+        Qs = 0.5 * (Q + np.swapaxes(Q, -1, -2))
+        lam = np.linalg.eigvalsh(Qs)[:, 0]
+        tol = SEMIDEFINITE_TOL * np.maximum(1.0, np.max(np.abs(Qs), axis=(-1, -2)))
+        return 3 if np.any(lam + tol < 0) else 0
+
+    # -- the expectations --------------------------------------------------------------
+    def rates(
+        self,
+        Q: Any,
+        R: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        eta: float,
+        batch_size: int = 1,
+        second_order: bool = True,
+        check: bool = True,
+    ) -> Rates:
+        """``dQ_l/dalpha (L, K, K)``, ``dR_l/dalpha (L, K, M)``, ``dtheta/dalpha`` and
+        ``eps_g`` at the state per eigenspace (module docstring), with the wrapped
+        engine's error estimates propagated (standard error over its replicates)."""
+        K = self.K
+        Q, R = self.lift(Q, R)
+        Q = 0.5 * (Q + np.swapaxes(Q, -1, -2))
+        p = self.params(params)
+        Qt, Rt = self.totals(Q, R)
+        d = self.base.drift(Qt, Rt, p, eta=eta, second_order=second_order, check=check)
+        St = np.block([[Qt, Rt], [Rt.T, self.base.T]])
+        A = d.au @ _pinv_psd(St)  # (r, K, P): E[grad_u a]
+        X = np.concatenate([Q, np.swapaxes(R, -1, -2)], axis=-2)  # (L, P, K)
+        Y = np.concatenate([R, self.T_l], axis=-2)  # (L, P, M)
+        lam = self.lam[:, None, None]
+        AX = np.einsum("rkp,lpj->rlkj", A, X) + np.einsum("rkj,ljm->rlkm", d.C, Q)
+        dQ = eta * lam * (AX + np.swapaxes(AX, -1, -2))
+        if second_order:
+            dQ = dQ + (eta**2 / batch_size) * (self.frac * self.lam)[:, None, None] \
+                * d.aa[:, None]
+        dR = eta * lam * (np.einsum("rkp,lpm->rlkm", A, Y)
+                          + np.einsum("rkj,ljm->rlkm", d.C, R))
+        dQ, dR, dv = self.layer_rates(Q, R, p, dQ, dR, d.dE_da)
+        dp = {**d.dparams, **dv}
+        dQ, dQe = _mean_err(dQ)
+        dR, dRe = _mean_err(dR)
+        eps, epse = _mean_err(d.eps)
+        dpm, dpe = {}, {}
+        for k, v in dp.items():
+            dpm[k], dpe[k] = _mean_err(np.broadcast_to(v, (d.eps.shape[0], K)))
+        return Rates(0.5 * (dQ + np.swapaxes(dQ, -1, -2)), dR, dpm, float(eps), dQe, dRe,
+                     dpe, float(epse))
+
+    def drift(self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *,
+              eta: float, second_order: bool = True, check: bool = True) -> Any:
+        """The wrapped engine's :meth:`~Engine.drift` at the totals of ``(Q, R)``."""
+        Qt, Rt = self._as_totals(Q, R)
+        return self.base.drift(Qt, Rt, params, eta=eta, second_order=second_order,
+                               check=check)
+
+    def generalization_error(
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
+    ) -> tuple[float, float]:
+        """``eps_g`` of a state per eigenspace (``Q (L, K, K)``) or of the totals
+        (``Qt (K, K)``): the wrapped engine's at ``(Qt, Rt)``."""
+        Qt, Rt = self._as_totals(Q, R)
+        return self.base.generalization_error(Qt, Rt, params, check=check)
+
+    def weight_moments(self, X: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
+                       landscape: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Not available: the weight-space Hessian with structured inputs (one block per
+        eigenspace) is not implemented; the equilibrium analyzers refuse such models."""
+        raise NotImplementedError(
+            "weight-space moments with structured inputs (a covariance other than the "
+            "identity) are not implemented; the equilibrium analyzers refuse such models")
+
+    def integrate(self, Q0: Any, R0: Any, **kwargs: Any) -> Trajectory:
+        """:meth:`Engine.integrate` over the blocks; ``Q0, R0`` per eigenspace or
+        ``(K, K)``, ``(K, M)`` lifted (:meth:`lift`). The trajectory's ``Q``, ``R`` are
+        the pre-activation covariances ``Qt``, ``Rt`` and ``spaces`` holds the blocks."""
+        Q0, R0 = self.lift(Q0, R0)
+        tr = super().integrate(Q0, R0, **kwargs)
+        Qt, Rt = self.totals(tr.Q, tr.R)
+        fields = {f: getattr(tr, f) for f in tr.__dataclass_fields__}
+        fields.update(Q=Qt, R=Rt, spaces={"Q": tr.Q, "R": tr.R},
+                      description=self.describe())
+        return Trajectory(**fields)
+
+    # -- description -------------------------------------------------------------------
+    def describe(self) -> str:
+        return (f"{self.base.describe()}; per input eigenspace ({self.inputs.describe()}, "
+                f"Stein reduction through the pseudo-inverse of the pre-activation "
+                f"covariance)")
+
+    def attrs(self) -> dict[str, Any]:
+        return {**self.base.attrs(), "engine_description": self.describe(),
+                "inputs": self.inputs.describe()}
+
+
+def _mean_err(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over the leading replicate axis and its standard error (0 for one)."""
+    values = np.asarray(values, dtype=float)
+    n = values.shape[0]
+    if n < 2:
+        return values[0], np.zeros(values.shape[1:])
+    return values.mean(axis=0), values.std(axis=0, ddof=1) / math.sqrt(n)
