@@ -13,10 +13,13 @@ a cheap analyzer, `dynamics` with ``alpha_max = --small-alpha-max`` or a tiny st
 a plain Python loop ``Experiment.run()`` over the same points in this process is the
 baseline; the sweep runs synchronously and on the warmed 2-worker cluster, each with
 and without a results directory (a fresh one every time, so every point is computed
-and stored in batch files, and the combined file written). Printed: ms per point, the
-ratio to the baseline (target: with a results directory within 2x of the loop), and
-what storage adds per point. The load average is printed: on a machine whose cores
-other processes use, the 2-worker rows measure the competition, not the sweep.
+and stored in batch files, and the combined file written; the folders are made and
+removed outside the timed runs). Printed: ms per point, the ratio to the baseline
+(target: with a results directory within 2x of the loop), what storage adds per point,
+and the CPU time per point (of this process, and for the 2-worker rows of this process
+plus the workers, measured on a second set of runs). The load average is printed: on a
+machine whose cores other processes use, the 2-worker rows measure the competition, not
+the sweep.
 
     python bench/sweep.py [--alpha-max 1e4] [--K 6] [--repeat 2] [--points 64]
     python bench/sweep.py --overhead-only
@@ -25,6 +28,7 @@ other processes use, the 2-worker rows measure the competition, not the sweep.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -168,14 +172,18 @@ def scaling(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - t:.2f} s")
 
 
-def _per_point(fn, n: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    """Best of ``repeat`` wall times of ``fn()``, in ms per point."""
-    best = float("inf")
+def _per_point(fn, n: int, repeat: int, cpu=None):  # type: ignore[no-untyped-def]
+    """Best of ``repeat`` wall times of ``fn()``, in ms per point; with ``cpu`` (a function
+    returning the CPU seconds used so far), also the CPU ms per point of that run."""
+    best = (float("inf"), 0.0)
     for _ in range(repeat):
+        c = cpu() if cpu is not None else 0.0
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best / n * 1e3
+        wall = time.perf_counter() - t
+        used = cpu() - c if cpu is not None else 0.0
+        best = min(best, (wall, used))
+    return best[0] / n * 1e3, best[1] / n * 1e3
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -200,35 +208,54 @@ def overhead(args: argparse.Namespace) -> None:
           f"load average before: {os.getloadavg()[0]:.2f}")
     for e in points[:2]:
         e.run()  # warm up this process
-    loop = _per_point(lambda: [e.run() for e in points], n, args.repeat)
-    rows = [("plain loop over Experiment.run() (baseline)", loop)]
+    loop, loop_cpu = _per_point(lambda: [e.run() for e in points], n, args.repeat,
+                                time.process_time)
+    rows = [("plain loop over Experiment.run() (baseline)", loop, loop_cpu, None)]
 
-    def timed(label: str, **kw: object) -> None:
-        def once(store: bool) -> None:
-            with tempfile.TemporaryDirectory() as tmp:
-                sweep.run(results_dir=tmp if store else None, progress=False,
+    def timed(label: str, cpu, **kw: object) -> None:  # type: ignore[no-untyped-def]
+        # every timed run stores into a fresh, empty folder, made (and removed) untimed
+        with tempfile.TemporaryDirectory() as parent:
+            folders = (Path(parent) / str(i) for i in itertools.count())
+
+            def once(store: bool) -> None:
+                sweep.run(results_dir=next(folders) if store else None, progress=False,
                           **kw)  # type: ignore[arg-type]
 
-        for store in (False, True):
-            rows.append((f"{label}, {'with' if store else 'no'} results_dir",
-                         _per_point(lambda: once(store), n, args.repeat)))  # noqa: B023
+            for store in (False, True):
+                wall, used = _per_point(lambda: once(store), n, args.repeat,  # noqa: B023
+                                        time.process_time)
+                workers = None
+                if cpu is not None:  # the same runs again, counting the workers' CPU too
+                    workers = _per_point(lambda: once(store), n, args.repeat,  # noqa: B023
+                                         cpu)[1]
+                rows.append((f"{label}, {'with' if store else 'no'} results_dir", wall,
+                             used, workers))
 
-    timed("sweep synchronous", scheduler="synchronous")
+    timed("sweep synchronous", None, scheduler="synchronous")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         sweep.run(scheduler=client, progress=False)  # warm the workers
         with tempfile.TemporaryDirectory() as tmp:
             sweep.run(scheduler=client, progress=False, results_dir=tmp)
-        timed("sweep on 2 warm worker processes", scheduler=client)
-    for label, ms in rows:
-        print(f"  {label:<52} {ms:8.2f} ms per point  {ms / loop:6.2f}x the loop")
-    by = dict(rows)
+
+        def cpu() -> float:  # CPU seconds of this process and of the workers
+            return time.process_time() + sum(client.run(time.process_time).values())
+
+        timed("sweep on 2 warm worker processes", cpu, scheduler=client)
+    print(f"  {'':<52} {'wall':>8} {'':<12} {'ratio':>6}   CPU ms per point")
+    for label, ms, used, total in rows:
+        where = (f"this process {used:.2f}" if total is None else
+                 f"this process {used:.2f}, with the workers {total:.2f}")
+        print(f"  {label:<52} {ms:8.2f} ms per point  {ms / loop:6.2f}x the loop   {where}")
+    by = {label: ms for label, ms, _, _ in rows}
     for label in ("sweep synchronous", "sweep on 2 warm worker processes"):
         extra = by[f"{label}, with results_dir"] - by[f"{label}, no results_dir"]
         print(f"  storage adds {extra:+.2f} ms per point ({extra / loop:+.2f}x the loop), "
               f"{label}")
     print(f"  (target: with results_dir <= 2x the loop; load average "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; 2 workers and this "
+          "process (client and scheduler) share the cores: on 2 cores the 2-worker wall "
+          "time is at least their CPU time / 2)")
 
 
 if __name__ == "__main__":

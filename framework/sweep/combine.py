@@ -79,7 +79,8 @@ def fill_value(dtype: np.dtype) -> tuple[Any, np.dtype, str]:
 
 def label_dimensions(ds: xr.Dataset) -> xr.Dataset:
     """``ds`` with ``arange(size)`` as coordinate of each dimension that has no index."""
-    missing = [d for d in ds.dims if d not in ds.indexes]
+    indexes = ds.indexes  # built on every access
+    missing = [d for d in ds.dims if d not in indexes]
     if not missing:
         return ds
     return ds.assign_coords({
@@ -222,6 +223,41 @@ def _attrs_merger() -> Any:
     return None  # pragma: no cover - a layout of xarray we do not know: no fast path
 
 
+#: Attr value types for which xarray's ``equivalent(a, b)`` is ``a == b or both NaN``.
+_PLAIN = frozenset({str, int, float, bool})
+
+
+def _drop_conflicts(attrs: Sequence[Mapping[Any, Any]], merge_attrs: Any) -> dict[Any, Any]:
+    """``merge_attrs(attrs, combine_attrs="drop_conflicts")``, faster for plain values.
+
+    The same loop as xarray's (a key's first value is kept unless a later one is not
+    equivalent to it; then the key is dropped, also for later parts), with its
+    ``equivalent`` written out for pairs of :data:`_PLAIN` values; any other pair (an
+    array, a list, a numpy scalar) makes it hand the whole merge to xarray.
+    """
+    head = attrs[0]
+    if all(a is head for a in attrs[1:]):
+        return dict(head)
+    result: dict[Any, Any] = {}
+    dropped: set[Any] = set()
+    for part in attrs:
+        for key, value in part.items():
+            if key in dropped:
+                continue
+            if key not in result:
+                result[key] = value
+                continue
+            kept = result[key]
+            if kept is value:
+                continue
+            if type(kept) not in _PLAIN or type(value) not in _PLAIN:
+                return dict(merge_attrs(list(attrs), combine_attrs="drop_conflicts"))
+            if not (kept == value or (kept != kept and value != value)):
+                del result[key]
+                dropped.add(key)
+    return result
+
+
 def _stack_uniform(parts: Sequence[xr.Dataset],
                    coords: Mapping[str, np.ndarray]) -> xr.Dataset | None:
     """:func:`combine_parts` of parts of one structure by stacking arrays; None if not.
@@ -238,21 +274,23 @@ def _stack_uniform(parts: Sequence[xr.Dataset],
         return None
 
     def drop_conflicts(attrs: list[Mapping[Any, Any]]) -> dict[Any, Any]:
-        return dict(merge_attrs(attrs, combine_attrs="drop_conflicts"))
+        return _drop_conflicts(attrs, merge_attrs)
 
     first = parts[0]
     layout = {name: (var.dims, var.shape, var.dtype) for name, var in first.variables.items()}
     coord_names = set(first.coords)
     if any(d in layout for d in coords):
         return None
+    first_indexes = first.indexes
     for part in parts[1:]:
         if set(part.coords) != coord_names or len(part.variables) != len(layout):
             return None
         for name, var in part.variables.items():
             if layout.get(name) != (var.dims, var.shape, var.dtype):
                 return None
-        for dim, index in first.indexes.items():
-            if dim not in part.indexes or not part.indexes[dim].equals(index):
+        indexes = part.indexes  # built on every access
+        for dim, index in first_indexes.items():
+            if dim not in indexes or not indexes[dim].equals(index):
                 return None
     dims = tuple(coords)
     shape = tuple(len(c) for c in coords.values())
@@ -266,7 +304,7 @@ def _stack_uniform(parts: Sequence[xr.Dataset],
     for name, var in first.variables.items():
         key = str(name)
         is_coord = name in coord_names
-        if name in first.indexes:
+        if name in first_indexes:
             out_coords[key] = var.copy(deep=False)
             continue
         if is_coord:
@@ -317,15 +355,17 @@ def combine_sweep(
     shape = sweep.shape
     for key in dims:
         combined[key].attrs.update({"long_name": f"sweep parameter {key}", "units": "1"})
-    combined["sweep_failed"] = (dims, failed.reshape(shape), {
-        "long_name": "the analyzer raised an exception at this sweep point",
-        "units": "1"})
-    combined["sweep_error"] = (dims, errors.reshape(shape), {
-        "long_name": "exception raised at this sweep point ('' if none)",
-        "units": "1"})
-    combined["sweep_sha256"] = (dims, np.array(keys, dtype=object).reshape(shape), {
-        "long_name": "sha256 of the point specification (its key in points/)",
-        "units": "1"})
+    combined = combined.assign({  # one merge for the three (not one each)
+        "sweep_failed": (dims, failed.reshape(shape), {
+            "long_name": "the analyzer raised an exception at this sweep point",
+            "units": "1"}),
+        "sweep_error": (dims, errors.reshape(shape), {
+            "long_name": "exception raised at this sweep point ('' if none)",
+            "units": "1"}),
+        "sweep_sha256": (dims, np.array(keys, dtype=object).reshape(shape), {
+            "long_name": "sha256 of the point specification (its key in points/)",
+            "units": "1"}),
+    })
     attrs_ = {k: v for k, v in combined.attrs.items()
               if not k.startswith(("spec.", "symphase_", "sweep."))}
     attrs_.update(provenance_attrs(sweep.experiment, analyzer))

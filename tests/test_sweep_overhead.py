@@ -1,0 +1,162 @@
+"""Per-point overhead of sweeps (issue 16 item 4): the fast paths give what the slow ones do.
+
+- the attrs merge of the stacked combination (``drop_conflicts``) equals xarray's;
+- records of already flat attrs are byte-identical to those of the flattening path;
+- task locks: on Linux a byte of one shared lock file (no file per task) that excludes
+  like the per-task ``flock`` did (another descriptor of this process, another process,
+  released when the holder dies), with the per-task files where those locks are refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from framework.results import flatten_attrs
+from framework.sweep import POINTS_DIR, storage
+from framework.sweep import combine as combine_mod
+from framework.sweep.storage import acquire, encode_point, prepare
+
+KEYS = ["a" * 64, "b" * 64, "a" * 15 + "c" * 49]  # the first and the third share a byte
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the attrs merge ----------------------------------------------------------------------
+VALUES = ["a", "b", "", 1, 2, 0, 1.0, 2.5, True, False, float("nan"), float("nan"),
+          np.float64(1.0), np.int64(2), np.array([1, 2]), [1, 2], None]
+
+
+def test_drop_conflicts_equals_xarrays_merge_attrs():
+    merge = combine_mod._attrs_merger()
+    if merge is None:  # pragma: no cover - an xarray layout without merge_attrs
+        pytest.skip("xarray's merge_attrs is not importable")
+    rng = random.Random(16)
+    names = [f"k{i}" for i in range(5)]
+    for _ in range(3000):
+        parts = []
+        for _ in range(rng.randint(1, 5)):
+            chosen = rng.sample(names, rng.randint(0, len(names)))
+            parts.append({k: rng.choice(VALUES) for k in chosen})
+        if rng.random() < 0.2:
+            parts = [parts[0]] * len(parts)  # the very same dict (a shared attrs object)
+        fast = combine_mod._drop_conflicts(parts, merge)
+        slow = dict(merge(parts, combine_attrs="drop_conflicts"))
+        assert list(fast) == list(slow), parts  # same keys in the same order
+        assert all(fast[k] is slow[k] for k in fast), parts  # the same (first) values
+
+
+# -- records ------------------------------------------------------------------------------
+def point(attrs: dict, var_attrs: dict) -> xr.Dataset:
+    return xr.Dataset({"x": ("a", np.arange(3.0), var_attrs), "s": ((), "txt")},
+                      coords={"a": ("a", [1, 2, 3], {"units": "1"})}, attrs=attrs)
+
+
+@pytest.mark.parametrize(("attrs", "var_attrs"), [
+    ({"eta": 0.1, "K": 2, "name": "plain", "v": float("nan")}, {"units": "1", "n": 3}),
+    ({"flag": True, "n": np.int64(3), "x": np.float32(0.5), "none": None, "l": [1, 2],
+      "nested": {"a": 1, "b": {"c": "d"}}}, {"ok": np.bool_(True), "arr": np.arange(2)}),
+    ({}, {}),
+])
+def test_records_of_flat_attrs_equal_those_of_the_flattening_path(monkeypatch, attrs,
+                                                                  var_attrs):
+    key = KEYS[0]
+    fast, kept = encode_point(key, point(attrs, var_attrs))
+    monkeypatch.setattr(storage, "_flat", flatten_attrs)  # always flatten (the old path)
+    slow, kept_slow = encode_point(key, point(attrs, var_attrs))
+    assert fast == slow
+    xr.testing.assert_identical(kept, kept_slow)
+    assert kept.attrs == flatten_attrs(attrs)
+
+
+# -- locks --------------------------------------------------------------------------------
+linux_only = pytest.mark.skipif(storage._OFD is None, reason="open-file-description locks")
+
+
+@linux_only
+def test_task_locks_are_bytes_of_one_file_and_exclude_like_flock(tmp_path):
+    prepare(tmp_path)
+    first = acquire(tmp_path, KEYS[0])
+    assert first is not None
+    assert acquire(tmp_path, KEYS[0]) is None  # another descriptor of this process
+    other = acquire(tmp_path, KEYS[1])
+    assert other is not None  # another task: its own byte
+    assert acquire(tmp_path, KEYS[2]) is None  # a key of the same byte waits for it too
+    first.release()
+    again = acquire(tmp_path, KEYS[0])
+    assert again is not None
+    again.release()
+    other.release()
+    locks = tmp_path / POINTS_DIR / ".locks"
+    assert sorted(p.name for p in locks.iterdir()) == ["points.lock"]  # no file per task
+
+
+@linux_only
+def test_a_task_lock_held_by_a_killed_process_is_released(tmp_path):
+    prepare(tmp_path)
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from framework.sweep.storage import acquire
+        lock = acquire(Path({str(tmp_path)!r}), {KEYS[0]!r})
+        print("held" if lock is not None else "busy", flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        assert acquire(tmp_path, KEYS[0]) is None  # held by the other process
+        mine = acquire(tmp_path, KEYS[1])
+        assert mine is not None
+        mine.release()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        lock = None
+        while lock is None and time.monotonic() < deadline:  # released by the kernel
+            lock = acquire(tmp_path, KEYS[0], wait=True)
+        assert lock is not None
+        lock.release()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_per_task_lock_files_where_byte_locks_are_refused(tmp_path, monkeypatch):
+    pytest.importorskip("fcntl")
+
+    def refused(path: Path, key: str, wait: bool) -> None:
+        raise OSError(errno.EINVAL, "byte-range locks not supported here")
+
+    monkeypatch.setattr(storage, "_lock_slot", refused)
+    prepare(tmp_path)
+    lock = acquire(tmp_path, KEYS[0])
+    assert lock is not None
+    assert (tmp_path / POINTS_DIR / ".locks" / f"{KEYS[0]}.lock").exists()
+    assert acquire(tmp_path, KEYS[0]) is None
+    lock.release()
+    again = acquire(tmp_path, KEYS[0])
+    assert again is not None
+    again.release()
+
+
+@linux_only
+def test_other_errors_of_byte_locks_are_raised(tmp_path, monkeypatch):
+    def broken(path: Path, key: str, wait: bool) -> None:
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(storage, "_lock_slot", broken)
+    prepare(tmp_path)
+    with pytest.raises(OSError, match="input/output"):
+        acquire(tmp_path, KEYS[0])
