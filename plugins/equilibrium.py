@@ -40,7 +40,12 @@ from framework import (
     hookimpl,
     theory,
 )
-from framework.datasets import order_parameter_variables, trajectory_dataset, variable
+from framework.datasets import (
+    add_input_spaces,
+    order_parameter_variables,
+    trajectory_dataset,
+    variable,
+)
 from framework.theory import Engine
 from framework.theory import equilibrium as eq
 from framework.validators import (
@@ -381,6 +386,8 @@ class FixedPointAnalyzer(Analyzer):
     description: ClassVar[str] = "fixed points of the ODE in the symmetric subspace (branches)"
     #: The fixed points and Jacobians are those of the experiment's learning rule.
     supports_learning_rules: ClassVar[bool] = True
+    #: Structured inputs: the state per input eigenspace (Q_space, R_space).
+    supports_structured_inputs: ClassVar[bool] = True
 
     eta: float | None = _option("eta")
     second_order: bool = _option("second_order")
@@ -413,6 +420,10 @@ def fixedpoint_dataset(
     nb = len(br.points)
     Q = np.array([fp.Q for fp in br.points])
     R = np.array([fp.R for fp in br.points])
+    inputs = model.input_distribution()
+    Q_l, R_l = (None, None) if inputs.isotropic else (Q, R)
+    if Q_l is not None:  # per input eigenspace: Q, R the pre-activation covariances
+        Q, R = inputs.total(Q_l), inputs.total(R_l)
     lam = np.array(br.eigvals)
     kinds, fracs = [], []
     for fp, lam_b, vec in zip(br.points, br.eigvals, br.eigvecs, strict=True):
@@ -446,8 +457,9 @@ def fixedpoint_dataset(
             "fraction of the most unstable eigenvector's norm inside the symmetric subspace"),
         "is_plateau": variable(np.arange(nb) == br.plateau, ("branch",),
                            "the plateau branch (attr plateau_rule)"),
-        "specialized": variable(eq.specialized(R), ("branch",),
-                            "students distinguished (R_in not the same for all students i)"),
+        "specialized": variable(
+            eq.specialized(R) if R_l is None else np.any(eq.specialized(R_l), axis=-1),
+            ("branch",), "students distinguished (R_in not the same for all students i)"),
         "start": variable(np.array([fp.start for fp in br.points], dtype=object), ("branch",),
                       "first start that converged to this branch"),
     }
@@ -465,7 +477,8 @@ def fixedpoint_dataset(
     })
     if norm.is_diagonal_scale():
         fixed = norm.parameters(model.K)
-        s = np.array([norm.scale(fp.Q, {**fixed, **fp.params}) for fp in br.points])
+        s = np.array([norm.scale(q, {**fixed, **fp.params})
+                      for q, fp in zip(Q, br.points, strict=True)])
         if invariant or not np.all(s == 1.0):
             data["Q_norm"] = variable(s[:, :, None] * Q * s[:, None, :],
                                   ("branch", "student", "student_"),
@@ -501,6 +514,8 @@ def fixedpoint_dataset(
             **_engine_attrs(experiment, br.engine),
         },
     )
+    if Q_l is not None and R_l is not None:
+        add_input_spaces(ds, inputs, Q_l, R_l, ("branch",))
     return ds
 
 
@@ -592,6 +607,9 @@ class HessianAnalyzer(_PointSpectrum):
     description: ClassVar[str] = "exact weight-space Hessian spectrum of eps_g (any N)"
     #: The Hessian does not depend on the rule; the branches where it is evaluated do.
     supports_learning_rules: ClassVar[bool] = True
+    #: Structured inputs: one span block over the eigenspaces and one complement block per
+    #: eigenspace (multiplicity N_l - rank_l), at the fixed points per eigenspace.
+    supports_structured_inputs: ClassVar[bool] = True
 
     flag_plateau: bool = _option("flag_plateau")
     horizon: float = _option("horizon")
@@ -612,6 +630,9 @@ class HessianAnalyzer(_PointSpectrum):
         if self.at is not None:
             eng = _engine(experiment)
             Q, R = np.array(self.at.Q), np.array(self.at.R)
+            inputs = model.input_distribution()
+            if not inputs.isotropic:  # J J^T / N spread over the input eigenspaces
+                Q, R = inputs.lift(Q), inputs.lift(R)
             if invariant and q is not None:
                 Q, R = eq.rescale_weight_norm(Q, R, q)
             points = [(Q, R)]
@@ -635,7 +656,7 @@ class HessianAnalyzer(_PointSpectrum):
                  for (Q, R), pp in zip(points, point_params, strict=True)]
         ref = eq.symmetric_subspace(model, "exchangeable")
         K, M = model.K, model.M
-        n_eigen = max(s.span.size for s in specs) + K
+        n_eigen = max(s.span.size for s in specs) + max(s.complement.size for s in specs)
         nb = len(specs)
         values = np.full((nb, n_eigen), np.nan)
         mult = np.zeros((nb, n_eigen), dtype=np.int64)
@@ -645,13 +666,14 @@ class HessianAnalyzer(_PointSpectrum):
             if N < spec.dim_span:
                 raise SpecificationError(
                     f"'N' must be >= dim S = {spec.dim_span} (the span of the weights), got {N}")
-            ns = spec.span.size
+            ns, nc = spec.span.size, spec.complement.size
             values[b, :ns] = spec.span
-            values[b, ns:ns + K] = spec.complement
+            values[b, ns:ns + nc] = spec.complement
             mult[b, :ns] = 1
-            mult[b, ns:ns + K] = N - spec.dim_span
+            mult[b, ns:ns + nc] = spec.complement_multiplicity(N)
             block[b, :ns] = "span"
-            block[b, ns:ns + K] = "complement"
+            block[b, ns:ns + nc] = "complement" if spec.inputs is None else \
+                [f"complement@{ell}" for ell in spec.complement_space]
             kind, frac = eq.classify_direction(
                 ref, spec.escape_dQ, spec.escape_dR, Q, R, block=spec.escape_block)
             kinds.append(kind)
@@ -659,9 +681,16 @@ class HessianAnalyzer(_PointSpectrum):
         lam_min = np.array([s.lambda_min for s in specs])
         tol = 1e-9 * np.maximum(1.0, np.abs(lam_min))
         lam_min_mult = np.where(np.abs(values - lam_min[:, None]) <= tol[:, None], mult, 0).sum(1)
+        inputs = model.input_distribution()
+        Qb, Rb = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+        spaces = Qb.ndim == 4  # per input eigenspace (structured inputs)
+        lead = ("eigenspace",) if spaces else ()
         data = {
-            **order_parameter_variables(np.array([p[0] for p in points]),
-                                        np.array([p[1] for p in points]), dims=("branch",)),
+            **order_parameter_variables(inputs.total(Qb) if spaces else Qb,
+                                        inputs.total(Rb) if spaces else Rb, dims=("branch",)),
+            "lambda_max": variable([s.lambda_max for s in specs], ("branch",),
+                                   "largest Hessian eigenvalue (bounds the stable learning "
+                                   "rate of gradient descent on eps_g)"),
             "eigenvalue": variable(values, ("branch", "eigen"),
                                "Hessian eigenvalue of eps_g w.r.t. W = J/sqrt(N) (NaN: padding)"),
             "multiplicity": variable(mult, ("branch", "eigen"),
@@ -683,17 +712,19 @@ class HessianAnalyzer(_PointSpectrum):
                 fracs, ("branch",), "fraction of |(dQ, dR)| of the escape mode inside the "
                 "symmetric subspace"),
             "escape_dQ": variable(np.array([s.escape_dQ for s in specs]),
-                              ("branch", "student", "student_"),
-                              "first-order change of Q along the unit escape mode dW"),
+                              ("branch", *lead, "student", "student_"),
+                              "first-order change of Q along the unit escape mode dW"
+                              + (" (per input eigenspace)" if spaces else "")),
             "escape_dR": variable(np.array([s.escape_dR for s in specs]),
-                              ("branch", "student", "teacher"),
-                              "first-order change of R along the unit escape mode dW"),
+                              ("branch", *lead, "student", "teacher"),
+                              "first-order change of R along the unit escape mode dW"
+                              + (" (per input eigenspace)" if spaces else "")),
             "eps_g": variable(eps, ("branch",), "generalization error"),
             "is_plateau": variable(np.arange(nb) == plateau, ("branch",),
                                "the plateau branch (attr plateau_rule)"),
         }
         data.update(_hessian_error_variables(specs, eng, n_eigen))
-        wn = [float(np.mean(np.diagonal(p[0]))) for p in points]
+        wn = [eq.weight_norm_of(p[0]) for p in points]
         ds = xr.Dataset(
             data,
             coords={
@@ -706,7 +737,11 @@ class HessianAnalyzer(_PointSpectrum):
                 **_common_attrs(experiment, eta, self.second_order),
                 "N": N,
                 "multiplicity_formula": "span eigenvalues: 1; complement eigenvalues: N - dim S "
-                "(dim S = dim_span)",
+                "(dim S = dim_span)" if not spaces else "span eigenvalues: 1; complement "
+                "eigenvalues of input eigenspace l (block 'complement@l', lambda_l (G + "
+                "G^T)): N_l - rank_l, N_l = the eigenspace's directions (attr "
+                "input_block_sizes), rank_l that of its realization (dim_span = sum_l "
+                "rank_l)",
                 "hessian_coordinates": "W = J / sqrt(N) (Q = W W^T, R = W B^T / sqrt(N)); "
                 "eps_g as a function of the K x N entries of W",
                 "hessian_scaling": "scale-invariant normalization: lambda(c W) = lambda(W) / c^2 "
@@ -717,6 +752,8 @@ class HessianAnalyzer(_PointSpectrum):
                 **_hessian_attrs(experiment, eng),
             },
         )
+        if spaces:
+            add_input_spaces(ds, inputs, Qb, Rb, ("branch",), N=N)
         if invariant and (q is not None or self.at is None):
             ds = ds.assign_coords(weight_norm=((), 1.0 if q is None else float(q), {
                 "long_name": "weight norm Q_ii = |W_i|^2 at which the Hessian is evaluated",
@@ -730,11 +767,10 @@ class HessianAnalyzer(_PointSpectrum):
 
 def _hessian_error_variables(specs: list, eng: Engine, n_eigen: int) -> dict[str, Any]:
     nb = len(specs)
-    K = specs[0].complement.size
     err = np.full((nb, n_eigen), np.nan)
     for b, sp in enumerate(specs):
         err[b, :sp.span.size] = sp.span_error
-        err[b, sp.span.size:sp.span.size + K] = sp.complement_error
+        err[b, sp.span.size:sp.span.size + sp.complement.size] = sp.complement_error
     out = {
         "eigenvalue_error": variable(err, ("branch", "eigen"),
                                  "error estimate of the eigenvalue (standard error of replicate "

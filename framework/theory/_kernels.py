@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -243,6 +244,17 @@ def readout_gradient(
 # --------------------------------------------------------------------------------------
 
 
+def _prepared(Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike | None,
+              w: ArrayLike | None) -> tuple[int, int, Array, Array, Array, Array, Any]:
+    """``(K, M, s, Sigma~, w, a = -w[:K], arange(K))`` of the arguments of the closed
+    forms below."""
+    Q, R, T = (np.asarray(x, dtype=np.float64) for x in (Q, R, T))
+    K, M = R.shape
+    s = _scale(s, K)
+    w = _weights(w, K, M)
+    return K, M, s, effective_covariance(Q, R, T, s), w, -w[:K], np.arange(K)
+
+
 def drift_moments(
     Q: ArrayLike,
     R: ArrayLike,
@@ -258,13 +270,7 @@ def drift_moments(
     -(Gbar + Gbar^T)`` the statistics' term (zeros without ``ds_dQ``), ``E[a a^T]`` zeros
     with ``second_order=False``. :func:`ode_rhs_reference` assembles the isotropic ODE
     from them; :mod:`framework.theory.spectral` the ODE per input eigenspace."""
-    Q, R, T = (np.asarray(a, dtype=np.float64) for a in (Q, R, T))
-    K, M = R.shape
-    s = _scale(s, K)
-    St = effective_covariance(Q, R, T, s)
-    w = _weights(w, K, M)
-    a = -w[:K]  # the student's effective output weights
-    idx = np.arange(K)
+    K, _, s, St, w, a, idx = _prepared(Q, R, T, s, w)
     dv = a[:, None] * np.einsum("b,ibc->ic", w, I3(St, idx))  # a_i E[delta~_i u~_c]
     au = s[:, None] * dv
     au[:, :K] /= s[None, :]  # E[a_i x_k] = E[a_i x~_k] / s_k
@@ -278,6 +284,35 @@ def drift_moments(
         dd = np.einsum("c,d,ikcd->ik", w, w, I4(St, idx)) + noise_var * J2(St, idx)
         aa = np.outer(s, s) * (np.outer(a, a) * 0.5 * (dd + dd.T))
     return au, C, aa
+
+
+def stein_matrix(
+    Q: ArrayLike,
+    R: ArrayLike,
+    T: ArrayLike,
+    s: ArrayLike | None = None,
+    w: ArrayLike | None = None,
+) -> Array:
+    """``E[grad_u a]`` (K, K + M): the expected derivative of the per-sample gradient
+    ``a_i = -d eps / dx_i`` with respect to the raw pre-activations ``u = (x, y)``
+    (Stein's lemma: ``E[a u^T] = E[grad_u a] Sigma``), in closed form and without
+    inverting ``Sigma`` (analytic across the boundary of the PSD cone)::
+
+        a_i = s_i a_i' g'(x~_i) e,   e = w . g(u~),   a' = -w[:K]
+        d a_i / d x_k = s_i a_i' (delta_ik s_i E[g''(x~_i) e] + s_k w_k E[g'(x~_i) g'(x~_k)])
+        d a_i / d y_n = s_i a_i' w_n E[g'(x~_i) g'(y_n)]
+
+    with ``g''(u) = -u g'(u)`` (erf): ``E[g''(x~_i) e] = -sum_b w_b I3[i, b, i]``. The
+    output noise adds nothing (zero mean, independent). The path through the population
+    statistics is not included (the ``C`` of :func:`drift_moments`)."""
+    K, M, s, St, w, a, idx = _prepared(Q, R, T, s, w)
+    d1 = 1.0 + np.diag(St)
+    gg = (2.0 / np.pi) / np.sqrt(np.outer(d1[:K], d1) - St[:K, :] ** 2)  # E[g'(u~_i) g'(u~_c)]
+    gpp_e = -np.einsum("b,ib->i", w, I3(St, idx)[idx, :, idx])  # E[g''(x~_i) e]
+    scale_c = np.concatenate([s, np.ones(M)])  # d u~_c / d u_c
+    A = (s * a)[:, None] * gg * (w * scale_c)[None, :]
+    A[idx, idx] += s * a * s * gpp_e
+    return A
 
 
 def ode_rhs_reference(

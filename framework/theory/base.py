@@ -115,6 +115,10 @@ class Drift:
     ----------
     au : ndarray (r, K, K + M)
         ``E[a u^T]``.
+    A : ndarray (r, K, K + M)
+        ``E[grad_u a]``, with ``E[a u^T] = A Sigma`` (Stein's lemma): what the rates per
+        input eigenspace need (an exact engine gives it in closed form, smooth across
+        the boundary of the PSD cone; else ``E[a u^T] Sigma^+``).
     C : ndarray (r, K, K)
         ``-(Gbar + Gbar^T)``, ``Gbar = E[d eps / d stats]`` pulled back to ``Q`` (the
         path through the population statistics; zeros without statistics).
@@ -130,6 +134,7 @@ class Drift:
     """
 
     au: np.ndarray
+    A: np.ndarray
     C: np.ndarray
     aa: np.ndarray
     dparams: dict[str, np.ndarray]
@@ -573,6 +578,15 @@ class Engine(abc.ABC):
         nan = {k: np.full(K, np.nan) for k in self.trainable}
         return Rates(np.full((K, K), np.nan), np.full((K, M), np.nan), nan, math.nan,
                      np.full((K, K), np.nan), np.full((K, M), np.nan), dict(nan), math.nan)
+
+
+def pinv_psd(S: np.ndarray) -> np.ndarray:
+    """Pseudo-inverse of a symmetric PSD matrix (eigenvalues below ``1e-13`` of the
+    largest treated as 0)."""
+    lam, vec = np.linalg.eigh(0.5 * (S + S.T))
+    cut = 1e-13 * max(float(np.max(np.abs(lam))), 1e-300)
+    inv = np.where(lam > cut, 1.0 / np.where(lam > cut, lam, 1.0), 0.0)
+    return (vec * inv) @ vec.T
 
 
 #: Largest ``alpha`` an integration may reach, and the largest ``alpha * rate``

@@ -214,12 +214,14 @@ class ClosedFormEngine(Engine):
         s, ds, dth = self._scale(Q, p)
         w = self.error_weights(p)
         au, C, aa = _theory.drift_moments(Q, R, self.T, s, ds, self.noise, second_order, w)
+        A = _theory.stein_matrix(Q, R, self.T, s, w)
         eps, edx = _theory.scale_moments(Q, R, self.T, s, self.noise, w)
         edx = -w[:self.K] * edx
         dp = {k: (eta * edx @ dth[k])[None] for k in self.scale_trainable}
         dE_da = (_theory.readout_gradient(Q, R, self.T, s, w)[None]
                  if self.model_trainable else None)
-        return Drift(au[None], C[None], aa[None], dp, dE_da, np.array([float(eps)]))
+        return Drift(au[None], A[None], C[None], aa[None], dp, dE_da,
+                     np.array([float(eps)]))
 
     def weight_moments(
         self,

@@ -86,8 +86,10 @@ __all__ = [
     "sorted_eigen",
     "specialized",
     "symmetric_subspace",
+    "teacher_overlaps",
     "to_order_parameters",
     "unstable_vector",
+    "weight_norm_of",
     "weight_space_hessian",
 ]
 
@@ -118,16 +120,25 @@ def _engine(
 # --------------------------------------------------------------------------------------
 
 
+def _unit_norms(Q: np.ndarray, spaces: bool) -> np.ndarray:
+    """``Q_ii`` (the squared weight norms); with ``spaces`` (axis -3 the input
+    eigenspace) their sum over the eigenspaces, ``|J_i|^2 / N``, kept on axis -3."""
+    d = np.diagonal(Q, axis1=-2, axis2=-1)
+    return d.sum(axis=-2, keepdims=True) if spaces else d
+
+
 def angular_rhs(
-    Q: np.ndarray, R: np.ndarray, dQ: np.ndarray, dR: np.ndarray
+    Q: np.ndarray, R: np.ndarray, dQ: np.ndarray, dR: np.ndarray, *, spaces: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Project a flow ``(dQ, dR)`` on the angles (norm changes removed).
 
     ``dQ_ik - Q_ik (dQ_ii / 2Q_ii + dQ_kk / 2Q_kk)`` (zero on the diagonal) and
     ``dR_in - R_in dQ_ii / 2Q_ii``: ``q`` times the rate of change of the angles
-    ``Q_ik / sqrt(Q_ii Q_kk)``, ``R_in / sqrt(Q_ii)`` when ``Q_ii = q``.
+    ``Q_ik / sqrt(Q_ii Q_kk)``, ``R_in / sqrt(Q_ii)`` when ``Q_ii = q``. ``spaces``: the
+    state is per input eigenspace (axis -3, :mod:`framework.inputs`) and the norms are
+    ``sum_l Q_l,ii`` (what a scale-invariant normalization's gradient conserves).
     """
-    rate = np.diagonal(dQ, axis1=-2, axis2=-1) / (2.0 * np.diagonal(Q, axis1=-2, axis2=-1))
+    rate = _unit_norms(dQ, spaces) / (2.0 * _unit_norms(Q, spaces))
     aQ = dQ - Q * (rate[..., :, None] + rate[..., None, :])
     aR = dR - R * rate[..., :, None]
     return aQ, aR
@@ -136,9 +147,10 @@ def angular_rhs(
 def rescale_weight_norm(
     Q: np.ndarray, R: np.ndarray, weight_norm: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rescale each student vector to ``Q_ii = weight_norm`` (angles kept)."""
-    c = np.sqrt(weight_norm / np.diagonal(Q))
-    return Q * np.outer(c, c), R * c[:, None]
+    """Rescale each student vector to ``Q_ii = weight_norm`` (angles kept); a state per
+    input eigenspace (``Q (L, K, K)``) to ``sum_l Q_l,ii = weight_norm``."""
+    c = np.sqrt(weight_norm / _unit_norms(Q, Q.ndim == 3))
+    return Q * c[..., :, None] * c[..., None, :], R * c[..., :, None]
 
 
 # --------------------------------------------------------------------------------------
@@ -166,6 +178,9 @@ class SymmetricSubspace:
     names: tuple[str, ...]
     masks_Q: np.ndarray = attrs.field(eq=False)
     masks_R: np.ndarray = attrs.field(eq=False)
+    #: number of input eigenspaces of a state per eigenspace (0: isotropic inputs); the
+    #: coordinates are then ``name[l]`` and the masks ``(p, L, K, K)``, ``(p, L, K, M)``
+    spaces: int = 0
 
     @property
     def size(self) -> int:
@@ -178,9 +193,11 @@ class SymmetricSubspace:
 
     def project(self, Q: np.ndarray, R: np.ndarray) -> np.ndarray:
         """Coordinates of the orthogonal projection (means over each support)."""
-        count = self.masks_Q.sum(axis=(1, 2)) + self.masks_R.sum(axis=(1, 2))
-        total = np.tensordot(self.masks_Q, Q, axes=([1, 2], [-2, -1])) + np.tensordot(
-            self.masks_R, R, axes=([1, 2], [-2, -1])
+        axes = tuple(range(1, self.masks_Q.ndim))
+        back = list(range(-len(axes), 0))
+        count = self.masks_Q.sum(axis=axes) + self.masks_R.sum(axis=axes)
+        total = np.tensordot(self.masks_Q, Q, axes=(list(axes), back)) + np.tensordot(
+            self.masks_R, R, axes=(list(axes), back)
         )
         return np.moveaxis(total, 0, -1) / count
 
@@ -243,7 +260,17 @@ def symmetric_subspace(model: Model, kind: str = "auto") -> SymmetricSubspace:
             col = np.zeros((K, M))
             col[:, n] = 1.0
             mR.append(col)
-    return SymmetricSubspace(kind, K, M, tuple(names), np.array(mQ), np.array(mR))
+    inputs = model.input_distribution()
+    if inputs.isotropic:
+        return SymmetricSubspace(kind, K, M, tuple(names), np.array(mQ), np.array(mR))
+    # per input eigenspace: every coordinate once per eigenspace, "name@l"
+    L, p = inputs.L, len(names)
+    bQ, bR = np.zeros((L * p, L, K, K)), np.zeros((L * p, L, K, M))
+    for ell in range(L):
+        bQ[ell * p:(ell + 1) * p, ell] = mQ
+        bR[ell * p:(ell + 1) * p, ell] = mR
+    return SymmetricSubspace(kind, K, M, tuple(f"{n}@{ell}" for ell in range(L) for n in names),
+                             bQ, bR, L)
 
 
 def default_starts(
@@ -263,9 +290,16 @@ def default_starts(
       ``n`` (every student on one teacher).
 
     Each start is projected on the subspace (scale-invariant normalizations rescale
-    it to the requested weight norm afterwards).
+    it to the requested weight norm afterwards). With structured inputs the above are
+    the pre-activation covariances (``T`` replaced by the teacher's, ``mean_eigenvalue *
+    T``), spread over the eigenspaces in proportion to their size: ``Q_l = f_l Q /
+    mean_eigenvalue`` (so that ``sum_l lambda_l Q_l = Q``).
     """
-    K, M, T = model.K, model.M, model.T
+    K, M = model.K, model.M
+    inputs = model.input_distribution()
+    # the scales of the pre-activations: with structured inputs the teacher's covariance
+    # is mean_eigenvalue * T (and the starts below are pre-activation covariances)
+    T = inputs.teacher_covariance(model.T)
     one = np.ones(M)
     uu = float(one @ T @ one)
     a0 = 1.0 / math.sqrt((2 * K - 1) * uu)
@@ -290,6 +324,10 @@ def default_starts(
             coef = np.zeros((K, M))
             coef[:, n] = a0 * math.sqrt(K)
             add(f"teacher {n}", coef)
+    if not inputs.isotropic:  # Q_l = f_l Q / mean_eigenvalue: sum_l lambda_l Q_l = Q
+        mean = inputs.mean_eigenvalue
+        starts = [(label, inputs.lift(Q / mean), inputs.lift(R / mean))
+                  for label, Q, R in starts]
     return starts
 
 
@@ -354,11 +392,28 @@ BRANCH_KINDS = (
 )
 
 
+def weight_norm_of(Q: np.ndarray) -> float:
+    """Mean ``|W_i|^2`` (``Q_ii``; summed over the input eigenspaces of ``Q (L, K, K)``)."""
+    return float(np.mean(_unit_norms(Q, Q.ndim == 3)))
+
+
 def psd_margin(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> float:
-    """Smallest eigenvalue of ``[[Q, R], [R^T, T]]`` relative to ``max(1, largest)``."""
+    """Smallest eigenvalue of ``[[Q, R], [R^T, T]]`` relative to ``max(1, largest)``; for
+    a state per input eigenspace (``Q (L, K, K)``, ``T (L, M, M)``, e.g.
+    :func:`teacher_overlaps`) the smallest over the eigenspaces."""
+    if Q.ndim == 3:
+        return min(psd_margin(q, r, t) for q, r, t in zip(Q, R, T, strict=True))
     cov = np.block([[Q, R], [R.T, T]])
     lam = np.linalg.eigvalsh(cov)
     return float(lam[0] / max(1.0, lam[-1]))
+
+
+def teacher_overlaps(model: Model) -> np.ndarray:
+    """``T`` of the state: the model's ``T``, or ``T_l = f_l T`` per input eigenspace
+    (structured inputs, :mod:`framework.inputs`)."""
+    inputs = model.input_distribution()
+    T = np.asarray(model.T, dtype=float)
+    return T if inputs.isotropic else inputs.lift(T)
 
 
 def to_order_parameters(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> OrderParameters:
@@ -415,13 +470,28 @@ def _richardson_jacobian(fun, x: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 
 def _order_parameter_coordinates(
-    K: int, M: int, norms_held: bool
+    K: int, M: int, norms_held: bool, spaces: int = 0
 ) -> list[tuple[str, int, int]]:
-    """``("Q", i, k)`` (``i <= k``; ``i < k`` when the norms are held) and ``("R", i, n)``."""
-    first = 1 if norms_held else 0
-    coords = [("Q", i, k) for i in range(K) for k in range(i + first, K)]
-    coords += [("R", i, n) for i in range(K) for n in range(M)]
-    return coords
+    """``("Q", i, k)`` (``i <= k``; ``i < k`` when the norms are held) and ``("R", i, n)``.
+
+    A state per input eigenspace (``spaces = L > 0``): ``("Q@l", i, k)`` and ``("R@l", i,
+    n)`` per eigenspace; held norms ``sum_l Q_l,ii`` leave out the diagonal of ``Q@0``."""
+    if not spaces:
+        first = 1 if norms_held else 0
+        coords = [("Q", i, k) for i in range(K) for k in range(i + first, K)]
+        coords += [("R", i, n) for i in range(K) for n in range(M)]
+        return coords
+    out = []
+    for ell in range(spaces):
+        first = 1 if norms_held and ell == 0 else 0
+        out += [(f"Q@{ell}", i, k) for i in range(K) for k in range(i + first, K)]
+        out += [(f"R@{ell}", i, n) for i in range(K) for n in range(M)]
+    return out
+
+
+def _space_of(kind: str) -> int:
+    """The input eigenspace of a coordinate name (``"Q@2"`` -> 2; ``"Q"`` -> 0)."""
+    return int(kind.split("@", 1)[1]) if "@" in kind else 0
 
 
 def canonical_mode(
@@ -462,7 +532,10 @@ class HessianSpectrum:
     """The exact spectrum of the Hessian of ``F(W) = eps_g(W W^T, W Btilde^T)``.
 
     For every ``N >= dim_span`` the ``K N`` eigenvalues are ``span`` (each once) and
-    ``complement`` (each ``N - dim_span`` times).
+    ``complement`` (each ``N - dim_span`` times). With structured inputs the span is that
+    of the projections of the weights on every input eigenspace (``dim_span = sum_l
+    rank_l``), and each eigenspace ``l`` has its complement block ``lambda_l (G + G^T)``
+    with multiplicity ``N_l - rank_l`` (:meth:`complement_multiplicity`).
 
     Attributes
     ----------
@@ -535,11 +608,40 @@ class HessianSpectrum:
     landscape_only: bool = False
     gradient_norm: float = float("nan")
     engine: str = ""
+    #: Structured inputs: the input eigenspace of each complement eigenvalue (``(L K,)``,
+    #: ``lambda_l`` times the eigenvalues of ``G + G^T``), the rank of each eigenspace's
+    #: realization and the input distribution; isotropic: zeros, ``[dim_span]``, None.
+    complement_space: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=int),
+                                               eq=False)
+    space_ranks: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=int), eq=False)
+    inputs: Any = attrs.field(default=None, eq=False)
+
+    @property
+    def lambda_max(self) -> float:
+        """The largest eigenvalue (span or complement): it bounds the stable learning
+        rate of gradient descent on ``F``."""
+        return float(max(np.max(self.span, initial=-np.inf),
+                         np.max(self.complement, initial=-np.inf)))
+
+    def complement_multiplicity(self, N: int) -> np.ndarray:
+        """Multiplicity of each complement eigenvalue at input dimension ``N``: ``N -
+        dim_span``; with structured inputs ``N_l - rank_l`` for eigenspace ``l`` (``N_l``
+        its directions, :meth:`framework.InputDistribution.block_sizes`)."""
+        if self.inputs is None:
+            N = check_int("N", N, minimum=self.dim_span)
+            return np.full(self.complement.size, N - self.dim_span, dtype=np.int64)
+        free = self.inputs.block_sizes(N) - self.space_ranks
+        if np.any(free < 0):
+            raise SpecificationError(
+                f"'N' must give every input eigenspace at least its rank "
+                f"{self.space_ranks.tolist()} of directions, got N = {N} (directions "
+                f"{self.inputs.block_sizes(N).tolist()})")
+        return free[self.complement_space].astype(np.int64)
 
     def full(self, N: int) -> np.ndarray:
         """All ``K N`` eigenvalues at input dimension ``N``, ascending."""
-        N = check_int("N", N, minimum=self.dim_span)
-        return np.sort(np.concatenate([self.span, np.repeat(self.complement, N - self.dim_span)]))
+        mult = self.complement_multiplicity(N)
+        return np.sort(np.concatenate([self.span, np.repeat(self.complement, mult)]))
 
 
 def _realize(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -578,13 +680,15 @@ def classify_direction(
     if total < 1e-12:
         return "null (no first-order change of Q, R)", float("nan")
     # least-squares fit of a pure norm change
-    K = Q.shape[0]
+    K = Q.shape[-1]
     basis = []
     for i in range(K):
         e = np.zeros(K)
         e[i] = 1.0
-        bQ = np.outer(e, Q[i]) + np.outer(Q[i], e)
-        bR = np.outer(e, R[i])
+        # outer products (per input eigenspace for a state of shape (L, K, K))
+        bQ = np.einsum("a,...b->...ab", e, Q[..., i, :]) + \
+            np.einsum("...a,b->...ab", Q[..., i, :], e)
+        bR = np.einsum("a,...b->...ab", e, R[..., i, :])
         basis.append(np.concatenate([bQ.ravel(), bR.ravel()]))
     A = np.array(basis).T
     v = np.concatenate([dQ.ravel(), dR.ravel()])
@@ -652,10 +756,11 @@ def scale_invariance(model: Model, normalization: Normalization) -> str:
 
 
 def common_angular_rhs(
-    Q: np.ndarray, R: np.ndarray, dQ: np.ndarray, dR: np.ndarray
+    Q: np.ndarray, R: np.ndarray, dQ: np.ndarray, dR: np.ndarray, *, spaces: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Remove a common rescaling: ``dQ - Q tr(dQ) / tr(Q)``, ``dR - R tr(dQ) / 2 tr(Q)``."""
-    rate = np.trace(dQ, axis1=-2, axis2=-1) / (2.0 * np.trace(Q, axis1=-2, axis2=-1))
+    """Remove a common rescaling: ``dQ - Q tr(dQ) / tr(Q)``, ``dR - R tr(dQ) / 2 tr(Q)``
+    (``spaces``: traces summed over the input eigenspaces, axis -3)."""
+    rate = _unit_norms(dQ, spaces).sum(axis=-1) / (2.0 * _unit_norms(Q, spaces).sum(axis=-1))
     return dQ - 2.0 * Q * rate[..., None, None], dR - R * rate[..., None, None]
 
 
@@ -668,10 +773,11 @@ def _scaled_flow(eng, invariance, Q, R, params, eta, batch_size, second_order):
                   second_order=not gf, check=False)
     scale = 1.0 if gf else eta
     dQ, dR = r.dQ / scale, r.dR / scale
+    spaces = np.ndim(Q) == 3  # a state per input eigenspace
     if invariance == "unit":
-        dQ, dR = angular_rhs(Q, R, dQ, dR)
+        dQ, dR = angular_rhs(Q, R, dQ, dR, spaces=spaces)
     elif invariance == "common":
-        dQ, dR = common_angular_rhs(Q, R, dQ, dR)
+        dQ, dR = common_angular_rhs(Q, R, dQ, dR, spaces=spaces)
     dth = {k: v / scale for k, v in r.dparams.items()}
     err = max([float(np.max(r.dQ_error)), float(np.max(r.dR_error))]
               + [float(np.max(v)) for v in r.dparams_error.values()]) / scale
@@ -737,7 +843,12 @@ def find_fixed_points(
     0``) and, for ``K >= 3``, with two duplicated units (:data:`BRANCH_KINDS`;
     ``FixedPoint.kind``), found in their own invariant subspaces (students in groups) and
     accepted by the same test on the full right-hand side. Not for normalizations that
-    conserve only ``tr Q``.
+    conserve only ``tr Q``, nor (yet) with structured inputs.
+
+    Structured inputs (:mod:`framework.inputs`): the state is per input eigenspace
+    (``FixedPoint.Q`` of shape ``(L, K, K)``), the symmetric subspace has every
+    coordinate once per eigenspace (``Q@l, C@l, R@l, S@l``), the starts are spread over
+    the eigenspaces (``Q_l = f_l Q``), and a held weight norm is ``sum_l Q_l,ii``.
     """
     eta = check_real("eta", eta, minimum=0.0)
     eng = _engine(model, normalization, engine, quadrature)
@@ -765,13 +876,18 @@ def find_fixed_points(
                                 {k: f * p0[k] for k in trainable}) for s in starts]
     free = np.arange(sub.size) if invariance == "none" else np.arange(1, sub.size)
     nf = free.size
+    # the diagonal coordinates Q (per input eigenspace Q@l): a held norm fixes their sum
+    diag_idx = np.arange(max(1, sub.spaces)) * (sub.size // max(1, sub.spaces))
+
+    def full_theta(x: np.ndarray) -> np.ndarray:
+        theta = np.empty(sub.size)
+        theta[free] = x[:nf]
+        if invariance != "none":
+            theta[0] = norm_q - float(np.sum(theta[diag_idx[1:]]))
+        return theta
 
     def embed(x: np.ndarray):
-        theta = np.empty(sub.size)
-        if invariance != "none":
-            theta[0] = norm_q
-        theta[free] = x[:nf]
-        Q, R = sub.embed(theta)
+        Q, R = sub.embed(full_theta(x))
         params = dict(p0)
         for j, k in enumerate(trainable):
             params[k] = np.full(model.K, x[nf + j])
@@ -798,7 +914,8 @@ def find_fixed_points(
                        for k, v in start[3].items()})
         Q0, R0 = np.asarray(Q0, dtype=float), np.asarray(R0, dtype=float)
         if invariance != "none":
-            c = math.sqrt(norm_q * model.K / np.trace(Q0)) if invariance == "common" \
+            c = math.sqrt(norm_q * model.K / float(np.sum(_unit_norms(Q0, Q0.ndim == 3)))) \
+                if invariance == "common" \
                 else None
             Q0, R0 = (Q0 * c * c, R0 * c) if c is not None else \
                 rescale_weight_norm(Q0, R0, norm_q)
@@ -807,22 +924,18 @@ def find_fixed_points(
         sol = optimize.root(residual, x0, method="hybr",
                             options={"xtol": 1e-14 if exact else 1e-12})
         x = _newton_polish(residual, sol.x) if exact else sol.x
-        root = _accepted_root(eng, flow, x, model.T, found, trainable, eta=eta,
+        root = _accepted_root(eng, flow, x, teacher_overlaps(model), found, trainable, eta=eta,
                               batch_size=batch_size, second_order=second_order)
         if root is None or x is None:
             continue
         Q, R, params, res, err, eps, eps_err = root
-        theta = np.empty(sub.size)
-        theta[free] = x[:nf]
-        if invariance != "none":
-            theta[0] = norm_q
         found.append(FixedPoint(
-            Q, R, theta, res, float(eps), float(np.mean(np.diagonal(Q))), label, sub,
+            Q, R, full_theta(x), res, float(eps), weight_norm_of(Q), label, sub,
             params={k: np.asarray(params[k], dtype=float).copy()
                     for k in (*trainable, *eng.held)}, rate_error=float(err),
             eps_g_error=float(eps_err)))
     if partition_starts and eng.model_trainable and model.K >= 2 \
-            and invariance in ("none", "unit"):
+            and invariance in ("none", "unit") and not sub.spaces:
         found += _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
                                      second_order, found)
     found.sort(key=lambda fp: -fp.eps_g)
@@ -1046,7 +1159,9 @@ def jacobian_coordinates(
     per-unit norm-conserving normalizations, whose norms are held fixed), ``("R", i,
     n)``, then ``("theta:<name>", i, 0)`` per trainable and held parameter and unit."""
     inv = scale_invariance(model, normalization)
-    coords = _order_parameter_coordinates(model.K, model.M, inv == "unit")
+    inputs = model.input_distribution()
+    coords = _order_parameter_coordinates(model.K, model.M, inv == "unit",
+                                          0 if inputs.isotropic else inputs.L)
     eng = _engine(model, normalization, engine)
     for k in (*eng.trainable, *eng.held):
         coords += [(f"theta:{k}", i, 0) for i in range(model.K)]
@@ -1079,29 +1194,45 @@ def ode_jacobian(
     ``K`` zeros of the conserved norms."""
     eng = _engine(model, normalization, engine, quadrature)
     inv = scale_invariance(model, normalization)
-    K, M = model.K, model.M
+    K = model.K
     coords = jacobian_coordinates(model, normalization, eng)
     p = eng.params(params)
     trainable = tuple(eng.trainable)
-    iq = np.array([(i, k) for v, i, k in coords if v == "Q"], dtype=int).reshape(-1, 2)
-    nq = len(iq)
-    x0 = np.concatenate([Q[iq[:, 0], iq[:, 1]], np.ravel(R),
+    Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+    spaces = Q.ndim == 3  # a state per input eigenspace: coordinates "Q@l", "R@l"
+    Q3, R3 = (Q, R) if spaces else (Q[None], R[None])
+    iq = np.array([(_space_of(v), i, k) for v, i, k in coords if v[0] == "Q"],
+                  dtype=int).reshape(-1, 3)
+    ir = np.array([(_space_of(v), i, k) for v, i, k in coords if v[0] == "R"],
+                  dtype=int).reshape(-1, 3)
+    nq, nr = len(iq), len(ir)
+    held_norms = np.diagonal(Q3.sum(axis=0)) if spaces and inv == "unit" else None
+    x0 = np.concatenate([Q3[iq[:, 0], iq[:, 1], iq[:, 2]], R3[ir[:, 0], ir[:, 1], ir[:, 2]],
                          *[p[k] for k in trainable]])
 
     def fun(x: np.ndarray) -> np.ndarray:
-        Qx = np.array(Q, dtype=float)
-        Qx[iq[:, 0], iq[:, 1]] = x[:nq]
-        Qx[iq[:, 1], iq[:, 0]] = x[:nq]
-        Rx = x[nq:nq + K * M].reshape(K, M)
+        Qx = np.array(Q3, dtype=float)
+        Qx[iq[:, 0], iq[:, 1], iq[:, 2]] = x[:nq]
+        Qx[iq[:, 0], iq[:, 2], iq[:, 1]] = x[:nq]
+        if held_norms is not None:  # sum_l Q_l,ii held: the diagonal of Q@0 follows
+            d = np.arange(K)
+            Qx[0, d, d] = held_norms - Qx[1:, d, d].sum(axis=0)
+        Rx = np.array(R3, dtype=float)
+        Rx[ir[:, 0], ir[:, 1], ir[:, 2]] = x[nq:nq + nr]
         px = dict(p)
         for j, k in enumerate(trainable):
-            px[k] = x[nq + K * M + j * K: nq + K * M + (j + 1) * K]
-        dQ, dR, dth, _ = _scaled_flow(eng, inv, Qx, Rx, px, eta, batch_size, second_order)
-        return np.concatenate([dQ[iq[:, 0], iq[:, 1]], dR.ravel(),
+            px[k] = x[nq + nr + j * K: nq + nr + (j + 1) * K]
+        dQ, dR, dth, _ = _scaled_flow(eng, inv, Qx if spaces else Qx[0],
+                                      Rx if spaces else Rx[0], px, eta, batch_size,
+                                      second_order)
+        dQ3, dR3 = (dQ, dR) if spaces else (dQ[None], dR[None])
+        return np.concatenate([dQ3[iq[:, 0], iq[:, 1], iq[:, 2]],
+                               dR3[ir[:, 0], ir[:, 1], ir[:, 2]],
                                *[dth[k] for k in trainable]])
 
     analytic = eng.exact and (not isinstance(eng, RuleEngine) or eng.analytic_beyond_cone)
-    h = 1e-3 if analytic else min(1e-3, max(psd_margin(Q, R, model.T), 1e-8) / 4.0)
+    h = 1e-3 if analytic else min(
+        1e-3, max(psd_margin(Q, R, teacher_overlaps(model)), 1e-8) / 4.0)
     jac = _richardson_jacobian(fun, x0, np.full(x0.size, h))
     held = eng.held_hessian(Q, R, p)
     if held.size:
@@ -1170,10 +1301,21 @@ def weight_space_hessian(
     Q = np.asarray(Q, dtype=float)
     R = np.asarray(R, dtype=float)
     K, M = model.K, model.M
-    X0, Bt0, rank = _realize(Q, R, model.T)
-    D = K + M + 1
-    X = np.concatenate([X0, np.zeros((K, 1))], axis=1)
-    Bt = np.concatenate([Bt0, np.zeros((M, 1))], axis=1)
+    spaces = Q.ndim == 3  # structured inputs: one realization per input eigenspace
+    parts = ([_realize(q, r, t) for q, r, t in zip(Q, R, teacher_overlaps(model),
+                                                    strict=True)]
+             if spaces else [_realize(Q, R, model.T)])
+    width = K + M + 1  # per eigenspace: K + M realization coordinates and one complement
+    X = np.concatenate([np.concatenate([x, np.zeros((K, 1))], axis=1) for x, _, _ in parts],
+                       axis=1)
+    Bt = np.concatenate([np.concatenate([b, np.zeros((M, 1))], axis=1) for _, b, _ in parts],
+                        axis=1)
+    D = X.shape[1]
+    ranks = np.array([r for _, _, r in parts], dtype=int)
+    rank = int(ranks.sum())
+    span_cols = np.concatenate([ell * width + np.arange(r) for ell, r in enumerate(ranks)])
+    comp_cols = np.arange(len(parts)) * width + width - 1
+    X0, Bt0 = (X, Bt) if spaces else (parts[0][0], parts[0][1])
     p = eng.params(params)
     names = tuple(eng.trainable)
     nW = K * D
@@ -1238,11 +1380,9 @@ def weight_space_hessian(
     hess_err = _replicate_error(hr) + trunc
 
     idx = np.arange(nW).reshape(K, D)
-    span_idx = np.concatenate([idx[:, :rank].ravel(), nW + np.arange(nT)])
-    comp_idx = idx[:, D - 1]
+    span_idx = np.concatenate([idx[:, span_cols].ravel(), nW + np.arange(nT)])
+    comp_idx = idx[:, comp_cols].T.ravel()  # eigenspace-major
     theta_idx = nW + np.arange(nT)
-    comp = hess[np.ix_(comp_idx, comp_idx)]
-    comp_r = hr[:, comp_idx][:, :, comp_idx]
     block = hess[np.ix_(span_idx, span_idx)]
     block_r = hr[:, span_idx][:, :, span_idx]
 
@@ -1254,8 +1394,19 @@ def weight_space_hessian(
         return vals, vecs, err
 
     span_vals, span_vecs, span_err = eig_err(block, block_r, trunc[np.ix_(span_idx, span_idx)])
-    comp_vals, comp_vecs, comp_err = eig_err(comp, comp_r, trunc[np.ix_(comp_idx, comp_idx)])
-    G = 0.5 * comp  # only G + G^T is meaningful
+    comp_parts = []
+    for ell in range(len(parts)):  # one complement block per input eigenspace
+        ci = idx[:, comp_cols[ell]]
+        comp_parts.append(eig_err(hess[np.ix_(ci, ci)], hr[:, ci][:, :, ci],
+                                  trunc[np.ix_(ci, ci)]))
+    comp_vals = np.concatenate([v for v, _, _ in comp_parts])
+    comp_err = np.concatenate([e for _, _, e in comp_parts])
+    comp_space = np.repeat(np.arange(len(parts)), K)
+    first_comp = int(np.argmin(comp_vals))
+    comp_vec0 = comp_parts[first_comp // K][1][:, first_comp % K]
+    ci0 = idx[:, comp_cols[0]]
+    lam0 = float(model.input_distribution().eigenvalues[0]) if spaces else 1.0
+    G = 0.5 * hess[np.ix_(ci0, ci0)] / lam0  # only G + G^T is meaningful
 
     def coupling(a, b):
         if a.size == 0 or b.size == 0:
@@ -1265,24 +1416,32 @@ def weight_space_hessian(
         return float(sub_[j]), float(hess_err[np.ix_(a, b)][j])
 
     c_t, c_te = coupling(comp_idx, theta_idx)
-    c_s, c_se = coupling(comp_idx, idx[:, :rank].ravel())
+    c_s, c_se = coupling(comp_idx, idx[:, span_cols].ravel())
 
     dim_span = rank
-    if comp_vals[0] < span_vals[0]:
-        lam_min, lam_err, block_name = float(comp_vals[0]), float(comp_err[0]), "complement"
-        dW = comp_vecs[:, 0].reshape(K, 1)
-        dQ, dR, dth = np.zeros((K, K)), np.zeros((K, M)), {k: np.zeros(K) for k in names}
+    lead = (len(parts),) if spaces else ()
+    if comp_vals[first_comp] < span_vals[0]:
+        lam_min, lam_err = float(comp_vals[first_comp]), float(comp_err[first_comp])
+        block_name = "complement"
+        dW = comp_vec0.reshape(K, 1)
+        dQ, dR = np.zeros((*lead, K, K)), np.zeros((*lead, K, M))
+        dth = {k: np.zeros(K) for k in names}
     else:
         lam_min, lam_err, block_name = float(span_vals[0]), float(span_err[0]), "span"
         reference = np.zeros((K, rank))
         L = min(K, M)
-        reference[:L] = Bt0[:L, :rank]
+        reference[:L] = Bt[:L, span_cols]
         ref = np.concatenate([reference.ravel(), np.zeros(nT)])
         mode = canonical_mode(span_vals, span_vecs, ref, rtol=max(1e-8, 3 * lam_err))
-        dW = np.zeros((K, D - 1))
-        dW[:, :rank] = mode[: K * rank].reshape(K, rank)
-        dQ = X0 @ dW.T + dW @ X0.T
-        dR = dW @ Bt0.T
+        dW = np.zeros((K, D if spaces else D - 1))
+        dW[:, span_cols] = mode[: K * rank].reshape(K, rank)
+        if spaces:  # per input eigenspace: Q_l = W_l W_l^T, R_l = W_l Bt_l^T
+            blocks = np.arange(D).reshape(len(parts), width)
+            dQ = np.array([X[:, c] @ dW[:, c].T + dW[:, c] @ X[:, c].T for c in blocks])
+            dR = np.array([dW[:, c] @ Bt[:, c].T for c in blocks])
+        else:
+            dQ = X0 @ dW.T + dW @ X0.T
+            dR = dW @ Bt0.T
         dth = {k: mode[K * rank + j * K: K * rank + (j + 1) * K] for j, k in enumerate(names)}
     if not lam_err <= acc * max(1.0, abs(lam_min)) and not eng.exact:
         raise AccuracyError(
@@ -1300,6 +1459,8 @@ def weight_space_hessian(
         coupling_complement_theta=c_t, coupling_complement_theta_error=c_te,
         coupling_complement_span=c_s, coupling_complement_span_error=c_se,
         landscape_only=not normalization.statistics_gradient, gradient_norm=gnorm,
+        complement_space=comp_space, space_ranks=ranks,
+        inputs=model.input_distribution() if spaces else None,
     )
 
 
@@ -1320,7 +1481,7 @@ def constant_predictor_error(engine: Engine) -> float:
     teachers' fields, tensor grid of 80 points per teacher for ``M <= 3``, exact for the
     erf to ~1e-12; a fixed-seed Monte Carlo of 2^18 points beyond). Cached per
     (activation, T, noise)."""
-    T = np.asarray(engine.model.T, dtype=float)
+    T = np.asarray(engine.T, dtype=float)  # the teacher's pre-activation covariance
     key = (engine.activation.name, T.shape, T.tobytes(), float(engine.model.noise))
     if key not in _CONSTANT_PREDICTOR:
         _CONSTANT_PREDICTOR[key] = _constant_predictor_error(engine.activation, T,
@@ -1381,7 +1542,7 @@ def plateau_branch(
         if fp.kind != "symmetric":
             continue
         n_unstable = int(np.sum(np.real(eigenvalues[b]) > 1e-9))
-        if not n_unstable or specialized(fp.R, max(1e-6, 30.0 * fp.rate_error)):
+        if not n_unstable or np.any(specialized(fp.R, max(1e-6, 30.0 * fp.rate_error))):
             continue
         if is_dead(engine, fp):
             continue
@@ -1396,13 +1557,16 @@ def mode_matrices(
     """``(dQ, dR, dtheta)`` of a vector in the Jacobian coordinates ``coords``
     (:func:`jacobian_coordinates`; real part)."""
     K, M = model.K, model.M
-    dQ, dR = np.zeros((K, K)), np.zeros((K, M))
+    inputs = model.input_distribution()
+    lead = () if inputs.isotropic else (inputs.L,)  # per input eigenspace: (L, K, K)
+    dQ, dR = np.zeros((*lead, K, K)), np.zeros((*lead, K, M))
     dth: dict[str, np.ndarray] = {}
     for value, (kind, i, k) in zip(np.real(vec), coords, strict=True):  # a few dozen
-        if kind == "Q":
-            dQ[i, k] = dQ[k, i] = value
-        elif kind == "R":
-            dR[i, k] = value
+        at = (_space_of(kind),) if lead else ()
+        if kind.split("@")[0] == "Q":
+            dQ[(*at, i, k)] = dQ[(*at, k, i)] = value
+        elif kind.split("@")[0] == "R":
+            dR[(*at, i, k)] = value
         else:
             dth.setdefault(kind[len("theta:"):], np.zeros(K))[i] = value
     return dQ, dR, dth
@@ -1414,7 +1578,8 @@ def unstable_vector(
     """The most unstable Jacobian eigenvector; in a degenerate eigenspace the one that
     most increases ``sum_i R_ii`` (every student towards its own teacher: the escape
     inside the matched subspace), the same at every ``eta``."""
-    reference = np.array([1.0 if c[0] == "R" and c[1] == c[2] else 0.0 for c in coords])
+    reference = np.array([1.0 if c[0].split("@")[0] == "R" and c[1] == c[2] else 0.0
+                          for c in coords])
     return canonical_mode(np.real(values), vectors, reference)
 
 

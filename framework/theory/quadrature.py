@@ -64,7 +64,7 @@ from scipy import special
 from framework.activation import Activation
 from framework.model import Model
 from framework.normalization import Normalization
-from framework.theory.base import AccuracyError, Drift, Engine, Rates, Trajectory
+from framework.theory.base import AccuracyError, Drift, Engine, Rates, Trajectory, pinv_psd
 from framework.validators import SpecificationError, gt, integer, one_of, to_float
 
 if TYPE_CHECKING:
@@ -448,14 +448,16 @@ class ExpectationEngine(Engine):
         mom = self._checked_moments(Q, R, p, second_order, check)
         if mom is None:
             nan = np.full((r, K), np.nan)
-            return Drift(np.full((r, K, P), np.nan), np.full((r, K, K), np.nan),
+            return Drift(np.full((r, K, P), np.nan), np.full((r, K, P), np.nan),
+                         np.full((r, K, K), np.nan),
                          np.full((r, K, K), np.nan),
                          {k: nan for k in self.trainable if k not in self.model_trainable},
                          nan if self.model_trainable else None, np.full(r, np.nan))
         gs = mom["gs"]
         aa = mom["aa"] if second_order else np.zeros((r, K, K))
-        return Drift(np.concatenate([mom["ax"], mom["ay"]], axis=-1),
-                     -(gs + np.swapaxes(gs, 1, 2)), aa,
+        au = np.concatenate([mom["ax"], mom["ay"]], axis=-1)
+        A = au @ pinv_psd(np.block([[Q, R], [R.T, self.T]]))  # Stein: E[a u^T] = A Sigma
+        return Drift(au, A, -(gs + np.swapaxes(gs, 1, 2)), aa,
                      {k: eta * v for k, v in mom["params"].items()},
                      None if "readout" not in mom else -mom["readout"], mom["eps"])
 

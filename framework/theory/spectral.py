@@ -14,8 +14,10 @@ One SGD step moves ``J_i`` by ``(eta / sqrt(N)) a_i xi`` plus, through the stati
 ``(eta / N) sum_k C_ik Sigma J_k``. Projected on eigenspace ``l``, ``J_k . P_l xi /
 sqrt(N)`` is jointly Gaussian with ``u``, with covariances ``lambda_l [Q_l; R_l^T]`` (its
 column ``k``); Gaussian conditioning (Stein's lemma) gives ``E[a_i (J_k . P_l xi) /
-sqrt(N)] = (A lambda_l [Q_l; R_l^T])_ik`` with ``A = E[a u^T] St^+ = E[grad_u a]`` (the
-pseudo-inverse is exact: the covariance vector lies in the range of ``St``). With
+sqrt(N)] = (A lambda_l [Q_l; R_l^T])_ik`` with ``A = E[grad_u a]``
+(:attr:`Drift.A`: in closed form for the erf engine, ``E[a u^T] St^+`` for the
+quadrature, where the pseudo-inverse is exact since the covariance vector lies in the
+range of ``St``). With
 ``|P_l xi|^2 / N -> f_l lambda_l``::
 
     dQ_l/dalpha = eta lambda_l (A [Q_l; R_l^T] + C Q_l + transpose)
@@ -31,7 +33,7 @@ for ``Sigma = c I`` the totals follow the isotropic ODE at rate ``c eta`` (teste
 :class:`SpectralEngine` wraps the engine :func:`~framework.theory.select_engine` chose
 for the pre-activation covariances (its ``T`` is ``Tt``) and integrates the blocks
 through :meth:`Engine.integrate` (scipy's solver). An exact wrapped engine gives exact
-rates up to the pseudo-inverse's rounding, ``~1e-16 cond(St)``.
+rates, analytic a little beyond the PSD cone (its closed forms are).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import numpy as np
 from framework.inputs import InputDistribution
 from framework.theory._integrate import SEMIDEFINITE_TOL
 from framework.theory.base import Engine, Rates, Trajectory
+from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
     from framework.activation import Activation
@@ -53,15 +56,6 @@ if TYPE_CHECKING:
     from framework.normalization import Normalization
 
 __all__ = ["SpectralEngine"]
-
-
-def _pinv_psd(S: np.ndarray) -> np.ndarray:
-    """Pseudo-inverse of a symmetric PSD matrix (eigenvalues below ``1e-13 max`` are
-    treated as 0)."""
-    lam, vec = np.linalg.eigh(0.5 * (S + S.T))
-    cut = 1e-13 * max(float(np.max(np.abs(lam))), 1e-300)
-    inv = np.where(lam > cut, 1.0 / np.where(lam > cut, lam, 1.0), 0.0)
-    return (vec * inv) @ vec.T
 
 
 class SpectralEngine(Engine):
@@ -81,7 +75,8 @@ class SpectralEngine(Engine):
         self.semidefinite = base.semidefinite  # type: ignore[misc]
         self.trainable, self.held = base.trainable, base.held
         self.initial_params = dict(base.initial_params)
-        self.quadrature = getattr(base, "quadrature", None)
+        if hasattr(base, "quadrature"):  # the wrapped engine's accuracy settings
+            self.quadrature = base.quadrature
         self.L = inputs.L
         self.lam = inputs.eigenvalues
         self.frac = inputs.fractions
@@ -175,8 +170,7 @@ class SpectralEngine(Engine):
         p = self.params(params)
         Qt, Rt = self.totals(Q, R)
         d = self.base.drift(Qt, Rt, p, eta=eta, second_order=second_order, check=check)
-        St = np.block([[Qt, Rt], [Rt.T, self.base.T]])
-        A = d.au @ _pinv_psd(St)  # (r, K, P): E[grad_u a]
+        A = d.A  # (r, K, P): E[grad_u a]
         X = np.concatenate([Q, np.swapaxes(R, -1, -2)], axis=-2)  # (L, P, K)
         Y = np.concatenate([R, self.T_l], axis=-2)  # (L, P, M)
         lam = self.lam[:, None, None]
@@ -213,14 +207,45 @@ class SpectralEngine(Engine):
         Qt, Rt = self._as_totals(Q, R)
         return self.base.generalization_error(Qt, Rt, params, check=check)
 
+    def held_hessian(self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
+                     ) -> np.ndarray:
+        """The wrapped engine's block of held parameters at the totals of ``(Q, R)``
+        (parameters are not inputs: the input covariance enters only through ``(Qt,
+        Rt)``)."""
+        Qt, Rt = self._as_totals(Q, R)
+        return self.base.held_hessian(Qt, Rt, params)
+
+    # -- weight space --------------------------------------------------------------------
+    def column_scale(self, D: int) -> np.ndarray:
+        """``sqrt(lambda_l)`` per coordinate of a realization in ``D = L w`` dimensions laid
+        out as ``L`` blocks of ``w`` coordinates, block ``l`` in eigenspace ``l`` (the
+        layout of :func:`framework.theory.equilibrium.weight_space_hessian`)."""
+        if D % self.L:
+            raise SpecificationError(
+                f"a realization with structured inputs must have L = {self.L} blocks of "
+                f"equal width (one per eigenspace), got {D} coordinates")
+        return np.repeat(np.sqrt(self.lam), D // self.L)
+
     def weight_moments(self, X: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
                        landscape: bool = True
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Not available: the weight-space Hessian with structured inputs (one block per
-        eigenspace) is not implemented; the equilibrium analyzers refuse such models."""
-        raise NotImplementedError(
-            "weight-space moments with structured inputs (a covariance other than the "
-            "identity) are not implemented; the equilibrium analyzers refuse such models")
+        """``eps_g``, ``dF/dX`` and ``dF/dtheta`` for a realization ``X (K, D)``, ``Bt (M,
+        D)`` in the eigenbasis (:meth:`column_scale`): ``F(X) = F_iso(X Sigma^(1/2))``,
+        the wrapped engine's at the whitened weights, so ``dF/dX = (dF_iso/dX')
+        Sigma^(1/2)``."""
+        eps, g, gt = self.weight_moments_stack(np.asarray(X, dtype=float)[None], Bt, params,
+                                               landscape=landscape)
+        return eps[0], g[0], {k: v[0] for k, v in gt.items()}
+
+    def weight_moments_stack(self, Xs: Any, Bt: Any, params: Mapping[str, Any] | None = None,
+                             *, landscape: bool = True
+                             ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """:meth:`weight_moments` over a stack ``Xs (S, K, D)``."""
+        Xs, Bt = np.asarray(Xs, dtype=float), np.asarray(Bt, dtype=float)
+        c = self.column_scale(Xs.shape[-1])
+        eps, g, gt = self.base.weight_moments_stack(Xs * c, Bt * c, params,
+                                                    landscape=landscape)
+        return eps, g * c, gt
 
     def integrate(self, Q0: Any, R0: Any, **kwargs: Any) -> Trajectory:
         """:meth:`Engine.integrate` over the blocks; ``Q0, R0`` per eigenspace or
