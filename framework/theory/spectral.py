@@ -256,7 +256,13 @@ class SpectralEngine(Engine):
         Qt, Rt = self.totals(tr.Q, tr.R)
         fields = {f: getattr(tr, f) for f in tr.__dataclass_fields__}
         fields.update(Q=Qt, R=Rt, spaces={"Q": tr.Q, "R": tr.R},
-                      description=self.describe())
+                      description=self.describe(), eps_g_method=(
+                          "the wrapped engine's eps_g at the pre-activation covariances "
+                          "(Qt, Rt) of the integrated blocks; in the converged phase it is "
+                          "a difference of O(1) terms, accurate to ~1e-12 absolute (values "
+                          "below that, of either sign, are rounding): the deviation "
+                          "variables of the isotropic tail are not available with "
+                          "structured inputs"))
         return Trajectory(**fields)
 
     # -- description -------------------------------------------------------------------
