@@ -205,8 +205,18 @@ class InputDistribution:
         ``model.realize(state, N_l, rng)`` scaled by ``sqrt(N_l / N)``, so that ``Q_l =
         (N_l / N) Q``, ``R_l = (N_l / N) R``, ``T_l = (N_l / N) T`` exactly (``f_l``
         rounded to ``N_l / N``) and ``J J^T / N = Q`` (a block realizes ``J_l J_l^T /
-        N_l = Q``)."""
-        parts = [model.realize(state, int(n), rng) for n in self.block_sizes(N)]
+        N_l = Q``). A state per eigenspace (``state.Q`` of shape ``(L, K, K)``) is realized
+        block by block: ``Q_l`` exactly."""
+        sizes = self.block_sizes(N)
+        if getattr(state, "per_eigenspace", False):  # its own block per eigenspace
+            from framework.model import OrderParameters
+
+            c = N / sizes  # J_l J_l^T / N_l = Q_l N / N_l
+            blocks = [OrderParameters(q * c_l, r * c_l, t * c_l)
+                      for q, r, t, c_l in zip(state.Q, state.R, state.T, c, strict=True)]
+            parts = [model.realize(b, int(n), rng) for b, n in zip(blocks, sizes, strict=True)]
+        else:
+            parts = [model.realize(state, int(n), rng) for n in sizes]
         return (np.concatenate([j for j, _ in parts], axis=1),
                 np.concatenate([b for _, b in parts], axis=1))
 

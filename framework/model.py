@@ -672,6 +672,18 @@ class TeacherStudent(Model):
                 f"{name!r} must have K={K}, M={M} like the model, got K={state.K}, "
                 f"M={state.M}"
             )
+        if state.per_eigenspace:  # one block per input eigenspace, T_l = f_l T
+            inputs = self.inputs
+            if inputs.isotropic or state.Q.shape[0] != inputs.L:
+                raise SpecificationError(
+                    f"{name!r} per input eigenspace must have one block per eigenspace of "
+                    f"the model's inputs ({inputs.L if not inputs.isotropic else 0}), got "
+                    f"{state.Q.shape[0]}")
+            if not np.allclose(state.T, inputs.lift(self.T), rtol=1e-10, atol=1e-12):
+                raise SpecificationError(
+                    f"'{name}.T' per eigenspace must equal f_l T (the model's T spread over "
+                    f"the eigenspaces)")
+            return
         if not np.allclose(state.T, self.T, rtol=1e-10, atol=1e-12):
             raise SpecificationError(f"'{name}.T' must equal the model's T")
 
@@ -727,6 +739,10 @@ class OrderParameters:
 
     Q and T must be symmetric and the joint covariance ``[[Q, R], [R^T, T]]`` of the
     pre-activations ``(x, y)`` positive semi-definite. Arrays are stored read-only.
+
+    Per input eigenspace (structured inputs, :mod:`framework.inputs`): ``Q (L, K, K)``,
+    ``R (L, K, M)`` and ``T (L, M, M)`` (required), the overlaps of the projections on
+    each eigenspace, every block's joint covariance positive semi-definite.
     """
 
     Q: np.ndarray = _array_field()
@@ -734,6 +750,22 @@ class OrderParameters:
     T: np.ndarray = _array_field()
 
     def __init__(self, Q: Any, R: Any, T: Any = None) -> None:
+        if np.ndim(Q) == 3:  # per input eigenspace: every block checked
+            Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
+            if T is None or np.ndim(T) != 3 or np.ndim(R) != 3 or \
+                    not (len(Q) == len(R) == len(T)):
+                raise SpecificationError(
+                    f"order parameters per input eigenspace need Q (L, K, K), R (L, K, M) "
+                    f"and T (L, M, M) with the same L, got shapes {np.shape(Q)}, "
+                    f"{np.shape(R)}, {np.shape(T)}")
+            T = np.asarray(T, dtype=float)
+            for ell in range(len(Q)):
+                try:
+                    OrderParameters(Q[ell], R[ell], T[ell])
+                except SpecificationError as exc:
+                    raise SpecificationError(f"eigenspace {ell}: {exc}") from None
+            self.__attrs_init__(Q, R, T)
+            return
         Q = np.atleast_2d(np.asarray(Q, dtype=float))
         R = np.asarray(R, dtype=float)
         K = Q.shape[0]
@@ -755,15 +787,25 @@ class OrderParameters:
 
     @property
     def K(self) -> int:
-        return int(self.Q.shape[0])
+        return int(self.Q.shape[-1])
 
     @property
     def M(self) -> int:
-        return int(self.T.shape[0])
+        return int(self.T.shape[-1])
+
+    @property
+    def per_eigenspace(self) -> bool:
+        """The state is per input eigenspace (``Q`` of shape ``(L, K, K)``)."""
+        return self.Q.ndim == 3
 
     @property
     def covariance(self) -> np.ndarray:
-        """The joint covariance ``[[Q, R], [R^T, T]]`` of ``(x, y)``."""
+        """The joint covariance ``[[Q, R], [R^T, T]]`` of ``(x, y)`` (per eigenspace:
+        ``(L, K + M, K + M)``)."""
+        if self.per_eigenspace:
+            return np.concatenate([np.concatenate([self.Q, self.R], axis=-1),
+                                   np.concatenate([np.swapaxes(self.R, -1, -2), self.T],
+                                                  axis=-1)], axis=-2)
         return np.block([[self.Q, self.R], [self.R.T, self.T]])
 
     @classmethod
@@ -803,6 +845,10 @@ class OrderParameters:
         ``N`` must be at least the rank of the joint covariance.
         """
         N = check_int("N", N, minimum=1)
+        if self.per_eigenspace:
+            raise SpecificationError(
+                "order parameters per input eigenspace are realized by "
+                "InputDistribution.realize (each eigenspace in its own coordinates)")
         rank = self.rank
         if N < rank:
             raise SpecificationError(

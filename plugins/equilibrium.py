@@ -900,6 +900,8 @@ class EscapeAnalyzer(Analyzer):
     description: ClassVar[str] = "escape time from the symmetric plateau (ODE)"
     #: The plateau, its unstable mode and the run are those of the experiment's rule.
     supports_learning_rules: ClassVar[bool] = True
+    #: Structured inputs: the plateau and the flow per input eigenspace.
+    supports_structured_inputs: ClassVar[bool] = True
     size_options: ClassVar[dict[str, str]] = {"n_points": "trajectory"}
 
     start: str = attrs.field(default="fixedpoint", validator=one_of("fixedpoint", "init"))
@@ -941,7 +943,7 @@ class EscapeAnalyzer(Analyzer):
         exp_eta = experiment if eta == experiment.eta else experiment.evolve(eta=eta)
         if self.start == "init":
             initial = experiment.initial_order_parameters()
-            q = float(np.mean(np.diag(initial.Q))) if invariant else None
+            q = eq.weight_norm_of(initial.Q) if invariant else None
         else:
             q = (1.0 if self.weight_norm is None else self.weight_norm) if invariant else None
         if self.plateau == "gradient_flow":
@@ -998,7 +1000,8 @@ class EscapeAnalyzer(Analyzer):
         else:
             alpha_escape = float("nan")
         escaped = bool(np.isfinite(alpha_escape))
-        wn = np.mean(np.diagonal(ds.Q.values, axis1=1, axis2=2), axis=1)
+        Qe = ds.Q_space.values.sum(axis=1) if "Q_space" in ds else ds.Q.values  # J J^T / N
+        wn = np.mean(np.diagonal(Qe, axis1=1, axis2=2), axis=1)
         wn_escape = float(np.interp(alpha_escape, grid, wn)) if escaped else float("nan")
         rate = float(br.eigvals[br.plateau][0].real)
         ds["weight_norm"] = variable(wn, ("alpha",),
@@ -1042,11 +1045,12 @@ def _escape_mode_variables(experiment: Experiment, br: _Branches, spec: Any
     model = experiment.model
     vec = eq.unstable_vector(br.coords, br.eigvals[br.plateau], br.eigvecs[br.plateau])
     dQ, dR, dth = eq.mode_matrices(model, br.coords, vec)
+    lead = ("eigenspace",) if dQ.ndim == 3 else ()  # structured inputs: per eigenspace
     out = {
-        "unstable_dQ": variable(dQ, ("student", "student_"), "change of Q along the unit "
-                                "most unstable ODE Jacobian eigenvector at the plateau"),
-        "unstable_dR": variable(dR, ("student", "teacher"), "change of R along the unit "
-                                "most unstable ODE Jacobian eigenvector at the plateau"),
+        "unstable_dQ": variable(dQ, (*lead, "student", "student_"), "change of Q along the "
+                                "unit most unstable ODE Jacobian eigenvector at the plateau"),
+        "unstable_dR": variable(dR, (*lead, "student", "teacher"), "change of R along the "
+                                "unit most unstable ODE Jacobian eigenvector at the plateau"),
         "hessian_escape_first_layer_share": variable(
             float(np.sum(spec.escape_dW ** 2)), (), "|dW|^2 of the unit Hessian escape mode "
             "(dW, dtheta): the first layer's share (the rest: the parameters)"),

@@ -137,3 +137,40 @@ def test_analyzers_with_structured_inputs():
     np.testing.assert_allclose(h.lambda_min.values, np.nanmin(ev, axis=1), rtol=1e-14)
     assert h.attrs["input_block_sizes"] == "600, 300"
     assert "complement@1" in set(h.block.values.ravel())
+
+
+@pytest.mark.parametrize("norm", ["plain", "batchnorm"])
+def test_escape_time_maps_exactly(norm):
+    """The escape analyzer from the perturbed plateau: Sigma = c I at eta escapes at the
+    same alpha as the isotropic map at c eta (weight norm c q for batch norm)."""
+    grid = {"alpha_max": 1500.0, "n_points": 301}
+    a = Experiment(model=TeacherStudent(2, 2, inputs={"eigenvalues": [C]}),
+                   normalization=norm, eta=0.2,
+                   analyzers=[{"name": "escape", **grid}]).run()["escape"]
+    extra = {} if norm == "plain" else {"weight_norm": C}
+    b = Experiment(model=TeacherStudent(2, 2, T=C * np.eye(2)), normalization=norm,
+                   eta=C * 0.2, analyzers=[{"name": "escape", **grid, **extra}]).run()["escape"]
+    assert bool(a.escaped) and 10.0 < float(a.alpha_escape) < 1500.0
+    assert float(a.alpha_escape) == pytest.approx(float(b.alpha_escape), rel=1e-6)
+    assert float(a.unstable_rate) == pytest.approx(C * float(b.unstable_rate), rel=1e-6)
+    assert a.unstable_dQ.dims == ("eigenspace", "student", "student_")
+
+
+def test_initial_state_per_eigenspace():
+    """An explicit initial state per eigenspace is integrated and realized as given."""
+    m = TeacherStudent(2, 2, inputs=TWO)
+    Q = np.array([0.2 * np.eye(2), 0.05 * np.eye(2)])
+    R = np.array([[[0.01, 0.0], [0.0, 0.02]], [[0.0, 0.0], [0.01, 0.0]]])
+    from framework import OrderParameters
+
+    op = OrderParameters(Q, R, TWO.lift(m.T))
+    grid = [0.0, 1.0, 2.0]
+    res = Experiment(model=m, init=op, eta=0.5, analyzers=[
+        {"name": "dynamics", "alpha": grid},
+        {"name": "simulation", "N": 300, "alpha": grid, "replicas": 2}]).run()
+    np.testing.assert_allclose(res["dynamics"].Q_space.values[0], Q, atol=1e-15)
+    np.testing.assert_allclose(res["simulation"].Q_space.values[:, 0], np.broadcast_to(
+        Q, (2, *Q.shape)), atol=1e-12)
+    with pytest.raises(Exception, match="one block per eigenspace"):
+        Experiment(model=TeacherStudent(2, 2, inputs={"eigenvalues": [1.0, 2.0, 3.0]}),
+                   init=op, analyzers=["dynamics"])

@@ -615,6 +615,8 @@ class HessianSpectrum:
                                                eq=False)
     space_ranks: np.ndarray = attrs.field(factory=lambda: np.zeros(0, dtype=int), eq=False)
     inputs: Any = attrs.field(default=None, eq=False)
+    #: Structured inputs, a complement escape mode: its input eigenspace.
+    escape_space: int = 0
 
     @property
     def lambda_max(self) -> float:
@@ -1461,6 +1463,7 @@ def weight_space_hessian(
         landscape_only=not normalization.statistics_gradient, gradient_norm=gnorm,
         complement_space=comp_space, space_ranks=ranks,
         inputs=model.input_distribution() if spaces else None,
+        escape_space=int(comp_space[first_comp]) if block_name == "complement" else 0,
     )
 
 
@@ -1602,6 +1605,31 @@ def realize_mode(
     return sol.reshape(K, D)
 
 
+def _escape_start_spaces(model: Model, spec: HessianSpectrum, size: float
+                         ) -> tuple[OrderParameters, str, dict[str, np.ndarray]]:
+    """:func:`escape_start`'s last resort with structured inputs: the Hessian's escape
+    mode added to the realization (``L`` blocks of ``K + M + 1`` coordinates, the last of
+    each its eigenspace's complement), the order parameters read off block by block."""
+    K, M = model.K, model.M
+    X, Bt = spec.X.copy(), spec.Bt
+    dW = spec.escape_dW
+    dth = {k: np.asarray(v, dtype=float) for k, v in spec.escape_dtheta.items()}
+    step = size * np.linalg.norm(X) / math.sqrt(
+        float(np.sum(dW**2)) + sum(float(np.sum(v**2)) for v in dth.values()))
+    width = K + M + 1
+    if spec.escape_block == "span":
+        X = X + step * dW
+    else:
+        X[:, spec.escape_space * width + width - 1] = step * dW[:, 0]
+    L = X.shape[1] // width
+    cols = np.arange(L * width).reshape(L, width)
+    Q = np.array([X[:, c] @ X[:, c].T for c in cols])
+    R = np.array([X[:, c] @ Bt[:, c].T for c in cols])
+    return OrderParameters(0.5 * (Q + np.swapaxes(Q, 1, 2)), R, teacher_overlaps(model)), \
+        f"Hessian escape mode in weight space ({spec.escape_block} block)", \
+        {k: step * v for k, v in dth.items()}
+
+
 def escape_start(
     model: Model,
     fp: FixedPoint,
@@ -1626,16 +1654,19 @@ def escape_start(
     extra = sum(float(np.sum(v**2)) for v in dth.values())
     total = math.sqrt(float(np.sum(fp.Q**2) + np.sum(fp.R**2)))
     scale = size * total / math.sqrt(float(np.sum(dQ**2) + np.sum(dR**2)) + extra)
+    T = teacher_overlaps(model)  # per input eigenspace with structured inputs
     for sign in (1.0, -1.0):
         Q, R = fp.Q + sign * scale * dQ, fp.R + sign * scale * dR
-        if psd_margin(Q, R, model.T) > 1e-12:
+        if psd_margin(Q, R, T) > 1e-12:
             try:
-                return OrderParameters(Q, R, model.T), (
+                return OrderParameters(Q, R, T), (
                     f"ODE Jacobian's most unstable eigenvector, sign {sign:+g}"), \
                     {k: sign * scale * v for k, v in dth.items()}
             except ValueError:
                 pass
     X, Bt = spec.X, spec.Bt
+    if fp.Q.ndim == 3:  # structured inputs: the Hessian's escape mode, per eigenspace
+        return _escape_start_spaces(model, spec, size)
     realized = realize_mode(coords, vec, X, Bt)
     if realized is not None:
         Xp = X + scale * realized
