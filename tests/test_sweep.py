@@ -464,9 +464,10 @@ def test_default_points_per_task():
     from framework.sweep.execute import default_points_per_task
 
     assert default_points_per_task(6, 2) == 1  # few tasks per worker: not batched
-    assert default_points_per_task(64, 2) == 8
+    assert default_points_per_task(64, 2) == 16
+    assert default_points_per_task(7, 2) == 1
     assert default_points_per_task(10**6, 2) == 32  # bounded
-    assert default_points_per_task(5, 0) == 1
+    assert default_points_per_task(5, 0) == 2  # no worker counts as one
 
 
 def test_batched_results_equal_unbatched_and_resume_is_exact(tmp_path, log):

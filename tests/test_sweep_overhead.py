@@ -160,3 +160,16 @@ def test_other_errors_of_byte_locks_are_raised(tmp_path, monkeypatch):
     prepare(tmp_path)
     with pytest.raises(OSError, match="input/output"):
         acquire(tmp_path, KEYS[0])
+
+
+# -- batches ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "size"), [(1, 1), (1, 32), (5, 1), (9, 4), (10, 3), (64, 16),
+                                         (65, 16), (100, 32)])
+def test_batches_partition_the_tasks_interleaved(n, size):
+    from framework.sweep.execute import _batches
+
+    batches = _batches(list(range(n)), size)
+    assert len(batches) == -(-n // size)  # as many as contiguous batches of `size`
+    assert sorted(i for b in batches for i in b) == list(range(n))  # each task once
+    assert max(map(len, batches)) - min(map(len, batches)) <= 1  # balanced
+    assert all(list(b) == list(range(j, n, len(batches))) for j, b in enumerate(batches))

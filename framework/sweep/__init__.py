@@ -77,10 +77,11 @@ interrupted run (Ctrl-C, an exception) kills them and closes the cluster at once
 every task stored so far is kept. Plugins registered at run time with
 :func:`framework.register_plugin` are shipped with each task and registered on the
 workers; modules must be importable there.
-On Dask, tasks are submitted in batches of ``points_per_task`` (default: about four
-batches per worker, at most 32 tasks each; a worker stores each task of its batch as
-it completes, so batching changes neither the results nor what a resumed run
-recomputes). A worker that sees the results folder (the same path holds the same
+On Dask, tasks are submitted in batches of at most ``points_per_task`` (default: about
+two batches per worker, at most 32 tasks each; a batch interleaves the grid, so that
+batches cost about the same; a worker stores the tasks of its batch as they complete,
+so batching changes neither the results nor what a resumed run recomputes). A worker
+that sees the results folder (the same path holds the same
 random token, ``points/.symphase-folder``) writes its tasks' records itself, without
 Dask's distributed file lock; otherwise it returns the datasets and the process that
 calls :meth:`Sweep.run` stores them, so remote workers need no shared file system.

@@ -7,9 +7,10 @@ computes the others with the chosen scheduler, stores them in batch files, and
 combines them per analyzer (:mod:`framework.sweep.combine`). See :mod:`framework.sweep`
 for the schedulers.
 
-On Dask, the tasks are submitted in batches of ``points_per_task`` (default:
-:func:`default_points_per_task`), so that a small point does not pay a scheduler round
-trip of its own. Tasks are stored by a :class:`~framework.sweep.storage.PointWriter`:
+On Dask, the tasks are submitted in batches of at most ``points_per_task`` (default:
+:func:`default_points_per_task`) that interleave the grid (:func:`_batches`), so that a
+small point does not pay a scheduler round trip of its own. Tasks are stored by a
+:class:`~framework.sweep.storage.PointWriter`:
 a worker that sees the results folder writes the tasks of its batch as one batch file
 itself (at the end of the batch, or earlier for slow points: see
 :mod:`framework.sweep.storage`); the submitting process stores the others, one batch
@@ -59,8 +60,10 @@ __all__ = ["default_points_per_task", "default_scheduler", "run", "spawn_is_safe
 MAX_DEFAULT_POINTS_PER_TASK = 32
 #: The scheduler names that are not addresses.
 KNOWN_SCHEDULERS = ("processes", "threads", "synchronous")
-#: Batches per worker the default aims at (load balance against per-task overhead).
-TASKS_PER_WORKER = 4
+#: Batches per worker the default aims at (load balance against per-task overhead: a
+#: Dask task costs ~2-5 ms of CPU in the client, the scheduler and the worker, several
+#: small points' worth; batches interleave the grid, see :func:`_batches`).
+TASKS_PER_WORKER = 2
 
 
 def default_points_per_task(n_tasks: int, n_workers: int) -> int:
@@ -68,8 +71,8 @@ def default_points_per_task(n_tasks: int, n_workers: int) -> int:
 
     ``max(1, min(MAX_DEFAULT_POINTS_PER_TASK, n_tasks // (TASKS_PER_WORKER * n_workers)))``:
     a sweep with few tasks per worker is not batched; a long sweep of small points pays
-    one scheduler round trip per batch instead of one per point, and every worker still
-    gets several batches to balance uneven points.
+    one scheduler round trip per batch instead of one per point, and the batches
+    interleave the grid (:func:`_batches`) so that uneven points balance.
     """
     return max(1, min(MAX_DEFAULT_POINTS_PER_TASK,
                       n_tasks // (TASKS_PER_WORKER * max(1, n_workers))))
@@ -249,13 +252,30 @@ def _compute_batch(
     (another sweep holds the task's lock; ``dataset`` is None).
     """
     if folder is None or token is None or not sees_folder(folder, token):
-        return [(key, _compute(spec_json, key, plugins), RETURNED) for spec_json, key in items]
+        return [(key, _cheap_to_pickle(_compute(spec_json, key, plugins)), RETURNED)
+                for spec_json, key in items]
     out: list[tuple[str, xr.Dataset | None, str]] = []
     with PointWriter(folder) as writer:
         for spec_json, key in items:
             ds = _compute_locked(folder, spec_json, key, plugins, retry_failed, writer)
-            out.append((key, ds, STORED if ds is not None else BUSY))
+            out.append((key, _cheap_to_pickle(ds), STORED if ds is not None else BUSY))
     return out
+
+
+def _cheap_to_pickle(ds: xr.Dataset | None) -> xr.Dataset | None:
+    """``ds``, with its unset ``_cache`` slot set to ``{}`` (what xarray's accessors do).
+
+    Pickling reads every slot; reading the unset one goes through xarray's
+    ``__getattr__``, which builds a "did you mean" message with difflib: that was half
+    the cost of pickling a small point's dataset back to the client (~0.1 ms).
+    """
+    if ds is not None:
+        try:
+            object.__getattribute__(ds, "_cache")
+        except AttributeError:
+            with contextlib.suppress(AttributeError, TypeError):
+                object.__setattr__(ds, "_cache", {})
+    return ds
 
 
 def _execute(
@@ -340,11 +360,9 @@ def _execute_dask(
         token = folder_token(folder) if folder is not None else None
         where = folder.absolute() if folder is not None else None
         futures = [
-            client.submit(_compute_batch, items[i:i + size], plugins, where, token,
-                          retry_failed,
-                          key=f"symphase-{items[i][1]}-{len(items[i:i + size])}",
-                          pure=False)
-            for i in range(0, len(items), size)
+            client.submit(_compute_batch, batch, plugins, where, token, retry_failed,
+                          key=f"symphase-{batch[0][1]}-{len(batch)}", pure=False)
+            for batch in _batches(items, size)
         ]
         for future in as_completed(futures):
             for key, ds, status in future.result():
@@ -354,6 +372,17 @@ def _execute_dask(
         finished = True
     finally:
         _shutdown(client, owned, futures, finished)
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` in ``ceil(len / size)`` batches of at most ``size``, interleaved.
+
+    Batch ``j`` holds items ``j, j + n, j + 2n, ...`` (``n`` batches): the cost of a
+    point often varies smoothly along the grid (e.g. with ``eta`` or ``K``), and
+    interleaved batches cost about the same, so that few batches per worker balance.
+    """
+    n = -(-len(items) // size)
+    return [items[j::n] for j in range(n)]
 
 
 def _worker_pids(cluster: Any) -> list[int]:

@@ -404,10 +404,11 @@ class Sweep:
         retry_failed : bool
             Recompute tasks stored as failed instead of reusing the failure.
         points_per_task : int, optional
-            Tasks per Dask task (>= 1): a worker runs them one after another, storing
-            each as it completes. Default: about 4 batches per worker, at most 32 tasks
-            each (:func:`framework.sweep.execute.default_points_per_task`). Results and
-            resumption do not depend on it; ignored by ``"synchronous"``.
+            At most this many tasks per Dask task (>= 1): a worker runs them one after
+            another, storing each as it completes. Default: about 2 batches per worker,
+            at most 32 tasks each (:func:`framework.sweep.execute.default_points_per_task`),
+            interleaving the grid. Results and resumption do not depend on it; ignored
+            by ``"synchronous"``.
 
         Returns
         -------
