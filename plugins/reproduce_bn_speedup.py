@@ -168,6 +168,17 @@ def stable_run(eps: np.ndarray, diverged: bool, runaway: bool) -> bool:
                 and np.isfinite(eps[-1]) and eps[-1] < TARGET)
 
 
+def outcome(eps: np.ndarray, diverged: bool, runaway: bool) -> str:
+    """Why a run is or is not stable: ``stable``, ``diverged``, ``runaway``, ``left the
+    target`` (reached it, above it at the horizon) or ``not reached`` (never below it)."""
+    eps = np.asarray(eps, dtype=float)
+    if diverged or runaway:
+        return "diverged" if diverged else "runaway"
+    if stable_run(eps, diverged, runaway):
+        return "stable"
+    return "left the target" if np.any(eps < TARGET) else "not reached"
+
+
 def _dynamics_run(setting: str, K: int, norm: str, eta: float,
                   grid: list[float]) -> tuple[float, bool]:
     """``(t_target, stable)`` of one ``dynamics`` run (the bisection's step)."""
@@ -294,7 +305,8 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
     eps = np.full((nS, nK, nN, nE, len(grid)), np.nan)
     t_target = np.full((nS, nK, nN, nE), np.nan)
     stable = np.zeros((nS, nK, nN, nE), dtype=bool)
-    sweep_error = np.full((nS, nK, nN, nE), "", dtype=object)
+    outcomes = np.full((nS, nK, nN, nE), "not computed", dtype=object)
+    eps_end = np.full((nS, nK, nN, nE), np.nan)
     case = {k: np.full((nS, nK, nN), np.nan) for k in _CASE_FLOATS}
     case_s = {k: np.full((nS, nK, nN), "", dtype=object) for k in _CASE_STRINGS}
     bounded = np.zeros((nS, nK, nN), dtype=bool)
@@ -319,14 +331,16 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
                 failed = d.sweep_failed.values.astype(bool)
                 for idx in np.ndindex(nK, nN, len(js)):
                     at = (s, idx[0], idx[1], js[idx[2]])
-                    sweep_error[at] = str(d.sweep_error.values[idx])
                     if failed[idx]:
+                        outcomes[at] = f"failed: {d.sweep_error.values[idx]}"
                         continue
                     e = d.eps_g.values[idx]
                     eps[at][:n_grid] = e
+                    eps_end[at] = e[-1]
                     t_target[at] = time_to_target(sub, e)
-                    stable[at] = stable_run(e, bool(d.diverged.values[idx]),
-                                            bool(d.runaway.values[idx]))
+                    outcomes[at] = outcome(e, bool(d.diverged.values[idx]),
+                                           bool(d.runaway.values[idx]))
+                    stable[at] = outcomes[at] == "stable"
             print(f"sweep {key}: {nK * nN * nE} points in {time.time() - ts:.1f} s",
                   flush=True)
         # 2. per (setting, K, normalization): Hessian, eta_max, eta_best, escapes
@@ -353,7 +367,8 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
     finally:
         client.close()
         cluster.close()
-    ds = _dataset(cfg, keys, Ks, names, etas, grid, eps, t_target, stable, sweep_error,
+    ds = _dataset(cfg, keys, Ks, names, etas, grid, eps, t_target, stable,
+                  (outcomes, eps_end),
                   case, case_s, bounded, quick, time.time() - t0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +392,7 @@ def _var(data: Any, dims: tuple[str, ...], long_name: str, units: str = "1") -> 
 def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
              names: tuple[str, ...], etas: tuple[float, ...], grid: np.ndarray,
              eps: np.ndarray, t_target: np.ndarray, stable: np.ndarray,
-             sweep_error: np.ndarray, case: dict[str, np.ndarray],
+             runs: tuple[np.ndarray, np.ndarray], case: dict[str, np.ndarray],
              case_s: dict[str, np.ndarray], bounded: np.ndarray, quick: bool,
              seconds: float) -> xr.Dataset:
     dims = ("setting", "K", "normalization")
@@ -407,8 +422,10 @@ def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
                        "no divergence or runaway, and still below it at alpha_horizon"),
         "alpha_horizon": _var([alpha_grid(cfg, e)[-1] for e in etas], ("eta",),
                               "last alpha of the runs at eta (their horizon)"),
-        "sweep_error": _var(sweep_error.astype(str), dims_e, "error of the sweep point "
-                            "('': none)"),
+        "outcome": _var(runs[0].astype(str), dims_e, "stable, diverged, runaway, left the "
+                        "target (reached, above it at the horizon), not reached, or "
+                        "failed: the sweep point's error"),
+        "eps_g_horizon": _var(runs[1], dims_e, "eps_g at the run's horizon"),
         "lambda_min": _var(v["lambda_min"], dims, "smallest eigenvalue of the weight-space "
                            f"Hessian of eps_g at the plateau fixed point at eta = {ETA_SAME}"),
         "lambda_max": _var(v["lambda_max"], dims, "largest eigenvalue of the weight-space "

@@ -26,6 +26,10 @@ def test_time_to_target_is_exact_for_an_exponential() -> None:
     back_up = eps.copy()
     back_up[-1] = 0.3  # reached the target, then left it: not stable
     assert not bn.stable_run(back_up, False, False)
+    assert [bn.outcome(eps, False, False), bn.outcome(eps, True, False),
+            bn.outcome(eps, False, True), bn.outcome(back_up, False, False),
+            bn.outcome(np.full(11, 0.5), False, False)] == [
+        "stable", "diverged", "runaway", "left the target", "not reached"]
 
 
 def test_horizon_and_grids() -> None:
@@ -63,6 +67,8 @@ def test_quick_run_writes_labelled_output(quick) -> None:
     plain = ds.sel(normalization="plain")
     assert bool(plain.eta_max_bounded.all())
     assert bool((~ds.sel(normalization="batchnorm").eta_max_bounded).all())
+    assert str(plain.outcome.sel(setting="isotropic", K=2, eta=8.0).values) == "runaway"
+    assert set(ds.outcome.values[ds.stable.values].ravel()) == {"stable"}
     table = (out / "bn_speedup.md").read_text()
     assert "| isotropic | 2 | plain |" in table and "(d) non-centred" in table
 
@@ -87,3 +93,22 @@ def test_entries_recomputed_through_the_analyzers(quick) -> None:
     got = ds.sel(setting="two_level_100", K=2, normalization="batchnorm")
     assert float(got.lambda_max) == pytest.approx(float(np.nanmax(hb.eigenvalue)), rel=1e-9)
     assert float(got.lambda_min) == pytest.approx(float(np.nanmin(hb.eigenvalue)), rel=1e-9)
+
+
+def test_shipped_eta_max_brackets_the_divergence() -> None:
+    """The shipped full run's eta_max of plain (isotropic, K = 2) is stable and its
+    eta_max_upper is not, by direct dynamics runs on the reproduction's grids."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "datasets" / "bn_speedup.nc"
+    if not path.exists():
+        pytest.skip("no shipped datasets/bn_speedup.nc")
+    r = framework.load(path).sel(setting="isotropic", K=2, normalization="plain")
+    assert bool(r.eta_max_bounded)
+    lo, hi = float(r.eta_max), float(r.eta_max_upper)
+    assert 2.0 <= lo < hi <= 2.0 * 2 ** 0.5
+    cfg = bn._settings(quick=False)
+    for eta, stable in ((lo, True), (hi, False)):
+        d = Experiment(TeacherStudent(2, 2), eta=eta, seed=0, analyzers=[
+            {"name": "dynamics", "alpha": bn.alpha_grid(cfg, eta)}]).run()["dynamics"]
+        assert bn.stable_run(d.eps_g.values, bool(d.diverged), bool(d.runaway)) is stable
