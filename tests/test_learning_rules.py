@@ -454,3 +454,63 @@ def test_learning_rule_in_toml_and_sweeps(tmp_path):
                      analyzers=[{"name": "dynamics", "alpha_max": 2.0, "n_points": 5}]).run()
     np.testing.assert_allclose(ds.eps_g.isel(learning_rule=1).values,
                                ref["dynamics"].eps_g.values, rtol=1e-6)
+
+
+# -- the joint cone of (Q, R, T): converged natural-gradient runs ----------------------------
+def test_converged_natural_gradient_run_never_reports_a_negative_error() -> None:
+    """The defect: with damping 0.1 at eta = 0.5 the run converged (eps_g ~ 1e-13), then
+    left the joint cone with Q still PSD (only Q was checked) and eps_g went to -2e-9,
+    -2e-3 before the run stopped ('step size became too small'): near the optimum, a
+    corner of the joint cone, a state crossed by the integrator's error is on a line of
+    fixed points of the rule's extension beyond the cone (Z = sqrt(T - Y Y^T) clipped at
+    0: a teacher the student matches) and drifted out. Now either the run converges
+    cleanly or it stops at the joint cone with a message saying so; every reported row
+    is inside the joint cone and no eps_g is negative."""
+    exp = Experiment(model=MODEL, normalization="plain", eta=0.5, seed=0,
+                     learning_rule={"name": "natural_gradient", "damping": 0.1})
+    grid = np.concatenate([[0.0], np.geomspace(0.01, 2000.0, 200)])
+    tr = theory.integrate(MODEL, exp.normalization, exp.initial_order_parameters(), eta=0.5,
+                          alpha=grid, rule=exp.learning_rule)
+    assert np.all(tr.eps_g >= 0.0), tr.eps_g.min()
+    joint = [np.linalg.eigvalsh(np.block([[Q, R], [R.T, np.eye(2)]]))[0]
+             for Q, R in zip(tr.Q, tr.R, strict=True)]
+    assert min(joint) >= 0.0
+    assert tr.eps_g[-1] < 1e-10  # converged
+    if tr.diverged:
+        assert "leads out of the joint cone" in tr.message, tr.message
+        assert "eps_g = " in tr.message and tr.alpha[-1] > 100.0
+    else:
+        assert tr.alpha[-1] == 2000.0
+
+
+def test_leaving_the_joint_cone_stops_with_a_message() -> None:
+    """A state that leaves the joint cone while Q stays PSD stops the run under a rule,
+    the rows reached kept, with a message naming the cause; an initial state outside is
+    refused."""
+    from framework.theory.ruled import RuleEngine
+
+    @attrs.frozen
+    class Outward(LearningRule):  # R grows along itself: |R_ii| > 1 = sqrt(Q_ii T_ii) soon
+        name: ClassVar[str] = "outward_test"
+        description: ClassVar[str] = "test rule: dR = R"
+
+        def rates(self, engine, Q, R, params=None, *, eta, batch_size=1, second_order=True,
+                  check=True):
+            eps, _ = engine.generalization_error(Q, R, params, check=False)
+            return theory.Rates(np.zeros_like(Q), np.asarray(R, dtype=float), {}, eps,
+                                np.zeros_like(Q), np.zeros_like(R), {}, 0.0)
+
+        def direction(self, model, normalization, J, grad, state):
+            return grad
+
+    base = theory.select_engine(MODEL, get_normalization("plain"))
+    engine = RuleEngine(base, Outward())
+    tr = engine.integrate(np.eye(2), 0.9 * np.eye(2), eta=0.1,
+                          alpha=np.linspace(0.0, 1.0, 101))
+    assert tr.diverged and "leads out of the joint cone" in tr.message, tr.message
+    # R = 0.9 e^alpha reaches the boundary R = 1 at alpha = ln(1/0.9) = 0.1054
+    assert tr.alpha[-1] == pytest.approx(0.1) and abs(tr.alpha_diverged - 0.1054) < 1e-3
+    assert "alpha = 0.105" in tr.message
+    assert tr.eps_g.min() >= 0.0
+    with pytest.raises(SpecificationError, match="initial state is outside the joint cone"):
+        engine.integrate(np.eye(2), 1.2 * np.eye(2), eta=0.1, alpha=np.linspace(0, 1, 3))
