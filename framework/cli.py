@@ -42,7 +42,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     registry = get_registry()
     try:
-        function = registry.get("reproduction", args.name)
+        # reproductions are registered as identifiers: "natural-gradient" names
+        # "natural_gradient"
+        function = registry.get("reproduction", args.name.replace("-", "_"))
     except LookupError as exc:
         raise UsageError(str(exc)) from None
     from framework._commands import out_folder
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("reproduce", help="reproduce a published result (e.g. takagi2020)")
-    p.add_argument("name", help="what to reproduce; `symphase plugins` lists them")
+    p.add_argument("name", help="what to reproduce (`-` and `_` alike, natural-gradient = "
+                   "natural_gradient); `symphase plugins` lists them")
     p.add_argument("--out", default=None,
                    help="output folder (default: out/, untracked; the shipped results in "
                         "datasets/ are regenerated with --out datasets)")

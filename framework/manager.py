@@ -58,6 +58,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.reproduce",
     "plugins.reproduce_normalizations",
     "plugins.reproduce_goldt",
+    "plugins.reproduce_natural_gradient",
     "plugins.reproduce_bn_speedup",
 )
 
