@@ -117,6 +117,10 @@ class InputDistribution:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"InputDistribution is immutable (cannot set {name!r})")
 
+    def __reduce__(self) -> tuple[Any, tuple[list[float], list[float]]]:
+        """Pickled (and copied) through the constructor, which re-validates."""
+        return (InputDistribution, (self.eigenvalues.tolist(), self.fractions.tolist()))
+
     # -- helpers -----------------------------------------------------------------------
     @classmethod
     def power_law(cls, levels: int, exponent: float, mean: float = 1.0) -> InputDistribution:

@@ -77,7 +77,8 @@ class SpecificationError(ValueError):
 
 
 def _name(attribute: Any) -> str:
-    return getattr(attribute, "name", str(attribute))
+    name = getattr(attribute, "name", None)  # str(attribute) only when needed (it is slow)
+    return name if name is not None else str(attribute)
 
 
 def _got(value: Any) -> str:
