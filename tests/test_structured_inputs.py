@@ -44,6 +44,17 @@ class TestInputDistribution:
         eng = theory.select_engine(plain, get_normalization("plain"))
         assert not isinstance(eng, theory.SpectralEngine)
 
+    def test_pickle_and_copy(self):
+        import copy
+        import pickle
+
+        m = TeacherStudent(2, 3, inputs=TWO)
+        assert pickle.loads(pickle.dumps(m)) == m
+        d = InputDistribution(**TWO)
+        assert copy.deepcopy(d) == d and hash(copy.copy(d)) == hash(d)
+        with pytest.raises(AttributeError, match="immutable"):
+            d.eigenvalues = np.ones(2)  # type: ignore[misc]
+
     def test_round_trip(self):
         m = TeacherStudent(2, 3, inputs=TWO)
         assert m.to_dict()["inputs"] == {"eigenvalues": [0.4, 2.5],

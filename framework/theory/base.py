@@ -63,6 +63,7 @@ __all__ = [
     "Engine",
     "Rates",
     "Trajectory",
+    "WrappedEngine",
     "check_horizon",
 ]
 
@@ -578,6 +579,38 @@ class Engine(abc.ABC):
         nan = {k: np.full(K, np.nan) for k in self.trainable}
         return Rates(np.full((K, K), np.nan), np.full((K, M), np.nan), nan, math.nan,
                      np.full((K, K), np.nan), np.full((K, M), np.nan), dict(nan), math.nan)
+
+
+class WrappedEngine(Engine):
+    """An engine around another one, ``base``, built by
+    :func:`~framework.theory.select_engine` (:class:`~framework.theory.RuleEngine`,
+    :class:`~framework.theory.SpectralEngine`): its ``name``, ``exact``,
+    ``semidefinite``, parameters and accuracy settings are the wrapped engine's (results
+    record the engine that computed the expectations)."""
+
+    def __init__(self, base: Engine) -> None:
+        super().__init__(base.model, base.normalization, base.activation)
+        self.base = base
+        self.name = base.name  # type: ignore[misc]
+        self.exact = base.exact  # type: ignore[misc]
+        self.semidefinite = base.semidefinite  # type: ignore[misc]
+        self.trainable, self.held = base.trainable, base.held
+        self.initial_params = dict(base.initial_params)
+        #: the wrapped engine's accuracy settings (None for an exact engine)
+        self.quadrature = getattr(base, "quadrature", None)
+
+    @classmethod
+    def supports(
+        cls,
+        model: Model,
+        normalization: Normalization,
+        activation: Activation,
+        params: Mapping[str, Any] | None = None,
+        rule: LearningRule | None = None,
+    ) -> str | None:
+        """Not selectable on its own: :func:`~framework.theory.select_engine` builds it
+        around the engine it chose."""
+        return "a wrapper around another engine, built by select_engine"
 
 
 def pinv_psd(S: np.ndarray) -> np.ndarray:

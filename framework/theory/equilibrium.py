@@ -1299,7 +1299,7 @@ def weight_space_hessian(
     if accuracy is not None:
         acc = float(accuracy)
     else:
-        acc = getattr(eng, "quadrature", Quadrature()).accuracy
+        acc = (getattr(eng, "quadrature", None) or Quadrature()).accuracy
     Q = np.asarray(Q, dtype=float)
     R = np.asarray(R, dtype=float)
     K, M = model.K, model.M

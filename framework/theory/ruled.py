@@ -32,19 +32,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from framework.theory._kernels import _STATUS_MESSAGES, SEMIDEFINITE_TOL
-from framework.theory.base import Engine, Rates, Trajectory
+from framework.theory.base import Engine, Rates, Trajectory, WrappedEngine
 from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
-    from framework.activation import Activation
     from framework.learning_rule import LearningRule
-    from framework.model import Model
-    from framework.normalization import Normalization
 
 __all__ = ["RuleEngine"]
 
 
-class RuleEngine(Engine):
+class RuleEngine(WrappedEngine):
     """``base`` with the rates of ``rule`` (module docstring).
 
     ``name``, ``exact`` and ``semidefinite`` are the wrapped engine's (results record
@@ -52,32 +49,12 @@ class RuleEngine(Engine):
     """
 
     def __init__(self, base: Engine, rule: LearningRule) -> None:
-        super().__init__(base.model, base.normalization, base.activation)
-        self.base, self.rule = base, rule
-        self.name = base.name  # type: ignore[misc]
-        self.exact = base.exact  # type: ignore[misc]
-        self.semidefinite = base.semidefinite  # type: ignore[misc]
-        self.trainable, self.held = base.trainable, base.held
-        self.initial_params = dict(base.initial_params)
-        #: the wrapped engine's accuracy settings (None for an exact engine)
-        self.quadrature = getattr(base, "quadrature", None)
+        super().__init__(base)
+        self.rule = rule
         #: the rule's rates are analytic a little beyond the PSD cone (on an exact engine)
         self.analytic_beyond_cone = bool(rule.analytic_beyond_cone)
         #: (smallest eigenvalue, max |R|) of the last state outside the joint cone
         self._outside: tuple[float, float] | None = None
-
-    @classmethod
-    def supports(
-        cls,
-        model: Model,
-        normalization: Normalization,
-        activation: Activation,
-        params: Mapping[str, Any] | None = None,
-        rule: LearningRule | None = None,
-    ) -> str | None:
-        """Not selectable on its own: :func:`~framework.theory.select_engine` builds it
-        around the engine it chose."""
-        return "a wrapper around another engine, built by select_engine"
 
     def rates(
         self,

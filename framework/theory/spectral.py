@@ -46,19 +46,16 @@ import numpy as np
 
 from framework.inputs import InputDistribution
 from framework.theory._integrate import SEMIDEFINITE_TOL
-from framework.theory.base import Engine, Rates, Trajectory
+from framework.theory.base import Engine, Rates, Trajectory, WrappedEngine
 from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
-    from framework.activation import Activation
-    from framework.learning_rule import LearningRule
-    from framework.model import Model
-    from framework.normalization import Normalization
+    pass
 
 __all__ = ["SpectralEngine"]
 
 
-class SpectralEngine(Engine):
+class SpectralEngine(WrappedEngine):
     """``base`` (an engine at the pre-activation covariances) with the order parameters
     per input eigenspace as state (module docstring).
 
@@ -68,33 +65,13 @@ class SpectralEngine(Engine):
     """
 
     def __init__(self, base: Engine, inputs: InputDistribution) -> None:
-        super().__init__(base.model, base.normalization, base.activation)
-        self.base, self.inputs = base, inputs
-        self.name = base.name  # type: ignore[misc]
-        self.exact = base.exact  # type: ignore[misc]
-        self.semidefinite = base.semidefinite  # type: ignore[misc]
-        self.trainable, self.held = base.trainable, base.held
-        self.initial_params = dict(base.initial_params)
-        if hasattr(base, "quadrature"):  # the wrapped engine's accuracy settings
-            self.quadrature = base.quadrature
+        super().__init__(base)
+        self.inputs = inputs
         self.L = inputs.L
         self.lam = inputs.eigenvalues
         self.frac = inputs.fractions
         #: teacher overlaps per eigenspace, ``T_l = f_l T`` (L, M, M)
         self.T_l = inputs.lift(np.asarray(base.model.T, dtype=float))
-
-    @classmethod
-    def supports(
-        cls,
-        model: Model,
-        normalization: Normalization,
-        activation: Activation,
-        params: Mapping[str, Any] | None = None,
-        rule: LearningRule | None = None,
-    ) -> str | None:
-        """Not selectable on its own: :func:`~framework.theory.select_engine` builds it
-        around the engine it chose."""
-        return "a wrapper around another engine, built by select_engine"
 
     # -- the state ---------------------------------------------------------------------
     def lift(self, Q: Any, R: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +236,7 @@ class SpectralEngine(Engine):
                       description=self.describe(), eps_g_method=(
                           "the wrapped engine's eps_g at the pre-activation covariances "
                           "(Qt, Rt) of the integrated blocks; in the converged phase it is "
-                          "a difference of O(1) terms, accurate to ~1e-12 absolute (values "
+                          "a difference of O(1) terms, accurate to ~1e-11 absolute (values "
                           "below that, of either sign, are rounding): the deviation "
                           "variables of the isotropic tail are not available with "
                           "structured inputs"))
