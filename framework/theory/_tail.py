@@ -49,8 +49,8 @@ refined ``Q, R, eps_g``. Below ``TAIL_FLOOR`` (1e-20, ``|J - B| ~ 1e-10``) the f
 its leading-order part, linear in ``(E, E (x) E, D)`` (:class:`_LinearTail`), propagated
 exactly in the eigenbasis of its two blocks (matrix exponentials where a basis is
 ill-conditioned) with a separate exponent: ``eps_g`` is then correctly rounded down to
-the smallest double and 0 below it, never negative (6e-13 relative at 1e-185 and 2e-11 at 6e-314 against
-600-digit arithmetic).
+the smallest double and 0 below it, never negative (against 600-digit arithmetic: 6e-13
+relative at 1e-185, 2e-11 at 6e-314).
 
 Where it runs: :class:`framework.theory.ClosedFormEngine` applies it to the plain
 network (no normalization) with ``K = M <= TAIL_MAX_K``, no output noise, unit readouts,
