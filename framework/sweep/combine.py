@@ -352,6 +352,9 @@ def combine_sweep(
                 ds = ds.drop_vars(key)
         parts.append(ds)
     combined = combine_parts(parts, sweep.coords())
+    extra = sweep.value_coords()  # exact values behind abbreviated labels (inputs)
+    if extra:
+        combined = combined.assign_coords(extra)
     shape = sweep.shape
     for key in dims:
         combined[key].attrs.update({"long_name": f"sweep parameter {key}", "units": "1"})

@@ -5,6 +5,20 @@ experiment of any point (:meth:`Sweep.point`) and describes itself as JSON. This
 module knows nothing about execution, storage or file formats: :meth:`Sweep.run`
 hands the validated sweep to :mod:`framework.sweep.execute`. See :mod:`framework.sweep`
 for the grid keys.
+
+The input distribution (``inputs``, also spelled ``model.inputs``) is swept like any
+model field: each value is an :class:`~framework.InputDistribution` or a mapping
+``{"eigenvalues": [...], "fractions": [...]}`` (``fractions`` optional: equal), turned
+into an ``InputDistribution`` when the sweep is built (an invalid value is an error
+naming the key, its grid position, the value and the constraint). Its coordinate label
+is :func:`inputs_label`: ``"isotropic"`` for ``Sigma = I``, else
+``"eigenvalues [0.181818, 1.81818], fractions [0.5, 0.5]"`` (6 significant digits;
+two distinct values of one grid with the same label are refused). The exact values are
+kept in the combined result as the coordinates ``<key>_eigenvalues`` and
+``<key>_fractions`` on the dimensions ``(<key>, <key>_eigenspace)``, NaN beyond a
+point's number of eigenspaces ``L`` (:meth:`Sweep.value_coords`), and in the grid JSON.
+A point's specification hashes as the model with that ``InputDistribution``: given as an
+object or a mapping alike, and the isotropic one as a model without inputs.
 """
 
 from __future__ import annotations
@@ -22,12 +36,14 @@ import xarray as xr
 
 from framework._named import Named
 from framework.experiment import Experiment
+from framework.inputs import InputDistribution
 from framework.validators import SpecificationError
 
 __all__ = [
     "EXPERIMENT_KEYS",
     "MODEL_KEYS",
     "Sweep",
+    "inputs_label",
     "load_sweep",
     "point_experiment",
     "spec_hash",
@@ -46,8 +62,10 @@ EXPERIMENT_KEYS: tuple[str, ...] = (
 #: Model fields a grid may sweep (also spelled ``model.<field>``).
 MODEL_KEYS: tuple[str, ...] = (
     "K", "M", "noise", "activation", "second_layer", "output_scale", "eta_v", "weight_decay",
-    "weight_decay_v", "student_readout", "teacher_readout",
+    "weight_decay_v", "student_readout", "teacher_readout", "inputs",
 )
+#: The grid keys of the input distribution (values: :class:`~framework.InputDistribution`).
+_INPUTS_KEYS = ("inputs", "model.inputs")
 
 
 # -- keys and labels ------------------------------------------------------------------
@@ -84,7 +102,7 @@ def spec_hash(experiment: Experiment) -> str:
 
 def _plain(value: Any) -> Any:
     """A JSON-compatible copy of a grid value (numpy scalars to Python)."""
-    if isinstance(value, Named):  # a normalization or learning rule instance
+    if isinstance(value, Named | InputDistribution):  # an instance with a dict form
         return value.to_dict()
     if isinstance(value, np.generic):
         return value.item()
@@ -97,11 +115,55 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def inputs_label(inputs: InputDistribution) -> str:
+    """The sweep coordinate label of an input distribution (6 significant digits).
+
+    ``"isotropic"`` for ``Sigma = I``, else its :meth:`~framework.InputDistribution.to_dict`
+    fields in order, e.g. ``"eigenvalues [0.181818, 1.81818], fractions [0.5, 0.5]"`` for
+    ``InputDistribution.two_level(10)``.
+    """
+    if inputs.isotropic:
+        return "isotropic"
+
+    def text(value: Any) -> str:
+        if isinstance(value, list | tuple | np.ndarray):
+            return "[" + ", ".join(text(v) for v in value) + "]"
+        if isinstance(value, float | np.floating):
+            return f"{float(value):.6g}"
+        return str(value)
+
+    return ", ".join(f"{k} {text(v)}" for k, v in inputs.to_dict().items())
+
+
 def _label(value: Any) -> Any:
     """The coordinate label of a grid value."""
     if isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, InputDistribution):
+        return inputs_label(value)
     return json.dumps(_plain(value), sort_keys=True)
+
+
+def _inputs_value(key: str, value: Any, where: str) -> InputDistribution:
+    """``value`` (an InputDistribution or its mapping form) as an InputDistribution.
+
+    Anything else is a TypeError, an invalid mapping a SpecificationError, each naming
+    ``key``, ``where`` (the grid position) and the value.
+    """
+    if isinstance(value, InputDistribution):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"sweep {key!r}{where} = {value!r}: must be an InputDistribution or a mapping "
+            f"{{'eigenvalues': [...], 'fractions': [...]}}, got {type(value).__name__}"
+        )
+    try:
+        return InputDistribution.from_dict(value)
+    except TypeError as exc:
+        raise TypeError(f"sweep {key!r}{where} = {value!r}: {_describe(exc)}") from exc
+    except ValueError as exc:
+        raise SpecificationError(f"sweep {key!r}{where} = {value!r}: {_describe(exc)}"
+                                 ) from exc
 
 
 def _coordinate(values: Sequence[Any]) -> np.ndarray:
@@ -134,10 +196,20 @@ def _to_grid(value: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
             )
         if len(values) == 0:
             raise SpecificationError(f"sweep {key!r} must have at least one value, got []")
-        values = tuple(_plain(v) if not isinstance(v, Named) else v for v in values)
+        if key in _INPUTS_KEYS:
+            values = tuple(_inputs_value(key, v, f"[{i}]") for i, v in enumerate(values))
+        else:
+            values = tuple(_plain(v) if not isinstance(v, Named) else v for v in values)
         labels = [_label(v) for v in values]
         for i, lab in enumerate(labels):
             if lab in labels[:i]:
+                j = labels.index(lab)
+                if key in _INPUTS_KEYS and values[i] != values[j]:
+                    raise SpecificationError(
+                        f"sweep {key!r}[{i}] = {values[i]!r} and [{j}] = {values[j]!r} "
+                        f"differ only beyond the 6 significant digits of their label "
+                        f"{lab!r}; the values of a sweep must have distinct labels"
+                    )
                 raise SpecificationError(
                     f"sweep {key!r}[{i}] = {values[i]!r} repeats an earlier value"
                 )
@@ -266,6 +338,35 @@ class Sweep:
         """The coordinate of each dimension (numbers, or strings for anything else)."""
         return {k: _coordinate(v) for k, v in self._grid}
 
+    def value_coords(self) -> dict[str, tuple[tuple[str, ...], np.ndarray, dict[str, str]]]:
+        """Non-index coordinates holding the exact grid values the labels abbreviate.
+
+        For an ``inputs`` (or ``model.inputs``) dimension ``key``: ``<key>_eigenspace``
+        (``0 .. L_max - 1``) and ``<key>_eigenvalues``, ``<key>_fractions`` of dimensions
+        ``(key, <key>_eigenspace)``, NaN beyond a point's ``L``. ``{name: (dims, values,
+        attrs)}``, for ``Dataset.assign_coords``; empty without such a dimension.
+        """
+        out: dict[str, tuple[tuple[str, ...], np.ndarray, dict[str, str]]] = {}
+        for key, values in self._grid:
+            if key not in _INPUTS_KEYS:
+                continue
+            level = f"{key}_eigenspace"
+            size = max(v.L for v in values)
+            out[level] = ((level,), np.arange(size), {
+                "long_name": f"eigenspace of the input covariance of sweep parameter {key}",
+                "units": "1"})
+            for field, what in (("eigenvalues", "eigenvalue of the input covariance"),
+                                ("fractions", "fraction of the input directions")):
+                table = np.full((len(values), size), np.nan)
+                for i, v in enumerate(values):
+                    table[i, :v.L] = getattr(v, field)
+                out[f"{key}_{field}"] = ((key, level), table, {
+                    "long_name": f"{what} per eigenspace (sweep parameter {key})",
+                    "units": "1",
+                    "symphase_fill": "NaN: the point's input distribution has fewer "
+                                     "eigenspaces"})
+        return out
+
     def _assignment(self, index: tuple[int, ...]) -> dict[str, Any]:
         return {k: v[i] for (k, v), i in zip(self._grid, index, strict=True)}
 
@@ -299,6 +400,8 @@ class Sweep:
                 labels = [_label(v) for v in values]
                 want = coords[key]
                 want = want.item() if isinstance(want, np.generic) else want
+                if key in _INPUTS_KEYS and not isinstance(want, str):
+                    want = _label(_inputs_value(key, want, ""))
                 try:
                     found.append(labels.index(want if not isinstance(want, Mapping)
                                               else _label(want)))
