@@ -58,6 +58,10 @@ class Analyzer(Named):
     #: eigenspace); an experiment with structured inputs refuses analyzers that leave it
     #: False (default), since they would silently compute with isotropic inputs.
     supports_structured_inputs: ClassVar[bool] = False
+    #: True if :meth:`run` also computes with inputs that have a mean (the state's
+    #: ``mean_overlap``, :mod:`framework.theory.spectral`); an experiment whose inputs have
+    #: a mean refuses analyzers that leave it False (default).
+    supports_input_mean: ClassVar[bool] = False
 
     def check(self, experiment: Experiment) -> None:
         """Raise a ``ValueError`` if this analyzer cannot run ``experiment`` (default: accept)."""

@@ -204,13 +204,30 @@ def check_dataset(ds: xr.Dataset) -> None:
 
 
 def add_input_spaces(ds: xr.Dataset, inputs: Any, Q_l: np.ndarray, R_l: np.ndarray,
-                     dims: Sequence[str], *, N: int | None = None) -> None:
+                     dims: Sequence[str], *, N: int | None = None,
+                     r: np.ndarray | None = None) -> None:
     """Add the order parameters per input eigenspace to ``ds`` (in place): ``Q_space``
     ``(*dims, eigenspace, student, student_)``, ``R_space``, the coordinates
     ``input_eigenvalue`` and ``input_fraction`` along ``eigenspace`` (with ``N``: the
     fractions realized, ``N_l / N``, and the attr ``input_block_sizes``), and relabel
-    ``Q``, ``R`` as the pre-activation covariances (:mod:`framework.inputs`)."""
+    ``Q``, ``R`` as the pre-activation covariances (:mod:`framework.inputs`). With an
+    input mean: ``mean_overlap`` ``(*dims, student)`` (``r``, required then), the
+    teacher's ``teacher_mean_overlap`` and the attrs ``input_mean``,
+    ``input_mean_space``."""
     dims = tuple(dims)
+    if not inputs.centred:
+        if r is None:
+            raise ValueError("add_input_spaces: inputs with a mean need 'r', the student's "
+                             "overlaps with the mean direction")
+        M = np.shape(R_l)[-1]
+        ds["mean_overlap"] = variable(
+            r, (*dims, "student"), "student overlap with the input-mean direction r_i = "
+            "J_i . u / sqrt(N) (pre-activation mean m r_i)")
+        ds.coords["teacher_mean_overlap"] = variable(
+            inputs.teacher_overlap(M), ("teacher",), "teacher overlap with the input-mean "
+            "direction s_n = B_n . u / sqrt(N) (pre-activation mean m s_n)")
+        ds.attrs["input_mean"] = float(inputs.mean)
+        ds.attrs["input_mean_space"] = int(inputs.mean_space)
     frac = inputs.fractions if N is None else inputs.block_sizes(N) / N
     ds.coords["eigenspace"] = coordinate(np.arange(inputs.L), "eigenspace",
                                          "eigenspace l of the input covariance")
@@ -343,7 +360,8 @@ def trajectory_dataset(
         inputs = experiment.model.input_distribution()
         L = inputs.L
         add_input_spaces(ds, inputs, pad(traj.spaces["Q"], (L, K, K)),
-                         pad(traj.spaces["R"], (L, K, M)), ("alpha",))
+                         pad(traj.spaces["R"], (L, K, M)), ("alpha",),
+                         r=pad(traj.spaces["r"], (K,)) if "r" in traj.spaces else None)
     return ds
 
 

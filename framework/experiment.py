@@ -176,6 +176,10 @@ class Experiment:
                 raise SpecificationError(
                     f"'learning_rule' must be the plain gradient step with structured "
                     f"inputs ({inputs.describe()}), got {self.learning_rule.name!r}")
+            if not inputs.centred:
+                self._refuse_blind("supports_input_mean", (
+                    f"compute with centred inputs only, not with the model's "
+                    f"{inputs.describe()}"))
         for analyzer in self.analyzers:
             analyzer.check(self)
 

@@ -28,11 +28,28 @@ per-sample gradient): no rescaling by ``Sigma``. For ``Sigma = c I`` the problem
 isotropic one in the weights ``sqrt(c) J``, ``sqrt(c) B`` at the rate ``c eta``
 (``tests/test_structured_inputs.py`` checks this map exactly).
 
-A non-zero input mean is not implemented yet: it is refused, not ignored.
+Input mean (non-centred inputs)
+--------------------------------
+``xi ~ N(mu, Sigma)`` with ``mu = m u``: a unit vector ``u`` (``|u| = 1``) in eigenspace
+``mean_space`` of ``Sigma`` (``Sigma u = lambda_mu u``) and a size ``m = |mu| >= 0``, so
+each coordinate of the mean is ``O(m / sqrt(N))``. The scaling is the one under which the
+pre-activation means are of order one and the ``N -> infinity`` ODE exists: with ``r_i =
+J_i . u / sqrt(N)`` (the student's overlap with the mean direction, an order parameter of
+order one once ``J`` has a macroscopic component along ``u``) and ``s_n = B_n . u /
+sqrt(N)`` (the teacher's), the pre-activations are ``x ~ N(m r, Qt)``, ``y ~ N(m s, Tt)``.
+The direction is given by the teacher's overlaps ``s`` (``direction``; one value for every
+teacher unit or one per unit): it carries signal exactly when ``s != 0``; ``Q_l``, ``R_l``
+and ``T_l`` include the component along ``u``, so ``f_mu T - s s^T`` must be positive
+semi-definite. (A mean of order one *per coordinate*, ``|mu| ~ sqrt(N)``, gives the loss a
+curvature of order ``N`` along ``u``: at fixed ``eta`` there is no ``N -> infinity`` ODE
+for plain SGD -- the ill-conditioning batch normalization removes -- so it is not offered.)
+A random student initialization has ``r = O(1 / sqrt(N)) -> 0``; the ODE starts at ``r =
+0`` and the simulation realizes ``r = 0`` exactly.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -70,7 +87,7 @@ def _real_vector(name: str, value: Any) -> np.ndarray:
 
 
 class InputDistribution:
-    """Gaussian inputs ``N(0, Sigma)`` whose covariance is given by its spectrum.
+    """Gaussian inputs ``N(m u, Sigma)`` whose covariance is given by its spectrum.
 
     Parameters
     ----------
@@ -79,18 +96,32 @@ class InputDistribution:
     fractions : sequence of float, optional
         The fraction ``f_l > 0`` of the ``N`` directions in eigenspace ``l``; they sum to
         1 (to 1e-12). Default: equal fractions ``1 / L``.
+    mean : float, optional
+        The size ``m = |mu| >= 0`` of the input mean (default 0: centred inputs). The
+        pre-activation means are ``m r_i`` and ``m s_n`` (module docstring).
+    direction : float or sequence of float, optional
+        The mean direction ``u``, given by the teacher vectors' overlaps ``s_n = B_n . u /
+        sqrt(N)`` with it: one value for every teacher unit or one per unit (checked
+        against the model's ``M`` and ``T``). Default 0 (``u`` orthogonal to the
+        teacher). Only with ``mean > 0``.
+    mean_space : int, optional
+        The eigenspace of ``Sigma`` that holds ``u`` (default 0). Only with ``mean > 0``.
 
     The default ``InputDistribution()`` is ``Sigma = I`` (:data:`ISOTROPIC`). See the
     module docstring for the order parameters per eigenspace and the conventions.
     Helpers: :meth:`power_law`, :meth:`two_level`.
     """
 
-    __slots__ = ("eigenvalues", "fractions")
+    __slots__ = ("direction", "eigenvalues", "fractions", "mean", "mean_space")
 
     eigenvalues: np.ndarray
     fractions: np.ndarray
+    mean: float
+    direction: np.ndarray
+    mean_space: int
 
-    def __init__(self, eigenvalues: Any = (1.0,), fractions: Any = None) -> None:
+    def __init__(self, eigenvalues: Any = (1.0,), fractions: Any = None, mean: Any = 0.0,
+                 direction: Any = None, mean_space: Any = None) -> None:
         lam = _real_vector("eigenvalues", eigenvalues)
         if np.any(lam <= 0.0):
             raise SpecificationError(
@@ -111,15 +142,33 @@ class InputDistribution:
                 raise SpecificationError(
                     f"'fractions' must sum to 1 (to 1e-12), got sum {float(frac.sum())!r} "
                     f"for {frac.tolist()}")
+        m = check_real("mean", mean, minimum=0.0)
+        if m == 0.0 and (direction is not None or mean_space is not None):
+            given = "direction" if direction is not None else "mean_space"
+            raise SpecificationError(
+                f"{given!r} describes the input mean and applies only with 'mean' > 0, "
+                f"got mean = {m!r}")
+        s_dir = _real_vector("direction", 0.0 if direction is None else direction)
+        space = 0 if mean_space is None else check_int("mean_space", mean_space, minimum=0)
+        if space >= lam.size:
+            raise SpecificationError(
+                f"'mean_space' must name an eigenspace, 0 <= mean_space < L = {lam.size}, "
+                f"got {space}")
         object.__setattr__(self, "eigenvalues", lam)
         object.__setattr__(self, "fractions", frac)
+        object.__setattr__(self, "mean", float(m))
+        object.__setattr__(self, "direction", s_dir)
+        object.__setattr__(self, "mean_space", int(space))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"InputDistribution is immutable (cannot set {name!r})")
 
-    def __reduce__(self) -> tuple[Any, tuple[list[float], list[float]]]:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled (and copied) through the constructor, which re-validates."""
-        return (InputDistribution, (self.eigenvalues.tolist(), self.fractions.tolist()))
+        if self.centred:
+            return (InputDistribution, (self.eigenvalues.tolist(), self.fractions.tolist()))
+        return (InputDistribution, (self.eigenvalues.tolist(), self.fractions.tolist(),
+                                    self.mean, self.direction.tolist(), self.mean_space))
 
     # -- helpers -----------------------------------------------------------------------
     @classmethod
@@ -155,8 +204,51 @@ class InputDistribution:
 
     @property
     def isotropic(self) -> bool:
-        """``Sigma = I`` (one eigenvalue, equal to 1): today's problem, bit for bit."""
-        return self.L == 1 and float(self.eigenvalues[0]) == 1.0
+        """``Sigma = I`` (one eigenvalue, equal to 1) and centred: today's problem, bit for
+        bit."""
+        return self.L == 1 and float(self.eigenvalues[0]) == 1.0 and self.centred
+
+    @property
+    def centred(self) -> bool:
+        """Zero input mean (``mean == 0``)."""
+        return self.mean == 0.0
+
+    @property
+    def mean_eigenvalue_of_direction(self) -> float:
+        """``lambda_mu``: the input variance along the mean direction ``u``."""
+        return float(self.eigenvalues[self.mean_space])
+
+    def teacher_overlap(self, M: int) -> np.ndarray:
+        """``s (M,)``: the teacher's overlaps ``B_n . u / sqrt(N)`` with the mean direction
+        (``direction`` broadcast to ``M`` units); a wrong length is an error."""
+        M = check_int("M", M, minimum=1)
+        if self.direction.size not in (1, M):
+            raise SpecificationError(
+                f"'inputs.direction' must have one value or one per teacher unit (M = {M}), "
+                f"got {self.direction.size}: {self.direction.tolist()}")
+        return np.broadcast_to(self.direction, (M,)).copy()
+
+    def check_teacher(self, T: Any) -> None:
+        """Refuse a mean direction the teacher ``T`` cannot hold: ``f_mu T - s s^T`` must be
+        positive semi-definite (the component along ``u`` is part of ``T_mu = f_mu
+        T``)."""
+        if self.centred:
+            return
+        T = np.asarray(T, dtype=float)
+        s = self.teacher_overlap(T.shape[0])
+        lam_min = float(np.linalg.eigvalsh(self.fractions[self.mean_space] * T
+                                           - np.outer(s, s))[0])
+        if lam_min < -1e-12:
+            raise SpecificationError(
+                f"'inputs.direction' s = {s.tolist()} is too long for the teacher: "
+                f"f_mu T - s s^T (f_mu = {self.fractions[self.mean_space]:.6g}, the "
+                f"fraction of eigenspace mean_space = {self.mean_space}) must be positive "
+                f"semi-definite, got smallest eigenvalue {lam_min:.6g}")
+
+    def mean_coordinate(self, N: int) -> int:
+        """The coordinate of the mean direction ``u`` in the eigenbasis at dimension ``N``
+        (the first of eigenspace ``mean_space``'s block)."""
+        return int(np.sum(self.block_sizes(N)[:self.mean_space]))
 
     @property
     def mean_eigenvalue(self) -> float:
@@ -202,7 +294,8 @@ class InputDistribution:
         ``l`` is the ``l``-th block of :meth:`block_sizes`)."""
         return np.repeat(self.eigenvalues, self.block_sizes(N))
 
-    def realize(self, model: Any, state: Any, N: int, rng: Any) -> tuple[np.ndarray, np.ndarray]:
+    def realize(self, model: Any, state: Any, N: int, rng: Any, r: Any = None
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Weights ``(J (K, N), B (M, N))`` in the eigenbasis (eigenspace ``l`` is the
         ``l``-th block of :meth:`block_sizes`) with the state ``state``
         (:class:`~framework.OrderParameters`) spread over the eigenspaces: each block is
@@ -210,17 +303,44 @@ class InputDistribution:
         (N_l / N) Q``, ``R_l = (N_l / N) R``, ``T_l = (N_l / N) T`` exactly (``f_l``
         rounded to ``N_l / N``) and ``J J^T / N = Q`` (a block realizes ``J_l J_l^T /
         N_l = Q``). A state per eigenspace (``state.Q`` of shape ``(L, K, K)``) is realized
-        block by block: ``Q_l`` exactly."""
-        sizes = self.block_sizes(N)
-        if getattr(state, "per_eigenspace", False):  # its own block per eigenspace
-            from framework.model import OrderParameters
+        block by block: ``Q_l`` exactly.
 
-            c = N / sizes  # J_l J_l^T / N_l = Q_l N / N_l
-            blocks = [OrderParameters(q * c_l, r * c_l, t * c_l)
-                      for q, r, t, c_l in zip(state.Q, state.R, state.T, c, strict=True)]
-            parts = [model.realize(b, int(n), rng) for b, n in zip(blocks, sizes, strict=True)]
+        With an input mean the mean direction ``u`` is the coordinate
+        :meth:`mean_coordinate`: ``B[:, c] = sqrt(N) s`` and ``J[:, c] = sqrt(N) r``
+        (``r``: the student's overlaps ``J_i . u / sqrt(N)``, default 0), and the rest of
+        the block realizes ``Q_mu - r r^T``, ``R_mu - r s^T``, ``T_mu - s s^T`` exactly."""
+        sizes = self.block_sizes(N)
+        from framework.model import OrderParameters
+
+        if getattr(state, "per_eigenspace", False):  # its own block per eigenspace
+            blocks = [(q, rr, t) for q, rr, t in zip(state.Q, state.R, state.T, strict=True)]
         else:
-            parts = [model.realize(state, int(n), rng) for n in sizes]
+            blocks = [(state.Q * (n / N), state.R * (n / N), state.T * (n / N))
+                      for n in sizes]
+        widths = [int(n) for n in sizes]
+        col = None
+        if not self.centred:
+            K, M = np.shape(blocks[0][1])
+            rv = np.zeros(K) if r is None else np.asarray(r, dtype=float).reshape(K)
+            sv = self.teacher_overlap(M)
+            q, rr, t = blocks[self.mean_space]
+            blocks[self.mean_space] = (q - np.outer(rv, rv), rr - np.outer(rv, sv),
+                                       t - np.outer(sv, sv))
+            widths[self.mean_space] -= 1
+            if widths[self.mean_space] < K + M:
+                raise SpecificationError(
+                    f"'N' must give eigenspace mean_space = {self.mean_space} at least K + M "
+                    f"+ 1 = {K + M + 1} directions with an input mean, got N = {N} "
+                    f"({sizes[self.mean_space]} directions)")
+            col = math.sqrt(N) * np.concatenate([rv, sv])
+        parts = []
+        for l, ((q, rr, t), n) in enumerate(zip(blocks, widths, strict=True)):
+            c = N / n  # a block realizes J_l J_l^T / n = c Q_l, i.e. J_l J_l^T / N = Q_l
+            j, b = model.realize(OrderParameters(q * c, rr * c, t * c), n, rng)
+            if col is not None and l == self.mean_space:
+                j = np.concatenate([col[:j.shape[0], None], j], axis=1)
+                b = np.concatenate([col[j.shape[0]:, None], b], axis=1)
+            parts.append((j, b))
         return (np.concatenate([j for j, _ in parts], axis=1),
                 np.concatenate([b for _, b in parts], axis=1))
 
@@ -235,53 +355,72 @@ class InputDistribution:
 
     # -- specification -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"eigenvalues": self.eigenvalues.tolist(), "fractions": self.fractions.tolist()}
+        out: dict[str, Any] = {"eigenvalues": self.eigenvalues.tolist(),
+                               "fractions": self.fractions.tolist()}
+        if not self.centred:  # omitted when centred: specifications as before
+            out.update(mean=self.mean, direction=self.direction.tolist(),
+                       mean_space=self.mean_space)
+        return out
+
+    #: The fields of :meth:`to_dict` / :meth:`from_dict`.
+    FIELDS: tuple[str, ...] = ("eigenvalues", "fractions", "mean", "direction", "mean_space")
 
     @classmethod
     def from_dict(cls, data: Any) -> InputDistribution:
-        """From :meth:`to_dict` output (or an ``InputDistribution``); a ``mean`` entry
-        is refused (not implemented yet), other unknown keys are an error."""
+        """From :meth:`to_dict` output (or an ``InputDistribution``); unknown keys are an
+        error."""
         if isinstance(data, InputDistribution):
             return data
         if not isinstance(data, Mapping):
             raise TypeError(f"'inputs' must be an InputDistribution or a mapping with "
                             f"'eigenvalues' and 'fractions', got {data!r} "
                             f"({type(data).__name__})")
-        if "mean" in data:
-            raise SpecificationError(
-                "'inputs.mean' (a non-zero input mean) is not implemented yet: only "
-                "centred inputs with a structured covariance are")
-        allowed = ("eigenvalues", "fractions")
-        unknown = sorted(set(data) - set(allowed))
+        unknown = sorted(set(data) - set(cls.FIELDS))
         if unknown:
             raise SpecificationError(
                 f"unknown field(s) {', '.join(map(repr, unknown))} for inputs; valid "
-                f"fields: {', '.join(map(repr, allowed))}")
+                f"fields: {', '.join(map(repr, cls.FIELDS))}")
         if "eigenvalues" not in data:
             raise SpecificationError("'inputs' must give 'eigenvalues'")
-        return cls(data["eigenvalues"], data.get("fractions"))
+        return cls(data["eigenvalues"], data.get("fractions"), data.get("mean", 0.0),
+                   data.get("direction"), data.get("mean_space"))
 
     def describe(self) -> str:
         if self.isotropic:
             return "isotropic Gaussian inputs N(0, I)"
-        parts = ", ".join(f"{lam:.6g} (fraction {f:.6g})"
-                          for lam, f in zip(self.eigenvalues, self.fractions, strict=True))
-        return f"centred Gaussian inputs, covariance eigenvalues {parts}"
+        if self.L == 1 and float(self.eigenvalues[0]) == 1.0:
+            cov = "covariance I"
+        else:
+            cov = "covariance eigenvalues " + ", ".join(
+                f"{lam:.6g} (fraction {f:.6g})"
+                for lam, f in zip(self.eigenvalues, self.fractions, strict=True))
+        if self.centred:
+            return f"centred Gaussian inputs, {cov}"
+        return (f"Gaussian inputs, {cov}; mean of size {self.mean:.6g} along a direction in "
+                f"eigenspace {self.mean_space} with teacher overlaps "
+                f"{[float(f'{v:.6g}') for v in self.direction]}")
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.eigenvalues.tolist(), self.fractions.tolist(), self.mean,
+                self.direction.tolist() if not self.centred else None,
+                self.mean_space if not self.centred else None)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, InputDistribution):
             return NotImplemented
-        return bool(np.array_equal(self.eigenvalues, other.eigenvalues)
-                    and np.array_equal(self.fractions, other.fractions))
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self.eigenvalues.tobytes(), self.fractions.tobytes()))
+        return hash(repr(self._key()))
 
     def __repr__(self) -> str:
         if self.isotropic:
             return "InputDistribution()"
+        extra = "" if self.centred else (
+            f", mean={self.mean!r}, direction={self.direction.tolist()}, "
+            f"mean_space={self.mean_space}")
         return (f"InputDistribution(eigenvalues={self.eigenvalues.tolist()}, "
-                f"fractions={self.fractions.tolist()})")
+                f"fractions={self.fractions.tolist()}{extra})")
 
 
 #: ``Sigma = I``.

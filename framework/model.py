@@ -514,8 +514,10 @@ class TeacherStudent(Model):
         The input distribution (default isotropic ``N(0, I)``): a covariance given by its
         spectrum, ``{"eigenvalues": [...], "fractions": [...]}``
         (:class:`~framework.InputDistribution`, :mod:`framework.inputs` for the
-        conventions). ``T`` stays ``B B^T / N``; the teacher's pre-activation covariance
-        is then ``mean_eigenvalue * T``.
+        conventions), and a mean ``{"mean": m, "direction": s, "mean_space": l}`` (size,
+        the teacher's overlaps with its direction, the eigenspace that holds it). ``T``
+        stays ``B B^T / N``; the teacher's pre-activation covariance is then
+        ``mean_eigenvalue * T`` and its pre-activation mean ``m s``.
 
     With the defaults this is the soft committee machine of Saad & Solla, bit for bit.
 
@@ -562,6 +564,9 @@ class TeacherStudent(Model):
             raise SpecificationError(
                 f"'weight_decay_v' applies only with second_layer='trained', got "
                 f"{self.weight_decay_v!r}")
+        if not self.inputs.centred:  # the mean direction: one overlap per teacher unit
+            self.inputs.teacher_overlap(self.M)
+            self.inputs.check_teacher(self.T)
 
     @T.validator
     def _check_T(self, attribute: Any, value: np.ndarray) -> None:

@@ -3,9 +3,10 @@
 A normalization stands between the student pre-activations ``x`` (K units) and the
 activation: ``x~ = n(x; stats, params)``. ``stats`` are statistics of the
 pre-activations (a mapping of name -> array): in the limit of large batches the
-*population* statistics, functions of the order parameter ``Q`` alone (inputs have
-zero mean, so batch norm's mean is 0 and its variance is ``Q_ii``); in a finite
-minibatch the *batch* statistics. ``params`` are the normalization's own parameters
+*population* statistics, functions of the pre-activation covariance ``Q`` (centred
+inputs: batch norm's mean is 0 and its variance is ``Q_ii``) and, for inputs with a mean,
+of the pre-activation mean (:meth:`Normalization.population_statistics_with_mean`); in a
+finite minibatch the *batch* statistics. ``params`` are the normalization's own parameters
 (for batch norm ``gamma`` and ``beta``), some of which may be trainable.
 
 What a subclass must implement
@@ -195,6 +196,63 @@ class Normalization(Named):
         """
         self._no_statistics("population_statistics_vjp")
         return np.zeros_like(Q)
+
+    #: True if the statistics are of the *weights* (e.g. weight norm's ``|J_i|^2 / N``),
+    #: not of the pre-activations: with structured inputs the two differ (the
+    #: pre-activation covariance is ``J Sigma J^T / N``), so such a normalization runs
+    #: with isotropic inputs only.
+    weight_statistics: ClassVar[bool] = False
+
+    def population_statistics_with_mean(self, Q: np.ndarray, mean: np.ndarray
+                                        ) -> dict[str, np.ndarray]:
+        """Population statistics of pre-activations with covariance ``Q (..., K, K)`` and
+        mean ``mean (..., K)`` (inputs with a mean, :mod:`framework.inputs`); arrays
+        ``(..., K)``.
+
+        Optional: the default is :meth:`population_statistics` where the mean is zero
+        and refuses a non-zero one for a normalization with statistics (it cannot know
+        how they depend on it). A normalization that overrides it also overrides
+        :meth:`population_statistics_with_mean_vjp`.
+        """
+        if not self.statistics_names:
+            return {}
+        if np.any(np.asarray(mean) != 0.0):
+            self._no_mean("population_statistics_with_mean")
+        return self.population_statistics(Q)
+
+    def population_statistics_with_mean_vjp(self, Q: np.ndarray, mean: np.ndarray,
+                                            grad: Stats) -> tuple[np.ndarray, np.ndarray]:
+        """Pull ``grad`` back to ``(d loss / d Q, d loss / d mean)`` (shapes of ``Q`` and
+        ``mean``; ``Q``'s entries independent)."""
+        mean = np.asarray(mean, dtype=float)
+        if not self.statistics_names:
+            return np.zeros(np.shape(Q)), np.zeros(np.shape(mean))
+        if np.any(mean != 0.0):
+            self._no_mean("population_statistics_with_mean_vjp")
+        return (np.asarray(self.population_statistics_vjp(Q, grad), dtype=float),
+                np.zeros(np.broadcast_shapes(np.shape(mean), np.shape(Q)[:-1])))
+
+    @classmethod
+    def supports_input_mean(cls) -> str | None:
+        """None if the population statistics are defined for non-centred inputs, else
+        the reason (a normalization with statistics must override
+        :meth:`population_statistics_with_mean`)."""
+        if not cls.statistics_names:
+            return None
+        if cls.weight_statistics:
+            return (f"normalization {cls.name!r} computes its statistics from the weights, "
+                    f"not from the pre-activations")
+        if cls.population_statistics_with_mean is Normalization.population_statistics_with_mean:
+            return (f"normalization {cls.name!r} declares statistics {cls.statistics_names} "
+                    f"but does not say how they depend on a non-zero pre-activation mean "
+                    f"(it does not implement population_statistics_with_mean)")
+        return None
+
+    def _no_mean(self, method: str) -> None:
+        raise NotImplementedError(
+            f"normalization {self.name!r} declares statistics {self.statistics_names} but "
+            f"does not implement {method}() for a non-zero pre-activation mean (inputs "
+            f"with a mean)")
 
     def batch_statistics(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Statistics of a minibatch ``x`` of shape ``(..., B, K)``; arrays ``(..., 1, K)``."""

@@ -110,6 +110,14 @@ def convention_attrs(experiment: Experiment) -> dict[str, str | int | float]:
                 "covariances sum_l lambda_l Q_space[l] (= J Sigma J^T / N); teacher "
                 "T_l = f_l T; learning rate not rescaled by Sigma"),
         })
+        if not inputs.centred:
+            extra["convention_inputs"] = (
+                "xi ~ N(m u, Sigma) with |u| = 1, u in eigenspace input_mean_space of "
+                "Sigma, m = input_mean (each coordinate of the mean O(m / sqrt(N))); "
+                "pre-activation means m r (student, r = mean_overlap = J u / sqrt(N)) and "
+                "m s (teacher, teacher_mean_overlap = B u / sqrt(N)); Q, R the "
+                "pre-activation covariances; "
+                + str(extra["convention_inputs"]).replace("xi ~ N(0, Sigma); ", ""))
     return {
         **CONVENTIONS,
         **extra,

@@ -88,6 +88,7 @@ class Dynamics(Analyzer):
     supports_learning_rules: ClassVar[bool] = True
     #: The model's input distribution is applied (structured inputs, framework.inputs).
     supports_structured_inputs: ClassVar[bool] = True
+    supports_input_mean: ClassVar[bool] = True
 
     alpha: tuple[float, ...] | None = attrs.field(default=None, converter=alpha_grid_option)
     alpha_max: float = attrs.field(default=1000.0, converter=to_float, validator=gt(0.0))

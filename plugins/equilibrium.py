@@ -326,7 +326,7 @@ def _parameter_variables(experiment: Experiment, params: list[dict], what: str,
     return {
         f"param_{k}": variable(np.array([p[k] for p in params]), ("branch", "student"),
                            _param_name(k, eng) + f" {what}")
-        for k in eng.trainable
+        for k in eng.trainable if k != theory.MEAN_OVERLAP  # state: mean_overlap
     }
 
 
@@ -515,8 +515,16 @@ def fixedpoint_dataset(
         },
     )
     if Q_l is not None and R_l is not None:
-        add_input_spaces(ds, inputs, Q_l, R_l, ("branch",))
+        add_input_spaces(ds, inputs, Q_l, R_l, ("branch",), r=_mean_overlaps(
+            inputs, [fp.params for fp in br.points]))
     return ds
+
+
+def _mean_overlaps(inputs: Any, params: list[dict]) -> np.ndarray | None:
+    """``r (branch, K)`` of the points' states (inputs with a mean; else None)."""
+    if inputs.centred:
+        return None
+    return np.array([p[theory.MEAN_OVERLAP] for p in params])
 
 
 # --------------------------------------------------------------------------------------
@@ -753,7 +761,8 @@ class HessianAnalyzer(_PointSpectrum):
             },
         )
         if spaces:
-            add_input_spaces(ds, inputs, Qb, Rb, ("branch",), N=N)
+            add_input_spaces(ds, inputs, Qb, Rb, ("branch",), N=N, r=_mean_overlaps(
+                inputs, [{**eng.params(), **pp} for pp in point_params]))
         if invariant and (q is not None or self.at is None):
             ds = ds.assign_coords(weight_norm=((), 1.0 if q is None else float(q), {
                 "long_name": "weight norm Q_ii = |W_i|^2 at which the Hessian is evaluated",

@@ -91,6 +91,19 @@ class BatchNorm(Normalization):
         out[..., idx, idx] = grad["var"]
         return out
 
+    def population_statistics_with_mean(self, Q: np.ndarray, mean: np.ndarray
+                                        ) -> dict[str, np.ndarray]:
+        """Inputs with a mean: ``mean_i`` the pre-activation mean, ``var_i = Q_ii`` (``Q``
+        the covariance)."""
+        var = np.diagonal(Q, axis1=-2, axis2=-1).copy()
+        return {"mean": np.broadcast_to(np.asarray(mean, dtype=float), var.shape).copy(),
+                "var": var}
+
+    def population_statistics_with_mean_vjp(self, Q: np.ndarray, mean: np.ndarray,
+                                            grad: Arrays) -> tuple[np.ndarray, np.ndarray]:
+        return (self.population_statistics_vjp(Q, grad),
+                np.asarray(grad["mean"], dtype=float).copy())
+
     def batch_statistics(self, x: np.ndarray) -> dict[str, np.ndarray]:
         mean = x.mean(axis=-2, keepdims=True)
         var = np.square(x - mean).mean(axis=-2, keepdims=True)

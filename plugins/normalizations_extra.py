@@ -93,6 +93,7 @@ class WeightNorm(Normalization):
     statistics_names: ClassVar[tuple[str, ...]] = ("sqnorm",)
     supports_diagonal_scale: ClassVar[bool] = True
     supports_batch_statistics: ClassVar[bool] = False
+    weight_statistics: ClassVar[bool] = True  # |v_i|^2 / N, not a pre-activation moment
     scale_invariant: ClassVar[bool] = True
     scale_parameters: ClassVar[tuple[str, ...]] = ("g",)
 
@@ -165,6 +166,18 @@ class _BatchStatistics(Normalization):
 
     def population_statistics_vjp(self, Q: np.ndarray, grad: Arrays) -> np.ndarray:
         return _diag_vjp(Q, grad["var"])
+
+    def population_statistics_with_mean(self, Q: np.ndarray, mean: np.ndarray
+                                        ) -> dict[str, np.ndarray]:
+        """Inputs with a mean: the pre-activation mean and ``var_i = Q_ii``."""
+        var = _diag(Q)
+        return {"mean": np.broadcast_to(np.asarray(mean, dtype=float), var.shape).copy(),
+                "var": var}
+
+    def population_statistics_with_mean_vjp(self, Q: np.ndarray, mean: np.ndarray,
+                                            grad: Arrays) -> tuple[np.ndarray, np.ndarray]:
+        return (np.asarray(self.population_statistics_vjp(Q, grad), dtype=float),
+                np.asarray(grad["mean"], dtype=float).copy())
 
     def batch_statistics(self, x: np.ndarray) -> dict[str, np.ndarray]:
         mean = x.mean(axis=-2, keepdims=True)
@@ -280,6 +293,11 @@ class BatchNormStopGrad(_BatchStatistics):
         return np.zeros(np.broadcast_shapes(np.shape(Q), (*np.shape(grad["var"]),
                                                           np.shape(grad["var"])[-1])))
 
+    def population_statistics_with_mean_vjp(self, Q: np.ndarray, mean: np.ndarray,
+                                            grad: Arrays) -> tuple[np.ndarray, np.ndarray]:
+        return (self.population_statistics_vjp(Q, grad),
+                np.zeros(np.shape(np.asarray(grad["mean"]))))
+
     def batch_statistics_vjp(self, x: np.ndarray, grad: Arrays) -> np.ndarray:
         return np.zeros(np.shape(x))
 
@@ -299,8 +317,9 @@ class BatchNormStopGrad(_BatchStatistics):
 class MeanOnly(Normalization):
     """Mean-only batch normalization ``x~ = x - mean`` (Salimans & Kingma 2016).
 
-    Under population statistics the mean is 0 (inputs have zero mean), so ``x~ = x``
-    and the ODE is the plain network's; with minibatch statistics
+    Under population statistics of centred inputs the mean is 0, so ``x~ = x`` and the
+    ODE is the plain network's; with an input mean the pre-activation mean ``m r_i`` is
+    subtracted (:mod:`framework.inputs`); with minibatch statistics
     (``simulation(statistics="batch")``) the batch mean is subtracted and the gradient
     flows through it.
     """
@@ -312,6 +331,18 @@ class MeanOnly(Normalization):
 
     def population_statistics(self, Q: np.ndarray) -> dict[str, np.ndarray]:
         return {"mean": np.zeros(np.shape(Q)[:-1])}
+
+    def population_statistics_with_mean(self, Q: np.ndarray, mean: np.ndarray
+                                        ) -> dict[str, np.ndarray]:
+        """Inputs with a mean: the pre-activation mean, which is then subtracted."""
+        return {"mean": np.broadcast_to(np.asarray(mean, dtype=float),
+                                        np.shape(Q)[:-1]).copy()}
+
+    def population_statistics_with_mean_vjp(self, Q: np.ndarray, mean: np.ndarray,
+                                            grad: Arrays) -> tuple[np.ndarray, np.ndarray]:
+        return (np.zeros(np.broadcast_shapes(np.shape(Q), (*np.shape(grad["mean"]),
+                                                           np.shape(grad["mean"])[-1]))),
+                np.asarray(grad["mean"], dtype=float).copy())
 
     def population_statistics_vjp(self, Q: np.ndarray, grad: Arrays) -> np.ndarray:
         return np.zeros(np.broadcast_shapes(np.shape(Q), (*np.shape(grad["mean"]),

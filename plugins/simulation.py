@@ -489,8 +489,11 @@ def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, nois
     incremental = batch * (batch + 1) <= K * (K + 1) and not aniso
     per_step = np.uint64(batch * N)
     c = -eta * inv_sqn / batch
-    # the two layers: lay = (c_K, weight decay, eta_v, weight decay of v), tw = c_M v*
+    # the two layers: lay = (c_K, weight decay, eta_v, weight decay of v, input mean's
+    # whitened shift m / sqrt(lambda_mu), its coordinate), tw = c_M v*
     c_k, decay, eta_v, decay_v = lay[0], lay[1], lay[2], lay[3]
+    mshift = lay[4]
+    mcoord = int(lay[5])
     keep = 1.0 - decay / N if aniso else 1.0
     train_v = eta_v > 0.0
     a_w = np.empty(K)  # effective student weights c_K v of this step
@@ -513,6 +516,8 @@ def _advance_impl(W, Q, p, v, K, key, key_noise, step0, nsteps, batch, eta, nois
         base = step * per_step
         for b in range(batch):
             fill_nb(key, base + np.uint64(b * N), xi[b])
+            if mshift != 0.0:  # inputs with a mean (plain statistics only)
+                xi[b, mcoord] += mshift
             acc = 0.0
             sq = 0.0
             for n in range(N):  # the first pre-activation and |xi|^2 in one pass
@@ -789,6 +794,7 @@ class Simulation(Analyzer):
     supports_learning_rules: ClassVar[bool] = True
     #: The model's input distribution is applied (structured inputs, framework.inputs).
     supports_structured_inputs: ClassVar[bool] = True
+    supports_input_mean: ClassVar[bool] = True
 
     N: int = attrs.field(default=1000, validator=integer(minimum=1))
     alpha_max: float = attrs.field(default=10.0, converter=to_float, validator=gt(0.0))
@@ -836,6 +842,9 @@ class Simulation(Analyzer):
             return f"activation {act.name!r} is not erf"
         if self.statistics != "population":
             return "statistics='batch'"
+        if norm.statistics_names and not experiment.model.input_distribution().centred:
+            return (f"normalization {norm.name!r} has statistics and the inputs have a mean "
+                    "(the kernel's population statistics are of centred pre-activations)")
         kernels = norm.scale_kernels()
         if kernels is None:
             return (f"normalization {norm.name!r} provides no compiled scale functions "
@@ -919,6 +928,9 @@ class Simulation(Analyzer):
             else _GenericStepper(self, experiment, W, keys, params, v, lam)
         spaces = None if not lam.size else (np.empty((P, A, inputs.L, K, K)),
                                             np.empty((P, A, inputs.L, K, M)))
+        # inputs with a mean: r = J u / sqrt(N) = J'[:, c] / sqrt(lambda_mu N)
+        rhist = None if inputs.centred else np.empty((P, A, K))
+        mcoord = 0 if inputs.centred else inputs.mean_coordinate(N)
         pbar = _progress_bar(_progress_default(self.progress, float(steps[-1]) * P * N * B),
                              int(steps[-1]))
         step = 0
@@ -937,6 +949,9 @@ class Simulation(Analyzer):
                     inv = (1.0 / inputs.eigenvalues)[:, None, None]
                     spaces[0][:, a] = inputs.space_overlaps(J, J) * inv
                     spaces[1][:, a] = inputs.space_overlaps(J, Bt) * inv
+                if rhist is not None:
+                    rhist[:, a] = J[:, :, mcoord] / math.sqrt(
+                        inputs.mean_eigenvalue_of_direction * N)
                 for name in trainable:
                     phist[name][:, a] = params[name][:, 0]
                 if vhist is not None:
@@ -948,13 +963,15 @@ class Simulation(Analyzer):
 
         # eps_g at each replica's current parameters (the trained readout as "v")
         allp = phist if vhist is None else {**phist, "v": vhist}
-        eps, eps_attrs, eps_err = self._generalization_error(experiment, Qs, Rs, allp)
+        eps, eps_attrs, eps_err = self._generalization_error(
+            experiment, Qs, Rs, allp, rhist, None if spaces is None else spaces)
         ds = self._dataset(experiment, steps, Qs, Rs, eps, eps_attrs, phist, vhist,
                            "numba" if use_kernel else "numpy")
         if spaces is not None:
             from framework.datasets import add_input_spaces
 
-            add_input_spaces(ds, inputs, spaces[0], spaces[1], ("replica", "alpha"), N=N)
+            add_input_spaces(ds, inputs, spaces[0], spaces[1], ("replica", "alpha"), N=N,
+                             r=rhist)
         ds["eps_g_error"] = xr.DataArray(eps_err, dims=("replica", "alpha"), attrs={
             "long_name": "error estimate of eps_g at the recorded order parameters (0: exact "
                          "engine; the quadrature's or the Monte Carlo fallback's standard "
@@ -964,10 +981,12 @@ class Simulation(Analyzer):
     # -- generalization error ----------------------------------------------------------
     def _generalization_error(
         self, experiment: Experiment, Qs: np.ndarray, Rs: np.ndarray,
-        phist: dict[str, np.ndarray],
+        phist: dict[str, np.ndarray], rhist: np.ndarray | None = None,
+        spaces: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
         """``eps_g`` at the recorded states, how it was computed, and its error estimate
-        (0 where exact)."""
+        (0 where exact). Inputs with a mean: at the recorded per-eigenspace state and
+        mean overlaps ``rhist`` (no Monte Carlo fallback: it knows centred inputs only)."""
         model, norm = experiment.model, experiment.normalization
         try:  # the engine of framework.theory: exact where it can be, else the quadrature
             eng = theory.select_engine(model, norm, model.activation_function(),
@@ -976,9 +995,15 @@ class Simulation(Analyzer):
             eps = np.empty(lead)
             err = np.empty(lead)
             for j in np.ndindex(*lead):  # records x replicas engine calls
-                eps[j], err[j] = eng.generalization_error(
-                    Qs[j], Rs[j], {k: v[j] for k, v in phist.items()})
+                pj = {k: v[j] for k, v in phist.items()}
+                if rhist is not None and spaces is not None:
+                    pj[theory.MEAN_OVERLAP] = rhist[j]
+                    eps[j], err[j] = eng.generalization_error(spaces[0][j], spaces[1][j], pj)
+                else:
+                    eps[j], err[j] = eng.generalization_error(Qs[j], Rs[j], pj)
         except _THEORY_ERRORS as exc:
+            if rhist is not None:
+                raise
             why = f"{type(exc).__name__}: {exc}"
         else:
             return eps, {
@@ -1150,10 +1175,13 @@ class _KernelStepper:
         P, _, N = W.shape
         self.W, self.K, self.params, self.v = W, K, params, v
         lay = experiment.model.layers()
-        # (c_K, first-layer decay, eta_v, readout decay); eta_v = 0: the readout is fixed
+        # (c_K, first-layer decay, eta_v, readout decay, input mean's whitened shift, its
+        # coordinate); eta_v = 0: the readout is fixed
+        shift, coord = _mean_shift(experiment.model.input_distribution(), N)
         self.lay = np.array([lay.c_student, lay.weight_decay,
                              lay.eta_v if lay.readout_trained else 0.0,
-                             lay.weight_decay_v if lay.readout_trained else 0.0])
+                             lay.weight_decay_v if lay.readout_trained else 0.0,
+                             shift, float(coord)])
         self.tw = np.ascontiguousarray(lay.teacher_weights(), dtype=float)
         self.keys = np.ascontiguousarray(keys[:, 0])
         self.keys_noise = np.ascontiguousarray(keys[:, 1])
@@ -1233,6 +1261,8 @@ class _GenericStepper:
         self.rule = experiment.learning_rule
         self.rule_state: dict[str, Any] = {}  # the rule's memory over the run
         P, _, N = W.shape
+        #: inputs with a mean: its shift m / sqrt(lambda_mu) in whitened coordinates
+        self.mshift, self.mcoord = _mean_shift(experiment.model.input_distribution(), N)
         # inputs are drawn in chunks of ~2^20 numbers (8 MB)
         self.chunk = max(1, (1 << 20) // (P * N * self.batch))
 
@@ -1244,6 +1274,8 @@ class _GenericStepper:
         P, _, N = W.shape
         xi_all = normals(self.keys[:, 0], step0 * Bsz * N, nsteps * Bsz * N)
         xi_all = xi_all.reshape(P, nsteps, Bsz, N)
+        if self.mshift:  # inputs with a mean: xi' = z + (m / sqrt(lambda_mu)) e_c
+            xi_all[..., self.mcoord] += self.mshift
         noise_all = None
         if self.noise_sd > 0.0:
             noise_all = normals(self.keys[:, 1], step0 * Bsz, nsteps * Bsz)
@@ -1259,12 +1291,17 @@ class _GenericStepper:
         out = self.model.forward(W, xi, noise)  # the model's simulation step
         x, zeta = out.x, out.zeta
         Q = None
+        mu = None
         stats: dict[str, np.ndarray] = {}
         if self.stat_names:
             if self.population:
                 Q = np.matmul(J, J.transpose(0, 2, 1)) / N
-                stats = {k: np.asarray(v)[:, None, :]
-                         for k, v in norm.population_statistics(Q).items()}
+                if self.mshift:  # the pre-activation mean m J_i . u / sqrt(N)
+                    mu = self.mshift * J[:, :, self.mcoord] * inv_sqn
+                    pop = norm.population_statistics_with_mean(Q, mu)
+                else:
+                    pop = norm.population_statistics(Q)
+                stats = {k: np.asarray(v)[:, None, :] for k, v in pop.items()}
             else:
                 stats = dict(norm.batch_statistics(x))
         xt = norm.forward(x, stats, params)
@@ -1277,8 +1314,12 @@ class _GenericStepper:
                 x, {k: bw.stats[k].sum(axis=1, keepdims=True) for k in self.stat_names})
         grad = np.matmul(dx.transpose(0, 2, 1), xi) * (inv_sqn / Bsz)  # (P, K, N)
         if Q is not None:
-            G = norm.population_statistics_vjp(
-                Q, {k: bw.stats[k].mean(axis=1) for k in self.stat_names})
+            gst = {k: bw.stats[k].mean(axis=1) for k in self.stat_names}
+            if mu is None:
+                G = norm.population_statistics_vjp(Q, gst)
+            else:  # and through the mean: d mu_i / d J'_(i, c) = m / sqrt(lambda_mu N)
+                G, gm = norm.population_statistics_with_mean_vjp(Q, mu, gst)
+                grad[:, :, self.mcoord] += np.asarray(gm) * (self.mshift * inv_sqn)
             grad += np.matmul(G + G.transpose(0, 2, 1), J) / N
         grad = self.rule.direction(self.model, norm, J, grad, self.rule_state)  # sgd: grad
         if self.lam is not None:  # whitened coordinates: the step preconditioned by Sigma
@@ -1293,6 +1334,15 @@ class _GenericStepper:
         if self.v is not None:  # d loss / d v_i = -(zeta - sigma) c_K g(x~_i), batch mean
             gv = -lay.c_student * ((zeta - sigma)[..., None] * self.act.g(xt)).mean(axis=1)
             self.v -= (lay.eta_v / N) * gv + (lay.weight_decay_v / N) * self.v
+
+
+def _mean_shift(inputs: Any, N: int) -> tuple[float, int]:
+    """The input mean in whitened coordinates: ``(m / sqrt(lambda_mu), its coordinate)``
+    (``(0.0, 0)`` for centred inputs)."""
+    if inputs.centred:
+        return 0.0, 0
+    return (inputs.mean / math.sqrt(inputs.mean_eigenvalue_of_direction),
+            inputs.mean_coordinate(N))
 
 
 def _progress_bar(show: bool, total: int) -> Any:

@@ -75,7 +75,6 @@ class TestInputDistribution:
          "one entry per eigenvalue"),
         ({"eigenvalues": [1.0, 2.0], "fractions": [1.5, -0.5]}, SpecificationError,
          "'fractions' must be > 0"),
-        ({"eigenvalues": [1.0], "mean": [0.1]}, SpecificationError, "not implemented"),
         ({"eigenvalue": [1.0]}, SpecificationError, "unknown field(s) 'eigenvalue'"),
         ("isotropic", TypeError, "'inputs' must be an InputDistribution or a mapping"),
     ])

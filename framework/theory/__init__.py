@@ -74,7 +74,7 @@ from framework.theory.quadrature import (
     Quadrature,
 )
 from framework.theory.ruled import RuleEngine
-from framework.theory.spectral import SpectralEngine
+from framework.theory.spectral import MEAN_OVERLAP, SpectralEngine
 from framework.validators import SpecificationError
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ __all__ = [
     "ENGINES",
     "ENGINE_CHOICES",
     "GRID_LIMIT",
+    "MEAN_OVERLAP",
     "AccuracyError",
     "ClosedFormEngine",
     "ClosedFormUnavailable",
@@ -139,17 +140,29 @@ def _build(cls: type[Engine], model: Model, normalization: Normalization,
     return eng if rule is None else RuleEngine(eng, rule)
 
 
-def _structured_reason(cls: type[Engine], model: Model, rule: LearningRule | None
-                       ) -> str | None:
+def _structured_reason(cls: type[Engine], model: Model, normalization: Normalization,
+                       rule: LearningRule | None) -> str | None:
     """Why ``cls`` cannot run ``model``'s structured inputs (None: it can, or the inputs
     are isotropic)."""
-    if model.input_distribution().isotropic:
+    inputs = model.input_distribution()
+    if inputs.isotropic:
         return None
     if cls.drift is Engine.drift:
         return "it provides no Engine.drift, which structured inputs need"
     if rule is not None and not rule.engine_native:
         return (f"learning rule {rule.name!r} is not available with structured inputs "
                 f"(only the plain gradient step is)")
+    if normalization.weight_statistics:
+        return (f"normalization {normalization.name!r} computes its statistics from the "
+                f"weights (|J_i|^2 / N), which are not the pre-activation moments with "
+                f"structured inputs or an input mean: it runs with isotropic inputs only")
+    if not inputs.centred:
+        if not cls.supports_input_mean:
+            return ("its expectations are at centred pre-activations only (inputs with a "
+                    "mean need the quadrature, engine 'generic')")
+        why = normalization.supports_input_mean()
+        if why is not None:
+            return why
     return None
 
 
@@ -201,7 +214,7 @@ def select_engine(
         cls = ENGINES[name]
         why = cls.supports(model, normalization, act, params, rule=rule)
         if why is None:
-            why = _structured_reason(cls, model, rule)
+            why = _structured_reason(cls, model, normalization, rule)
         if why is None:
             try:
                 return _cached(cls, model, normalization, act, quadrature, wrap)
@@ -209,9 +222,10 @@ def select_engine(
                 return _build(cls, model, normalization, act, quadrature, wrap)
         reasons.append(f"{name}: {why}")
     under = f" under learning rule {rule.name!r}" if rule is not None else ""
+    hint = "" if "generic" in names else "; use engine='generic'"
     raise ClosedFormUnavailable(
         f"no engine {engine!r} for activation {act.name!r} with normalization "
-        f"{normalization.name!r}{under} ({'; '.join(reasons)}); use engine='generic'"
+        f"{normalization.name!r}{under} ({'; '.join(reasons)}){hint}"
     )
 
 

@@ -132,6 +132,15 @@ class Drift:
         readout only; :meth:`Engine.layer_rates` turns it into ``dv/dalpha``).
     eps : ndarray (r,)
         ``eps_g`` (noise term included).
+    Ea : ndarray (r, K) or None
+        ``E[a]``: with an input mean (non-centred pre-activations, ``mean`` given to
+        :meth:`Engine.drift`) the input's mean moves ``J`` along it by ``eta m (E[a] +
+        b)`` (:mod:`framework.theory.spectral`); None when the pre-activations are
+        centred. ``au`` and ``A`` are then about the *centred* pre-activations: ``au =
+        E[a (u - E u)^T] = A Sigma``.
+    b : ndarray (r, K) or None
+        ``-E[d eps / d mean_i]`` through the population statistics' dependence on the
+        pre-activation mean (batch norm's centring; zeros without it); None when centred.
     """
 
     au: np.ndarray
@@ -141,6 +150,8 @@ class Drift:
     dparams: dict[str, np.ndarray]
     dE_da: np.ndarray | None
     eps: np.ndarray
+    Ea: np.ndarray | None = None
+    b: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +242,18 @@ class Engine(abc.ABC):
     #: on the boundary of the cone, e.g. identical students); else ``Q`` must be
     #: positive definite.
     semidefinite: ClassVar[bool] = False
+    #: True if :meth:`drift` and :meth:`generalization_error` take a non-zero
+    #: pre-activation mean (inputs with a mean, :mod:`framework.inputs`).
+    supports_input_mean: ClassVar[bool] = False
+
+    def _centred_only(self, mean: Any) -> None:
+        """Refuse a non-zero pre-activation mean (an engine without
+        :attr:`supports_input_mean`)."""
+        if mean is not None and np.any(np.asarray(mean, dtype=float) != 0.0):
+            raise ClosedFormUnavailable(
+                f"engine {self.name!r} computes expectations at centred pre-activations "
+                f"only, got a pre-activation mean {np.asarray(mean).tolist()} (inputs with "
+                f"a mean need engine='generic')")
 
     def __init__(
         self,
@@ -323,6 +346,7 @@ class Engine(abc.ABC):
         eta: float,
         second_order: bool = True,
         check: bool = True,
+        mean: Any = None,
     ) -> Drift:
         """The expectations of the per-sample gradient at the pre-activation covariances
         ``(Q, R)`` (:class:`Drift`), from which the rates of the gradient step are
@@ -330,7 +354,9 @@ class Engine(abc.ABC):
 
         Optional: an engine without it cannot run structured inputs (the default raises
         :class:`NotImplementedError`, and :func:`~framework.theory.select_engine` then
-        says so). ``eta`` scales ``dparams``; ``check``: as in :meth:`rates`.
+        says so). ``eta`` scales ``dparams``; ``check``: as in :meth:`rates`. ``mean``:
+        the pre-activation mean ``(K + M,)`` of inputs with a mean (None: centred), only
+        for an engine with :attr:`supports_input_mean`.
         """
         raise NotImplementedError(
             f"engine {self.name!r} does not provide Engine.drift (the expectations of the "
@@ -338,9 +364,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def generalization_error(
-        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
+        mean: Any = None,
     ) -> tuple[float, float]:
-        """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included)."""
+        """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included); ``mean``: the
+        pre-activation mean ``(K + M,)`` (None: centred; see :meth:`drift`)."""
 
     @abc.abstractmethod
     def weight_moments(
@@ -350,6 +378,7 @@ class Engine(abc.ABC):
         params: Mapping[str, Any] | None = None,
         *,
         landscape: bool = True,
+        shift: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``eps_g``, ``dF/dX`` and ``dF/dtheta`` in weight space, per replicate.
 
@@ -357,7 +386,9 @@ class Engine(abc.ABC):
         ``Bt (M, D)``. Returns ``(eps (r,), dF/dX (r, K, D), {name: (r, K)})`` with
         ``r`` replicates (1 for an exact engine). ``landscape=True``: for a normalization
         without gradients through its statistics, the gradient of ``eps_g`` itself (the
-        loss landscape), not the SGD drift.
+        loss landscape), not the SGD drift. ``shift`` ``(D,)``: the inputs' mean in the
+        realization's coordinates (inputs ``N(shift, I_D)``; None: centred), for an engine
+        with :attr:`supports_input_mean`.
         """
 
     def weight_moments_stack(
@@ -367,6 +398,7 @@ class Engine(abc.ABC):
         params: Mapping[str, Any] | None = None,
         *,
         landscape: bool = True,
+        shift: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """:meth:`weight_moments` for a stack of realizations ``Xs (S, K, D)`` at common
         parameters: ``(eps (S, r), dF/dX (S, r, K, D), {name: (S, r, K)})``.
@@ -375,7 +407,8 @@ class Engine(abc.ABC):
         vectorize it (the Hessian's finite differences call it with every perturbed
         weight coordinate at once).
         """
-        parts = [self.weight_moments(X, Bt, params, landscape=landscape) for X in Xs]
+        kw = {} if shift is None else {"shift": shift}
+        parts = [self.weight_moments(X, Bt, params, landscape=landscape, **kw) for X in Xs]
         return (np.stack([e for e, _, _ in parts]), np.stack([g for _, g, _ in parts]),
                 {k: np.stack([t[k] for _, _, t in parts]) for k in parts[0][2]}
                 if parts else {})

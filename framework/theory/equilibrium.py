@@ -56,7 +56,7 @@ from scipy import optimize
 from framework.activation import Activation
 from framework.model import Model, OrderParameters
 from framework.normalization import Normalization
-from framework.theory import AccuracyError, Engine, Quadrature, select_engine
+from framework.theory import MEAN_OVERLAP, AccuracyError, Engine, Quadrature, select_engine
 from framework.theory.ruled import RuleEngine
 from framework.validators import SpecificationError, check_int, check_real
 
@@ -273,6 +273,18 @@ def symmetric_subspace(model: Model, kind: str = "auto") -> SymmetricSubspace:
                              bQ, bR, L)
 
 
+def _mean_overlap_start(model: Model, R: np.ndarray) -> np.ndarray:
+    """Inputs with a mean: the overlaps ``r = R_mu T_mu^{-1} s`` with the mean direction of
+    students in the teacher span with overlaps ``R`` (per eigenspace, ``R_mu`` in the
+    mean's eigenspace): where a start with teacher overlaps ``R`` puts ``r``."""
+    inputs = model.input_distribution()
+    R = np.asarray(R, dtype=float)
+    T_l = inputs.lift(model.T)
+    l = inputs.mean_space
+    R_mu, T_mu = (R[l], T_l[l]) if R.ndim == 3 else (R * inputs.fractions[l], T_l[l])
+    return R_mu @ np.linalg.solve(T_mu, inputs.teacher_overlap(model.M))
+
+
 def default_starts(
     model: Model, subspace: SymmetricSubspace
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -451,6 +463,42 @@ def _newton_polish(fun, x: np.ndarray, steps: int = 8) -> np.ndarray | None:
         if np.max(np.abs(f_new)) >= np.max(np.abs(f)):
             break
         x, f = x_new, f_new
+    return x
+
+
+def _damped_newton(raw, x: np.ndarray, steps: int = 20) -> np.ndarray | None:
+    """Newton's method with backtracking (the step halved until the residual is finite
+    and smaller): for a root on the boundary of the PSD cone (identical students), where
+    an engine of estimates has no values beyond it and ``hybr`` stalls. Central
+    differences ``1e-6 max(1, |x|)`` (the estimate is smooth: common random numbers)."""
+    def fun(y: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(raw(y), dtype=float)
+        except AccuracyError:  # a state where the estimate is too noisy: not a step
+            return np.full(y.size, np.inf)
+
+    f = fun(x)
+    if not np.all(np.isfinite(f)):
+        return None
+    for _ in range(steps):
+        if np.max(np.abs(f)) < 1e-13:
+            break
+        h = 1e-6 * np.maximum(1.0, np.abs(x))
+        jac = np.array([(fun(x + e) - fun(x - e)) / (2.0 * e[j])
+                        for j, e in enumerate(np.diag(h))]).T
+        try:
+            dx = np.linalg.lstsq(jac, -f, rcond=None)[0]
+        except np.linalg.LinAlgError:
+            break
+        t = 1.0
+        while t > 1e-9:
+            f_new = fun(x + t * dx)
+            if np.all(np.isfinite(f_new)) and np.max(np.abs(f_new)) < np.max(np.abs(f)):
+                break
+            t *= 0.5
+        else:
+            break
+        x, f = x + t * dx, f_new
     return x
 
 
@@ -921,13 +969,26 @@ def find_fixed_points(
                 else None
             Q0, R0 = (Q0 * c * c, R0 * c) if c is not None else \
                 rescale_weight_norm(Q0, R0, norm_q)
+        if MEAN_OVERLAP in trainable and not (len(start) > 3 and start[3] is not None
+                                              and MEAN_OVERLAP in start[3]):
+            ps[MEAN_OVERLAP] = _mean_overlap_start(model, R0)
         x0 = np.concatenate([sub.project(Q0, R0)[free],
                              [float(np.mean(ps[k])) for k in trainable]])
         sol = optimize.root(residual, x0, method="hybr",
                             options={"xtol": 1e-14 if exact else 1e-12})
         x = _newton_polish(residual, sol.x) if exact else sol.x
-        root = _accepted_root(eng, flow, x, teacher_overlaps(model), found, trainable, eta=eta,
-                              batch_size=batch_size, second_order=second_order)
+        # inputs with a mean: the plateau has identical students, on the cone's boundary,
+        # where an engine of estimates has no values beyond it and hybr stalls
+        fallback = not exact and not sol.success and MEAN_OVERLAP in trainable
+        if fallback:
+            x = _damped_newton(residual, x0)
+        try:
+            root = _accepted_root(eng, flow, x, teacher_overlaps(model), found, trainable,
+                                  eta=eta, batch_size=batch_size, second_order=second_order)
+        except AccuracyError:
+            if not fallback:
+                raise
+            root = None  # the fallback wandered where the estimate is too noisy
         if root is None or x is None:
             continue
         Q, R, params, res, err, eps, eps_err = root
@@ -1296,6 +1357,10 @@ def weight_space_hessian(
     (engines of estimates only).
     """
     eng = _engine(model, normalization, engine, quadrature)
+    if MEAN_OVERLAP in eng.trainable:
+        raise SpecificationError(
+            "weight_space_hessian: inputs with a mean are not implemented yet (the span "
+            "block would gain the mean direction); centred inputs only")
     if accuracy is not None:
         acc = float(accuracy)
     else:

@@ -184,7 +184,19 @@ _NAMES = {
     "ay": "E[a y^T]",
     "aa": "E[a a^T]",
     "gs": "E[d eps / d stats] pulled back to Q",
+    "Ea": "E[a]",
+    "gm": "E[d eps / d stats] pulled back to the pre-activation mean",
 }
+
+
+def _population_statistics(norm: Normalization, Q: np.ndarray, mean: np.ndarray | None
+                           ) -> dict[str, np.ndarray]:
+    """The normalization's population statistics at covariance ``Q`` (and mean)."""
+    if not norm.statistics_names:
+        return {}
+    if mean is None:
+        return norm.population_statistics(Q)
+    return norm.population_statistics_with_mean(Q, mean)
 
 
 class ExpectationEngine(Engine):
@@ -203,6 +215,7 @@ class ExpectationEngine(Engine):
 
     name = "generic"
     exact = False
+    supports_input_mean = True
 
     def __init__(
         self,
@@ -241,9 +254,13 @@ class ExpectationEngine(Engine):
     # -- the expectations ----------------------------------------------------------------
     def _replicate_moments(
         self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray],
-        *, second_order: bool = True, gradients: bool = True,
+        *, second_order: bool = True, gradients: bool = True, mean: Any = None,
     ) -> dict[str, Any] | None:
-        """Per-replicate expectations (leading axis = replicate); None if invalid state."""
+        """Per-replicate expectations (leading axis = replicate); None if invalid state.
+
+        ``mean``: the pre-activation mean ``(K + M,)`` (None: centred). Then ``ax``,
+        ``ay`` are about the centred pre-activations, ``E[a (u - mean)^T]``, and ``Ea =
+        E[a]``, ``gm = E[d eps / d mean]`` (through the statistics) are added."""
         K = self.K
         Sigma = np.block([[Q, R], [R.T, self.T]])
         L = _sqrtm_psd(Sigma)
@@ -253,13 +270,15 @@ class ExpectationEngine(Engine):
         Rn, n, _ = z.shape
         # einsum, not matmul: a threaded BLAS gemm with an inner dimension of K + M is
         # erratic (up to 30x slower) on a loaded machine
-        u = np.einsum("rnp,pq->rnq", z, L)
+        uc = np.einsum("rnp,pq->rnq", z, L)  # centred pre-activations
+        mu = None if mean is None else np.asarray(mean, dtype=float).reshape(K + self.M)
+        u = uc if mu is None else uc + mu
         x, y = np.ascontiguousarray(u[..., :K]), np.ascontiguousarray(u[..., K:])
         norm, act = self.normalization, self.activation
         w = self.error_weights(params)
         a = -w[:K]
         params = self.norm_params(params)
-        stats = norm.population_statistics(Q) if norm.statistics_names else {}
+        stats = _population_statistics(norm, Q, None if mu is None else mu[:K])
         xt = norm.forward(x, stats, params)
         gxt = act.g(xt)
         e = (act.g(y) * w[K:]).sum(axis=-1) - (gxt * a).sum(axis=-1)  # (R, n)
@@ -269,8 +288,10 @@ class ExpectationEngine(Engine):
         back = norm.backward(x, stats, params, a * act.gprime(xt))  # d sigma / d .
         b = np.broadcast_to(back.x, x.shape)
         ebT = np.ascontiguousarray(np.swapaxes(e[..., None] * b, 1, 2))  # (R, K, n)
-        au = ebT @ u / n  # E[a u^T] per replicate, (R, K, P)
+        au = ebT @ uc / n  # E[a (u - mean)^T] per replicate, (R, K, P)
         out["ax"], out["ay"] = au[..., :K], au[..., K:]
+        if mu is not None:
+            out["Ea"] = ebT.mean(axis=2)
         if second_order:
             aa = ebT @ np.swapaxes(ebT, 1, 2) / n
             if self.noise:
@@ -283,9 +304,18 @@ class ExpectationEngine(Engine):
                 for k in norm.statistics_names
             }
             Qr = np.broadcast_to(Q, (Rn, K, K))
-            out["gs"] = np.asarray(norm.population_statistics_vjp(Qr, grad_stats), dtype=float)
+            if mu is None:
+                out["gs"] = np.asarray(norm.population_statistics_vjp(Qr, grad_stats),
+                                       dtype=float)
+            else:
+                gQ, gm = norm.population_statistics_with_mean_vjp(
+                    Qr, np.broadcast_to(mu[:K], (Rn, K)), grad_stats)
+                out["gs"] = np.asarray(gQ, dtype=float)
+                out["gm"] = np.broadcast_to(np.asarray(gm, dtype=float), (Rn, K))
         else:
             out["gs"] = np.zeros((Rn, K, K))
+            if mu is not None:
+                out["gm"] = np.zeros((Rn, K))
         # -E[d eps / d theta] = E[e d sigma / d theta]  (= dtheta/dalpha / eta)
         out["params"] = {
             k: np.mean(e[..., None] * np.broadcast_to(back.params[k], x.shape), axis=1)
@@ -341,11 +371,13 @@ class ExpectationEngine(Engine):
         return values.mean(axis=0), values.std(axis=0, ddof=1) / math.sqrt(values.shape[0])
 
     def generalization_error(
-        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
+        mean: Any = None,
     ) -> tuple[float, float]:
-        """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included)."""
+        """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included); ``mean``: the
+        pre-activation mean ``(K + M,)`` (None: centred)."""
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
-        mom = self._replicate_moments(Q, R, self.params(params), gradients=False)
+        mom = self._replicate_moments(Q, R, self.params(params), gradients=False, mean=mean)
         if mom is None:
             return math.nan, math.nan
         if check:
@@ -360,6 +392,7 @@ class ExpectationEngine(Engine):
         params: Mapping[str, Any] | None = None,
         *,
         landscape: bool = True,
+        shift: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Per-replicate ``eps_g``, ``dF/dX`` and ``dF/dtheta`` in weight space.
 
@@ -370,7 +403,10 @@ class ExpectationEngine(Engine):
         numbers): every per-replicate estimate is a smooth function of ``X`` and
         ``theta`` for a smooth activation, so finite differences of it are accurate.
         ``dF/dX = E[d eps / dx xi^T] + (Gbar + Gbar^T) X`` with ``Gbar`` the pull-back
-        of ``E[d eps / d stats]`` to ``Q``. With ``landscape=True`` and a normalization
+        of ``E[d eps / d stats]`` to ``Q``. ``shift`` ``(D,)``: inputs with a mean, ``xi ~
+        N(shift, I_D)`` (the pre-activation means ``X shift``, ``Bt shift``, which the
+        population statistics see; their path adds ``E[d eps / d mean] shift^T`` to
+        ``dF/dX``). With ``landscape=True`` and a normalization
         whose ``statistics_gradient`` is False (gradients do not flow through its
         statistics, so its ``population_statistics_vjp`` is zero by design) the pull-back
         is taken by central differences of ``population_statistics`` instead: the result
@@ -382,6 +418,9 @@ class ExpectationEngine(Engine):
         K, D = X.shape
         q = self.quadrature
         z = _base_points(q.method, D, q.samples, q.replicates, q.seed)
+        mu = None if shift is None else np.asarray(shift, dtype=float).reshape(D)
+        if mu is not None:
+            z = z + mu  # a copy: the base points are shared
         n = z.shape[1]
         x = np.ascontiguousarray(np.einsum("rnd,kd->rnk", z, X))
         y = np.ascontiguousarray(np.einsum("rnd,md->rnm", z, Bt))
@@ -391,7 +430,8 @@ class ExpectationEngine(Engine):
         a = -w[:K]
         p = self.norm_params(p)
         norm, act = self.normalization, self.activation
-        stats = norm.population_statistics(Q) if norm.statistics_names else {}
+        mx = None if mu is None else X @ mu
+        stats = _population_statistics(norm, Q, mx)
         xt = norm.forward(x, stats, p)
         gxt = act.g(xt)
         e = (act.g(y) * w[K:]).sum(axis=-1) - (gxt * a).sum(axis=-1)
@@ -403,10 +443,18 @@ class ExpectationEngine(Engine):
         if norm.statistics_names:
             gstats = {k: -np.mean(e[..., None] * np.broadcast_to(back.stats[k], x.shape), axis=1)
                       for k in norm.statistics_names}
-            if landscape and not norm.statistics_gradient:
+            Rn = z.shape[0]
+            if mx is not None and mu is not None:  # the statistics of the mean and covariance
+                if landscape and not norm.statistics_gradient:
+                    Gbar, gm = _statistics_vjp_fd_mean(norm, Q, mx, gstats)
+                else:
+                    Gq, gm0 = norm.population_statistics_with_mean_vjp(
+                        np.broadcast_to(Q, (Rn, K, K)), np.broadcast_to(mx, (Rn, K)), gstats)
+                    Gbar, gm = np.asarray(Gq, dtype=float), np.asarray(gm0, dtype=float)
+                gX = gX + np.einsum("rk,d->rkd", np.broadcast_to(gm, (Rn, K)), mu)
+            elif landscape and not norm.statistics_gradient:
                 Gbar = _statistics_vjp_fd(norm, Q, gstats)
             else:
-                Rn = z.shape[0]
                 Gbar = np.asarray(norm.population_statistics_vjp(
                     np.broadcast_to(Q, (Rn, K, K)), gstats), dtype=float)
             gX = gX + (Gbar + np.swapaxes(Gbar, 1, 2)) @ X
@@ -417,12 +465,13 @@ class ExpectationEngine(Engine):
         return eps, gX, gtheta
 
     def _checked_moments(self, Q: np.ndarray, R: np.ndarray, p: Mapping[str, np.ndarray],
-                         second_order: bool, check: bool) -> dict[str, Any] | None:
+                         second_order: bool, check: bool, mean: Any = None
+                         ) -> dict[str, Any] | None:
         """:meth:`_replicate_moments` with the accuracy check (None: invalid state)."""
-        mom = self._replicate_moments(Q, R, p, second_order=second_order)
+        mom = self._replicate_moments(Q, R, p, second_order=second_order, mean=mean)
         if mom is not None and check:
             self._check({
-                **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs")
+                **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs", "Ea", "gm")
                    if key in mom},
                 **{f"E[d eps / d {k}]": v for k, v in mom["params"].items()},
                 **({"E[d eps / d v]": mom["readout"]} if "readout" in mom else {}),
@@ -438,28 +487,33 @@ class ExpectationEngine(Engine):
         eta: float,
         second_order: bool = True,
         check: bool = True,
+        mean: Any = None,
     ) -> Drift:
         """The per-replicate expectations of the per-sample gradient
-        (:class:`~framework.theory.Drift`); NaN everywhere at an invalid state."""
+        (:class:`~framework.theory.Drift`); NaN everywhere at an invalid state. ``mean``:
+        the pre-activation mean ``(K + M,)`` (None: centred; then ``Drift.Ea`` and
+        ``Drift.b`` are set)."""
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         Q = 0.5 * (Q + Q.T)
         p = self.params(params)
         K, P, r = self.K, self.K + self.M, self.quadrature.replicates
-        mom = self._checked_moments(Q, R, p, second_order, check)
+        mom = self._checked_moments(Q, R, p, second_order, check, mean)
         if mom is None:
             nan = np.full((r, K), np.nan)
             return Drift(np.full((r, K, P), np.nan), np.full((r, K, P), np.nan),
                          np.full((r, K, K), np.nan),
                          np.full((r, K, K), np.nan),
                          {k: nan for k in self.trainable if k not in self.model_trainable},
-                         nan if self.model_trainable else None, np.full(r, np.nan))
+                         nan if self.model_trainable else None, np.full(r, np.nan),
+                         None if mean is None else nan, None if mean is None else nan)
         gs = mom["gs"]
         aa = mom["aa"] if second_order else np.zeros((r, K, K))
         au = np.concatenate([mom["ax"], mom["ay"]], axis=-1)
         A = au @ pinv_psd(np.block([[Q, R], [R.T, self.T]]))  # Stein: E[a u^T] = A Sigma
         return Drift(au, A, -(gs + np.swapaxes(gs, 1, 2)), aa,
                      {k: eta * v for k, v in mom["params"].items()},
-                     None if "readout" not in mom else -mom["readout"], mom["eps"])
+                     None if "readout" not in mom else -mom["readout"], mom["eps"],
+                     mom.get("Ea"), None if "gm" not in mom else -mom["gm"])
 
     def rates(
         self,
@@ -533,3 +587,35 @@ def _statistics_vjp_fd(
 
 
 
+def _statistics_vjp_fd_mean(
+    norm: Normalization, Q: np.ndarray, mean: np.ndarray, grad: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_statistics_vjp_fd` for statistics of a covariance ``Q`` and a mean (inputs
+    with a mean): ``(Gbar (R, K, K), d / d mean (R, K))`` by central differences of
+    ``population_statistics_with_mean``."""
+    K = Q.shape[0]
+    h = 1e-6 * max(1.0, float(np.max(np.abs(Q))), float(np.max(np.abs(mean))))
+    Rn = next(iter(grad.values())).shape[0]
+
+    def pull(plus: Mapping[str, Any], minus: Mapping[str, Any]) -> np.ndarray:
+        return sum(np.sum(grad[s] * (np.asarray(plus[s]) - np.asarray(minus[s])) / (2 * h),
+                          axis=-1) for s in grad)
+
+    out = np.zeros((Rn, K, K))
+    for j in range(K):
+        for k in range(j, K):
+            E = np.zeros((K, K))
+            E[j, k] = E[k, j] = h
+            d = pull(norm.population_statistics_with_mean(Q + E, mean),
+                     norm.population_statistics_with_mean(Q - E, mean))
+            if j == k:
+                out[:, j, j] = d
+            else:
+                out[:, j, k] = out[:, k, j] = 0.5 * d
+    gm = np.zeros((Rn, K))
+    for j in range(K):
+        e = np.zeros(K)
+        e[j] = h
+        gm[:, j] = pull(norm.population_statistics_with_mean(Q, mean + e),
+                        norm.population_statistics_with_mean(Q, mean - e))
+    return out, gm

@@ -72,24 +72,26 @@ class RuleEngine(WrappedEngine):
                                second_order=second_order, check=check)
 
     def generalization_error(
-        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
+        mean: Any = None,
     ) -> tuple[float, float]:
         """The wrapped engine's."""
-        return self.base.generalization_error(Q, R, params, check=check)
+        return self.base.generalization_error(Q, R, params, check=check, mean=mean)
 
     def weight_moments(
         self, X: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
-        landscape: bool = True,
+        landscape: bool = True, shift: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The wrapped engine's (the loss landscape does not depend on the rule)."""
-        return self.base.weight_moments(X, Bt, params, landscape=landscape)
+        return self.base.weight_moments(X, Bt, params, landscape=landscape, shift=shift)
 
     def weight_moments_stack(
         self, Xs: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
-        landscape: bool = True,
+        landscape: bool = True, shift: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The wrapped engine's."""
-        return self.base.weight_moments_stack(Xs, Bt, params, landscape=landscape)
+        return self.base.weight_moments_stack(Xs, Bt, params, landscape=landscape,
+                                              shift=shift)
 
     def held_hessian(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None

@@ -30,6 +30,22 @@ wrapped engine at ``(Qt, Rt)``: parameters are not inputs, their step is not
 preconditioned by ``Sigma``. For ``L = 1``, ``lambda = 1`` this is the isotropic ODE;
 for ``Sigma = c I`` the totals follow the isotropic ODE at rate ``c eta`` (tested).
 
+Inputs with a mean, ``xi ~ N(m u, Sigma)`` (``u`` a unit vector in eigenspace ``mu`` of
+``Sigma``, :mod:`framework.inputs`): the state gains the student's overlaps ``r_i = J_i .
+u / sqrt(N)`` (the parameter-like entry ``"mean_overlap"`` of the state, ``(K,)``), the
+teacher's ``s`` are fixed, and the pre-activations are ``N(m [r; s], St)``; the wrapped
+engine's :meth:`~Engine.drift` at that mean gives ``A``, ``C``, ``E[a a^T]`` of the centred
+pre-activations, ``E[a]`` and ``b = -E[d eps / d mean]`` (the statistics' dependence on the
+mean: ``-E[a]`` for batch norm, which centres). The step moves ``J_i`` along ``u`` by
+``(eta / sqrt(N)) m h_i`` on average, ``h = E[a] + b``, so with ``lambda_mu`` the
+eigenvalue of ``u``::
+
+    dr/dalpha     = eta lambda_mu (A [r; s] + C r) + eta m h
+    dQ_mu/dalpha += eta m (h r^T + r h^T),   dR_mu/dalpha += eta m h s^T
+
+(weight decay adds ``-lambda_wd r``); the ``eta^2`` terms are unchanged (the mean's share
+of ``|xi|^2 / N`` is ``m^2 / N -> 0``). A random initialization has ``r = 0``.
+
 :class:`SpectralEngine` wraps the engine :func:`~framework.theory.select_engine` chose
 for the pre-activation covariances (its ``T`` is ``Tt``) and integrates the blocks
 through :meth:`Engine.integrate` (scipy's solver). An exact wrapped engine gives exact
@@ -52,7 +68,11 @@ from framework.validators import SpecificationError
 if TYPE_CHECKING:
     pass
 
-__all__ = ["SpectralEngine"]
+__all__ = ["MEAN_OVERLAP", "SpectralEngine"]
+
+#: The state entry of the student's overlaps with the input-mean direction, ``r_i = J_i .
+#: u / sqrt(N)`` (inputs with a mean), carried beside the trainable parameters.
+MEAN_OVERLAP = "mean_overlap"
 
 
 class SpectralEngine(WrappedEngine):
@@ -72,6 +92,29 @@ class SpectralEngine(WrappedEngine):
         self.frac = inputs.fractions
         #: teacher overlaps per eigenspace, ``T_l = f_l T`` (L, M, M)
         self.T_l = inputs.lift(np.asarray(base.model.T, dtype=float))
+        #: inputs with a mean: its size, the teacher's overlaps s (M,), its eigenspace
+        self.has_mean = not inputs.centred
+        self.m = inputs.mean
+        self.s = inputs.teacher_overlap(self.M) if self.has_mean else np.zeros(self.M)
+        self.l_mu = inputs.mean_space
+
+        if self.has_mean:  # r is state: integrated beside the trainable parameters
+            self.trainable = (*self.trainable, MEAN_OVERLAP)
+            self.initial_params[MEAN_OVERLAP] = np.zeros(self.K)
+
+    # -- the mean overlap ----------------------------------------------------------------
+    def _split(self, p: Mapping[str, np.ndarray]) -> tuple[np.ndarray | None,
+                                                         dict[str, np.ndarray]]:
+        """``(r or None, the wrapped engine's parameters)``."""
+        rest = {k: v for k, v in p.items() if k != MEAN_OVERLAP}
+        if not self.has_mean:
+            return None, rest
+        return np.asarray(p[MEAN_OVERLAP], dtype=float), rest
+
+    def pre_activation_mean(self, r: Any) -> np.ndarray:
+        """``m [r; s]`` ``(K + M,)``: the pre-activation means at the student overlaps
+        ``r``."""
+        return self.m * np.concatenate([np.asarray(r, dtype=float).reshape(self.K), self.s])
 
     # -- the state ---------------------------------------------------------------------
     def lift(self, Q: Any, R: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +140,7 @@ class SpectralEngine(WrappedEngine):
                 self.inputs.total(R) if R.ndim == 3 else R)
 
     def pack(self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``[Q_1..Q_L ravelled, R_1..R_L ravelled, theta...]``."""
+        """``[Q_1..Q_L ravelled, R_1..R_L ravelled, theta..., r (inputs with a mean)]``."""
         Q, R = self.lift(Q, R)
         return np.concatenate(
             [np.ravel(Q), np.ravel(R), *(np.ravel(params[k]) for k in self.trainable)])
@@ -144,9 +187,11 @@ class SpectralEngine(WrappedEngine):
         K = self.K
         Q, R = self.lift(Q, R)
         Q = 0.5 * (Q + np.swapaxes(Q, -1, -2))
-        p = self.params(params)
+        r, p = self._split(self.params(params))
         Qt, Rt = self.totals(Q, R)
-        d = self.base.drift(Qt, Rt, p, eta=eta, second_order=second_order, check=check)
+        mean = None if r is None else self.pre_activation_mean(r)
+        d = self.base.drift(Qt, Rt, p, eta=eta, second_order=second_order, check=check,
+                            mean=mean)
         A = d.A  # (r, K, P): E[grad_u a]
         X = np.concatenate([Q, np.swapaxes(R, -1, -2)], axis=-2)  # (L, P, K)
         Y = np.concatenate([R, self.T_l], axis=-2)  # (L, P, M)
@@ -160,6 +205,24 @@ class SpectralEngine(WrappedEngine):
                           + np.einsum("rkj,ljm->rlkm", d.C, R))
         dQ, dR, dv = self.layer_rates(Q, R, p, dQ, dR, d.dE_da)
         dp = {**d.dparams, **dv}
+        if r is not None:  # the input mean's drift along its direction (module docstring)
+            if d.Ea is None or d.b is None:
+                raise SpecificationError(
+                    f"engine {self.base.name!r} returned no E[a] and b at a pre-activation "
+                    f"mean (inputs with a mean need them)")
+            h = d.Ea + d.b  # (rep, K)
+            l, m = self.l_mu, self.m
+            Ys = np.concatenate([r, self.s])  # (P,)
+            dr = eta * self.lam[l] * (np.einsum("rkp,p->rk", A, Ys)
+                                      + np.einsum("rkj,j->rk", d.C, r)) + eta * m * h
+            if self.layers.weight_decay:
+                dr = dr - self.layers.weight_decay * r
+            hr = np.einsum("rk,j->rkj", h, r)
+            dQ = dQ.copy()
+            dR = dR.copy()
+            dQ[:, l] += eta * m * (hr + np.swapaxes(hr, -1, -2))
+            dR[:, l] += eta * m * np.einsum("rk,n->rkn", h, self.s)
+            dp[MEAN_OVERLAP] = dr
         dQ, dQe = _mean_err(dQ)
         dR, dRe = _mean_err(dR)
         eps, epse = _mean_err(d.eps)
@@ -170,19 +233,31 @@ class SpectralEngine(WrappedEngine):
                      dpe, float(epse))
 
     def drift(self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *,
-              eta: float, second_order: bool = True, check: bool = True) -> Any:
-        """The wrapped engine's :meth:`~Engine.drift` at the totals of ``(Q, R)``."""
+              eta: float, second_order: bool = True, check: bool = True,
+              mean: Any = None) -> Any:
+        """The wrapped engine's :meth:`~Engine.drift` at the totals of ``(Q, R)`` (with an
+        input mean: at the pre-activation mean of the state's ``"mean_overlap"``, unless
+        ``mean`` is given)."""
         Qt, Rt = self._as_totals(Q, R)
-        return self.base.drift(Qt, Rt, params, eta=eta, second_order=second_order,
-                               check=check)
+        r, p = self._split(self.params(params))
+        if mean is None and r is not None:
+            mean = self.pre_activation_mean(r)
+        return self.base.drift(Qt, Rt, p, eta=eta, second_order=second_order,
+                               check=check, mean=mean)
 
     def generalization_error(
-        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True
+        self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
+        mean: Any = None,
     ) -> tuple[float, float]:
         """``eps_g`` of a state per eigenspace (``Q (L, K, K)``) or of the totals
-        (``Qt (K, K)``): the wrapped engine's at ``(Qt, Rt)``."""
+        (``Qt (K, K)``): the wrapped engine's at ``(Qt, Rt)`` (and, with an input mean, at
+        the pre-activation mean ``m [r; s]`` of the entry ``"mean_overlap"`` of
+        ``params``, default ``r = 0``, unless ``mean`` is given)."""
         Qt, Rt = self._as_totals(Q, R)
-        return self.base.generalization_error(Qt, Rt, params, check=check)
+        r, p = self._split(self.params(params))
+        if mean is None and r is not None:
+            mean = self.pre_activation_mean(r)
+        return self.base.generalization_error(Qt, Rt, p, check=check, mean=mean)
 
     def held_hessian(self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
                      ) -> np.ndarray:
@@ -190,7 +265,8 @@ class SpectralEngine(WrappedEngine):
         (parameters are not inputs: the input covariance enters only through ``(Qt,
         Rt)``)."""
         Qt, Rt = self._as_totals(Q, R)
-        return self.base.held_hessian(Qt, Rt, params)
+        return self.base.held_hessian(Qt, Rt, None if params is None else self._split(
+            self.params(params))[1])
 
     # -- weight space --------------------------------------------------------------------
     def column_scale(self, D: int) -> np.ndarray:
@@ -203,25 +279,44 @@ class SpectralEngine(WrappedEngine):
                 f"equal width (one per eigenspace), got {D} coordinates")
         return np.repeat(np.sqrt(self.lam), D // self.L)
 
+    def mean_column(self, D: int) -> int:
+        """Inputs with a mean: the coordinate of the mean direction ``u`` in a realization
+        of ``D = L w`` coordinates (:meth:`column_scale`): the first of eigenspace
+        ``mean_space``'s block."""
+        return self.l_mu * (D // self.L)
+
     def weight_moments(self, X: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
-                       landscape: bool = True
+                       landscape: bool = True, shift: Any = None,
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``eps_g``, ``dF/dX`` and ``dF/dtheta`` for a realization ``X (K, D)``, ``Bt (M,
         D)`` in the eigenbasis (:meth:`column_scale`): ``F(X) = F_iso(X Sigma^(1/2))``,
         the wrapped engine's at the whitened weights, so ``dF/dX = (dF_iso/dX')
-        Sigma^(1/2)``."""
+        Sigma^(1/2)``. With an input mean the realization's coordinate
+        :meth:`mean_column` is the mean direction ``u`` (its entries are ``r`` and ``s``),
+        and the whitened inputs have the mean ``(m / sqrt(lambda_mu)) u``; ``shift`` is
+        not taken (the inputs are the model's)."""
         eps, g, gt = self.weight_moments_stack(np.asarray(X, dtype=float)[None], Bt, params,
-                                               landscape=landscape)
+                                               landscape=landscape, shift=shift)
         return eps[0], g[0], {k: v[0] for k, v in gt.items()}
 
     def weight_moments_stack(self, Xs: Any, Bt: Any, params: Mapping[str, Any] | None = None,
-                             *, landscape: bool = True
+                             *, landscape: bool = True, shift: Any = None,
                              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """:meth:`weight_moments` over a stack ``Xs (S, K, D)``."""
+        if shift is not None:
+            raise SpecificationError(
+                "SpectralEngine.weight_moments takes the model's inputs, not a 'shift'")
         Xs, Bt = np.asarray(Xs, dtype=float), np.asarray(Bt, dtype=float)
-        c = self.column_scale(Xs.shape[-1])
-        eps, g, gt = self.base.weight_moments_stack(Xs * c, Bt * c, params,
-                                                    landscape=landscape)
+        D = Xs.shape[-1]
+        c = self.column_scale(D)
+        p = None if params is None else {k: v for k, v in params.items() if k != MEAN_OVERLAP}
+        kw: dict[str, Any] = {}
+        if self.has_mean:
+            mu = np.zeros(D)
+            mu[self.mean_column(D)] = self.m / math.sqrt(self.lam[self.l_mu])
+            kw["shift"] = mu
+        eps, g, gt = self.base.weight_moments_stack(Xs * c, Bt * c, p, landscape=landscape,
+                                                    **kw)
         return eps, g * c, gt
 
     def integrate(self, Q0: Any, R0: Any, **kwargs: Any) -> Trajectory:
@@ -232,7 +327,12 @@ class SpectralEngine(WrappedEngine):
         tr = super().integrate(Q0, R0, **kwargs)
         Qt, Rt = self.totals(tr.Q, tr.R)
         fields = {f: getattr(tr, f) for f in tr.__dataclass_fields__}
-        fields.update(Q=Qt, R=Rt, spaces={"Q": tr.Q, "R": tr.R},
+        spaces = {"Q": tr.Q, "R": tr.R}
+        if self.has_mean:  # the mean overlap is state, not a parameter
+            params = dict(tr.params)
+            spaces["r"] = params.pop(MEAN_OVERLAP)
+            fields["params"] = params
+        fields.update(Q=Qt, R=Rt, spaces=spaces,
                       description=self.describe(), eps_g_method=(
                           "the wrapped engine's eps_g at the pre-activation covariances "
                           "(Qt, Rt) of the integrated blocks; in the converged phase it is "
