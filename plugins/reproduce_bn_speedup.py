@@ -3,7 +3,8 @@
 
 Plain against batch normalization (and ``batchnorm_stopgrad``, the other built-in
 normalization with a closed form and no trainable parameter) for ``K = M`` in ``Ks``, on
-centred Gaussian inputs with the covariance spectra of :data:`SETTINGS`:
+the Gaussian inputs of :data:`SETTINGS` (centred in (a)-(c), with a mean in (d)); each
+setting has a plan (:func:`plan`: its Ks, normalizations and eta grid):
 
 (a) ``isotropic``: ``Sigma = I``;
 (b) ``two_level_10``, ``two_level_100``: two eigenvalues in the ratio 1:10 and 1:100,
@@ -11,9 +12,21 @@ centred Gaussian inputs with the covariance spectra of :data:`SETTINGS`:
     (:meth:`framework.InputDistribution.two_level`);
 (c) ``power_law_4``: 4 equally large eigenspaces, ``lambda_l ~ l^-1``, mean 1
     (:meth:`framework.InputDistribution.power_law`);
-(d) non-centred inputs: **not computed** -- a non-zero input mean is not implemented
-    (``InputDistribution`` refuses it); the dataset, the table and the README say so
-    (attr ``setting_d``).
+(d) ``mean_2``: non-centred inputs ``xi ~ N(m u, I)``, ``|u| = 1``, ``m`` =
+    :data:`MEAN_SIZE`, the teacher's overlaps with ``u`` ``s_n = B_n . u / sqrt(N)`` =
+    :data:`MEAN_DIRECTION` (``framework.InputDistribution(mean=..., direction=...)``):
+    the pre-activation means are ``m r_i`` (student, ``r_i = J_i . u / sqrt(N)``, starts
+    at 0) and ``m s_n = 1`` (teacher), equal to the teacher's pre-activation standard
+    deviation. Only K = 2, on the coarser grid ``mean["etas"]``, on the quadrature engine
+    (:data:`QUADRATURE_MEAN`; there is no closed form with a mean), with the horizon rule
+    :data:`HORIZON_CLIP_MEAN`. Normalizations (``mean["normalizations"]``): plain,
+    batchnorm, batchnorm_affine (trainable ``gamma``, ``beta``) and meanonly. Population
+    statistics that centre subtract ``m r_i``; then a normalization without a trainable
+    shift (batchnorm, batchnorm_stopgrad, meanonly) has an output of mean zero, while the
+    teacher's output has mean ``sum_n E g(y_n)`` with ``y_n ~ N(m s_n, T_nn)``, so its
+    ``eps_g >= (sum_n erf(m s_n / sqrt(2 (1 + T_nn))))^2 / 2`` at every alpha (variable
+    ``eps_g_floor``: 0.542 here) and it never reaches the target; batchnorm_affine's
+    trainable ``beta`` can represent the mean.
 
 Definitions (also stored as attrs of the dataset)
 --------------------------------------------------
@@ -71,22 +84,44 @@ from plugins._pool import save_run
 NAME = "bn_speedup"
 COMMAND = "symphase reproduce bn_speedup --out datasets"
 NORMALIZATIONS = ("plain", "batchnorm", "batchnorm_stopgrad")
+#: The normalizations of setting (d) besides :data:`NORMALIZATIONS`' (non-centred inputs:
+#: a trainable shift, and centring alone).
+MEAN_NORMALIZATIONS = ("batchnorm_affine", "meanonly")
+#: The normalizations whose output has mean zero with population statistics: they centre
+#: the pre-activations and have no trainable shift (:func:`eps_g_floor`).
+CENTRING_WITHOUT_SHIFT = ("batchnorm", "batchnorm_stopgrad", "meanonly")
 #: The common learning rate of comparison (i).
 ETA_SAME = 0.5
 #: The target generalization error of the time to learn.
 TARGET = 1e-3
 #: Relative size of the first positive alpha of the report grid.
 ALPHA_MIN = 0.01
+#: Setting (d): the size ``m = |mu|`` of the input mean and the teacher's overlaps ``s``
+#: with its direction (``m s = 1``: the teacher's pre-activation mean equals its standard
+#: deviation).
+MEAN_SIZE = 2.0
+MEAN_DIRECTION = 0.5
+#: Setting (d) runs on the generic engine: its randomized-QMC quadrature (8 x 512 points,
+#: 16 times fewer than the default; the t_1e-3 of plain at eta = 2 moves by ~1-2% between
+#: quadrature seeds, README). The check runs (``t_target_*_check``) use seed 1.
+QUADRATURE_MEAN: dict[str, Any] = {"samples": 512, "replicates": 8, "seed": 0}
 #: (key, label) of the input settings; the spectra are built by :func:`inputs_of`.
 SETTINGS: tuple[tuple[str, str], ...] = (
     ("isotropic", "(a) isotropic, Sigma = I"),
     ("two_level_10", "(b) two levels 1:10, half the directions each, mean 1"),
     ("two_level_100", "(b) two levels 1:100, half the directions each, mean 1"),
     ("power_law_4", "(c) power law, 4 levels, lambda_l ~ l^-1, mean 1"),
+    ("mean_2", f"(d) non-centred, Sigma = I, mean of size m = {MEAN_SIZE:g} along u, "
+     f"teacher overlaps s = {MEAN_DIRECTION:g}"),
 )
-SETTING_D = ("(d) non-centred inputs: not computed. A non-zero input mean is not "
-             "implemented in framework.InputDistribution (it is refused, issue 14 item 1), "
-             "so no row of this reproduction has one.")
+SETTING_D = (f"(d) non-centred inputs xi ~ N(m u, I), m = {MEAN_SIZE:g}, teacher overlaps "
+             f"s_n = B_n.u/sqrt(N) = {MEAN_DIRECTION:g} (pre-activation means m r_i and "
+             f"m s_n = {MEAN_SIZE * MEAN_DIRECTION:g}), K = 2, generic (quadrature) engine. "
+             "batchnorm_affine (trainable shift beta) and meanonly are added: batchnorm "
+             "with beta = 0, batchnorm_stopgrad and meanonly centre the pre-activations "
+             "and have no trainable shift, so their output has mean 0 while the "
+             "teacher's has mean sum_n E erf(y_n/sqrt 2); eps_g >= eps_g_floor at every "
+             "alpha and the target is not reached.")
 
 
 def inputs_of(key: str) -> InputDistribution:
@@ -99,29 +134,70 @@ def inputs_of(key: str) -> InputDistribution:
         return InputDistribution.two_level(100.0, 0.5, 1.0)
     if key == "power_law_4":
         return InputDistribution.power_law(4, 1.0, 1.0)
+    if key == "mean_2":
+        return InputDistribution(mean=MEAN_SIZE, direction=MEAN_DIRECTION)
     raise ValueError(f"'setting' must be one of {[k for k, _ in SETTINGS]}, got {key!r}")
 
 
+def eps_g_floor(key: str, M: int) -> float:
+    """Lower bound of ``eps_g`` for a student output of mean zero (a normalization that
+    centres and has no trainable shift) with ``K = M``, ``T = I``, erf units, no noise:
+    ``(E zeta)^2 / 2``, ``E zeta = sum_n E erf(y_n / sqrt 2) = sum_n erf(m s_n / 2)``
+    (``y_n ~ N(m s_n, 1)``); 0 for centred inputs."""
+    from scipy import special
+
+    inp = inputs_of(key)
+    if inp.centred:
+        return 0.0
+    mean = float(np.sum(special.erf(inp.mean * inp.teacher_overlap(M) / 2.0)))
+    return 0.5 * mean * mean
+
+
 def _settings(quick: bool) -> dict[str, Any]:
+    """The run's configuration; ``mean`` holds the Ks, normalizations, etas and bisection
+    steps of the non-centred setting(s)."""
     if quick:
-        return {"Ks": (2,), "settings": ("isotropic", "two_level_100"),
+        return {"Ks": (2,), "settings": ("isotropic", "two_level_100", "mean_2"),
                 "normalizations": ("plain", "batchnorm"), "etas": (0.5, 2.0, 8.0),
-                "n_alpha": 801, "bisection_steps": 1}
+                "n_alpha": 801, "bisection_steps": 1,
+                "mean": {"Ks": (2,), "normalizations": ("plain", "batchnorm",
+                                                        "batchnorm_affine"),
+                         "etas": (0.5, 4.0), "bisection_steps": 0, "check": False}}
     return {"Ks": (2, 3), "settings": tuple(k for k, _ in SETTINGS),
             "normalizations": NORMALIZATIONS,
             "etas": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
-            "n_alpha": 1201, "bisection_steps": 3}
+            "n_alpha": 1201, "bisection_steps": 3,
+            "mean": {"Ks": (2,), "normalizations": ("plain", "batchnorm",
+                                                    "batchnorm_affine", "meanonly"),
+                     "etas": (0.5, 1.0, 2.0, 4.0, 8.0), "bisection_steps": 1,
+                     "check": True}}
+
+
+def plan(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    """``Ks``, ``normalizations``, ``etas``, ``bisection_steps`` and ``check`` (re-run
+    t_target with another quadrature seed) of setting ``key``: the centred settings'
+    (top level of ``cfg``) or the non-centred ones' (``cfg["mean"]``)."""
+    src = cfg if inputs_of(key).centred else cfg["mean"]
+    return {"Ks": tuple(src["Ks"]), "normalizations": tuple(src["normalizations"]),
+            "etas": tuple(src["etas"]), "bisection_steps": int(src["bisection_steps"]),
+            "check": bool(src.get("check", False))}
 
 
 #: The horizon of a run at eta: ``clip(HORIZON_ETA_ALPHA / eta, *HORIZON_CLIP)`` (the
-#: slowest stable runs seen reach the target by ~1/3 of it).
+#: slowest stable runs seen reach the target by ~1/3 of it); non-centred inputs:
+#: ``HORIZON_CLIP_MEAN`` (their quadrature costs ~100 times more per step; the slowest
+#: stable run seen, batchnorm_affine at eta = 1, reaches the target at ~1/2 of it).
 HORIZON_ETA_ALPHA = 600.0
 HORIZON_CLIP = (1000.0, 4800.0)
+HORIZON_CLIP_MEAN = (600.0, 1200.0)
 
 
-def horizon(eta: float) -> float:
-    """The alpha horizon of a run at ``eta`` (before cutting it to the report grid)."""
-    return float(np.clip(HORIZON_ETA_ALPHA / eta, *HORIZON_CLIP))
+def horizon(eta: float, setting: str | None = None) -> float:
+    """The alpha horizon of a run at ``eta`` in ``setting`` (None: a centred one), before
+    cutting it to the report grid."""
+    clip = HORIZON_CLIP if setting is None or inputs_of(setting).centred else \
+        HORIZON_CLIP_MEAN
+    return float(np.clip(HORIZON_ETA_ALPHA / eta, *clip))
 
 
 def full_grid(cfg: dict[str, Any]) -> np.ndarray:
@@ -130,11 +206,11 @@ def full_grid(cfg: dict[str, Any]) -> np.ndarray:
     return np.concatenate([[0.0], np.geomspace(ALPHA_MIN, HORIZON_CLIP[1], cfg["n_alpha"] - 1)])
 
 
-def alpha_grid(cfg: dict[str, Any], eta: float) -> list[float]:
-    """The report grid of a run at ``eta``: the points of :func:`full_grid` up to
-    :func:`horizon` (so that every run's grid is a prefix of the common one)."""
+def alpha_grid(cfg: dict[str, Any], eta: float, setting: str | None = None) -> list[float]:
+    """The report grid of a run at ``eta`` in ``setting``: the points of :func:`full_grid`
+    up to :func:`horizon` (so that every run's grid is a prefix of the common one)."""
     g = full_grid(cfg)
-    return g[g <= horizon(eta) * (1 + 1e-12)].tolist()
+    return g[g <= horizon(eta, setting) * (1 + 1e-12)].tolist()
 
 
 def experiment(setting: str, K: int, normalization: str, eta: float,
@@ -142,6 +218,18 @@ def experiment(setting: str, K: int, normalization: str, eta: float,
     """The experiment of an entry: ``K = M``, the setting's inputs, the common init."""
     return Experiment(TeacherStudent(K, K, inputs=inputs_of(setting)),
                       normalization=normalization, eta=eta, seed=0, analyzers=analyzers)
+
+
+def quadrature_of(setting: str, seed: int = 0) -> dict[str, Any]:
+    """The ``quadrature`` option of the setting's analyzers (empty: closed form)."""
+    if inputs_of(setting).centred:
+        return {}
+    return {"quadrature": {**QUADRATURE_MEAN, "seed": seed}}
+
+
+def dynamics_spec(setting: str, grid: list[float], seed: int = 0) -> dict[str, Any]:
+    """The ``dynamics`` analyzer of a run of ``setting`` on ``grid``."""
+    return {"name": "dynamics", "alpha": list(grid), **quadrature_of(setting, seed)}
 
 
 def time_to_target(alpha: np.ndarray, eps: np.ndarray, target: float = TARGET) -> float:
@@ -179,10 +267,11 @@ def outcome(eps: np.ndarray, diverged: bool, runaway: bool) -> str:
     return "left the target" if np.any(eps < TARGET) else "not reached"
 
 
-def _dynamics_run(setting: str, K: int, norm: str, eta: float,
-                  grid: list[float]) -> tuple[float, bool]:
-    """``(t_target, stable)`` of one ``dynamics`` run (the bisection's step)."""
-    ds = experiment(setting, K, norm, eta, [{"name": "dynamics", "alpha": grid}]).run()[
+def _dynamics_run(setting: str, K: int, norm: str, eta: float, grid: list[float],
+                  seed: int = 0) -> tuple[float, bool]:
+    """``(t_target, stable)`` of one ``dynamics`` run (the bisection's step; ``seed``:
+    the quadrature's, non-centred inputs)."""
+    ds = experiment(setting, K, norm, eta, [dynamics_spec(setting, grid, seed)]).run()[
         "dynamics"]
     eps = ds.eps_g.values
     return (time_to_target(ds.alpha.values, eps),
@@ -208,19 +297,27 @@ def _hessian(setting: str, K: int, norm: str) -> dict[str, Any]:
     return out
 
 
+#: The escape analyzer's refusals that mean "no gradient-flow plateau to take the
+#: threshold from": then the plateau at that eta is used.
+_NO_GRADIENT_FLOW_PLATEAU = ("no unstable symmetric fixed point",
+                             "for the generic engine's fixed points")
+
+
 def _escape(setting: str, K: int, norm: str, eta: float, grid: list[float]
             ) -> tuple[float, str, str]:
     """``(alpha_escape, threshold plateau, status)`` from the common init at ``eta``."""
     why = ""
     for plateau in ("gradient_flow", "eta"):
+        spec = {"name": "escape", "start": "init", "plateau": plateau, "alpha": grid,
+                **quadrature_of(setting)}
+        if not inputs_of(setting).centred:
+            spec["stop_at_escape"] = True  # only alpha_escape is used
         try:
-            e = experiment(setting, K, norm, eta, [{
-                "name": "escape", "start": "init", "plateau": plateau, "alpha": grid}]
-            ).run()["escape"]
+            e = experiment(setting, K, norm, eta, [spec]).run()["escape"]
         except Exception as exc:
             why = f"{type(exc).__name__}: {str(exc)[:240]}"
-            if plateau == "gradient_flow" and "no unstable symmetric fixed point" in why:
-                continue  # gradient flow has no plateau: the plateau at eta
+            if plateau == "gradient_flow" and any(m in why for m in _NO_GRADIENT_FLOW_PLATEAU):
+                continue  # gradient flow has no plateau here: the plateau at eta
             return np.nan, plateau, f"not computed: {why}"
         a = float(e.alpha_escape)
         status = "ok" if np.isfinite(a) else (
@@ -233,21 +330,25 @@ def _escape(setting: str, K: int, norm: str, eta: float, grid: list[float]
 def _case(setting: str, K: int, norm: str, etas: list[float], t_target: list[float],
           stable: list[bool], cfg: dict[str, Any]) -> dict[str, Any]:
     """Everything of one (setting, K, normalization) after the sweep: the Hessian, the
-    eta_max bisection, eta_best and the escape times at ETA_SAME and eta_best."""
+    eta_max bisection, eta_best and the escape times at ETA_SAME and eta_best; for
+    non-centred inputs (``check``) t_target at ETA_SAME and eta_best again with
+    quadrature seed 1."""
     t0 = time.time()
+    p = plan(cfg, setting)
     out = _hessian(setting, K, norm)
     # eta_max: the largest stable grid eta, refined towards the first unstable one above
     ok = [j for j, s in enumerate(stable) if s]
     out.update({"eta_max": np.nan, "eta_max_upper": np.nan, "eta_max_bounded": False,
-                "eta_best": np.nan, "t_target_best": np.nan})
+                "eta_best": np.nan, "t_target_best": np.nan,
+                "t_target_same_check": np.nan, "t_target_best_check": np.nan})
     if ok:
         j = ok[-1]
         lo = etas[j]
         if j + 1 < len(etas):
             hi = etas[j + 1]
-            for _ in range(int(cfg["bisection_steps"])):
+            for _ in range(p["bisection_steps"]):
                 mid = math.sqrt(lo * hi)
-                if _dynamics_run(setting, K, norm, mid, alpha_grid(cfg, mid))[1]:
+                if _dynamics_run(setting, K, norm, mid, alpha_grid(cfg, mid, setting))[1]:
                     lo = mid
                 else:
                     hi = mid
@@ -257,21 +358,29 @@ def _case(setting: str, K: int, norm: str, etas: list[float], t_target: list[flo
         out["eta_best"], out["t_target_best"] = etas[best], t_target[best]
     same = etas.index(ETA_SAME) if ETA_SAME in etas else -1
     out["t_target_same"] = t_target[same] if same >= 0 and stable[same] else np.nan
-    a, p, s = _escape(setting, K, norm, ETA_SAME, alpha_grid(cfg, ETA_SAME))
-    out.update(alpha_escape_same=a, escape_plateau_same=p, escape_status_same=s)
+    if p["check"]:  # the quadrature's effect on t_target: another seed
+        for name, eta in (("same", ETA_SAME), ("best", out["eta_best"])):
+            if name == "best" and eta == ETA_SAME:
+                out["t_target_best_check"] = out["t_target_same_check"]
+            elif np.isfinite(out[f"t_target_{name}"]):
+                out[f"t_target_{name}_check"] = _dynamics_run(
+                    setting, K, norm, float(eta), alpha_grid(cfg, float(eta), setting),
+                    seed=1)[0]
+    a, p_, s = _escape(setting, K, norm, ETA_SAME, alpha_grid(cfg, ETA_SAME, setting))
+    out.update(alpha_escape_same=a, escape_plateau_same=p_, escape_status_same=s)
     if np.isfinite(out["eta_best"]):
-        a, p, s = _escape(setting, K, norm, float(out["eta_best"]),
-                          alpha_grid(cfg, float(out["eta_best"])))
+        a, p_, s = _escape(setting, K, norm, float(out["eta_best"]),
+                           alpha_grid(cfg, float(out["eta_best"]), setting))
     else:
-        a, p, s = np.nan, "", "not computed: no stable eta on the grid"
-    out.update(alpha_escape_best=a, escape_plateau_best=p, escape_status_best=s)
+        a, p_, s = np.nan, "", "not computed: no stable eta on the grid"
+    out.update(alpha_escape_best=a, escape_plateau_best=p_, escape_status_best=s)
     out["seconds"] = time.time() - t0
     return out
 
 
 _CASE_FLOATS = ("lambda_min", "lambda_max", "eps_plateau_hessian", "eta_max", "eta_max_upper",
-                "eta_best", "t_target_same", "t_target_best", "alpha_escape_same",
-                "alpha_escape_best", "seconds")
+                "eta_best", "t_target_same", "t_target_best", "t_target_same_check",
+                "t_target_best_check", "alpha_escape_same", "alpha_escape_best", "seconds")
 _CASE_STRINGS = ("hessian_status", "escape_plateau_same", "escape_status_same",
                  "escape_plateau_best", "escape_status_best")
 
@@ -298,8 +407,13 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
     (tests)."""
     t0 = time.time()
     cfg = {**_settings(quick), **(config or {})}
-    Ks, names, etas = tuple(cfg["Ks"]), tuple(cfg["normalizations"]), tuple(cfg["etas"])
     keys = tuple(cfg["settings"])
+    plans = {key: plan(cfg, key) for key in keys}
+    Ks = tuple(sorted({K for p in plans.values() for K in p["Ks"]}))
+    used = {n for p in plans.values() for n in p["normalizations"]}
+    names = tuple(n for n in (*NORMALIZATIONS, *MEAN_NORMALIZATIONS) if n in used) + tuple(
+        sorted(used - {*NORMALIZATIONS, *MEAN_NORMALIZATIONS}))
+    etas = tuple(sorted({e for p in plans.values() for e in p["etas"]}))
     grid = full_grid(cfg)
     nS, nK, nN, nE = len(keys), len(Ks), len(names), len(etas)
     eps = np.full((nS, nK, nN, nE, len(grid)), np.nan)
@@ -308,29 +422,38 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
     outcomes = np.full((nS, nK, nN, nE), "not computed", dtype=object)
     eps_end = np.full((nS, nK, nN, nE), np.nan)
     case = {k: np.full((nS, nK, nN), np.nan) for k in _CASE_FLOATS}
-    case_s = {k: np.full((nS, nK, nN), "", dtype=object) for k in _CASE_STRINGS}
+    case_s = {k: np.full((nS, nK, nN), "not computed", dtype=object) for k in _CASE_STRINGS}
     bounded = np.zeros((nS, nK, nN), dtype=bool)
+    computed = np.zeros((nS, nK, nN), dtype=bool)
     interrupted = False
     client, cluster = _cluster(workers)
     try:
         # 1. t_target(eta): one Sweep per setting and horizon over K x normalization x
-        # eta, on Dask
-        groups: dict[int, list[int]] = {}
-        for j, eta in enumerate(etas):
-            groups.setdefault(len(alpha_grid(cfg, eta)), []).append(j)
+        # eta (the setting's plan), on Dask
         for s, key in enumerate(keys):
             ts = time.time()
+            p = plans[key]
+            ks = [Ks.index(K) for K in p["Ks"]]
+            ns = [names.index(n) for n in p["normalizations"]]
+            for k, n in ((k, n) for k in ks for n in ns):
+                computed[s, k, n] = True
+                for j, e in enumerate(etas):
+                    if e not in p["etas"]:
+                        outcomes[s, k, n, j] = "not computed: eta not on this setting's grid"
+            groups: dict[int, list[int]] = {}
+            for eta in p["etas"]:
+                groups.setdefault(len(alpha_grid(cfg, eta, key)), []).append(etas.index(eta))
             for n_grid, js in groups.items():
                 sub = grid[:n_grid]
-                base = experiment(key, Ks[0], names[0], etas[js[0]],
-                                  [{"name": "dynamics", "alpha": sub.tolist()}])
-                res = Sweep(base, {"K": list(Ks), "normalization": list(names),
+                base = experiment(key, p["Ks"][0], p["normalizations"][0], etas[js[0]],
+                                  [dynamics_spec(key, sub.tolist())])
+                res = Sweep(base, {"K": list(p["Ks"]), "normalization": list(p["normalizations"]),
                                    "eta": [etas[j] for j in js]}).run(
                     scheduler=client, progress=False)
                 d = res["dynamics"].transpose("K", "normalization", "eta", "alpha", ...)
                 failed = d.sweep_failed.values.astype(bool)
-                for idx in np.ndindex(nK, nN, len(js)):
-                    at = (s, idx[0], idx[1], js[idx[2]])
+                for idx in np.ndindex(len(ks), len(ns), len(js)):
+                    at = (s, ks[idx[0]], ns[idx[1]], js[idx[2]])
                     if failed[idx]:
                         outcomes[at] = f"failed: {d.sweep_error.values[idx]}"
                         continue
@@ -341,14 +464,19 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
                     outcomes[at] = outcome(e, bool(d.diverged.values[idx]),
                                            bool(d.runaway.values[idx]))
                     stable[at] = outcomes[at] == "stable"
-            print(f"sweep {key}: {nK * nN * nE} points in {time.time() - ts:.1f} s",
-                  flush=True)
-        # 2. per (setting, K, normalization): Hessian, eta_max, eta_best, escapes
+            n_points = len(p["Ks"]) * len(p["normalizations"]) * len(p["etas"])
+            print(f"sweep {key}: {n_points} points in {time.time() - ts:.1f} s", flush=True)
+        # 2. per (setting, K, normalization): Hessian, eta_max, eta_best, escapes; the
+        # expensive non-centred entries first
         futures = {}
-        for s, k, n in np.ndindex(nS, nK, nN):
+        order = sorted(zip(*np.nonzero(computed), strict=True),
+                       key=lambda i: inputs_of(keys[i[0]]).centred)
+        for s, k, n in order:
+            je = [etas.index(e) for e in plans[keys[s]]["etas"]]
             futures[(s, k, n)] = client.submit(
-                _case, keys[s], Ks[k], names[n], list(etas), t_target[s, k, n].tolist(),
-                stable[s, k, n].tolist(), cfg, pure=False)
+                _case, keys[s], Ks[k], names[n], [etas[j] for j in je],
+                t_target[s, k, n, je].tolist(), stable[s, k, n, je].tolist(), cfg,
+                pure=False)
         from distributed import as_completed
 
         where = {f.key: idx for idx, f in futures.items()}
@@ -368,8 +496,8 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
         client.close()
         cluster.close()
     ds = _dataset(cfg, keys, Ks, names, etas, grid, eps, t_target, stable,
-                  (outcomes, eps_end),
-                  case, case_s, bounded, quick, time.time() - t0)
+                  (outcomes, eps_end), case, case_s, (bounded, computed), quick,
+                  time.time() - t0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if save_run(ds, out / "bn_speedup.nc", interrupted):
@@ -393,8 +521,9 @@ def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
              names: tuple[str, ...], etas: tuple[float, ...], grid: np.ndarray,
              eps: np.ndarray, t_target: np.ndarray, stable: np.ndarray,
              runs: tuple[np.ndarray, np.ndarray], case: dict[str, np.ndarray],
-             case_s: dict[str, np.ndarray], bounded: np.ndarray, quick: bool,
-             seconds: float) -> xr.Dataset:
+             case_s: dict[str, np.ndarray], flags: tuple[np.ndarray, np.ndarray],
+             quick: bool, seconds: float) -> xr.Dataset:
+    bounded, computed = flags
     dims = ("setting", "K", "normalization")
     dims_e = (*dims, "eta")
     levels = max(inputs_of(k).L for k in keys)
@@ -420,11 +549,13 @@ def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
                          "alpha_horizon)"),
         "stable": _var(stable, dims_e, f"eps_g < {TARGET:g} reached within alpha_horizon, "
                        "no divergence or runaway, and still below it at alpha_horizon"),
-        "alpha_horizon": _var([alpha_grid(cfg, e)[-1] for e in etas], ("eta",),
-                              "last alpha of the runs at eta (their horizon)"),
+        "alpha_horizon": _var([[alpha_grid(cfg, e, k)[-1] for e in etas] for k in keys],
+                              ("setting", "eta"), "last alpha of the runs at eta (their "
+                              "horizon)"),
         "outcome": _var(runs[0].astype(str), dims_e, "stable, diverged, runaway, left the "
-                        "target (reached, above it at the horizon), not reached, or "
-                        "failed: the sweep point's error"),
+                        "target (reached, above it at the horizon), not reached, "
+                        "failed: the sweep point's error, or not computed (not in the "
+                        "setting's plan)"),
         "eps_g_horizon": _var(runs[1], dims_e, "eps_g at the run's horizon"),
         "lambda_min": _var(v["lambda_min"], dims, "smallest eigenvalue of the weight-space "
                            f"Hessian of eps_g at the plateau fixed point at eta = {ETA_SAME}"),
@@ -442,6 +573,14 @@ def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
         "eta_best": _var(v["eta_best"], dims, "stable grid eta with the smallest t_target"),
         "t_target_same": _var(v["t_target_same"], dims, f"t_target at eta = {ETA_SAME}"),
         "t_target_best": _var(v["t_target_best"], dims, "t_target at eta_best"),
+        "t_target_same_check": _var(v["t_target_same_check"], dims, "t_target_same "
+                                    "again with quadrature seed 1 (generic engine: its "
+                                    "difference to t_target_same estimates the "
+                                    "quadrature's effect; NaN: closed form or no run)"),
+        "t_target_best_check": _var(v["t_target_best_check"], dims, "the same for "
+                                    "t_target_best"),
+        "computed": _var(computed, dims, "the entry is in its setting's plan (K, "
+                         "normalization); False: every value of it is NaN / not computed"),
         "alpha_escape_same": _var(v["alpha_escape_same"], dims, "escape time from the "
                                   f"common init at eta = {ETA_SAME}: first alpha with eps_g "
                                   "< eps_plateau / 2 (escape analyzer, start='init')"),
@@ -461,6 +600,20 @@ def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
                                  "covariance (NaN: padding)"),
         "input_fraction": _var(frac, ("setting", "level"), "fraction of the N directions "
                                "in each eigenspace (NaN: padding)"),
+        "input_mean": _var([inputs_of(k).mean for k in keys], ("setting",), "size m = |mu| "
+                           "of the input mean (0: centred)"),
+        "input_mean_direction": _var([float(inputs_of(k).direction[0]) if not
+                                      inputs_of(k).centred else 0.0 for k in keys],
+                                     ("setting",), "teacher overlap s_n = B_n.u/sqrt(N) "
+                                     "with the mean direction u (every unit)"),
+        "eps_g_floor": _var([[eps_g_floor(k, int(K)) for K in Ks] for k in keys],
+                            ("setting", "K"), "lower bound of eps_g for a student output "
+                            "of mean zero (normalizations that centre without a trainable "
+                            "shift: batchnorm, batchnorm_stopgrad, meanonly): (sum_n "
+                            "erf(m s_n / 2))^2 / 2"),
+        "engine": _var(["generic (quadrature): " + str(QUADRATURE_MEAN) if not
+                        inputs_of(k).centred else "closed form" for k in keys],
+                       ("setting",), "theory engine of the setting's runs"),
     }
     coords = {
         "setting": ("setting", list(keys), {"long_name": "input setting", "units": "1"}),
@@ -487,21 +640,28 @@ def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
         "target": TARGET,
         "eta_same": ETA_SAME,
         "alpha_horizon_rule": f"a run at eta ends at the last report-grid point <= "
-        f"clip({HORIZON_ETA_ALPHA:g} / eta, {HORIZON_CLIP[0]:g}, {HORIZON_CLIP[1]:g}) "
-        "(variable alpha_horizon)",
+        f"clip({HORIZON_ETA_ALPHA:g} / eta, {HORIZON_CLIP[0]:g}, {HORIZON_CLIP[1]:g}), "
+        f"non-centred inputs clip({HORIZON_ETA_ALPHA:g} / eta, {HORIZON_CLIP_MEAN[0]:g}, "
+        f"{HORIZON_CLIP_MEAN[1]:g}) (variable alpha_horizon)",
         "stability_rule": f"eps_g < {TARGET:g} within alpha_horizon, not diverged, "
         "not runaway, and eps_g < target at alpha_horizon",
         "eta_max_rule": "largest stable grid eta; if the next grid eta is unstable, "
-        f"{cfg['bisection_steps']} bisection steps in log eta between them",
+        f"{cfg['bisection_steps']} bisection steps in log eta between them "
+        f"({cfg['mean']['bisection_steps']} for non-centred inputs)",
         "eta_best_rule": "the stable grid eta minimizing t_target",
         "escape_rule": "escape analyzer, start='init', plateau='gradient_flow' (or 'eta' "
-        "where gradient flow has no plateau): first alpha with eps_g < eps_plateau / 2",
+        "where gradient flow has no plateau or the generic engine refuses its fixed "
+        "points): first alpha with eps_g < eps_plateau / 2",
+        "quadrature_mean": f"non-centred inputs: generic engine with quadrature "
+        f"{QUADRATURE_MEAN}; t_target_*_check: the same runs with quadrature seed 1",
         "hessian_rule": f"hessian analyzer at the plateau fixed point at eta = {ETA_SAME}; "
         "W = J / sqrt(N); scale-invariant normalizations at weight norm 1 (lambda ~ 1 / "
         "weight norm)",
         "sweep": "t_target from one framework.sweep.Sweep per setting over K x "
         "normalization x eta on a Dask LocalCluster; the per-entry runs as Dask jobs",
         "setting_d": SETTING_D,
+        "etas_centred": np.asarray(cfg["etas"], dtype=float),
+        "etas_mean": np.asarray(cfg["mean"]["etas"], dtype=float),
         "runtime_seconds": float(seconds),
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
@@ -511,8 +671,28 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "n/a" if not np.isfinite(x) else f"{x:.{digits}g}"
 
 
+def _with_check(value: float, check: float) -> str:
+    """``value`` and, where a check run exists, ``± |value - check|``."""
+    if not np.isfinite(value) or not np.isfinite(check):
+        return _fmt(value, 4)
+    return f"{value:.4g} ± {abs(value - check):.2g}"
+
+
+def _not_reached(r: xr.Dataset) -> str:
+    """The note of an entry that reaches the target at no eta: eps_g at the horizons."""
+    ran = [(float(e), float(x)) for e, x, o in zip(r.eta.values, r.eps_g_horizon.values,
+                                                     r.outcome.values, strict=True)
+           if np.isfinite(x) and str(o) == "not reached"]
+    if not ran:
+        return ""
+    lo = min(ran, key=lambda t: t[1])
+    return (f"eps_g < {TARGET:g} not reached at any eta; eps_g at the horizon "
+            + ", ".join(f"{x:.3g} (eta={e:g})" for e, x in ran)
+            + f"; lowest {lo[1]:.3g}")
+
+
 def table_markdown(ds: xr.Dataset) -> str:
-    """One row per (setting, K, normalization); the gap (d) as its own row."""
+    """One row per computed (setting, K, normalization)."""
     head = ("| setting | K | normalization | lambda_min | lambda_max | eta_max | "
             f"alpha_esc (eta={ETA_SAME:g}) | t_1e-3 (eta={ETA_SAME:g}) | eta_best | "
             "alpha_esc (eta_best) | t_1e-3 (eta_best) | notes |")
@@ -521,24 +701,31 @@ def table_markdown(ds: xr.Dataset) -> str:
         for K in ds.K.values:
             for n in ds.normalization.values:
                 r = ds.sel(setting=key, K=K, normalization=n)
+                if not bool(r.computed):
+                    continue
                 em = float(r.eta_max)
                 eta_max = ("n/a" if not np.isfinite(em) else
                            f"{em:.3g}" if bool(r.eta_max_bounded) else f">= {em:.3g}")
-                notes = [str(r[k].values) for k in ("hessian_status", "escape_status_same",
-                                                     "escape_status_best")
-                         if str(r[k].values) != "ok"]
+                notes = list(dict.fromkeys(  # distinct, in order
+                    str(r[k].values) for k in ("hessian_status", "escape_status_same",
+                                               "escape_status_best")
+                    if str(r[k].values) != "ok"))
                 if str(r.escape_plateau_same.values) == "eta":
                     notes.append("escape threshold: plateau at eta")
+                if not np.isfinite(em) and _not_reached(r):
+                    notes.insert(0, _not_reached(r))
+                    if float(r.eps_g_floor) > 0 and n in CENTRING_WITHOUT_SHIFT:
+                        notes.insert(1, f"output of mean 0: eps_g >= "
+                                     f"{float(r.eps_g_floor):.3g}")
                 lines.append(
                     f"| {key} | {int(K)} | {n} | {_fmt(float(r.lambda_min), 4)} | "
                     f"{_fmt(float(r.lambda_max), 4)} | {eta_max} | "
                     f"{_fmt(float(r.alpha_escape_same), 4)} | "
-                    f"{_fmt(float(r.t_target_same), 4)} | {_fmt(float(r.eta_best))} | "
+                    f"{_with_check(float(r.t_target_same), float(r.t_target_same_check))} | "
+                    f"{_fmt(float(r.eta_best))} | "
                     f"{_fmt(float(r.alpha_escape_best), 4)} | "
-                    f"{_fmt(float(r.t_target_best), 4)} | "
-                    + "; ".join(x[:120] for x in notes) + " |")
-    lines.append("| (d) non-centred | – | – | " + " | ".join(["not computed"] * 8)
-                 + " | " + SETTING_D + " |")
+                    f"{_with_check(float(r.t_target_best), float(r.t_target_best_check))} | "
+                    + "; ".join(x[:160] for x in notes) + " |")
     return "\n".join(lines)
 
 
@@ -550,9 +737,15 @@ def _markdown(ds: xr.Dataset, table: str) -> str:
         f"Initial condition: {a['init']}. t_1e-3: first alpha with eps_g < {TARGET:g}. "
         f"Stable: {a['stability_rule']} ({a['alpha_horizon_rule']}). "
         f"eta_max: {a['eta_max_rule']} ('>=': every grid eta stable, a lower bound). "
-        f"eta_best: {a['eta_best_rule']} (grid {', '.join(f'{e:g}' for e in ds.eta.values)})."
-        f" alpha_esc: {a['escape_rule']}. lambda_min, lambda_max: {a['hessian_rule']}.\n\n"
+        f"eta_best: {a['eta_best_rule']} (grid {_etas(a['etas_centred'])}; non-centred "
+        f"inputs {_etas(a['etas_mean'])})."
+        f" alpha_esc: {a['escape_rule']}. lambda_min, lambda_max: {a['hessian_rule']}. "
+        f"{a['setting_d']} {a['quadrature_mean']} (± in the table: the difference).\n\n"
         + table + "\n")
+
+
+def _etas(values: Any) -> str:
+    return ", ".join(f"{float(e):g}" for e in np.atleast_1d(values))
 
 
 def _figures(ds: xr.Dataset, out: Path) -> None:
@@ -571,17 +764,20 @@ def _figures(ds: xr.Dataset, out: Path) -> None:
         for n, name in enumerate(ds.normalization.values):
             for k, K in enumerate(ds.K.values):
                 r = ds.sel(setting=key, normalization=name, K=K)
+                if not bool(r.computed):
+                    continue
                 t = np.where(r.stable.values, r.t_target.values, np.nan)
-                ax.plot(ds.eta, t, color=f"C{n}", ls=styles[k % 3], marker="o", ms=3,
-                        label=f"{name} K={int(K)}")
+                ran = np.isfinite(t)  # a line through the stable etas of the plan
+                ax.plot(ds.eta.values[ran], t[ran], color=f"C{n}", ls=styles[k % 3],
+                        marker="o", ms=3, label=f"{name} K={int(K)}")
                 if np.isfinite(float(r.eta_max)) and bool(r.eta_max_bounded):
                     ax.axvline(float(r.eta_max), color=f"C{n}", ls=styles[k % 3], lw=0.7)
         ax.set(xscale="log", yscale="log", xlabel="eta", title=str(key))
+        ax.legend(fontsize=7)
         ax.set_xticks([float(e) for e in ds.eta.values],
                       [f"{float(e):g}" for e in ds.eta.values])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[0, 0].set_ylabel(f"alpha to eps_g < {TARGET:g} (stable runs)")
-    axes[0, 0].legend(fontsize=7)
     fig.suptitle("time to learn against eta (vertical lines: eta_max where bounded)")
     fig.tight_layout()
     fig.savefig(out / "bn_speedup_time.png", dpi=100)
@@ -594,6 +790,8 @@ def _figures(ds: xr.Dataset, out: Path) -> None:
         ax = axes[0, s]
         for n, name in enumerate(ds.normalization.values):
             r = ds.sel(setting=key, normalization=name, K=K)
+            if not bool(r.computed):
+                continue
             if ETA_SAME in ds.eta.values:
                 ax.plot(alpha[1:], r.eps_g.sel(run="same").values[1:], color=f"C{n}",
                         label=f"{name}, eta={ETA_SAME:g}")
@@ -602,6 +800,10 @@ def _figures(ds: xr.Dataset, out: Path) -> None:
                 ax.plot(alpha[1:], r.eps_g.sel(run="best").values[1:], color=f"C{n}",
                         ls="--", label=f"{name}, eta_best={eb:.3g}")
         ax.axhline(TARGET, color="k", lw=0.5)
+        floor = float(ds.eps_g_floor.sel(setting=key, K=K))
+        if floor > 0:
+            ax.axhline(floor, color="k", lw=0.5, ls=":",
+                       label="floor without a shift")
         ax.set(xscale="log", yscale="log", xlabel="alpha", title=f"{key}, K = {int(K)}",
                ylim=(1e-6, 1.0))
         ax.legend(fontsize=7)
