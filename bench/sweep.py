@@ -14,15 +14,16 @@ a plain Python loop ``Experiment.run()`` over the same points in this process is
 baseline; the sweep runs synchronously and on the warmed 2-worker cluster, each with
 and without a results directory (a fresh one every time, so every point is computed
 and stored in batch files, and the combined file written; the folders are made and
-removed outside the timed runs). Printed: ms per point, the ratio to the baseline
-(target: with a results directory within 2x of the loop), what storage adds per point,
-and the CPU time per point (of this process, and for the 2-worker rows of this process
-plus the workers, measured on a second set of runs). The load average is printed: on a
+removed outside the timed runs). ``--rounds`` interleaved rounds, each sweep's ratio
+to the mean of its round's loops. Printed: median ms per point, the median ratio to the
+baseline and its range (target: with a results directory within 2x of the loop), what
+storage adds per point, and the median CPU time per point (of this process, and for the
+2-worker rows of this process plus the workers). The load average is printed: on a
 machine whose cores other processes use, the 2-worker rows measure the competition, not
 the sweep.
 
     python bench/sweep.py [--alpha-max 1e4] [--K 6] [--repeat 2] [--points 64]
-    python bench/sweep.py --overhead-only
+    python bench/sweep.py --overhead-only [--rounds 5]
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=6, help="K = M of the model")
     parser.add_argument("--repeat", type=int, default=2,
                         help="timed sweeps per cluster; the best is kept")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds of the per-point overhead measurement")
     parser.add_argument("--points", type=int, default=64,
                         help="points of the per-point overhead measurement")
     parser.add_argument("--small-alpha-max", type=float, default=1.0,
@@ -172,22 +175,26 @@ def scaling(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - t:.2f} s")
 
 
-def _per_point(fn, n: int, repeat: int, cpu=None):  # type: ignore[no-untyped-def]
-    """Best of ``repeat`` wall times of ``fn()``, in ms per point; with ``cpu`` (a function
-    returning the CPU seconds used so far), also the CPU ms per point of that run."""
-    best = (float("inf"), 0.0)
-    for _ in range(repeat):
-        c = cpu() if cpu is not None else 0.0
-        t = time.perf_counter()
-        fn()
-        wall = time.perf_counter() - t
-        used = cpu() - c if cpu is not None else 0.0
-        best = min(best, (wall, used))
-    return best[0] / n * 1e3, best[1] / n * 1e3
+def _timed(fn, cpu):  # type: ignore[no-untyped-def]
+    """``(wall seconds, CPU seconds)`` of ``fn()``; ``cpu()`` is read outside the wall time."""
+    c = cpu()
+    t = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t
+    return wall, cpu() - c
 
 
 def overhead(args: argparse.Namespace) -> None:
-    """Per-point cost of a sweep of small points, with and without storage."""
+    """Per-point cost of a sweep of small points, with and without storage.
+
+    ``--rounds`` interleaved rounds; each round times the plain loop before, between
+    and after the sweeps, and each sweep's ratio is to the mean of that round's loops,
+    so that a load change between rounds cancels. Printed per configuration: the
+    median wall time and ratio over the rounds (and the ratios' range), and the median
+    CPU time per point.
+    """
+    import statistics
+
     from distributed import Client, LocalCluster
 
     framework.register_plugin(BurnPlugin)
@@ -204,58 +211,84 @@ def overhead(args: argparse.Namespace) -> None:
     sweep = framework.Sweep(exp, grid)
     points = [e for _, e in sweep.points()]
     n = len(points)
-    print(f"\nper-point overhead, {n} small points: {what}; "
-          f"load average before: {os.getloadavg()[0]:.2f}")
+    load_before = os.getloadavg()[0]
+    print(f"\nper-point overhead, {n} small points: {what}; {args.rounds} interleaved "
+          f"rounds; load average before: {load_before:.2f}")
     for e in points[:2]:
         e.run()  # warm up this process
-    loop, loop_cpu = _per_point(lambda: [e.run() for e in points], n, args.repeat,
-                                time.process_time)
-    rows = [("plain loop over Experiment.run() (baseline)", loop, loop_cpu, None)]
 
-    def timed(label: str, cpu, **kw: object) -> None:  # type: ignore[no-untyped-def]
-        # every timed run stores into a fresh, empty folder, made (and removed) untimed
-        with tempfile.TemporaryDirectory() as parent:
-            folders = (Path(parent) / str(i) for i in itertools.count())
-
-            def once(store: bool) -> None:
-                sweep.run(results_dir=next(folders) if store else None, progress=False,
-                          **kw)  # type: ignore[arg-type]
-
-            for store in (False, True):
-                wall, used = _per_point(lambda: once(store), n, args.repeat,  # noqa: B023
-                                        time.process_time)
-                workers = None
-                if cpu is not None:  # the same runs again, counting the workers' CPU too
-                    workers = _per_point(lambda: once(store), n, args.repeat,  # noqa: B023
-                                         cpu)[1]
-                rows.append((f"{label}, {'with' if store else 'no'} results_dir", wall,
-                             used, workers))
-
-    timed("sweep synchronous", None, scheduler="synchronous")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    labels = [("sweep synchronous", False), ("sweep synchronous", True),
+              ("sweep on 2 warm worker processes", False),
+              ("sweep on 2 warm worker processes", True)]
+    walls: dict[tuple[str, bool], list[float]] = {k: [] for k in labels}
+    ratios: dict[tuple[str, bool], list[float]] = {k: [] for k in labels}
+    cpus: dict[tuple[str, bool], list[float]] = {k: [] for k in labels}
+    totals: dict[tuple[str, bool], list[float]] = {k: [] for k in labels}
+    loops: list[float] = []
+    loop_cpus: list[float] = []
+    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                       dashboard_address=":0") as cluster, Client(cluster) as client,
+          tempfile.TemporaryDirectory() as parent):
+        folders = (Path(parent) / str(i) for i in itertools.count())
         sweep.run(scheduler=client, progress=False)  # warm the workers
-        with tempfile.TemporaryDirectory() as tmp:
-            sweep.run(scheduler=client, progress=False, results_dir=tmp)
+        sweep.run(scheduler=client, progress=False, results_dir=next(folders))
 
-        def cpu() -> float:  # CPU seconds of this process and of the workers
+        def all_cpu() -> float:  # CPU seconds of this process and of the workers
             return time.process_time() + sum(client.run(time.process_time).values())
 
-        timed("sweep on 2 warm worker processes", cpu, scheduler=client)
-    print(f"  {'':<52} {'wall':>8} {'':<12} {'ratio':>6}   CPU ms per point")
-    for label, ms, used, total in rows:
-        where = (f"this process {used:.2f}" if total is None else
-                 f"this process {used:.2f}, with the workers {total:.2f}")
-        print(f"  {label:<52} {ms:8.2f} ms per point  {ms / loop:6.2f}x the loop   {where}")
-    by = {label: ms for label, ms, _, _ in rows}
+        def loop() -> None:
+            wall, used = _timed(lambda: [e.run() for e in points], time.process_time)
+            round_loops.append(wall)
+            loop_cpus.append(used)
+
+        for _ in range(args.rounds):
+            round_loops: list[float] = []
+            timings = {}
+            loop()
+            for label, store in labels:
+                kw = {"scheduler": "synchronous" if "synchronous" in label else client}
+                # every run stores into a fresh, empty folder (made and removed untimed)
+                folder = next(folders) if store else None
+                cpu = time.process_time if "synchronous" in label else all_cpu
+                proc0 = time.process_time()
+                timings[label, store] = (*_timed(
+                    lambda: sweep.run(results_dir=folder, progress=False, **kw),  # noqa: B023
+                    cpu), time.process_time() - proc0)
+                if store:
+                    loop()
+            base = statistics.fmean(round_loops)
+            loops.extend(round_loops)
+            for key, (wall, used, here) in timings.items():
+                walls[key].append(wall)
+                ratios[key].append(wall / base)
+                cpus[key].append(here)
+                totals[key].append(used)
+
+    def ms(values: list[float]) -> float:
+        return statistics.median(values) / n * 1e3
+
+    loop_ms = ms(loops)
+    print(f"  {'':<52} {'wall':>8} {'':<12} {'ratio (range)':>20}   CPU ms per point")
+    print(f"  {'plain loop over Experiment.run() (baseline)':<52} {loop_ms:8.2f} ms per "
+          f"point  {1.0:6.2f}x the loop {'':>13}   this process {ms(loop_cpus):.2f}")
+    for label, store in labels:
+        key = (label, store)
+        r = ratios[key]
+        where = f"this process {ms(cpus[key]):.2f}"
+        if "synchronous" not in label:
+            where += f", with the workers {ms(totals[key]):.2f}"
+        print(f"  {label + (', with' if store else ', no') + ' results_dir':<52} "
+              f"{ms(walls[key]):8.2f} ms per point  {statistics.median(r):6.2f}x the loop "
+              f"({min(r):.2f}-{max(r):.2f})   {where}")
     for label in ("sweep synchronous", "sweep on 2 warm worker processes"):
-        extra = by[f"{label}, with results_dir"] - by[f"{label}, no results_dir"]
-        print(f"  storage adds {extra:+.2f} ms per point ({extra / loop:+.2f}x the loop), "
+        extra = ms(walls[label, True]) - ms(walls[label, False])
+        print(f"  storage adds {extra:+.2f} ms per point ({extra / loop_ms:+.2f}x the loop), "
               f"{label}")
-    print(f"  (target: with results_dir <= 2x the loop; load average "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; 2 workers and this "
-          "process (client and scheduler) share the cores: on 2 cores the 2-worker wall "
-          "time is at least their CPU time / 2)")
+    print(f"  (target: with results_dir <= 2x the loop (median ratio); load average "
+          f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on {os.cpu_count()} "
+          "cores; 2 workers and this process (client and scheduler) share the cores: on 2 "
+          "cores the 2-worker wall time is at least their CPU time / 2, and other processes' "
+          "load slows the loop and the sweeps unevenly)")
 
 
 if __name__ == "__main__":

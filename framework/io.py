@@ -111,11 +111,14 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, chunks: list[bytes], *, sync_folder: bool = True) -> None:
+def write_atomic(path: Path, chunks: list[bytes], *, sync_folder: bool = True,
+                 sync: bool = True) -> None:
     """Write the bytes ``chunks`` to ``path`` atomically; an existing ``path`` is replaced.
 
     The bytes go to a temporary file ``.<name>.<random>.tmp`` next to ``path``, which is
-    flushed to disk and renamed over ``path``; then, if ``sync_folder``, the folder is
+    flushed to disk (unless not ``sync``: then a power failure may leave the renamed
+    file partial, for content that is verified when read) and renamed over ``path``;
+    then, if ``sync_folder``, the folder is
     flushed too (the rename survives a power failure; without it, a power failure may
     lose the new file, never leave a partial one). On any error
     (or interruption) the temporary file is removed. The writer holds an exclusive
@@ -137,7 +140,8 @@ def write_atomic(path: Path, chunks: list[bytes], *, sync_folder: bool = True) -
                 for chunk in chunks:
                     fh.write(chunk)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if sync:
+                    os.fsync(fh.fileno())
             _normal_permissions(tmp)
             try:
                 os.replace(tmp, path)
@@ -162,7 +166,8 @@ def _normal_permissions(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600; give normal permissions
 
 
-def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True) -> Path:
+def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True,
+         sync: bool = True) -> Path:
     """Write ``dataset`` to ``path`` (netCDF4) atomically and return the path.
 
     Attrs are converted to strings and numbers (see the module docstring); boolean
@@ -186,6 +191,11 @@ def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True
         is serialized in memory (``to_netcdf()`` without a path, which takes no file
         lock) and its bytes written to the temporary file. Same file, same atomicity;
         the file is held in memory once, so keep ``True`` for very large datasets.
+    sync : bool
+        ``True`` (default): the file is flushed to disk before it is renamed, and then
+        its folder. ``False``: neither (the caller flushes it later, if at all): a power
+        failure may leave it partial or lose it; :func:`load` then refuses it (its
+        checksum, or netCDF itself).
     """
     from framework.manager import plugin_manager
 
@@ -196,20 +206,23 @@ def save(dataset: xr.Dataset, path: str | os.PathLike[str], *, lock: bool = True
     ds = _netcdf_safe(ds)  # a hook may have added attrs or variables
     ds.attrs[CHECKSUM_ATTR] = checksum(ds)
     if not lock:
-        write_atomic(path, [bytes(ds.to_netcdf(None, engine="netcdf4", format="NETCDF4"))])
+        write_atomic(path, [bytes(ds.to_netcdf(None, engine="netcdf4", format="NETCDF4"))],
+                     sync_folder=sync, sync=sync)
         return path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if sync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         _normal_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
     return path
 
 

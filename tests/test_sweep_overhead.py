@@ -4,12 +4,17 @@
 - records of already flat attrs are byte-identical to those of the flattening path;
 - task locks: on Linux a byte of one shared lock file (no file per task) that excludes
   like the per-task ``flock`` did (another descriptor of this process, another process,
-  released when the holder dies), with the per-task files where those locks are refused.
+  released when the holder dies), with the per-task files where those locks are refused;
+- workers rebuild each task from the base experiment and the point's grid values (no
+  JSON per point): exactly the experiment its key was computed from, else the JSON;
+- a batch's identical index coordinates are shared (cheap to pickle), nothing changes;
+- batch files are flushed to disk in the background, after they are renamed.
 """
 
 from __future__ import annotations
 
 import errno
+import pickle
 import random
 import signal
 import subprocess
@@ -22,8 +27,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import framework
+from framework import Experiment, TeacherStudent
 from framework.results import flatten_attrs
-from framework.sweep import POINTS_DIR, storage
+from framework.sweep import POINTS_DIR, Sweep, execute, spec_hash, storage
 from framework.sweep import combine as combine_mod
 from framework.sweep.storage import acquire, encode_point, prepare
 
@@ -173,3 +180,157 @@ def test_batches_partition_the_tasks_interleaved(n, size):
     assert sorted(i for b in batches for i in b) == list(range(n))  # each task once
     assert max(map(len, batches)) - min(map(len, batches)) <= 1  # balanced
     assert all(list(b) == list(range(j, n, len(batches))) for j, b in enumerate(batches))
+
+
+# -- tasks sent as overrides of the base experiment -----------------------------------------
+def dynamics(**options: object) -> dict:
+    return {"name": "dynamics", "alpha_max": 1.0, "n_points": 4, **options}
+
+
+GRIDS = [
+    ([dynamics()], {"eta": [0.1, 0.25], "seed": [0, 3]}),
+    ([dynamics()], {"K": [1, 2, 3], "noise": [0.0, 0.1]}),  # M follows K
+    ([dynamics()], {"dynamics.alpha_max": [1.0, 2], "normalization": ["plain", "batchnorm"],
+                    "init_scale": [0.5, 1]}),
+    ([dynamics(), {"name": "fixedpoint"}], {"eta": [0.1, 0.2], "fixedpoint.horizon": [1e3]}),
+    ([dynamics()], {"normalization": [{"name": "batchnorm", "gamma": 2.0}, "plain"]}),
+]
+
+
+@pytest.mark.parametrize(("analyzers", "grid"), GRIDS)
+def test_workers_rebuild_each_task_from_the_base_and_its_grid_values(analyzers, grid):
+    sweep = Sweep(Experiment(TeacherStudent(2, 2), analyzers=analyzers), grid)
+    tasks, keys, recipes = execute._tasks(sweep, sweep.validate())
+    assert sorted(recipes) == sorted(tasks)
+    assert all(len(k) == sweep.size for k in keys.values())
+    how = execute._Recipes(sweep, recipes)
+    for key, task in tasks.items():
+        spec = how.spec(key, task)
+        assert isinstance(spec, tuple)  # not the point's JSON
+        rebuilt = execute._experiment(pickle.loads(pickle.dumps(spec)), how.bases)
+        assert rebuilt == task
+        assert spec_hash(rebuilt) == key
+
+
+def test_grid_values_that_are_not_plain_data_are_sent_as_json():
+    norm = framework.get_normalization("batchnorm")
+    sweep = Sweep(Experiment(TeacherStudent(2, 2), analyzers=[dynamics()]),
+                  {"eta": [0.1, 0.2], "normalization": [norm, "plain"]})
+    tasks, _, recipes = execute._tasks(sweep, sweep.validate())
+    how = execute._Recipes(sweep, recipes)
+    assert how.bases == (None,)
+    for key, task in tasks.items():
+        spec = how.spec(key, task)
+        assert spec == task.to_json()
+        assert spec_hash(execute._experiment(spec)) == key
+
+
+def test_an_analyzer_whose_rebuilt_task_differs_is_sent_as_json(monkeypatch):
+    sweep = Sweep(Experiment(TeacherStudent(2, 2), analyzers=[dynamics()]),
+                  {"seed": [0, 1], "eta": [0.1, 0.2]})  # the first point is the base
+    tasks, _, recipes = execute._tasks(sweep, sweep.validate())
+    monkeypatch.setattr(execute, "_apply", lambda base, assignment: base)  # loses them
+    how = execute._Recipes(sweep, recipes)
+    assert how.bases == (None,)
+    assert all(how.spec(k, t) == t.to_json() for k, t in tasks.items())
+
+
+def test_the_base_experiment_is_parsed_once_per_process(monkeypatch):
+    monkeypatch.setattr(execute, "_bases", {})
+    monkeypatch.setattr(execute, "MAX_CACHED_BASES", 2)
+    texts = [Experiment(TeacherStudent(2, 2), eta=eta, analyzers=[dynamics()]).to_json()
+             for eta in (0.1, 0.2, 0.3)]
+    first = execute._base(texts[0])
+    assert execute._base(texts[0]) is first
+    assert first == Experiment.from_json(texts[0])
+    execute._base(texts[1])
+    execute._base(texts[2])
+    assert list(execute._bases) == texts[1:]  # the oldest is dropped
+
+
+def test_sweep_sent_as_overrides_equals_the_synchronous_one(tmp_path):
+    exp = Experiment(TeacherStudent(2, 2), analyzers=[dynamics()])
+    grid = {"K": [1, 2], "dynamics.alpha_max": [0.5, 1.0], "seed": [0, 1]}
+    local = exp.sweep(grid, scheduler="synchronous")["dynamics"]
+    for size in (1, 3, None):
+        out = tmp_path / str(size)
+        threads = exp.sweep(grid, scheduler="threads", workers=2, points_per_task=size,
+                            results_dir=out)["dynamics"]
+        xr.testing.assert_identical(threads, local)
+        xr.testing.assert_identical(framework.load(out / "dynamics.nc"), local)
+
+
+# -- shared index coordinates ---------------------------------------------------------------
+def part(alpha: object, attrs: dict | None = None, eta: float = 0.1) -> xr.Dataset:
+    alpha = np.asarray(alpha)
+    return xr.Dataset({"eps_g": ("alpha", np.exp(-eta * alpha.astype(float)))},
+                      coords={"alpha": ("alpha", alpha, attrs or {"units": "1"}),
+                              "student": [0, 1]}, attrs={"eta": eta})
+
+
+def test_identical_index_coordinates_of_a_batch_are_shared_and_nothing_changes():
+    parts = [part([0.0, 0.5, 1.0]), part([0.0, 0.5, 1.0], eta=0.2), None,
+             part([0.0, 0.5, 2.0]),  # other values
+             part([0.0, 0.5, 1.0], {"units": "s"}),  # other attrs
+             part([0, 1, 2]), part([0.0, 1.0, 2.0]),  # other dtypes, equal values
+             part([0.0, 0.5, 1.0], eta=0.3)]
+    before = [p.copy(deep=True) if p is not None else None for p in parts]
+    execute._share_indexes(parts)
+    for p, b in zip(parts, before, strict=True):
+        if p is not None:
+            xr.testing.assert_identical(p, b)
+            assert p.attrs == b.attrs
+    a, b, _, c, d, e, f, g = parts
+    shared = [x for x in (b, c, d, e, f, g) if x.xindexes["alpha"] is a.xindexes["alpha"]]
+    assert shared == [b, g]
+    assert all(x.xindexes["student"] is a.xindexes["student"] for x in (b, c, d, e, f, g))
+    assert f.xindexes["alpha"] is not e.xindexes["alpha"]
+    back = pickle.loads(pickle.dumps(parts))
+    for p, q in zip(parts, back, strict=True):
+        if p is not None:
+            xr.testing.assert_identical(p, q)
+    assert back[1].xindexes["alpha"] is back[0].xindexes["alpha"]  # pickled once
+
+
+# -- batch files flushed to disk in the background ------------------------------------------
+@pytest.fixture
+def synced(monkeypatch) -> list[tuple[int, str]]:
+    """(inode, thread name) of every ``os.fsync`` call while the test runs."""
+    import os
+    import threading
+
+    calls: list[tuple[int, str]] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        calls.append((os.fstat(fd).st_ino, threading.current_thread().name))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return calls
+
+
+def test_batch_files_are_flushed_to_disk_in_the_background_after_the_rename(tmp_path,
+                                                                          synced):
+    prepare(tmp_path)
+    with storage.PointWriter(tmp_path) as writer:
+        writer.add(KEYS[0], point({"eta": 0.1}, {}), acquire(tmp_path, KEYS[0]))
+    again = acquire(tmp_path, KEYS[0])
+    assert again is not None  # released once renamed
+    again.release()
+    storage.wait_synced()
+    (path,) = (tmp_path / POINTS_DIR).glob(f"*{storage.POINTS_SUFFIX}")
+    assert (path.stat().st_ino, "symphase-fsync") in synced
+    assert all(name == "symphase-fsync" for _, name in synced)  # not by the writer
+    assert list(storage.read_points(path)) == [KEYS[0]]
+
+
+def test_the_combined_file_is_flushed_to_disk_in_the_background(tmp_path, synced):
+    prepare(tmp_path)
+    ds = point({"eta": 0.1}, {"units": "1"})
+    path = storage.store_combined(tmp_path, "toy", ds)
+    storage.wait_synced()
+    assert (path.stat().st_ino, "symphase-fsync") in synced
+    assert all(name == "symphase-fsync" for _, name in synced)
+    xr.testing.assert_identical(framework.load(path), ds)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -39,10 +40,11 @@ import xarray as xr
 
 from framework.experiment import Experiment
 from framework.sweep.combine import combine_sweep
-from framework.sweep.grid import Sweep, _describe, spec_hash
+from framework.sweep.grid import Sweep, _apply, _describe, spec_hash
 from framework.sweep.storage import (
     PointLock,
     PointWriter,
+    _same_attrs,
     acquire,
     folder_token,
     is_failure,
@@ -111,16 +113,7 @@ def run(
     if folder is not None:
         prepare(folder)
 
-    # One task per (point, analyzer); identical specifications share a task.
-    tasks: dict[str, Experiment] = {}
-    keys: dict[str, list[str]] = {a.name: [] for a in sweep.experiment.analyzers}
-    for exp in experiments:
-        for analyzer in exp.analyzers:
-            # a point of one analyzer is its own task (evolve would validate it again)
-            task = exp if len(exp.analyzers) == 1 else attrs.evolve(exp, analyzers=(analyzer,))
-            key = spec_hash(task)
-            tasks.setdefault(key, task)
-            keys[analyzer.name].append(key)
+    tasks, keys, recipes = _tasks(sweep, experiments)
 
     results: dict[str, xr.Dataset] = {}
     if folder is not None:
@@ -132,7 +125,7 @@ def run(
     if scheduler is None:
         scheduler = default_scheduler(len(todo))
     _execute(todo, results, folder, scheduler, workers, show, len(tasks), batch,
-             retry_failed)
+             retry_failed, _Recipes(sweep, {k: recipes[k] for k in todo}))
 
     out = {}
     for analyzer in sweep.experiment.analyzers:
@@ -142,6 +135,139 @@ def run(
             store_combined(folder, analyzer.name, combined)
         out[analyzer.name] = combined
     return out
+
+
+#: A task's place in its sweep: (the analyzer's position in the base experiment, the
+#: grid index of its point).
+Recipe = tuple[int, tuple[int, ...]]
+#: What a worker is sent per task: the experiment's JSON, or ``(analyzer position,
+#: grid assignment)`` to apply to the base of that analyzer (:func:`_experiment`).
+Spec = str | tuple[int, tuple[tuple[str, Any], ...]]
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is JSON data of Python types (pickles as itself, nothing else)."""
+    if type(value) in _PLAIN:
+        return True
+    if type(value) in (list, tuple):
+        return all(_is_plain(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _is_plain(v) for k, v in value.items())
+    return False
+
+
+class _Recipes:
+    """How the submitting process describes tasks to workers: overrides of a shared base.
+
+    A point's JSON costs ~0.5 ms to parse (:meth:`Experiment.from_json` validates every
+    field), a tenth of a small point. Instead a worker is sent, once per Dask task, the
+    JSON of the base experiment restricted to each analyzer (:attr:`bases`; parsed once
+    per worker process, :func:`_base`), and per task the grid assignment of its point,
+    which it applies as :meth:`Sweep.validate` did (``grid._apply``). Only for grid
+    values that are plain JSON data (numbers, strings, ...; a normalization instance or
+    an input distribution is sent as the point's JSON), and only for an analyzer whose
+    first and last tasks rebuilt this way hash to their keys (checked here; else its
+    tasks are sent as JSON): the worker builds the experiment the key was computed from
+    (tested for the grid keys).
+    """
+
+    def __init__(self, sweep: Sweep, recipes: Mapping[str, Recipe]) -> None:
+        self.sweep = sweep
+        self.recipes = dict(recipes)
+        analyzers = sweep.experiment.analyzers
+        plain = all(_is_plain(v) for values in sweep.grid.values() for v in values)
+        bases: list[str | None] = []
+        for analyzer in analyzers:
+            base = None
+            if plain:
+                with contextlib.suppress(ValueError, TypeError, LookupError):
+                    base = (sweep.experiment if len(analyzers) == 1 else attrs.evolve(
+                        sweep.experiment, analyzers=(analyzer,))).to_json()
+            bases.append(base)
+        self.bases = tuple(bases)
+        first: dict[int, str] = {}
+        last: dict[int, str] = {}
+        for key, (j, _) in self.recipes.items():
+            first.setdefault(j, key)
+            last[j] = key
+        for key in {*first.values(), *last.values()}:  # a check, before any work
+            j, index = self.recipes[key]
+            if bases[j] is None:
+                continue
+            try:
+                same = spec_hash(_experiment(self._override(j, index), self.bases)) == key
+            except (ValueError, TypeError, LookupError):
+                same = False
+            if not same:  # e.g. a grid key that grid._apply would not rebuild alike
+                bases[j] = None
+        self.bases = tuple(bases)
+
+    def _override(self, j: int, index: tuple[int, ...]) -> Spec:
+        return (j, tuple(self.sweep._assignment(index).items()))
+
+    def spec(self, key: str, task: Experiment) -> Spec:
+        """What a worker is sent for task ``key`` (whose experiment is ``task``)."""
+        recipe = self.recipes.get(key)
+        if recipe is None or self.bases[recipe[0]] is None:
+            return task.to_json()
+        return self._override(*recipe)
+
+
+_bases: dict[str, Experiment] = {}
+_bases_lock = threading.Lock()
+#: Base experiments a worker process keeps parsed (a few sweeps at a time).
+MAX_CACHED_BASES = 16
+
+
+def _base(text: str) -> Experiment:
+    """``Experiment.from_json(text)``, parsed once per process (a few kept)."""
+    with _bases_lock:
+        base = _bases.get(text)
+    if base is None:
+        base = Experiment.from_json(text)
+        with _bases_lock:
+            if len(_bases) >= MAX_CACHED_BASES:
+                _bases.pop(next(iter(_bases)))
+            _bases[text] = base
+    return base
+
+
+def _experiment(spec: Spec | Experiment, bases: Sequence[str | None] = ()) -> Experiment:
+    """The experiment of a task as sent to a worker (see :class:`_Recipes`)."""
+    if isinstance(spec, Experiment):
+        return spec
+    if isinstance(spec, str):
+        return Experiment.from_json(spec)
+    j, assignment = spec
+    text = bases[j]
+    assert text is not None
+    return _apply(_base(text), dict(assignment))
+
+
+def _tasks(sweep: Sweep, experiments: Sequence[Experiment]) -> tuple[
+        dict[str, Experiment], dict[str, list[str]], dict[str, Recipe]]:
+    """``(tasks, keys, recipes)`` of a validated sweep (``experiments`` in C order).
+
+    One task per (point, analyzer), by key (identical specifications share a task);
+    ``keys``: per analyzer, the key of each point in C order; ``recipes``: each task's
+    place in the sweep (:data:`Recipe`, for :class:`_Recipes`).
+    """
+    tasks: dict[str, Experiment] = {}
+    keys: dict[str, list[str]] = {a.name: [] for a in sweep.experiment.analyzers}
+    recipes: dict[str, Recipe] = {}
+    indexes = itertools.product(*(range(n) for n in sweep.shape))
+    for exp, index in zip(experiments, indexes, strict=True):
+        for j, analyzer in enumerate(exp.analyzers):
+            # a point of one analyzer is its own task (evolve would validate it again)
+            task = exp if len(exp.analyzers) == 1 else attrs.evolve(exp, analyzers=(analyzer,))
+            key = spec_hash(task)
+            if key not in tasks:
+                tasks[key] = task
+                recipes[key] = (j, index)
+            keys[analyzer.name].append(key)
+    return tasks, keys, recipes
 
 
 _plugin_lock = threading.Lock()
@@ -167,8 +293,9 @@ def _ensure_plugins(plugins: Sequence[Any]) -> None:
                 have.add(_plugin_key(plugin))
 
 
-def _compute(spec: str | Experiment, key: str, plugins: Sequence[Any] = ()) -> xr.Dataset:
-    """Run one task: an experiment (or its JSON, on a worker) with exactly one analyzer.
+def _compute(spec: Spec | Experiment, key: str, plugins: Sequence[Any] = (),
+             bases: Sequence[str | None] = ()) -> xr.Dataset:
+    """Run one task: an experiment (on a worker: its :data:`Spec`) with exactly one analyzer.
 
     An exception raised by the analyzer is returned as a failure record (a dataset
     without variables, ``symphase_failed = 1``, ``symphase_error``), so that the other
@@ -177,7 +304,7 @@ def _compute(spec: str | Experiment, key: str, plugins: Sequence[Any] = ()) -> x
     from framework.results import finalize, provenance_attrs
 
     _ensure_plugins(plugins)
-    experiment = Experiment.from_json(spec) if isinstance(spec, str) else spec
+    experiment = _experiment(spec, bases)
     (analyzer,) = experiment.analyzers
     try:
         ds = finalize(analyzer.run(experiment), experiment, analyzer)
@@ -207,9 +334,9 @@ def _acquire(folder: Path, key: str, writer: PointWriter, wait: bool) -> PointLo
     return lock
 
 
-def _compute_locked(folder: Path, spec: str | Experiment, key: str, plugins: Sequence[Any],
-                    retry_failed: bool, writer: PointWriter,
-                    wait: bool = False) -> xr.Dataset | None:
+def _compute_locked(folder: Path, spec: Spec | Experiment, key: str, plugins: Sequence[Any],
+                    retry_failed: bool, writer: PointWriter, wait: bool = False,
+                    bases: Sequence[str | None] = ()) -> xr.Dataset | None:
     """Compute task ``key`` under its lock and queue it on ``writer``.
 
     Returns the dataset a resumed run will see, or None if another sweep holds the
@@ -225,7 +352,7 @@ def _compute_locked(folder: Path, spec: str | Experiment, key: str, plugins: Seq
         if _reusable(stored, retry_failed):
             lock.release()
             return stored
-        ds = _compute(spec, key, plugins)
+        ds = _compute(spec, key, plugins, bases)
     except BaseException:
         lock.release()
         raise
@@ -238,13 +365,17 @@ STORED, RETURNED, BUSY = "stored", "returned", "busy"
 
 
 def _compute_batch(
-    items: Sequence[tuple[str, str]],
+    items: Sequence[tuple[Spec, str]],
     plugins: Sequence[Any],
     folder: Path | None,
     token: str | None,
     retry_failed: bool = False,
+    bases: Sequence[str | None] = (),
 ) -> list[tuple[str, xr.Dataset | None, str]]:
     """Run a batch of tasks (on a worker); store them as one batch file if the folder is here.
+
+    ``items`` are ``(spec, key)`` (:data:`Spec`; ``bases`` the base experiments' JSON
+    that the overrides apply to, see :class:`_Recipes`).
 
     Returns ``(key, dataset, status)`` per task: :data:`STORED` (the task's record was
     written here under its lock before this returns; ``dataset`` is what a resumed run
@@ -252,14 +383,63 @@ def _compute_batch(
     (another sweep holds the task's lock; ``dataset`` is None).
     """
     if folder is None or token is None or not sees_folder(folder, token):
-        return [(key, _cheap_to_pickle(_compute(spec_json, key, plugins)), RETURNED)
-                for spec_json, key in items]
-    out: list[tuple[str, xr.Dataset | None, str]] = []
-    with PointWriter(folder) as writer:
-        for spec_json, key in items:
-            ds = _compute_locked(folder, spec_json, key, plugins, retry_failed, writer)
-            out.append((key, _cheap_to_pickle(ds), STORED if ds is not None else BUSY))
+        out = [(key, _cheap_to_pickle(_compute(spec, key, plugins, bases)), RETURNED)
+               for spec, key in items]
+    else:
+        out = []
+        with PointWriter(folder) as writer:
+            for spec, key in items:
+                ds = _compute_locked(folder, spec, key, plugins, retry_failed, writer,
+                                     bases=bases)
+                out.append((key, _cheap_to_pickle(ds), STORED if ds is not None else BUSY))
+    _share_indexes([ds for _, ds, _ in out])
     return out
+
+
+def _same_coordinate(a: tuple[Any, xr.Variable], b: tuple[Any, xr.Variable]) -> bool:
+    """Whether two (index, index variable) pairs are identical (as ``Variable.identical``,
+    with the same index type, dimension, dtype and encoding)."""
+    from xarray.core.indexes import PandasIndex
+
+    (a_index, a_var), (b_index, b_var) = a, b
+    try:
+        return bool(
+            type(a_index) is PandasIndex and type(b_index) is PandasIndex
+            and a_index.dim == b_index.dim and a_index.coord_dtype == b_index.coord_dtype
+            and type(a_var) is type(b_var) and a_var.dims == b_var.dims
+            and a_var.dtype == b_var.dtype and a_var.shape == b_var.shape
+            and _same_attrs(a_var.attrs, b_var.attrs) and a_var.encoding == b_var.encoding
+            and np.array_equal(a_index.index.values, b_index.index.values)
+        )
+    except (ValueError, TypeError):  # e.g. an array-valued attr
+        return False
+
+
+def _share_indexes(datasets: Sequence[xr.Dataset | None]) -> None:
+    """Make the identical index coordinates of a batch's datasets one object each.
+
+    Pickling a batch back to the submitting process then writes each such coordinate
+    once (pickle's memo) instead of once per point: rebuilding a pandas index is most
+    of the cost of unpickling a small point's dataset (16 points of ``dynamics``:
+    7 ms -> 0.8 ms), and the combination compares identical objects at no cost. The
+    datasets are unchanged (an index and its variable are replaced by an identical
+    one); on an xarray whose datasets keep them otherwise, nothing is shared.
+    """
+    seen: dict[Any, tuple[Any, xr.Variable]] = {}
+    for ds in datasets:
+        if ds is None:
+            continue
+        indexes = getattr(ds, "_indexes", None)
+        variables = getattr(ds, "_variables", None)
+        if type(indexes) is not dict or type(variables) is not dict:
+            return
+        for name, index in list(indexes.items()):
+            var = variables.get(name)
+            if var is None:
+                continue
+            first = seen.setdefault(name, (index, var))
+            if first[0] is not index and _same_coordinate(first, (index, var)):
+                indexes[name], variables[name] = first
 
 
 def _cheap_to_pickle(ds: xr.Dataset | None) -> xr.Dataset | None:
@@ -288,6 +468,7 @@ def _execute(
     total: int,
     points_per_task: int | None,
     retry_failed: bool = False,
+    recipes: _Recipes | None = None,
 ) -> None:
     from framework import manager
 
@@ -320,7 +501,7 @@ def _execute(
                     done(key, ds, STORED if ds is not None else BUSY)
         else:
             _execute_dask(todo, folder, scheduler, workers, points_per_task, plugins,
-                          retry_failed, done, writer)
+                          retry_failed, done, writer, recipes)
         # Tasks another sweep was computing: wait for its lock, reuse what it stored.
         for key in busy:
             assert folder is not None and writer is not None
@@ -347,6 +528,7 @@ def _execute_dask(
     retry_failed: bool,
     done: Any,
     writer: PointWriter | None,
+    recipes: _Recipes | None = None,
 ) -> None:
     client, owned = _client(scheduler, workers, len(todo))
     futures: list[Any] = []
@@ -356,11 +538,14 @@ def _execute_dask(
 
         n_workers = max(1, sum(client.nthreads().values()))
         size = points_per_task or default_points_per_task(len(todo), n_workers)
-        items = [(task.to_json(), key) for key, task in todo.items()]
+        items: list[tuple[Spec, str]] = [
+            (recipes.spec(key, task) if recipes is not None else task.to_json(), key)
+            for key, task in todo.items()]
+        bases = recipes.bases if recipes is not None else ()
         token = folder_token(folder) if folder is not None else None
         where = folder.absolute() if folder is not None else None
         futures = [
-            client.submit(_compute_batch, batch, plugins, where, token, retry_failed,
+            client.submit(_compute_batch, batch, plugins, where, token, retry_failed, bases,
                           key=f"symphase-{batch[0][1]}-{len(batch)}", pure=False)
             for batch in _batches(items, size)
         ]
