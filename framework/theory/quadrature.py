@@ -162,7 +162,13 @@ def _base_points(method: str, dim: int, samples: int, replicates: int, seed: int
 
 
 def _sqrtm_psd(S: np.ndarray) -> np.ndarray | None:
-    """Symmetric square root of a PSD matrix; None if clearly indefinite or non-finite."""
+    """Symmetric square root of a PSD matrix; None if clearly indefinite or non-finite.
+
+    Eigenvalues below the numerical-rank tolerance ``dim * eps * max|lambda|`` (those
+    ``eigh`` cannot tell from zero) are set to zero rather than square-rooted: the root of
+    a rounding-level eigenvalue is ~1e-8 of the scale and would make units with identical
+    weights (a singular covariance, an invariant set of the dynamics) differ at 1e-8.
+    """
     if not np.all(np.isfinite(S)):
         return None
     S = 0.5 * (S + S.T)
@@ -170,7 +176,8 @@ def _sqrtm_psd(S: np.ndarray) -> np.ndarray | None:
     scale = max(float(np.max(np.abs(lam))), 1e-300)
     if lam[0] < -1e-9 * scale:
         return None
-    return (vec * np.sqrt(np.clip(lam, 0.0, None))) @ vec.T
+    lam = np.where(lam > S.shape[0] * np.finfo(float).eps * scale, lam, 0.0)
+    return (vec * np.sqrt(lam)) @ vec.T
 
 
 #: Former names of the result types (kept for plugin code written against them).
