@@ -39,8 +39,10 @@ Definitions (also stored as attrs of the dataset)
   A run is *stable* when it reaches the target within its horizon ``alpha_horizon``
   (:func:`horizon`: ``600 / eta`` clipped to ``[1000, 4800]``, cut to the report grid),
   is neither ``diverged`` nor ``runaway``, and still has ``eps_g < TARGET`` there.
-* The ``t_target`` curves come from one :class:`framework.sweep.Sweep` per setting over
-  ``K x normalization x eta`` (grid ``etas``) on a Dask ``LocalCluster``.
+* The ``t_target`` curves come from one :class:`framework.sweep.Sweep` per setting (and
+  horizon) over ``K x normalization x eta`` (grid ``etas``) on a Dask ``LocalCluster``;
+  each entry's further runs (below) are a Dask job submitted as soon as its setting's
+  sweeps are done, so that they fill the workers while the next setting's sweeps run.
 * ``eta_max`` (largest stable learning rate): the largest grid eta that is stable, and
   if the next grid eta is not, refined by ``bisection_steps`` bisections in ``log eta``
   between the two (each a ``dynamics`` run); an upper bound is then ``eta_max_upper``.
@@ -51,7 +53,8 @@ Definitions (also stored as attrs of the dataset)
 * ``eta_best``: the grid eta minimizing ``t_target`` among the stable ones (resolution:
   the grid's ratio).
 * ``alpha_escape``: the ``escape`` analyzer from the same init (``start="init"``) at
-  that eta: the first alpha with ``eps_g < eps_plateau / 2``, ``eps_plateau`` the
+  that eta (the run stops at the first grid point below the threshold,
+  ``stop_at_escape``): the first alpha with ``eps_g < eps_plateau / 2``, ``eps_plateau`` the
   gradient-flow plateau's (``plateau="gradient_flow"``), or, where gradient flow has no
   plateau (batchnorm_stopgrad, whose plateau's weight norm is proportional to eta),
   the plateau at that eta (``plateau="eta"``); which one is in ``escape_plateau``.
@@ -308,10 +311,10 @@ def _escape(setting: str, K: int, norm: str, eta: float, grid: list[float]
     """``(alpha_escape, threshold plateau, status)`` from the common init at ``eta``."""
     why = ""
     for plateau in ("gradient_flow", "eta"):
+        # only alpha_escape is used: the run stops at the first grid point below the
+        # threshold (the rows before it are those of the full run)
         spec = {"name": "escape", "start": "init", "plateau": plateau, "alpha": grid,
-                **quadrature_of(setting)}
-        if not inputs_of(setting).centred:
-            spec["stop_at_escape"] = True  # only alpha_escape is used
+                "stop_at_escape": True, **quadrature_of(setting)}
         try:
             e = experiment(setting, K, norm, eta, [spec]).run()["escape"]
         except Exception as exc:
@@ -427,10 +430,15 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
     computed = np.zeros((nS, nK, nN), dtype=bool)
     interrupted = False
     client, cluster = _cluster(workers)
+    futures: dict[tuple[int, int, int], Any] = {}
     try:
         # 1. t_target(eta): one Sweep per setting and horizon over K x normalization x
-        # eta (the setting's plan), on Dask
-        for s, key in enumerate(keys):
+        # eta (the setting's plan), on Dask, one point per Dask task; 2. as soon as a
+        # setting's sweeps are done, its entries (Hessian, eta_max, eta_best, escapes)
+        # are submitted as Dask jobs, which fill the workers while the next setting's
+        # sweeps run. The expensive non-centred settings first.
+        for s in sorted(range(nS), key=lambda i: inputs_of(keys[i]).centred):
+            key = keys[s]
             ts = time.time()
             p = plans[key]
             ks = [Ks.index(K) for K in p["Ks"]]
@@ -449,7 +457,7 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
                                   [dynamics_spec(key, sub.tolist())])
                 res = Sweep(base, {"K": list(p["Ks"]), "normalization": list(p["normalizations"]),
                                    "eta": [etas[j] for j in js]}).run(
-                    scheduler=client, progress=False)
+                    scheduler=client, progress=False, points_per_task=1)
                 d = res["dynamics"].transpose("K", "normalization", "eta", "alpha", ...)
                 failed = d.sweep_failed.values.astype(bool)
                 for idx in np.ndindex(len(ks), len(ns), len(js)):
@@ -465,18 +473,14 @@ def bn_speedup(out: Path, quick: bool = False, workers: int = 2,
                                            bool(d.runaway.values[idx]))
                     stable[at] = outcomes[at] == "stable"
             n_points = len(p["Ks"]) * len(p["normalizations"]) * len(p["etas"])
-            print(f"sweep {key}: {n_points} points in {time.time() - ts:.1f} s", flush=True)
-        # 2. per (setting, K, normalization): Hessian, eta_max, eta_best, escapes; the
-        # expensive non-centred entries first
-        futures = {}
-        order = sorted(zip(*np.nonzero(computed), strict=True),
-                       key=lambda i: inputs_of(keys[i[0]]).centred)
-        for s, k, n in order:
-            je = [etas.index(e) for e in plans[keys[s]]["etas"]]
-            futures[(s, k, n)] = client.submit(
-                _case, keys[s], Ks[k], names[n], [etas[j] for j in je],
-                t_target[s, k, n, je].tolist(), stable[s, k, n, je].tolist(), cfg,
-                pure=False)
+            print(f"sweep {key}: {n_points} points in {time.time() - ts:.1f} s "
+                  f"({len(futures)} entries submitted before it)", flush=True)
+            je = [etas.index(e) for e in p["etas"]]
+            for k, n in ((k, n) for k in ks for n in ns):
+                futures[(s, k, n)] = client.submit(
+                    _case, key, Ks[k], names[n], [etas[j] for j in je],
+                    t_target[s, k, n, je].tolist(), stable[s, k, n, je].tolist(), cfg,
+                    pure=False, priority=-1)  # after the sweeps' points already queued
         from distributed import as_completed
 
         where = {f.key: idx for idx, f in futures.items()}
@@ -651,14 +655,16 @@ def _dataset(cfg: dict[str, Any], keys: tuple[str, ...], Ks: tuple[int, ...],
         "eta_best_rule": "the stable grid eta minimizing t_target",
         "escape_rule": "escape analyzer, start='init', plateau='gradient_flow' (or 'eta' "
         "where gradient flow has no plateau or the generic engine refuses its fixed "
-        "points): first alpha with eps_g < eps_plateau / 2",
+        "points): first alpha with eps_g < eps_plateau / 2 (stop_at_escape: the run "
+        "ends at the first grid point below it)",
         "quadrature_mean": f"non-centred inputs: generic engine with quadrature "
         f"{QUADRATURE_MEAN}; t_target_*_check: the same runs with quadrature seed 1",
         "hessian_rule": f"hessian analyzer at the plateau fixed point at eta = {ETA_SAME}; "
         "W = J / sqrt(N); scale-invariant normalizations at weight norm 1 (lambda ~ 1 / "
         "weight norm)",
-        "sweep": "t_target from one framework.sweep.Sweep per setting over K x "
-        "normalization x eta on a Dask LocalCluster; the per-entry runs as Dask jobs",
+        "sweep": "t_target from one framework.sweep.Sweep per setting and horizon over K "
+        "x normalization x eta on a Dask LocalCluster (one point per Dask task); the "
+        "per-entry runs as Dask jobs, submitted when their setting's sweeps are done",
         "setting_d": SETTING_D,
         "etas_centred": np.asarray(cfg["etas"], dtype=float),
         "etas_mean": np.asarray(cfg["mean"]["etas"], dtype=float),

@@ -19,12 +19,15 @@ from scipy.optimize import fsolve
 from scipy.special import erf
 
 from framework.theory._kernels import (
+    drift_moments,
+    drift_terms,
     effective_covariance,
     generalization_error,
     integrate_diagonal_scale,
     ode_rhs,
     ode_rhs_reference,
     pack_state,
+    stein_matrix,
     unpack_state,
 )
 
@@ -289,6 +292,30 @@ def test_fast_rhs_equals_reference(seed, K, M, with_scale, with_jac, second_orde
     for a, b in zip(fast, ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * max(1.0, np.abs(b).max()))
     np.testing.assert_array_equal(fast[0], fast[0].T)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31 - 1), K=st.integers(1, 6), M=st.integers(1, 5),
+       with_scale=st.booleans(), with_jac=st.booleans(), second_order=st.booleans(),
+       noise_var=st.floats(0.0, 1.0), weighted=st.booleans())
+def test_compiled_drift_terms_equal_reference(seed, K, M, with_scale, with_jac, second_order,
+                                              noise_var, weighted):
+    """drift_terms (compiled moments and Stein matrix, the structured-input ODE's path)
+    == drift_moments and stein_matrix (numpy on the I3/I4 closed forms)."""
+    Q, R, T = random_order_parameters(K, M, seed)
+    rng = np.random.default_rng(seed + 2)
+    s = rng.uniform(0.3, 3.0, K) if with_scale else None
+    jac = rng.normal(size=(K, K, K)) if with_jac else None
+    w = np.concatenate([-rng.uniform(0.2, 2.0, K), rng.uniform(0.2, 2.0, M)]) if weighted \
+        else None
+    fast = drift_terms(Q, R, T, s, jac, noise_var, second_order, w)
+    ref = (*drift_moments(Q, R, T, s, jac, noise_var, second_order, w),
+           stein_matrix(Q, R, T, s, w))
+    for a, b in zip(fast, ref, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * max(1.0, np.abs(b).max()))
+    if not second_order:
+        assert not np.any(fast[2])
 
 
 def test_plain_equals_unit_scale_without_jacobian():

@@ -76,6 +76,7 @@ def _is_jitted(fn: object) -> bool:
 __all__ = [
     "HAVE_NUMBA",
     "TheoryTrajectory",  # noqa: F822 - re-exported by __getattr__
+    "drift_terms",
     "effective_covariance",
     "eps_g_gradient",
     "error_weights",
@@ -271,7 +272,17 @@ def drift_moments(
     with ``second_order=False``. :func:`ode_rhs_reference` assembles the isotropic ODE
     from them; :mod:`framework.theory.spectral` the ODE per input eigenspace."""
     K, _, s, St, w, a, idx = _prepared(Q, R, T, s, w)
-    dv = a[:, None] * np.einsum("b,ibc->ic", w, I3(St, idx))  # a_i E[delta~_i u~_c]
+    dv = np.einsum("b,ibc->ic", w, I3(St, idx))  # E[delta~_i u~_c]
+    dd = (np.einsum("c,d,ikcd->ik", w, w, I4(St, idx)) + noise_var * J2(St, idx)
+          if second_order else None)
+    return _drift_of_moments(K, s, a, dv, dd, ds_dQ)
+
+
+def _drift_of_moments(K: int, s: Array, a: Array, dv: Array, dd: Array | None,
+                      ds_dQ: ArrayLike | None) -> tuple[Array, Array, Array]:
+    """:func:`drift_moments`' ``(E[a u^T], C, E[a a^T])`` from ``dv = E[delta~ u~^T]``
+    (K, P) and ``dd = E[delta~ delta~^T]`` (None: ``second_order=False``)."""
+    dv = a[:, None] * dv  # a_i E[delta~_i u~_c]
     au = s[:, None] * dv
     au[:, :K] /= s[None, :]  # E[a_i x_k] = E[a_i x~_k] / s_k
     C = np.zeros((K, K))
@@ -280,8 +291,7 @@ def drift_moments(
                           np.asarray(ds_dQ, dtype=np.float64))
         C = -(Gbar + Gbar.T)
     aa = np.zeros((K, K))
-    if second_order:
-        dd = np.einsum("c,d,ikcd->ik", w, w, I4(St, idx)) + noise_var * J2(St, idx)
+    if dd is not None:
         aa = np.outer(s, s) * (np.outer(a, a) * 0.5 * (dd + dd.T))
     return au, C, aa
 
@@ -313,6 +323,31 @@ def stein_matrix(
     A = (s * a)[:, None] * gg * (w * scale_c)[None, :]
     A[idx, idx] += s * a * s * gpp_e
     return A
+
+
+def drift_terms(Q: ArrayLike, R: ArrayLike, T: ArrayLike, s: ArrayLike | None = None,
+                ds_dQ: ArrayLike | None = None, noise_var: float = 0.0,
+                second_order: bool = True, w: ArrayLike | None = None,
+                ) -> tuple[Array, Array, Array, Array]:
+    """``(*drift_moments(...), stein_matrix(...))`` at once: the moments ``E[delta~
+    u~^T]``, ``E[delta~ delta~^T]`` and ``E[grad_u a]`` by compiled kernels when numba is
+    available (the right-hand side's :func:`_moments_nb`, and :func:`_stein_nb`; agree
+    with the numpy functions to rounding, tested), else those numpy functions. Used by
+    the closed-form engine's :meth:`~framework.theory.closed.ClosedFormEngine.drift`
+    (the structured-input ODE calls it at every right-hand side)."""
+    if not HAVE_NUMBA:
+        return (*drift_moments(Q, R, T, s, ds_dQ, noise_var, second_order, w),
+                stein_matrix(Q, R, T, s, w))
+    Q, R, T = (np.ascontiguousarray(x, dtype=np.float64) for x in (Q, R, T))
+    K, M = R.shape
+    s = np.ascontiguousarray(_scale(s, K))
+    w = _weights(w, K, M)
+    St = np.empty((K + M, K + M))
+    _eff_cov_nb(Q, R, T, s, St)
+    dv, dd, A = np.empty((K, K + M)), np.empty((K, K)), np.empty((K, K + M))
+    _moments_nb(St, K, w, float(noise_var), bool(second_order), dv, dd)
+    _stein_nb(St, K, s, w, A)
+    return (*_drift_of_moments(K, s, -w[:K], dv, dd if second_order else None, ds_dQ), A)
 
 
 def ode_rhs_reference(
@@ -502,6 +537,24 @@ def _moments_nb(S, K, w, noise_var, second_order, dv, dd):
             val = (2.0 * acc / math.pi + noise_var) * two_pi / math.sqrt(lam4)
             dd[i, k] = val
             dd[k, i] = val
+
+
+@_njit
+def _stein_nb(S, K, s, w, A):
+    """Numba twin of :func:`stein_matrix` on ``S = Sigma~``, writing ``E[grad_u a]``
+    (K, P) into ``A``."""
+    P = S.shape[0]
+    two_pi = 2.0 / math.pi
+    for i in range(K):
+        d1i = 1.0 + S[i, i]
+        ai = -w[i]
+        gpp_e = 0.0  # E[g''(x~_i) e] = -sum_b w_b I3[i, b, i]
+        for c in range(P):
+            root = math.sqrt(d1i * (1.0 + S[c, c]) - S[i, c] ** 2)
+            scale_c = s[c] if c < K else 1.0
+            A[i, c] = s[i] * ai * (two_pi / root) * w[c] * scale_c
+            gpp_e -= w[c] * two_pi * (S[c, i] * d1i - S[i, c] * S[i, i]) / (d1i * root)
+        A[i, i] += s[i] * ai * s[i] * gpp_e
 
 
 @_njit

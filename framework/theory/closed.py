@@ -211,7 +211,7 @@ class ClosedFormEngine(Engine):
         mean: Any = None,
     ) -> Drift:
         """The exact expectations of the per-sample gradient (one "replicate";
-        :class:`~framework.theory.Drift`, :func:`framework.theory._kernels.drift_moments`);
+        :class:`~framework.theory.Drift`, :func:`framework.theory._kernels.drift_terms`);
         centred pre-activations only."""
         self._centred_only(mean)
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
@@ -219,8 +219,7 @@ class ClosedFormEngine(Engine):
         p = self._checked(params)
         s, ds, dth = self._scale(Q, p)
         w = self.error_weights(p)
-        au, C, aa = _theory.drift_moments(Q, R, self.T, s, ds, self.noise, second_order, w)
-        A = _theory.stein_matrix(Q, R, self.T, s, w)
+        au, C, aa, A = _theory.drift_terms(Q, R, self.T, s, ds, self.noise, second_order, w)
         eps, edx = _theory.scale_moments(Q, R, self.T, s, self.noise, w)
         edx = -w[:self.K] * edx
         dp = {k: (eta * edx @ dth[k])[None] for k in self.scale_trainable}
