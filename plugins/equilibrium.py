@@ -388,6 +388,8 @@ class FixedPointAnalyzer(Analyzer):
     supports_learning_rules: ClassVar[bool] = True
     #: Structured inputs: the state per input eigenspace (Q_space, R_space).
     supports_structured_inputs: ClassVar[bool] = True
+    #: Inputs with a mean: the overlaps r with the mean direction are state (mean_overlap).
+    supports_input_mean: ClassVar[bool] = True
 
     eta: float | None = _option("eta")
     second_order: bool = _option("second_order")
@@ -608,7 +610,13 @@ class HessianAnalyzer(_PointSpectrum):
         Input dimension for ``multiplicity`` (default: the Experiment's ``init_N``);
         ``multiplicity_formula`` gives it symbolically.
     at : OrderParameters, optional
-        Evaluate at these order parameters instead (one branch, no fixed-point search).
+        Evaluate at these order parameters instead (one branch, no fixed-point search;
+        with an input mean at overlaps ``r = 0`` with its direction).
+
+    Inputs with a mean: the mean direction ``u`` is one more column of the span block
+    (``dim_span`` and the rank of eigenspace ``mean_space`` count it); the plateau's
+    ``mean_overlap`` is stored, and ``escape_dmean_overlap`` is the escape mode's change
+    of ``r``.
     """
 
     name: ClassVar[str] = "hessian"
@@ -618,6 +626,8 @@ class HessianAnalyzer(_PointSpectrum):
     #: Structured inputs: one span block over the eigenspaces and one complement block per
     #: eigenspace (multiplicity N_l - rank_l), at the fixed points per eigenspace.
     supports_structured_inputs: ClassVar[bool] = True
+    #: Inputs with a mean: the mean direction joins the span block (``at``: r = 0).
+    supports_input_mean: ClassVar[bool] = True
 
     flag_plateau: bool = _option("flag_plateau")
     horizon: float = _option("horizon")
@@ -797,7 +807,14 @@ def _hessian_error_variables(specs: list, eng: Engine, n_eigen: int) -> dict[str
                              "(zero in theory)")
         out[f"{name}_error"] = variable([getattr(sp, f"{name}_error") for sp in specs],
                                         ("branch",), f"error estimate of {name}")
+    if specs and specs[0].escape_dr is not None:  # inputs with a mean: r is state
+        out["escape_dmean_overlap"] = variable(
+            np.array([sp.escape_dr for sp in specs]), ("branch", "student"),
+            "first-order change of the overlaps r = W u with the input mean's direction "
+            "along the unit escape mode dW")
     for k in eng.trainable:
+        if k == theory.MEAN_OVERLAP:  # state (mean_overlap), not a parameter
+            continue
         what = "trained readout" if k in eng.model_trainable else "trainable parameter"
         out[f"param_{k}"] = variable(np.array([sp.params[k] for sp in specs]),
                                      ("branch", "student"),
@@ -911,6 +928,8 @@ class EscapeAnalyzer(Analyzer):
     supports_learning_rules: ClassVar[bool] = True
     #: Structured inputs: the plateau and the flow per input eigenspace.
     supports_structured_inputs: ClassVar[bool] = True
+    #: Inputs with a mean: the plateau's r moves with the escape mode.
+    supports_input_mean: ClassVar[bool] = True
     size_options: ClassVar[dict[str, str]] = {"n_points": "trajectory"}
 
     start: str = attrs.field(default="fixedpoint", validator=one_of("fixedpoint", "init"))

@@ -11,6 +11,7 @@ simulation against the ODE.
 from __future__ import annotations
 
 import pickle
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -86,12 +87,23 @@ class TestSpecification:
                                      get_normalization("weightnorm"))
 
     def test_analyzers_without_the_mean_are_refused(self):
+        import attrs
+
+        from framework.analyzer import Analyzer
+
+        @attrs.frozen
+        class Covariance(Analyzer):  # structured inputs, but not a mean
+            name: ClassVar[str] = "covariance_only"
+            supports_structured_inputs: ClassVar[bool] = True
+
         m = TeacherStudent(2, 2, inputs=MEAN)
-        for name in ("fixedpoint", "hessian", "escape"):
-            with pytest.raises(SpecificationError, match=rf"'{name}' compute with centred "
-                                                        r"inputs only"):
-                Experiment(model=m, analyzers=["dynamics", name])
-        Experiment(model=m, analyzers=["dynamics", "simulation"])  # these do
+        with pytest.raises(SpecificationError, match=r"'covariance_only' compute with "
+                                                    r"centred inputs only"):
+            Experiment(model=m, analyzers=["dynamics", Covariance()])
+        with pytest.raises(SpecificationError, match=r"'fisher' compute with isotropic"):
+            Experiment(model=m, analyzers=["dynamics", "fisher"])
+        Experiment(model=m, analyzers=["dynamics", "simulation", "fixedpoint", "hessian",
+                                       "escape"])  # these do
 
     def test_realization_is_exact(self):
         inputs = InputDistribution(**TWO, mean=1.5, direction=[0.3, -0.2], mean_space=1)

@@ -95,6 +95,10 @@ __all__ = [
 
 #: Relative tolerance under which a covariance eigenvalue counts as zero (rank).
 RANK_TOL = 1e-10
+#: Branch searches reject roots with a weight norm above this many teacher norms: the
+#: right-hand side of a saturating activation decays towards |W|^2 -> infinity, where a
+#: solver's tolerance is met without a fixed point.
+SATURATED_NORM = 1e4
 #: A root is accepted when ``max |r|`` (scaled right-hand side) is below this.
 RESIDUAL_TOL = 1e-10
 #: Two roots closer than this (max abs difference of Q, R) are the same branch.
@@ -420,6 +424,27 @@ def psd_margin(Q: np.ndarray, R: np.ndarray, T: np.ndarray) -> float:
     return float(lam[0] / max(1.0, lam[-1]))
 
 
+def state_margin(model: Model, Q: np.ndarray, R: np.ndarray, params: Mapping[str, Any]
+                 ) -> float:
+    """:func:`psd_margin` of a state, with an input mean also of eigenspace ``mean_space``'s
+    Gram matrix augmented by the mean direction ``u``: ``[[Q_mu, R_mu, r], [R_mu^T, T_mu,
+    s], [r^T, s^T, 1]]`` (weights exist with these overlaps iff it is positive
+    semi-definite: the residual ``Q_mu - r r^T`` etc. is its Schur complement)."""
+    T = teacher_overlaps(model)
+    margin = psd_margin(Q, R, T)
+    inputs = model.input_distribution()
+    if inputs.centred or params.get(MEAN_OVERLAP) is None or Q.ndim != 3:
+        return margin
+    ell = inputs.mean_space
+    r = np.asarray(params[MEAN_OVERLAP], dtype=float).reshape(-1, 1)
+    s = inputs.teacher_overlap(model.M).reshape(-1, 1)
+    top = np.concatenate([Q[ell], R[ell], r], axis=1)
+    mid = np.concatenate([R[ell].T, T[ell], s], axis=1)
+    bottom = np.concatenate([r.T, s.T, np.ones((1, 1))], axis=1)
+    lam = np.linalg.eigvalsh(np.concatenate([top, mid, bottom], axis=0))
+    return min(margin, float(lam[0] / max(1.0, lam[-1])))
+
+
 def teacher_overlaps(model: Model) -> np.ndarray:
     """``T`` of the state: the model's ``T``, or ``T_l = f_l T`` per input eigenspace
     (structured inputs, :mod:`framework.inputs`)."""
@@ -583,7 +608,8 @@ class HessianSpectrum:
     ``complement`` (each ``N - dim_span`` times). With structured inputs the span is that
     of the projections of the weights on every input eigenspace (``dim_span = sum_l
     rank_l``), and each eigenspace ``l`` has its complement block ``lambda_l (G + G^T)``
-    with multiplicity ``N_l - rank_l`` (:meth:`complement_multiplicity`).
+    with multiplicity ``N_l - rank_l`` (:meth:`complement_multiplicity`). With an input
+    mean the span also holds the mean direction ``u`` (counted in ``rank_mean_space``).
 
     Attributes
     ----------
@@ -665,6 +691,9 @@ class HessianSpectrum:
     inputs: Any = attrs.field(default=None, eq=False)
     #: Structured inputs, a complement escape mode: its input eigenspace.
     escape_space: int = 0
+    #: Inputs with a mean: the first-order change of the mean overlaps ``r`` (K,) along
+    #: the unit escape mode (the component of ``dW`` along ``u``); None when centred.
+    escape_dr: Any = attrs.field(default=None, eq=False)
 
     @property
     def lambda_max(self) -> float:
@@ -984,7 +1013,8 @@ def find_fixed_points(
             x = _damped_newton(residual, x0)
         try:
             root = _accepted_root(eng, flow, x, teacher_overlaps(model), found, trainable,
-                                  eta=eta, batch_size=batch_size, second_order=second_order)
+                                  eta=eta, batch_size=batch_size, second_order=second_order,
+                                  model=model)
         except AccuracyError:
             if not fallback:
                 raise
@@ -1186,9 +1216,13 @@ def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
 def _accepted_root(
     eng: Engine, flow: Any, x: np.ndarray | None, T: np.ndarray, found: Any,
     trainable: tuple[str, ...], *, eta: float, batch_size: int, second_order: bool,
+    model: Model | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict, float, float, float, float] | None:
     """The fixed point at the root ``x`` of a branch search, or None if it is rejected:
-    not finite, outside the PSD cone (``-1e-9``; ``+1e-9`` for an engine of estimates),
+    not finite, outside the PSD cone (``-1e-9``; ``+1e-9`` for an engine of estimates;
+    with ``model``, :func:`state_margin`: the cone with the input mean's direction), a
+    weight norm ``Q_ii`` (summed over input eigenspaces) above ``SATURATED_NORM`` times
+    ``max(1, max T)`` (where a saturating activation's flow vanishes without a fixed point),
     a residual of the full right-hand side above ``max(RESIDUAL_TOL, 10 * its error)``,
     or a duplicate of one in ``found`` (``DEDUPE_TOL``; ``1e-4`` for estimates).
     Returns ``(Q, R, params, residual, rate error, eps_g, eps_g error)``; an estimate
@@ -1198,8 +1232,12 @@ def _accepted_root(
     exact = bool(eng.exact)
     Q, R, params, dQ, dR, dth, err = flow(x)
     margin = -1e-9 if exact else 1e-9
-    if not np.all(np.isfinite(Q)) or psd_margin(Q, R, T) < margin:
+    if not np.all(np.isfinite(Q)) or (psd_margin(Q, R, T) if model is None else
+                                       state_margin(model, Q, R, params)) < margin:
         return None
+    if float(np.max(np.diagonal(Q, axis1=-2, axis2=-1).sum(axis=0) if Q.ndim == 3
+                    else np.diagonal(Q))) > SATURATED_NORM * max(1.0, float(np.max(T))):
+        return None  # the flow of a saturating activation vanishing at |W|^2 -> infinity
     res = float(max(np.max(np.abs(dQ)), np.max(np.abs(dR)),
                     *[np.max(np.abs(v)) for v in dth.values()]))
     if not res < max(RESIDUAL_TOL, 10.0 * err):
@@ -1352,15 +1390,22 @@ def weight_space_hessian(
     linearization (up to ``-eta``) for ``eta_v = eta``, otherwise ``diag(eta, eta_v)``
     times it.
 
+    Inputs with a mean (``xi ~ N(m u, Sigma)``, :mod:`framework.inputs`): ``eps_g``
+    depends on ``W`` through ``Q_l``, ``R_l`` and the overlaps ``r = W u`` with the mean
+    direction, the state entry ``"mean_overlap"`` of ``params`` (default 0). The mean
+    direction is one more coordinate of the span block: eigenspace ``mean_space`` is
+    realized as ``[u | residual | complement]`` (``u``'s column holds ``r`` and ``s``, the
+    residual realizes ``Q_mu - r r^T``, ``R_mu - r s^T``, ``T_mu - s s^T``), so its rank
+    and ``dim_span`` count ``u`` and its complement eigenvalues have multiplicity ``N_mu -
+    rank_mu``; ``r`` is state, not a parameter (no theta block), and the escape mode's
+    change of ``r`` is ``escape_dr``. Checked against the Monte Carlo Hessian in all
+    ``K N`` coordinates (tests/test_hessian_input_mean.py).
+
     Raises :class:`~framework.theory.AccuracyError` if ``lambda_min``'s error estimate
     exceeds ``accuracy`` (default: the quadrature's) times ``max(1, |lambda_min|)``
     (engines of estimates only).
     """
     eng = _engine(model, normalization, engine, quadrature)
-    if MEAN_OVERLAP in eng.trainable:
-        raise SpecificationError(
-            "weight_space_hessian: inputs with a mean are not implemented yet (the span "
-            "block would gain the mean direction); centred inputs only")
     if accuracy is not None:
         acc = float(accuracy)
     else:
@@ -1368,23 +1413,23 @@ def weight_space_hessian(
     Q = np.asarray(Q, dtype=float)
     R = np.asarray(R, dtype=float)
     K, M = model.K, model.M
+    inputs = model.input_distribution()
+    if not inputs.isotropic and Q.ndim == 2:  # J J^T / N spread over the eigenspaces
+        Q, R = inputs.lift(Q), inputs.lift(R)
     spaces = Q.ndim == 3  # structured inputs: one realization per input eigenspace
-    parts = ([_realize(q, r, t) for q, r, t in zip(Q, R, teacher_overlaps(model),
-                                                    strict=True)]
-             if spaces else [_realize(Q, R, model.T)])
-    width = K + M + 1  # per eigenspace: K + M realization coordinates and one complement
-    X = np.concatenate([np.concatenate([x, np.zeros((K, 1))], axis=1) for x, _, _ in parts],
-                       axis=1)
-    Bt = np.concatenate([np.concatenate([b, np.zeros((M, 1))], axis=1) for _, b, _ in parts],
-                        axis=1)
+    p = eng.params(params)
+    has_mean = MEAN_OVERLAP in eng.trainable  # the student's overlaps r with u: state
+    names = tuple(k for k in eng.trainable if k != MEAN_OVERLAP)
+    parts, X, Bt, lead_slot = _realize_spaces(model, Q, R, p.get(MEAN_OVERLAP), has_mean)
+    width = X.shape[1] // len(parts)  # per eigenspace: [u,] realization, complement
     D = X.shape[1]
     ranks = np.array([r for _, _, r in parts], dtype=int)
     rank = int(ranks.sum())
-    span_cols = np.concatenate([ell * width + np.arange(r) for ell, r in enumerate(ranks)])
+    span_cols = np.concatenate([ell * width + np.arange(r) + (
+        0 if has_mean and ell == inputs.mean_space else lead_slot)
+        for ell, r in enumerate(ranks)])
     comp_cols = np.arange(len(parts)) * width + width - 1
     X0, Bt0 = (X, Bt) if spaces else (parts[0][0], parts[0][1])
-    p = eng.params(params)
-    names = tuple(eng.trainable)
     nW = K * D
     nT = K * len(names)
     n = nW + nT
@@ -1487,6 +1532,7 @@ def weight_space_hessian(
 
     dim_span = rank
     lead = (len(parts),) if spaces else ()
+    escape_dr = np.zeros(K) if has_mean else None  # complement modes leave r unchanged
     if comp_vals[first_comp] < span_vals[0]:
         lam_min, lam_err = float(comp_vals[first_comp]), float(comp_err[first_comp])
         block_name = "complement"
@@ -1510,6 +1556,8 @@ def weight_space_hessian(
             dQ = X0 @ dW.T + dW @ X0.T
             dR = dW @ Bt0.T
         dth = {k: mode[K * rank + j * K: K * rank + (j + 1) * K] for j, k in enumerate(names)}
+        if has_mean:  # the mean direction's column: the first-order change of r
+            escape_dr = dW[:, inputs.mean_space * width].copy()
     if not lam_err <= acc * max(1.0, abs(lam_min)) and not eng.exact:
         raise AccuracyError(
             f"Hessian: the error estimate of lambda_min is {lam_err:.3g} (value "
@@ -1529,7 +1577,56 @@ def weight_space_hessian(
         complement_space=comp_space, space_ranks=ranks,
         inputs=model.input_distribution() if spaces else None,
         escape_space=int(comp_space[first_comp]) if block_name == "complement" else 0,
+        escape_dr=escape_dr,
     )
+
+
+def _realize_spaces(model: Model, Q: np.ndarray, R: np.ndarray, r: Any, has_mean: bool
+                    ) -> tuple[list[tuple[np.ndarray, np.ndarray, int]], np.ndarray,
+                               np.ndarray, int]:
+    """The weight-space realization of :func:`weight_space_hessian`: per eigenspace
+    ``(X_l, Bt_l, rank_l)`` and the assembled ``X (K, D)``, ``Bt (M, D)`` with one
+    complement column per eigenspace (last of its block), and the width of the leading
+    mean slot (1 with an input mean, else 0). With a mean every block starts with the
+    mean direction's slot: in eigenspace ``mean_space`` the column ``u`` itself (entries
+    ``r``, ``s``; the remaining columns realize the residual ``Q_mu - r r^T``, ``R_mu - r
+    s^T``, ``T_mu - s s^T``, counted in its rank), elsewhere an unused zero column (the
+    blocks keep one width, :meth:`SpectralEngine.column_scale`)."""
+    K, M = model.K, model.M
+    if Q.ndim == 2:
+        x, b, rank = _realize(Q, R, model.T)
+        return ([(x, b, rank)], np.concatenate([x, np.zeros((K, 1))], axis=1),
+                np.concatenate([b, np.zeros((M, 1))], axis=1), 0)
+    inputs = model.input_distribution()
+    Ts = teacher_overlaps(model)
+    parts = []
+    for ell, (q, rr, t) in enumerate(zip(Q, R, Ts, strict=True)):
+        if not has_mean:
+            parts.append(_realize(q, rr, t))
+            continue
+        if ell != inputs.mean_space:
+            x, b, rank = _realize(q, rr, t)
+            parts.append((np.concatenate([np.zeros((K, 1)), x], axis=1),
+                          np.concatenate([np.zeros((M, 1)), b], axis=1), rank))
+            continue
+        rv = np.asarray(r, dtype=float).reshape(K)
+        s = inputs.teacher_overlap(M)
+        res = (q - np.outer(rv, rv), rr - np.outer(rv, s), t - np.outer(s, s))
+        lam_min = float(np.linalg.eigvalsh(np.block([[res[0], res[1]], [res[1].T, res[2]]]))[0])
+        if lam_min < -1e-9 * max(1.0, float(np.max(np.abs(q)))):
+            raise SpecificationError(
+                f"weight_space_hessian: the mean overlaps r = {rv.tolist()} do not fit the "
+                f"state of input eigenspace {ell} (the residual Gram matrix of [Q_l, R_l; "
+                f"R_l^T, T_l] minus the u components must be positive semi-definite; its "
+                f"smallest eigenvalue is {lam_min:.3g})")
+        x, b, rank = _realize(*res)
+        parts.append((np.concatenate([rv[:, None], x], axis=1),
+                      np.concatenate([s[:, None], b], axis=1), rank + 1))
+    X = np.concatenate([np.concatenate([x, np.zeros((K, 1))], axis=1) for x, _, _ in parts],
+                       axis=1)
+    Bt = np.concatenate([np.concatenate([b, np.zeros((M, 1))], axis=1) for _, b, _ in parts],
+                        axis=1)
+    return parts, X, Bt, int(has_mean)
 
 
 # --------------------------------------------------------------------------------------
@@ -1674,25 +1771,28 @@ def _escape_start_spaces(model: Model, spec: HessianSpectrum, size: float
                          ) -> tuple[OrderParameters, str, dict[str, np.ndarray]]:
     """:func:`escape_start`'s last resort with structured inputs: the Hessian's escape
     mode added to the realization (``L`` blocks of ``K + M + 1`` coordinates, the last of
-    each its eigenspace's complement), the order parameters read off block by block."""
-    K, M = model.K, model.M
+    each its eigenspace's complement; with an input mean one more leading column per block,
+    in eigenspace ``mean_space`` the mean direction), the order parameters read off block by
+    block (with a mean, the change of ``r`` too)."""
     X, Bt = spec.X.copy(), spec.Bt
     dW = spec.escape_dW
     dth = {k: np.asarray(v, dtype=float) for k, v in spec.escape_dtheta.items()}
     step = size * np.linalg.norm(X) / math.sqrt(
         float(np.sum(dW**2)) + sum(float(np.sum(v**2)) for v in dth.values()))
-    width = K + M + 1
+    L = model.input_distribution().L
+    width = X.shape[1] // L  # [mean slot,] K + M realization columns, one complement
     if spec.escape_block == "span":
         X = X + step * dW
     else:
         X[:, spec.escape_space * width + width - 1] = step * dW[:, 0]
-    L = X.shape[1] // width
     cols = np.arange(L * width).reshape(L, width)
     Q = np.array([X[:, c] @ X[:, c].T for c in cols])
     R = np.array([X[:, c] @ Bt[:, c].T for c in cols])
+    moved = {k: step * v for k, v in dth.items()}
+    if spec.escape_dr is not None:  # the mean overlaps r: the u column's change
+        moved[MEAN_OVERLAP] = step * np.asarray(spec.escape_dr, dtype=float)
     return OrderParameters(0.5 * (Q + np.swapaxes(Q, 1, 2)), R, teacher_overlaps(model)), \
-        f"Hessian escape mode in weight space ({spec.escape_block} block)", \
-        {k: step * v for k, v in dth.items()}
+        f"Hessian escape mode in weight space ({spec.escape_block} block)", moved
 
 
 def escape_start(
@@ -1722,7 +1822,9 @@ def escape_start(
     T = teacher_overlaps(model)  # per input eigenspace with structured inputs
     for sign in (1.0, -1.0):
         Q, R = fp.Q + sign * scale * dQ, fp.R + sign * scale * dR
-        if psd_margin(Q, R, T) > 1e-12:
+        moved = {k: np.asarray(fp.params.get(k, 0.0)) + sign * scale * v
+                 for k, v in dth.items()}
+        if state_margin(model, Q, R, moved) > 1e-12:
             try:
                 return OrderParameters(Q, R, T), (
                     f"ODE Jacobian's most unstable eigenvector, sign {sign:+g}"), \
