@@ -198,3 +198,25 @@ def test_hessian_analyzer_at_given_order_parameters_with_a_mean():
     assert ds.dim_span.values.tolist() == [5] and int(ds.multiplicity.sum()) == 2 * 1000
     np.testing.assert_allclose(ds.mean_overlap.values, 0.0)  # 'at': r = 0
     assert "escape_dmean_overlap" in ds
+
+
+def test_damped_newton_converges_with_broyden_steps():
+    """The fallback root search of fixed points with a mean: Newton with backtracking and
+    Broyden updates between finite-difference Jacobians reaches a known root to 1e-13,
+    also where the function has no values beyond a boundary (AccuracyError: not a step),
+    and gives up (None) where it has none at the start."""
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        if x[0] <= 0.0:
+            raise theory.AccuracyError("no value beyond the boundary")
+        return np.array([np.log(x[0]) - 0.5 * np.log(2.0), x[1] - 0.5 * x[0] + 0.1 * x[1] ** 3
+                         - 0.1 * 0.5 ** 1.5])
+
+    # Newton's full first step from x0 = 5 lands at x0 = -1.3: backtracked
+    x = eq._damped_newton(f, np.array([5.0, -1.0]))
+    assert x is not None
+    np.testing.assert_allclose(x, [np.sqrt(2.0), np.sqrt(0.5)], atol=1e-13)
+    assert len(calls) < 100  # 2 x 2 finite differences per Jacobian, few of them
+    assert eq._damped_newton(lambda y: np.full(2, np.nan), np.ones(2)) is None

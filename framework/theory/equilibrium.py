@@ -495,22 +495,32 @@ def _damped_newton(raw, x: np.ndarray, steps: int = 20) -> np.ndarray | None:
     """Newton's method with backtracking (the step halved until the residual is finite
     and smaller): for a root on the boundary of the PSD cone (identical students), where
     an engine of estimates has no values beyond it and ``hybr`` stalls. Central
-    differences ``1e-6 max(1, |x|)`` (the estimate is smooth: common random numbers)."""
+    differences ``1e-6 max(1, |x|)`` (the estimate is smooth: common random numbers),
+    kept between full steps by Broyden's rank-one update and recomputed after a step that
+    needed backtracking or failed."""
     def fun(y: np.ndarray) -> np.ndarray:
         try:
             return np.asarray(raw(y), dtype=float)
         except AccuracyError:  # a state where the estimate is too noisy: not a step
             return np.full(y.size, np.inf)
 
+    def fd_jacobian(y: np.ndarray) -> np.ndarray:
+        h = 1e-6 * np.maximum(1.0, np.abs(y))
+        return np.array([(fun(y + e) - fun(y - e)) / (2.0 * e[j])
+                         for j, e in enumerate(np.diag(h))]).T
+
     f = fun(x)
     if not np.all(np.isfinite(f)):
         return None
-    for _ in range(steps):
+    jac, fresh, jacobians = None, False, 0
+    for _ in range(4 * steps):  # at most ``steps`` Jacobians, Broyden steps in between
         if np.max(np.abs(f)) < 1e-13:
             break
-        h = 1e-6 * np.maximum(1.0, np.abs(x))
-        jac = np.array([(fun(x + e) - fun(x - e)) / (2.0 * e[j])
-                        for j, e in enumerate(np.diag(h))]).T
+        if jac is None:
+            if jacobians == steps:
+                break
+            jac, fresh = fd_jacobian(x), True
+            jacobians += 1
         try:
             dx = np.linalg.lstsq(jac, -f, rcond=None)[0]
         except np.linalg.LinAlgError:
@@ -521,9 +531,20 @@ def _damped_newton(raw, x: np.ndarray, steps: int = 20) -> np.ndarray | None:
             if np.all(np.isfinite(f_new)) and np.max(np.abs(f_new)) < np.max(np.abs(f)):
                 break
             t *= 0.5
+            if not fresh:  # a stale Jacobian: recompute it before backtracking further
+                break
+        if not (np.all(np.isfinite(f_new)) and np.max(np.abs(f_new)) < np.max(np.abs(f))):
+            if fresh:
+                break
+            jac = None
+            continue
+        step = t * dx
+        if t == 1.0:  # Broyden: jac s = f_new - f along the step
+            jac = jac + np.outer(f_new - f - jac @ step, step) / float(step @ step)
+            fresh = False
         else:
-            break
-        x, f = x + t * dx, f_new
+            jac = None
+        x, f = x + step, f_new
     return x
 
 
