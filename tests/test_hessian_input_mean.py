@@ -7,7 +7,8 @@ directions, the mean along the first direction of the second), by Monte Carlo ov
 input vectors with the second derivatives written out by hand -- batch norm's population
 statistics ``mean_i = m W_i . u`` and ``var_i = W_i Lambda W_i^T`` differentiated twice --
 against the reduced spectrum (span block once, each eigenspace's complement block ``N_l -
-rank_l`` times) at a generic point of the cone.
+rank_l`` times) at a generic point of the cone; for ``batchnorm_affine`` over ``(W, gamma,
+beta)``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,15 @@ def _point():
     return model, W, B
 
 
+GAMMA, BETA = np.array([1.2, 0.8]), np.array([0.1, -0.2])  # batchnorm_affine's
+
+
 def _monte_carlo_hessian(W, B, norm, samples=400_000, batches=8):
-    """Mean and standard error of the eigenvalues of the Monte Carlo Hessian (batches)."""
+    """Mean and standard error of the eigenvalues of the Monte Carlo Hessian (batches);
+    ``batchnorm_affine``: over ``(W, gamma, beta)`` at ``GAMMA``, ``BETA``."""
     lc = np.repeat(LAM, N_L)
     n = W.shape[1]
+    affine = norm == "batchnorm_affine"
     mats = []
     for bidx in range(batches):
         xi = np.random.default_rng(100 + bidx).standard_normal((samples // batches, n))
@@ -61,31 +67,41 @@ def _monte_carlo_hessian(W, B, norm, samples=400_000, batches=8):
         xi[:, C] += MEAN
         zeta = xi.copy()
         zeta[:, C] -= MEAN  # xi - m u
-        if norm == "batchnorm":  # x~_i = W_i zeta / sigma_i, sigma_i^2 = W_i Lambda W_i^T
+        if norm.startswith("batchnorm"):  # z_i = W_i zeta / sigma_i, sigma_i^2 = W_i Lambda W_i^T
             a = zeta @ W.T
             sig = np.sqrt((W**2 * lc).sum(1))
             w = lc * W
-            xt = a / sig
+            z = a / sig
             v = [zeta / sig[i] - a[:, i:i + 1] * w[i] / sig[i] ** 3 for i in range(K)]
+            gam = GAMMA if affine else np.ones(K)
+            xt = gam * z + (BETA if affine else 0.0)  # x~_i = gamma_i z_i + beta_i
+            if affine:  # d x~_i / d(W_i, gamma_i, beta_i), padded to one length
+                v = [np.concatenate([gam[i] * v[i], z[:, i:i + 1], np.ones((len(z), 1))],
+                                    axis=1) for i in range(K)]
         else:  # plain: x~ = W xi; meanonly: x~ = W (xi - m u)
             d = xi if norm == "plain" else zeta
             xt = d @ W.T
             v = [d] * K
         e = _g(xt).sum(1) - _g(xi @ B.T).sum(1)
-        H = np.zeros((K, n, K, n))
+        nv = v[0].shape[1]  # n, or n + 2 with (gamma_i, beta_i)
+        H = np.zeros((K, nv, K, nv))
         for i in range(K):
             for k in range(K):
                 wgt = _gp(xt[:, i]) * _gp(xt[:, k])
                 if i == k:
                     wgt = wgt - e * xt[:, i] * _gp(xt[:, i])  # e g''
                 H[i, :, k, :] = (v[i] * wgt[:, None]).T @ v[k] / xi.shape[0]
-            if norm == "batchnorm":  # e g' times the second derivative of x~_i
-                cc = e * _gp(xt[:, i])
+            if norm.startswith("batchnorm"):  # e g' times the second derivative of x~_i
+                cc = e * _gp(xt[:, i]) * (GAMMA[i] if affine else 1.0)
                 cz, ca = cc @ zeta / xi.shape[0], cc @ a[:, i] / xi.shape[0]
-                H[i, :, i, :] += (-(np.outer(cz, w[i]) + np.outer(w[i], cz)) / sig[i] ** 3
-                                  - ca * np.diag(lc) / sig[i] ** 3
-                                  + 3.0 * ca * np.outer(w[i], w[i]) / sig[i] ** 5)
-        mats.append(H.reshape(K * n, K * n))
+                H[i, :n, i, :n] += (-(np.outer(cz, w[i]) + np.outer(w[i], cz)) / sig[i] ** 3
+                                    - ca * np.diag(lc) / sig[i] ** 3
+                                    + 3.0 * ca * np.outer(w[i], w[i]) / sig[i] ** 5)
+                if affine:  # d^2 x~_i / dW_i d gamma_i = d z_i / d W_i
+                    cross = (e * _gp(xt[:, i])) @ (v[i][:, :n] / gam[i]) / xi.shape[0]
+                    H[i, :n, i, n] += cross
+                    H[i, n, i, :n] += cross
+        mats.append(H.reshape(K * nv, K * nv))
     vals = np.array([np.linalg.eigvalsh(h) for h in mats])
     return np.linalg.eigvalsh(np.mean(mats, axis=0)), vals.std(0, ddof=1) / np.sqrt(batches)
 
@@ -94,12 +110,16 @@ def _spectrum(model, W, B, norm):
     blocks = (slice(0, N_L), slice(N_L, 2 * N_L))
     Q = np.stack([W[:, b] @ W[:, b].T for b in blocks])
     R = np.stack([W[:, b] @ B[:, b].T for b in blocks])
-    return eq.weight_space_hessian(model, get_normalization(norm), Q, R,
-                                   {theory.MEAN_OVERLAP: W[:, C]},
-                                   quadrature={"samples": 1 << 13, "replicates": 8})
+    params = {theory.MEAN_OVERLAP: W[:, C]}
+    samples = 1 << 13
+    if norm == "batchnorm_affine":  # lambda_min's error 0.010 at 2^13: above accuracy
+        params.update(gamma=GAMMA, beta=BETA)
+        samples = 1 << 15
+    return eq.weight_space_hessian(model, get_normalization(norm), Q, R, params,
+                                   quadrature={"samples": samples, "replicates": 8})
 
 
-@pytest.mark.parametrize("norm", ["plain", "meanonly", "batchnorm"])
+@pytest.mark.parametrize("norm", ["plain", "meanonly", "batchnorm", "batchnorm_affine"])
 def test_spectrum_against_monte_carlo(norm):
     model, W, B = _point()
     spec = _spectrum(model, W, B, norm)
@@ -118,9 +138,10 @@ def test_spectrum_against_monte_carlo(norm):
     gaps = np.diff(ref)
     assert np.ptp(ref) > 200 * np.max(ref_err)  # the comparison resolves the spectrum
     assert np.sum(gaps > 5 * np.max(ref_err)) >= 10  # and its structure
-    # r is state, not a parameter: no theta block; the escape mode's change of r is its
-    # u component
-    assert spec.theta_names == () and spec.escape_block == "span"
+    # r is state, not a parameter (the theta block: batchnorm_affine's gamma and beta
+    # only); the escape mode's change of r is its u component
+    assert spec.theta_names == (("gamma", "beta") if norm == "batchnorm_affine" else ())
+    assert spec.escape_block == "span"
     np.testing.assert_allclose(spec.escape_dr, spec.escape_dW[:, C])
 
 
