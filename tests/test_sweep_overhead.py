@@ -7,6 +7,11 @@
   released when the holder dies), with the per-task files where those locks are refused;
 - workers rebuild each task from the base experiment and the point's grid values (no
   JSON per point): exactly the experiment its key was computed from, else the JSON;
+- batches carry their validated experiments pickled together, with the overrides as the
+  fallback of a worker that cannot unpickle them; results come back pickled as bytes;
+- a sweep sent so equals the synchronous one and resumes from what it stored;
+- records of lazily loaded datasets equal those of loaded ones; the stacked combination
+  compares a shared index once and still refuses one that differs;
 - a batch's identical index coordinates are shared (cheap to pickle), nothing changes;
 - batch files are flushed to disk in the background, after they are renamed.
 """
@@ -235,6 +240,92 @@ def test_an_analyzer_whose_rebuilt_task_differs_is_sent_as_json(monkeypatch):
     assert all(how.spec(k, t) == t.to_json() for k, t in tasks.items())
 
 
+@pytest.mark.parametrize(("analyzers", "grid"), GRIDS)
+def test_a_batch_carries_its_experiments_pickled_and_the_overrides(analyzers, grid):
+    sweep = Sweep(Experiment(TeacherStudent(2, 2), analyzers=analyzers), grid)
+    tasks, _, recipes = execute._tasks(sweep, sweep.validate())
+    how = execute._Recipes(sweep, recipes, tasks)
+    assert all(how.pickled)
+    items = list(tasks.items())
+    batch = pickle.loads(pickle.dumps(how.batch(items)))
+    assert len(batch) == len(items) and batch.blob is not None
+    got = batch.items()
+    assert [k for _, k in got] == [k for k, _ in items]
+    for (task, key), (_, original) in zip(got, items, strict=True):
+        assert isinstance(task, Experiment)
+        assert task == original
+        assert spec_hash(task) == key
+    # a worker that cannot unpickle them rebuilds them from the overrides, alike
+    plain = all(b is not None for b in how.bases)
+    batch.blob = b"not a pickle"
+    if plain:
+        for (spec, _key), (_, original) in zip(batch.items(), items, strict=True):
+            assert execute._experiment(spec, batch.bases) == original
+    else:  # no cheap fallback for these: a clear error
+        with pytest.raises(framework.SpecificationError, match="cannot unpickle"):
+            batch.items()
+
+
+def test_tasks_that_do_not_pickle_back_to_their_key_are_sent_as_before(monkeypatch):
+    sweep = Sweep(Experiment(TeacherStudent(2, 2), analyzers=[dynamics()]),
+                  {"eta": [0.1, 0.2], "seed": [0, 1]})
+    tasks, _, recipes = execute._tasks(sweep, sweep.validate())
+    key, task = next(iter(tasks.items()))
+    assert execute._pickles_to(task, key)
+    assert not execute._pickles_to(task, "0" * 64)  # another hash
+    assert not execute._pickles_to(lambda: 0, key)  # type: ignore[arg-type]
+    monkeypatch.setattr(execute, "_pickles_to", lambda task, key: False)
+    how = execute._Recipes(sweep, recipes, tasks)
+    assert how.pickled == (False,)
+    batch = how.batch(list(tasks.items()))
+    assert batch.blob is None and batch.pickled == ()
+    assert [s for s, _ in batch.items()] == [how.spec(k, t) for k, t in tasks.items()]
+    assert execute._Recipes(sweep, recipes).pickled == (False,)  # no tasks given
+
+
+def test_a_batch_returns_its_results_pickled_as_they_are(tmp_path):
+    sweep = Sweep(Experiment(TeacherStudent(2, 2), analyzers=[dynamics()]),
+                  {"eta": [0.1, 0.2], "seed": [0, 1]})
+    tasks, _, recipes = execute._tasks(sweep, sweep.validate())
+    batch = execute._Recipes(sweep, recipes, tasks).batch(list(tasks.items()))
+    prepare(tmp_path)
+    token = storage.folder_token(tmp_path)
+    blob = execute._run_batch(batch, (), tmp_path, token, False)
+    assert isinstance(blob, bytes)
+    back = pickle.loads(blob)
+    assert [(k, status) for k, _, status in back] == [(k, execute.STORED) for k in tasks]
+    stored = storage.load_points(tmp_path, list(tasks))
+    for key, ds, _ in back:
+        xr.testing.assert_identical(ds, stored[key])
+        xr.testing.assert_identical(ds, execute._compute(tasks[key], key))
+
+
+def test_a_sweep_of_pickled_batches_equals_the_synchronous_one_and_resumes(tmp_path,
+                                                                          monkeypatch):
+    exp = Experiment(TeacherStudent(2, 2), analyzers=[dynamics(), {"name": "fixedpoint"}])
+    grid = {"eta": [0.05 * (i + 1) for i in range(6)], "seed": [0, 1, 2, 3]}
+    local = exp.sweep(grid, scheduler="synchronous")
+    sent: list[tuple[int, int]] = []  # (tasks, of which pickled) per batch
+    real = execute._Recipes.batch
+
+    def spy(self, items):  # type: ignore[no-untyped-def]
+        out = real(self, items)
+        sent.append((len(out), len(out.pickled)))
+        return out
+
+    monkeypatch.setattr(execute._Recipes, "batch", spy)
+    out = tmp_path / "r"
+    threads = exp.sweep(grid, scheduler="threads", workers=2, results_dir=out)
+    assert sent == [(12, 12)] * 4  # 48 tasks in 4 batches, every experiment pickled
+    for name, ds in local.items():
+        xr.testing.assert_identical(threads[name], ds)
+        xr.testing.assert_identical(framework.load(out / f"{name}.nc"), ds)
+    monkeypatch.setattr(execute, "_compute", None)  # nothing is computed again
+    again = exp.sweep(grid, scheduler="threads", workers=2, results_dir=out)
+    for name, ds in local.items():
+        xr.testing.assert_identical(again[name], ds)
+
+
 def test_the_base_experiment_is_parsed_once_per_process(monkeypatch):
     monkeypatch.setattr(execute, "_bases", {})
     monkeypatch.setattr(execute, "MAX_CACHED_BASES", 2)
@@ -290,6 +381,41 @@ def test_identical_index_coordinates_of_a_batch_are_shared_and_nothing_changes()
         if p is not None:
             xr.testing.assert_identical(p, q)
     assert back[1].xindexes["alpha"] is back[0].xindexes["alpha"]  # pickled once
+
+
+def test_a_lazily_loaded_dataset_gives_the_record_of_the_loaded_one(tmp_path):
+    ds = point({"eta": 0.1}, {"units": "1"})
+    path = tmp_path / "p.nc"
+    ds.to_netcdf(path)
+    with xr.open_dataset(path) as lazy:
+        assert not all(v._in_memory for v in lazy.variables.values())
+        record, kept = encode_point(KEYS[0], lazy)
+        loaded = lazy.load()
+        assert record == encode_point(KEYS[0], loaded)[0]
+    xr.testing.assert_identical(kept, loaded)
+
+
+def test_stacking_compares_a_shared_index_once_and_refuses_one_that_differs(monkeypatch):
+    import pandas as pd
+
+    parts = [part([0.0, 0.5, 1.0], eta=0.1 * (i + 1)) for i in range(4)]
+    execute._share_indexes(parts[:2])  # the first two share theirs, the others do not
+    coords = {"n": np.arange(4)}
+    calls = []
+    real = pd.Index.equals
+
+    def counted(self, other):  # type: ignore[no-untyped-def]
+        calls.append(self.name)
+        return real(self, other)
+
+    monkeypatch.setattr(pd.Index, "equals", counted)
+    fast = combine_mod._stack_uniform(parts, coords)
+    assert fast is not None
+    assert sorted(calls) == ["alpha", "alpha", "student", "student"]  # parts 3 and 4
+    monkeypatch.setattr(pd.Index, "equals", real)
+    xr.testing.assert_identical(fast, combine_mod._combine_outer(parts, coords))
+    other = [*parts[:3], part([0.0, 0.5, 2.0])]
+    assert combine_mod._stack_uniform(other, coords) is None
 
 
 # -- batch files flushed to disk in the background ------------------------------------------

@@ -282,6 +282,10 @@ def _stack_uniform(parts: Sequence[xr.Dataset],
     if any(d in layout for d in coords):
         return None
     first_indexes = first.indexes
+    # the indexes found equal to the first part's (the parts of one Dask batch share
+    # theirs, execute._share_indexes): compared once each, not once per part
+    equal = {id(index) for index in first_indexes.values()}
+    alive = []  # the indexes of `equal`, kept alive (an id is only unique meanwhile)
     for part in parts[1:]:
         if set(part.coords) != coord_names or len(part.variables) != len(layout):
             return None
@@ -290,8 +294,14 @@ def _stack_uniform(parts: Sequence[xr.Dataset],
                 return None
         indexes = part.indexes  # built on every access
         for dim, index in first_indexes.items():
-            if dim not in indexes or not indexes[dim].equals(index):
+            other = indexes.get(dim)
+            if other is None:
                 return None
+            if id(other) not in equal:
+                if not other.equals(index):
+                    return None
+                equal.add(id(other))
+                alive.append(other)
     dims = tuple(coords)
     shape = tuple(len(c) for c in coords.values())
     grid = {}

@@ -9,7 +9,9 @@ for the schedulers.
 
 On Dask, the tasks are submitted in batches of at most ``points_per_task`` (default:
 :func:`default_points_per_task`) that interleave the grid (:func:`_batches`), so that a
-small point does not pay a scheduler round trip of its own. Tasks are stored by a
+small point does not pay a scheduler round trip of its own. A batch carries its
+validated experiments pickled together (:class:`_Recipes`, :class:`_Batch`) and comes
+back as one pickle (:func:`_run_batch`). Tasks are stored by a
 :class:`~framework.sweep.storage.PointWriter`:
 a worker that sees the results folder writes the tasks of its batch as one batch file
 itself (at the end of the batch, or earlier for slow points: see
@@ -27,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -124,8 +127,10 @@ def run(
     show = sys.stderr.isatty() if progress is None else bool(progress)
     if scheduler is None:
         scheduler = default_scheduler(len(todo))
+    how = (None if scheduler == "synchronous" or not todo  # nothing is sent anywhere
+           else _Recipes(sweep, {k: recipes[k] for k in todo}, todo))
     _execute(todo, results, folder, scheduler, workers, show, len(tasks), batch,
-             retry_failed, _Recipes(sweep, {k: recipes[k] for k in todo}))
+             retry_failed, how)
 
     out = {}
     for analyzer in sweep.experiment.analyzers:
@@ -159,21 +164,31 @@ def _is_plain(value: Any) -> bool:
 
 
 class _Recipes:
-    """How the submitting process describes tasks to workers: overrides of a shared base.
+    """How the submitting process describes tasks to workers: pickles, or overrides of a base.
 
-    A point's JSON costs ~0.5 ms to parse (:meth:`Experiment.from_json` validates every
-    field), a tenth of a small point. Instead a worker is sent, once per Dask task, the
-    JSON of the base experiment restricted to each analyzer (:attr:`bases`; parsed once
-    per worker process, :func:`_base`), and per task the grid assignment of its point,
-    which it applies as :meth:`Sweep.validate` did (``grid._apply``). Only for grid
-    values that are plain JSON data (numbers, strings, ...; a normalization instance or
-    an input distribution is sent as the point's JSON), and only for an analyzer whose
-    first and last tasks rebuilt this way hash to their keys (checked here; else its
-    tasks are sent as JSON): the worker builds the experiment the key was computed from
-    (tested for the grid keys).
+    Building a point's experiment on a worker costs: its JSON ~0.5 ms to parse
+    (:meth:`Experiment.from_json` validates every field), the grid values applied to a
+    parsed base ~0.2 ms (validated again), a tenth and a twentieth of a small point.
+    The validated experiments of a batch pickled together cost ~0.01 ms per point to
+    unpickle (and sub-objects they share, such as the model, are pickled once). So
+    a task is sent as its pickled experiment (:attr:`pickled`, per analyzer) when the
+    analyzer's first and last tasks pickle without references to ``__main__`` (whose
+    classes a worker cannot import) and unpickle to experiments that hash to their keys
+    (checked here, before any work).
+
+    Otherwise, and as the fallback of a worker that cannot unpickle a batch, a task is
+    described as the grid assignment of its point, applied on the worker to the JSON of
+    the base experiment restricted to its analyzer (:attr:`bases`; sent once per Dask
+    task, parsed once per worker process, :func:`_base`) as :meth:`Sweep.validate` did
+    (``grid._apply``). Only for grid values that are plain JSON data (numbers, strings,
+    ...; a normalization instance or an input distribution makes it the point's JSON),
+    and only for an analyzer whose first and last tasks rebuilt this way hash to their
+    keys (checked here; else its tasks are sent as JSON): the worker builds the
+    experiment the key was computed from (tested for the grid keys).
     """
 
-    def __init__(self, sweep: Sweep, recipes: Mapping[str, Recipe]) -> None:
+    def __init__(self, sweep: Sweep, recipes: Mapping[str, Recipe],
+                 tasks: Mapping[str, Experiment] | None = None) -> None:
         self.sweep = sweep
         self.recipes = dict(recipes)
         analyzers = sweep.experiment.analyzers
@@ -192,8 +207,11 @@ class _Recipes:
         for key, (j, _) in self.recipes.items():
             first.setdefault(j, key)
             last[j] = key
-        for key in {*first.values(), *last.values()}:  # a check, before any work
+        pickled = [tasks is not None] * len(analyzers)
+        for key in {*first.values(), *last.values()}:  # checks, before any work
             j, index = self.recipes[key]
+            if pickled[j] and tasks is not None:
+                pickled[j] = _pickles_to(tasks[key], key)
             if bases[j] is None:
                 continue
             try:
@@ -203,16 +221,103 @@ class _Recipes:
             if not same:  # e.g. a grid key that grid._apply would not rebuild alike
                 bases[j] = None
         self.bases = tuple(bases)
+        #: Per analyzer: whether its tasks are sent as pickled experiments.
+        self.pickled = tuple(pickled)
 
     def _override(self, j: int, index: tuple[int, ...]) -> Spec:
         return (j, tuple(self.sweep._assignment(index).items()))
 
     def spec(self, key: str, task: Experiment) -> Spec:
-        """What a worker is sent for task ``key`` (whose experiment is ``task``)."""
+        """What a worker is sent for task ``key`` (whose experiment is ``task``), unpickled."""
         recipe = self.recipes.get(key)
         if recipe is None or self.bases[recipe[0]] is None:
             return task.to_json()
         return self._override(*recipe)
+
+    def batch(self, items: Sequence[tuple[str, Experiment]]) -> _Batch:
+        """The :class:`_Batch` of the tasks ``items`` (``(key, experiment)`` pairs)."""
+        keys = [key for key, _ in items]
+        specs: list[Spec | None] = []
+        chosen: list[int] = []
+        objects: list[Experiment] = []
+        for i, (key, task) in enumerate(items):
+            recipe = self.recipes.get(key)
+            if recipe is not None and self.pickled[recipe[0]]:
+                chosen.append(i)
+                objects.append(task)
+                # the fallback if the worker cannot unpickle: only when it is cheap
+                specs.append(None if self.bases[recipe[0]] is None
+                             else self._override(*recipe))
+            else:
+                specs.append(self.spec(key, task))
+        blob = pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL) if objects else None
+        return _Batch(keys, specs, tuple(chosen), blob, self.bases)
+
+
+def _pickles_to(task: Experiment, key: str) -> bool:
+    """Whether ``task`` pickles without ``__main__`` references and back to hash ``key``."""
+    try:
+        data = pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
+        return b"__main__" not in data and spec_hash(pickle.loads(data)) == key
+    except Exception:  # anything unpicklable: sent as overrides or JSON instead
+        return False
+
+
+class _Batch:
+    """The tasks of one Dask task, as sent to a worker (built by :meth:`_Recipes.batch`).
+
+    ``keys`` and ``specs`` per task (:data:`Spec`, or None for a task only in the pickle);
+    ``pickled``: the positions of the tasks whose experiments ``blob`` holds (pickled
+    together, in that order); ``bases``: the base experiments' JSON that the overrides
+    apply to. Dask does not look inside (a tuple of tuples it would walk, ~0.5 ms per
+    batch of 16 in the submitting process).
+    """
+
+    __slots__ = ("bases", "blob", "keys", "pickled", "specs")
+
+    def __init__(self, keys: Sequence[str], specs: Sequence[Spec | None],
+                 pickled: tuple[int, ...], blob: bytes | None,
+                 bases: Sequence[str | None]) -> None:
+        self.keys = list(keys)
+        self.specs = list(specs)
+        self.pickled = pickled
+        self.blob = blob
+        self.bases = tuple(bases)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.keys, self.specs, self.pickled, self.blob, self.bases)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.keys, self.specs, self.pickled, self.blob, self.bases = state
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def items(self) -> list[tuple[Spec | Experiment, str]]:
+        """``(spec or experiment, key)`` per task (the pickled experiments unpickled).
+
+        A batch whose pickle this process cannot load (another version of a class, a
+        missing module) uses the overrides sent along; a task without them raises
+        :class:`~framework.validators.SpecificationError` saying why.
+        """
+        specs: list[Spec | Experiment | None] = list(self.specs)
+        if self.blob is not None:
+            try:
+                objects = pickle.loads(self.blob)
+            except Exception as exc:
+                for i in self.pickled:
+                    if specs[i] is None:
+                        raise SpecificationError(
+                            f"sweep task {self.keys[i]}: this worker cannot unpickle the "
+                            f"experiments sent to it ({type(exc).__name__}: "
+                            f"{_describe(exc)}); do the worker and the submitting process "
+                            "run the same symphase and plugins?"
+                        ) from exc
+            else:
+                for i, task in zip(self.pickled, objects, strict=True):
+                    specs[i] = task
+        assert all(s is not None for s in specs)
+        return [(s, k) for s, k in zip(specs, self.keys, strict=True)]  # type: ignore[misc]
 
 
 _bases: dict[str, Experiment] = {}
@@ -365,7 +470,7 @@ STORED, RETURNED, BUSY = "stored", "returned", "busy"
 
 
 def _compute_batch(
-    items: Sequence[tuple[Spec, str]],
+    items: _Batch | Sequence[tuple[Spec, str]],
     plugins: Sequence[Any],
     folder: Path | None,
     token: str | None,
@@ -374,26 +479,42 @@ def _compute_batch(
 ) -> list[tuple[str, xr.Dataset | None, str]]:
     """Run a batch of tasks (on a worker); store them as one batch file if the folder is here.
 
-    ``items`` are ``(spec, key)`` (:data:`Spec`; ``bases`` the base experiments' JSON
-    that the overrides apply to, see :class:`_Recipes`).
+    ``items``: a :class:`_Batch`, or ``(spec, key)`` pairs (:data:`Spec`; ``bases`` the
+    base experiments' JSON that the overrides apply to, see :class:`_Recipes`).
 
     Returns ``(key, dataset, status)`` per task: :data:`STORED` (the task's record was
     written here under its lock before this returns; ``dataset`` is what a resumed run
     will see), :data:`RETURNED` (the submitting process stores it) or :data:`BUSY`
     (another sweep holds the task's lock; ``dataset`` is None).
     """
+    work: Sequence[tuple[Spec | Experiment, str]]
+    if isinstance(items, _Batch):
+        bases, work = items.bases, items.items()
+    else:
+        work = items
     if folder is None or token is None or not sees_folder(folder, token):
         out = [(key, _cheap_to_pickle(_compute(spec, key, plugins, bases)), RETURNED)
-               for spec, key in items]
+               for spec, key in work]
     else:
         out = []
         with PointWriter(folder) as writer:
-            for spec, key in items:
+            for spec, key in work:
                 ds = _compute_locked(folder, spec, key, plugins, retry_failed, writer,
                                      bases=bases)
                 out.append((key, _cheap_to_pickle(ds), STORED if ds is not None else BUSY))
     _share_indexes([ds for _, ds, _ in out])
     return out
+
+
+def _run_batch(*args: Any) -> bytes:
+    """:func:`_compute_batch` on a Dask worker, its result pickled here.
+
+    Dask measures a task's result (``sizeof``, walking every variable of every dataset)
+    and serializes it object by object, ~0.1 ms per small point in the worker; the
+    bytes cost neither, and pickled together the batch's shared index coordinates are
+    written once (:func:`_share_indexes`). The submitting process unpickles them.
+    """
+    return pickle.dumps(_compute_batch(*args), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _same_coordinate(a: tuple[Any, xr.Variable], b: tuple[Any, xr.Variable]) -> bool:
@@ -538,19 +659,17 @@ def _execute_dask(
 
         n_workers = max(1, sum(client.nthreads().values()))
         size = points_per_task or default_points_per_task(len(todo), n_workers)
-        items: list[tuple[Spec, str]] = [
-            (recipes.spec(key, task) if recipes is not None else task.to_json(), key)
-            for key, task in todo.items()]
-        bases = recipes.bases if recipes is not None else ()
         token = folder_token(folder) if folder is not None else None
         where = folder.absolute() if folder is not None else None
-        futures = [
-            client.submit(_compute_batch, batch, plugins, where, token, retry_failed, bases,
-                          key=f"symphase-{batch[0][1]}-{len(batch)}", pure=False)
-            for batch in _batches(items, size)
-        ]
+        for batch in _batches(list(todo.items()), size):
+            sent = (recipes.batch(batch) if recipes is not None else
+                    _Batch([k for k, _ in batch], [t.to_json() for _, t in batch], (), None,
+                           ()))
+            futures.append(client.submit(
+                _run_batch, sent, plugins, where, token, retry_failed,
+                key=f"symphase-{batch[0][0]}-{len(batch)}", pure=False))
         for future in as_completed(futures):
-            for key, ds, status in future.result():
+            for key, ds, status in pickle.loads(future.result()):
                 done(key, ds, status)
             if writer is not None:
                 writer.flush()  # what this process stored for the batch
