@@ -165,7 +165,8 @@ def _settings(quick: bool) -> dict[str, Any]:
                 "n_alpha": 801, "bisection_steps": 1,
                 "mean": {"Ks": (2,), "normalizations": ("plain", "batchnorm",
                                                         "batchnorm_affine"),
-                         "etas": (0.5, 4.0), "bisection_steps": 0, "check": False}}
+                         "etas": (0.5, 4.0), "bisection_steps": 0, "check": False,
+                         "hessian": False}}
     return {"Ks": (2, 3), "settings": tuple(k for k, _ in SETTINGS),
             "normalizations": NORMALIZATIONS,
             "etas": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
@@ -177,13 +178,20 @@ def _settings(quick: bool) -> dict[str, Any]:
 
 
 def plan(cfg: dict[str, Any], key: str) -> dict[str, Any]:
-    """``Ks``, ``normalizations``, ``etas``, ``bisection_steps`` and ``check`` (re-run
-    t_target with another quadrature seed) of setting ``key``: the centred settings'
-    (top level of ``cfg``) or the non-centred ones' (``cfg["mean"]``)."""
+    """``Ks``, ``normalizations``, ``etas``, ``bisection_steps``, ``check`` (re-run
+    t_target with another quadrature seed) and ``hessian`` (run the hessian analyzer;
+    default True) of setting ``key``: the centred settings' (top level of ``cfg``) or the
+    non-centred ones' (``cfg["mean"]``)."""
     src = cfg if inputs_of(key).centred else cfg["mean"]
     return {"Ks": tuple(src["Ks"]), "normalizations": tuple(src["normalizations"]),
             "etas": tuple(src["etas"]), "bisection_steps": int(src["bisection_steps"]),
-            "check": bool(src.get("check", False))}
+            "check": bool(src.get("check", False)), "hessian": bool(src.get("hessian", True))}
+
+
+#: ``hessian_status`` of an entry whose plan skips the Hessian (--quick, non-centred: its
+#: fixed-point searches on the quadrature cost ~20-60 s per normalization).
+HESSIAN_SKIPPED = ("not computed: the Hessian with an input mean is skipped by --quick "
+                   "(the full run computes it)")
 
 
 #: The horizon of a run at eta: ``clip(HORIZON_ETA_ALPHA / eta, *HORIZON_CLIP)`` (the
@@ -338,7 +346,9 @@ def _case(setting: str, K: int, norm: str, etas: list[float], t_target: list[flo
     quadrature seed 1."""
     t0 = time.time()
     p = plan(cfg, setting)
-    out = _hessian(setting, K, norm)
+    out = _hessian(setting, K, norm) if p["hessian"] else {
+        "lambda_min": np.nan, "lambda_max": np.nan, "eps_plateau_hessian": np.nan,
+        "hessian_status": HESSIAN_SKIPPED}
     # eta_max: the largest stable grid eta, refined towards the first unstable one above
     ok = [j for j, s in enumerate(stable) if s]
     out.update({"eta_max": np.nan, "eta_max_upper": np.nan, "eta_max_bounded": False,

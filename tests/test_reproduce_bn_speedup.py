@@ -50,6 +50,8 @@ def test_plans() -> None:
     d = bn.plan(cfg, "mean_2")
     assert d["Ks"] == (2,) and bn.ETA_SAME in d["etas"] and d["check"]
     assert {"plain", "batchnorm", "batchnorm_affine", "meanonly"} <= set(d["normalizations"])
+    assert d["hessian"] and not bn.plan(bn._settings(quick=True), "mean_2")["hessian"]
+    assert bn.plan(bn._settings(quick=True), "isotropic")["hessian"]
     assert bn.quadrature_of("isotropic") == {}
     assert bn.quadrature_of("mean_2", seed=1)["quadrature"]["seed"] == 1
     with pytest.raises(ValueError, match="'setting' must be one of"):
@@ -133,6 +135,8 @@ def test_quick_run_non_centred_setting(quick) -> None:
     curve = bnorm.eps_g.sel(run="same").values
     assert np.all(curve[np.isfinite(curve)] >= float(d.eps_g_floor))
     assert np.isnan(float(bnorm.eta_max)) and np.isnan(float(bnorm.t_target_same))
+    # --quick skips the Hessian with a mean, and says so
+    assert set(d.hessian_status.values) == {bn.HESSIAN_SKIPPED}
     # statuses: computed, or the analyzer's reason
     for name in ("hessian_status", "escape_status_same"):
         for v in d[name].sel(normalization=["plain", "batchnorm"]).values:
@@ -196,3 +200,23 @@ def test_shipped_eta_max_brackets_the_divergence() -> None:
         d = Experiment(TeacherStudent(2, 2), eta=eta, seed=0, analyzers=[
             {"name": "dynamics", "alpha": bn.alpha_grid(cfg, eta)}]).run()["dynamics"]
         assert bn.stable_run(d.eps_g.values, bool(d.diverged), bool(d.runaway)) is stable
+
+
+@pytest.mark.slow
+def test_shipped_non_centred_hessian_recomputed() -> None:
+    """The shipped full run's lambda_min / lambda_max of plain in setting (d) (where the
+    hessian analyzer found the plateau) are the analyzer's, run independently."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "datasets" / "bn_speedup.nc"
+    if not path.exists():
+        pytest.skip("no shipped datasets/bn_speedup.nc")
+    r = framework.load(path).sel(setting="mean_2", K=2, normalization="plain")
+    if str(r.hessian_status.values) != "ok":
+        pytest.skip(f"shipped run has no Hessian for (d): {r.hessian_status.values}")
+    h = Experiment(TeacherStudent(2, 2, inputs=bn.inputs_of("mean_2")), eta=bn.ETA_SAME,
+                   seed=0, analyzers=["hessian"]).run()["hessian"]
+    hb = h.isel(branch=int(h.attrs["plateau_branch"]))
+    assert float(r.lambda_min) == pytest.approx(float(np.nanmin(hb.eigenvalue)), rel=1e-9)
+    assert float(r.lambda_max) == pytest.approx(float(np.nanmax(hb.eigenvalue)), rel=1e-9)
+    assert float(r.lambda_min) < 0 < float(r.lambda_max)
