@@ -346,7 +346,7 @@ def _case(setting: str, K: int, norm: str, etas: list[float], t_target: list[flo
     quadrature seed 1."""
     t0 = time.time()
     p = plan(cfg, setting)
-    out = _hessian(setting, K, norm) if p["hessian"] else {
+    out: dict[str, Any] = _hessian(setting, K, norm) if p["hessian"] else {
         "lambda_min": np.nan, "lambda_max": np.nan, "eps_plateau_hessian": np.nan,
         "hessian_status": HESSIAN_SKIPPED}
     # eta_max: the largest stable grid eta, refined towards the first unstable one above
