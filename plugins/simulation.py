@@ -845,6 +845,10 @@ class Simulation(Analyzer):
         if norm.statistics_names and not experiment.model.input_distribution().centred:
             return (f"normalization {norm.name!r} has statistics and the inputs have a mean "
                     "(the kernel's population statistics are of centred pre-activations)")
+        if norm.weight_statistics and not experiment.model.input_distribution().isotropic:
+            return (f"normalization {norm.name!r} computes its statistics from the weights "
+                    "and the inputs are structured (the kernel's statistics are of the "
+                    "pre-activations)")
         kernels = norm.scale_kernels()
         if kernels is None:
             return (f"normalization {norm.name!r} provides no compiled scale functions "
@@ -986,7 +990,9 @@ class Simulation(Analyzer):
     ) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
         """``eps_g`` at the recorded states, how it was computed, and its error estimate
         (0 where exact). Inputs with a mean: at the recorded per-eigenspace state and
-        mean overlaps ``rhist`` (no Monte Carlo fallback: it knows centred inputs only)."""
+        mean overlaps ``rhist`` (no Monte Carlo fallback: it knows centred inputs only);
+        weight statistics with structured inputs: at the per-eigenspace state (their Gram
+        matrix is ``sum_l Q_l``)."""
         model, norm = experiment.model, experiment.normalization
         try:  # the engine of framework.theory: exact where it can be, else the quadrature
             eng = theory.select_engine(model, norm, model.activation_function(),
@@ -996,8 +1002,9 @@ class Simulation(Analyzer):
             err = np.empty(lead)
             for j in np.ndindex(*lead):  # records x replicas engine calls
                 pj = {k: v[j] for k, v in phist.items()}
-                if rhist is not None and spaces is not None:
-                    pj[theory.MEAN_OVERLAP] = rhist[j]
+                if spaces is not None and (rhist is not None or norm.weight_statistics):
+                    if rhist is not None:
+                        pj[theory.MEAN_OVERLAP] = rhist[j]
                     eps[j], err[j] = eng.generalization_error(spaces[0][j], spaces[1][j], pj)
                 else:
                     eps[j], err[j] = eng.generalization_error(Qs[j], Rs[j], pj)
@@ -1257,6 +1264,11 @@ class _GenericStepper:
         self.noise_sd = math.sqrt(experiment.model.noise)
         self.population = sim.statistics == "population"
         self.stat_names = tuple(self.norm.statistics_names)
+        #: weight statistics with structured inputs: the weights are whitened (J' = J
+        #: Sigma^(1/2)), so J J^T / N = J' Sigma^-1 J'^T / N and its gradient is
+        #: Sigma^-1-weighted (the step's Sigma preconditioning then leaves J)
+        self.stat_metric = (1.0 / self.lam if self.lam is not None
+                            and self.norm.weight_statistics else None)
         self.trainable = tuple(self.norm.trainable)
         self.rule = experiment.learning_rule
         self.rule_state: dict[str, Any] = {}  # the rule's memory over the run
@@ -1295,7 +1307,8 @@ class _GenericStepper:
         stats: dict[str, np.ndarray] = {}
         if self.stat_names:
             if self.population:
-                Q = np.matmul(J, J.transpose(0, 2, 1)) / N
+                Js = J if self.stat_metric is None else J * self.stat_metric
+                Q = np.matmul(Js, J.transpose(0, 2, 1)) / N
                 if self.mshift:  # the pre-activation mean m J_i . u / sqrt(N)
                     mu = self.mshift * J[:, :, self.mcoord] * inv_sqn
                     pop = norm.population_statistics_with_mean(Q, mu)
@@ -1320,7 +1333,7 @@ class _GenericStepper:
             else:  # and through the mean: d mu_i / d J'_(i, c) = m / sqrt(lambda_mu N)
                 G, gm = norm.population_statistics_with_mean_vjp(Q, mu, gst)
                 grad[:, :, self.mcoord] += np.asarray(gm) * (self.mshift * inv_sqn)
-            grad += np.matmul(G + G.transpose(0, 2, 1), J) / N
+            grad += np.matmul(G + G.transpose(0, 2, 1), Js) / N
         grad = self.rule.direction(self.model, norm, J, grad, self.rule_state)  # sgd: grad
         if self.lam is not None:  # whitened coordinates: the step preconditioned by Sigma
             grad *= self.lam

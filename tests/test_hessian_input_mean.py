@@ -241,3 +241,60 @@ def test_damped_newton_converges_with_broyden_steps():
     np.testing.assert_allclose(x, [np.sqrt(2.0), np.sqrt(0.5)], atol=1e-13)
     assert len(calls) < 100  # 2 x 2 finite differences per Jacobian, few of them
     assert eq._damped_newton(lambda y: np.full(2, np.nan), np.ones(2)) is None
+
+
+def test_weight_norm_hessian_with_structured_inputs_against_monte_carlo():
+    """Weight normalization under a spread spectrum (centred): its statistic is of the
+    weights, |W_i|^2 = sum_l Q_l,ii, not of the pre-activations. The Hessian over (W, g)
+    against central differences of the Monte Carlo gradient (common inputs, written out
+    by hand: x~_i = g_i W_i . xi / |W_i|) in all K N + K coordinates at N = 12."""
+    inputs = {"eigenvalues": LAM.tolist(), "fractions": [0.5, 0.5]}
+    model = TeacherStudent(K, M, inputs=inputs)
+    T = np.asarray(model.T, dtype=float)
+    n = 2 * N_L
+    B = np.zeros((M, n))
+    B[:, :M] = np.linalg.cholesky(0.5 * T)
+    B[:, N_L:N_L + M] = np.linalg.cholesky(0.5 * T)
+    W = 0.4 * np.random.default_rng(1).standard_normal((K, n))
+    g = np.array([1.3, 0.7])
+    lc = np.repeat(LAM, N_L)
+
+    def grad(Wv, gv, xi):
+        nrm = np.sqrt((Wv**2).sum(1))
+        a = xi @ Wv.T
+        z = a / nrm
+        xt = gv * z
+        e = _g(xt).sum(1) - _g(xi @ B.T).sum(1)
+        c = e[:, None] * _gp(xt)  # d loss / d x~
+        dW = [(c[:, i:i + 1] * gv[i] * (xi / nrm[i] - a[:, i:i + 1] * Wv[i] / nrm[i] ** 3))
+              .mean(0) for i in range(K)]
+        return np.concatenate([np.ravel(dW), (c * z).mean(0)])
+
+    v0 = np.concatenate([W.ravel(), g])
+    h = 1e-5
+    mats = []
+    for b in range(4):
+        xi = np.random.default_rng(200 + b).standard_normal((100_000, n)) * np.sqrt(lc)
+        H = np.empty((v0.size, v0.size))
+        for j in range(v0.size):
+            e = np.zeros(v0.size)
+            e[j] = h
+            hi, lo = v0 + e, v0 - e
+            H[j] = (grad(hi[:-K].reshape(K, n), hi[-K:], xi)
+                    - grad(lo[:-K].reshape(K, n), lo[-K:], xi)) / (2 * h)
+        mats.append(0.5 * (H + H.T))
+    vals = np.array([np.linalg.eigvalsh(m) for m in mats])
+    ref, ref_err = np.linalg.eigvalsh(np.mean(mats, axis=0)), vals.std(0, ddof=1) / 2.0
+    blocks = (slice(0, N_L), slice(N_L, n))
+    Q = np.stack([W[:, s] @ W[:, s].T for s in blocks])
+    R = np.stack([W[:, s] @ B[:, s].T for s in blocks])
+    spec = eq.weight_space_hessian(model, get_normalization("weightnorm"), Q, R, {"g": g},
+                                   quadrature={"samples": 1 << 13, "replicates": 8})
+    assert spec.theta_names == ("g",) and spec.space_ranks.tolist() == [4, 4]
+    mult = spec.complement_multiplicity(n)
+    values = np.concatenate([spec.span, np.repeat(spec.complement, mult)])
+    errors = np.concatenate([spec.span_error, np.repeat(spec.complement_error, mult)])
+    order = np.argsort(values)
+    z = np.abs(values[order] - ref) / np.hypot(errors[order], ref_err)
+    assert np.max(z) < 5.0, (z, values[order], ref)
+    assert np.ptp(ref) > 100 * np.max(ref_err)

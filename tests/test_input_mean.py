@@ -81,10 +81,17 @@ class TestSpecification:
         assert isinstance(eng, theory.SpectralEngine) and eng.name == "generic"
         with pytest.raises(theory.ClosedFormUnavailable, match="centred pre-activations only"):
             theory.select_engine(m, get_normalization("plain"), engine="closed_form")
-        for inputs in (MEAN, TWO):  # weight norm's statistic is not a pre-activation moment
-            with pytest.raises(theory.ClosedFormUnavailable, match="from the weights"):
-                theory.select_engine(TeacherStudent(2, 2, inputs=inputs),
-                                     get_normalization("weightnorm"))
+        # weight norm's statistic is of the weights: no population statistics with a
+        # mean; with a spread spectrum the quadrature engine takes the weights' Gram
+        with pytest.raises(theory.ClosedFormUnavailable, match="from the weights"):
+            theory.select_engine(TeacherStudent(2, 2, inputs=MEAN),
+                                 get_normalization("weightnorm"))
+        eng = theory.select_engine(TeacherStudent(2, 2, inputs=TWO),
+                                   get_normalization("weightnorm"))
+        assert eng.name == "generic" and eng.weight_stats
+        with pytest.raises(theory.ClosedFormUnavailable, match="pre-activation covariance"):
+            theory.select_engine(TeacherStudent(2, 2, inputs=TWO),
+                                 get_normalization("weightnorm"), engine="closed_form")
 
     def test_analyzers_without_the_mean_are_refused(self):
         import attrs

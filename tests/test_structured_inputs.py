@@ -197,12 +197,13 @@ def _gp(u: np.ndarray) -> np.ndarray:
     return np.sqrt(2.0 / np.pi) * np.exp(-0.5 * u * u)
 
 
-@pytest.mark.parametrize("norm", ["plain", "batchnorm"])
+@pytest.mark.parametrize("norm", ["plain", "batchnorm", "weightnorm"])
 def test_one_step_increments_against_monte_carlo(norm):
     """Finite-N SGD with correlated inputs, one step from fixed weights, averaged over
     inputs: N E[Delta Q_l] and N E[Delta R_l] of the first-order (eta-linear) part
     against the ODE without its eta^2 term. The gradient is written out by hand
-    (batch norm's population statistics s_i = (J_i Sigma J_i / N)^(-1/2) included), and
+    (batch norm's population statistics s_i = (J_i Sigma J_i / N)^(-1/2) included; weight
+    norm's statistic is of the weights, s_i = (J_i J_i / N)^(-1/2) at gain 1), and
     the first-order mean is exact at any N (Gaussian conditioning), so the comparison
     is to the Monte Carlo error alone."""
     rng = np.random.default_rng(11)
@@ -228,7 +229,8 @@ def test_one_step_increments_against_monte_carlo(norm):
     for _ in range(6):
         xi = rng.standard_normal((S // 6, N)) * np.sqrt(lam_c)
         x, y = xi @ J.T / np.sqrt(N), xi @ B.T / np.sqrt(N)
-        s = np.ones(K) if norm == "plain" else 1.0 / np.sqrt(np.diag(Qt))
+        s = {"plain": np.ones(K), "batchnorm": 1.0 / np.sqrt(np.diag(Qt)),
+             "weightnorm": 1.0 / np.sqrt(np.diag(Ql.sum(0)))}[norm]
         xt = s * x
         e = _g(y).sum(1) - _g(xt).sum(1)
         go = -e[:, None] * _gp(xt)  # d loss / d x~
@@ -236,6 +238,8 @@ def test_one_step_increments_against_monte_carlo(norm):
         step = -np.einsum("si,sn->sin", go * s, xi) / np.sqrt(N)
         if norm == "batchnorm":  # d x~_i / d J_i through s_i: -x_i s_i^3 Sigma J_i / N
             step -= np.einsum("si,in->sin", go * x * (-s**3), J * lam_c / N)
+        if norm == "weightnorm":  # through |J_i|: -x_i s_i^3 J_i / N (not Sigma J_i)
+            step -= np.einsum("si,in->sin", go * x * (-s**3), J / N)
         for ell, (Jb, Bb, stb) in enumerate(zip(np.split(J, edges, axis=1),
                                                  np.split(B, edges, axis=1),
                                                  np.split(step, edges, axis=2), strict=True)):
@@ -311,3 +315,28 @@ def test_datasets_are_labelled_and_survive_netcdf(runs, tmp_path):
     f.save(res["dynamics"], path)
     back = f.load(path)
     np.testing.assert_array_equal(back.Q_space.values, res["dynamics"].Q_space.values)
+
+
+def test_weight_norm_simulation_against_the_ode():
+    """Weight normalization under a spread spectrum: its statistic |J_i|^2 / N = sum_l
+    Q_l,ii is of the weights (the simulation's numpy path, in whitened coordinates J' = J
+    Sigma^(1/2), takes J' Sigma^-1 J'^T / N), against the ODE (the quadrature engine at
+    the weights' Gram matrix; the statistics' step along J, not Sigma J), gain included."""
+    grid = list(np.linspace(0.0, 16.0, 9))
+    res = Experiment(
+        model=TeacherStudent(2, 2, inputs=TWO), normalization="weightnorm", eta=0.5,
+        init_scale=0.3, seed=1,
+        analyzers=[{"name": "dynamics", "alpha": grid},
+                   {"name": "simulation", "N": 600, "alpha": grid, "replicas": 12}]).run()
+    ode, sim = res["dynamics"], res["simulation"]
+    assert sim.attrs["backend"] == "numpy" and ode.attrs["engine"] == "generic"
+    eps_ode = ode.eps_g.values
+    assert eps_ode[-1] < 0.2 * eps_ode[0]  # the comparison covers learning
+    z = np.abs(sim.eps_g_mean.values[1:] - eps_ode[1:]) / np.hypot(
+        sim.eps_g_sem.values[1:], ode.eps_g_error.values[1:])
+    assert np.max(z) < 4.0, z
+    for name in ("Q_space", "R_space", "param_g"):
+        m = sim[name].values.mean(0)
+        se = sim[name].values.std(0, ddof=1) / np.sqrt(sim.sizes["replica"])
+        zz = np.abs(m[1:] - ode[name].values[1:]) / (se[1:] + 1e-12)
+        assert np.quantile(zz, 0.95) < 3.5 and np.max(zz) < 5.0, (name, zz.max())

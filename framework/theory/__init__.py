@@ -152,10 +152,11 @@ def _structured_reason(cls: type[Engine], model: Model, normalization: Normaliza
     if rule is not None and not rule.engine_native:
         return (f"learning rule {rule.name!r} is not available with structured inputs "
                 f"(only the plain gradient step is)")
-    if normalization.weight_statistics:
+    if normalization.weight_statistics and not cls.supports_weight_statistics:
         return (f"normalization {normalization.name!r} computes its statistics from the "
                 f"weights (|J_i|^2 / N), which are not the pre-activation moments with "
-                f"structured inputs or an input mean: it runs with isotropic inputs only")
+                f"structured inputs or an input mean, and this engine takes the "
+                f"pre-activation covariance only (engine 'generic' takes both)")
     if not inputs.centred:
         if not cls.supports_input_mean:
             return ("its expectations are at centred pre-activations only (inputs with a "

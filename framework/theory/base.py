@@ -246,6 +246,21 @@ class Engine(abc.ABC):
     #: pre-activation mean (inputs with a mean, :mod:`framework.inputs`).
     supports_input_mean: ClassVar[bool] = False
 
+    #: True if :meth:`drift`, :meth:`generalization_error` and :meth:`weight_moments`
+    #: take the Gram matrix of the weights apart from the pre-activation covariance
+    #: (``weights_gram``, ``weights_metric``): the statistics of a normalization with
+    #: :attr:`~framework.Normalization.weight_statistics` under structured inputs.
+    supports_weight_statistics: ClassVar[bool] = False
+
+    def _preactivation_statistics_only(self, gram: Any) -> None:
+        """Refuse a weight Gram apart from the pre-activation covariance (an engine
+        without :attr:`supports_weight_statistics`)."""
+        if gram is not None:
+            raise ClosedFormUnavailable(
+                f"engine {self.name!r} computes a normalization's statistics from the "
+                f"pre-activation covariance only (weight statistics under structured "
+                f"inputs need engine='generic')")
+
     def _centred_only(self, mean: Any) -> None:
         """Refuse a non-zero pre-activation mean (an engine without
         :attr:`supports_input_mean`)."""
@@ -347,6 +362,7 @@ class Engine(abc.ABC):
         second_order: bool = True,
         check: bool = True,
         mean: Any = None,
+        weights_gram: Any = None,
     ) -> Drift:
         """The expectations of the per-sample gradient at the pre-activation covariances
         ``(Q, R)`` (:class:`Drift`), from which the rates of the gradient step are
@@ -356,7 +372,11 @@ class Engine(abc.ABC):
         :class:`NotImplementedError`, and :func:`~framework.theory.select_engine` then
         says so). ``eta`` scales ``dparams``; ``check``: as in :meth:`rates`. ``mean``:
         the pre-activation mean ``(K + M,)`` of inputs with a mean (None: centred), only
-        for an engine with :attr:`supports_input_mean`.
+        for an engine with :attr:`supports_input_mean`. ``weights_gram``: the Gram matrix
+        ``J J^T / N`` ``(K, K)`` of the weights, from which a normalization with
+        ``weight_statistics`` computes its statistics (None: ``Q``, isotropic inputs);
+        then ``Drift.C`` is the pull-back onto it, only for an engine with
+        :attr:`supports_weight_statistics`.
         """
         raise NotImplementedError(
             f"engine {self.name!r} does not provide Engine.drift (the expectations of the "
@@ -365,10 +385,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generalization_error(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
-        mean: Any = None,
+        mean: Any = None, weights_gram: Any = None,
     ) -> tuple[float, float]:
         """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included); ``mean``: the
-        pre-activation mean ``(K + M,)`` (None: centred; see :meth:`drift`)."""
+        pre-activation mean ``(K + M,)`` (None: centred), ``weights_gram``: the weights'
+        Gram matrix (None: ``Q``; see :meth:`drift`)."""
 
     @abc.abstractmethod
     def weight_moments(
@@ -379,6 +400,7 @@ class Engine(abc.ABC):
         *,
         landscape: bool = True,
         shift: Any = None,
+        weights_metric: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``eps_g``, ``dF/dX`` and ``dF/dtheta`` in weight space, per replicate.
 
@@ -388,7 +410,9 @@ class Engine(abc.ABC):
         without gradients through its statistics, the gradient of ``eps_g`` itself (the
         loss landscape), not the SGD drift. ``shift`` ``(D,)``: the inputs' mean in the
         realization's coordinates (inputs ``N(shift, I_D)``; None: centred), for an engine
-        with :attr:`supports_input_mean`.
+        with :attr:`supports_input_mean`. ``weights_metric`` ``(D,)``: a normalization
+        with ``weight_statistics`` sees the weights' Gram ``X diag(weights_metric) X^T``
+        (None: ``X X^T``), for an engine with :attr:`supports_weight_statistics`.
         """
 
     def weight_moments_stack(
@@ -399,6 +423,7 @@ class Engine(abc.ABC):
         *,
         landscape: bool = True,
         shift: Any = None,
+        weights_metric: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """:meth:`weight_moments` for a stack of realizations ``Xs (S, K, D)`` at common
         parameters: ``(eps (S, r), dF/dX (S, r, K, D), {name: (S, r, K)})``.
@@ -408,6 +433,8 @@ class Engine(abc.ABC):
         weight coordinate at once).
         """
         kw = {} if shift is None else {"shift": shift}
+        if weights_metric is not None:
+            kw["weights_metric"] = weights_metric
         parts = [self.weight_moments(X, Bt, params, landscape=landscape, **kw) for X in Xs]
         return (np.stack([e for e, _, _ in parts]), np.stack([g for _, g, _ in parts]),
                 {k: np.stack([t[k] for _, _, t in parts]) for k in parts[0][2]}

@@ -159,11 +159,12 @@ class ClosedFormEngine(Engine):
     # -- the Engine interface -------------------------------------------------------------
     def generalization_error(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
-        mean: Any = None,
+        mean: Any = None, weights_gram: Any = None,
     ) -> tuple[float, float]:
         """``(eps_g, 0.0)`` at ``(Q, R)`` and the parameters (noise term included); centred
         pre-activations only."""
         self._centred_only(mean)
+        self._preactivation_statistics_only(weights_gram)
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         p = self._checked(params)
         s = np.asarray(self.normalization.scale(Q, self.norm_params(p)), dtype=float)
@@ -209,11 +210,13 @@ class ClosedFormEngine(Engine):
         second_order: bool = True,
         check: bool = True,
         mean: Any = None,
+        weights_gram: Any = None,
     ) -> Drift:
         """The exact expectations of the per-sample gradient (one "replicate";
         :class:`~framework.theory.Drift`, :func:`framework.theory._kernels.drift_terms`);
         centred pre-activations only."""
         self._centred_only(mean)
+        self._preactivation_statistics_only(weights_gram)
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         Q = 0.5 * (Q + Q.T)
         p = self._checked(params)
@@ -236,6 +239,7 @@ class ClosedFormEngine(Engine):
         *,
         landscape: bool = True,
         shift: Any = None,
+        weights_metric: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``eps_g``, ``dF/dX`` and ``dF/dtheta`` (scale parameters) in weight space, exact,
         as one "replicate": ``(eps (1,), dF/dX (1, K, D), {name: (1, K)})``.
@@ -245,6 +249,7 @@ class ClosedFormEngine(Engine):
         A stack of one for :meth:`weight_moments_stack`.
         """
         self._centred_only(shift)
+        self._preactivation_statistics_only(weights_metric)
         eps, gX, gT = self.weight_moments_stack(np.asarray(X, dtype=float)[None], Bt, params,
                                                 landscape=landscape)
         return eps[0], gX[0], {k: v[0] for k, v in gT.items()}
@@ -257,12 +262,14 @@ class ClosedFormEngine(Engine):
         *,
         landscape: bool = True,
         shift: Any = None,
+        weights_metric: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """:meth:`weight_moments` over a stack ``Xs (S, K, D)``, vectorized (chunks of
         256 realizations, so that memory stays ``O(256 (K + M)^2)``): the closed forms
         take stacked order parameters. For a stop-gradient normalization's landscape the
         scale Jacobian is taken by differences, realization by realization."""
         self._centred_only(shift)
+        self._preactivation_statistics_only(weights_metric)
         Xs = np.asarray(Xs, dtype=float)
         Bt = np.asarray(Bt, dtype=float)
         p = self._checked(params)

@@ -223,6 +223,7 @@ class ExpectationEngine(Engine):
     name = "generic"
     exact = False
     supports_input_mean = True
+    supports_weight_statistics = True
 
     def __init__(
         self,
@@ -262,8 +263,12 @@ class ExpectationEngine(Engine):
     def _replicate_moments(
         self, Q: np.ndarray, R: np.ndarray, params: Mapping[str, np.ndarray],
         *, second_order: bool = True, gradients: bool = True, mean: Any = None,
+        weights_gram: Any = None,
     ) -> dict[str, Any] | None:
         """Per-replicate expectations (leading axis = replicate); None if invalid state.
+
+        ``weights_gram``: the statistics (and ``gs``, their pull-back) at the weights'
+        Gram matrix instead of ``Q`` (a normalization with ``weight_statistics``).
 
         ``mean``: the pre-activation mean ``(K + M,)`` (None: centred). Then ``ax``,
         ``ay`` are about the centred pre-activations, ``E[a (u - mean)^T]``, and ``Ea =
@@ -285,7 +290,8 @@ class ExpectationEngine(Engine):
         w = self.error_weights(params)
         a = -w[:K]
         params = self.norm_params(params)
-        stats = _population_statistics(norm, Q, None if mu is None else mu[:K])
+        Gs = Q if weights_gram is None else np.asarray(weights_gram, dtype=float)
+        stats = _population_statistics(norm, Gs, None if mu is None else mu[:K])
         xt = norm.forward(x, stats, params)
         gxt = act.g(xt)
         e = (act.g(y) * w[K:]).sum(axis=-1) - (gxt * a).sum(axis=-1)  # (R, n)
@@ -310,7 +316,7 @@ class ExpectationEngine(Engine):
                 k: -np.mean(e[..., None] * np.broadcast_to(back.stats[k], x.shape), axis=1)
                 for k in norm.statistics_names
             }
-            Qr = np.broadcast_to(Q, (Rn, K, K))
+            Qr = np.broadcast_to(Gs, (Rn, K, K))
             if mu is None:
                 out["gs"] = np.asarray(norm.population_statistics_vjp(Qr, grad_stats),
                                        dtype=float)
@@ -379,12 +385,14 @@ class ExpectationEngine(Engine):
 
     def generalization_error(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
-        mean: Any = None,
+        mean: Any = None, weights_gram: Any = None,
     ) -> tuple[float, float]:
         """``(eps_g, error estimate)`` at ``(Q, R)`` (noise term included); ``mean``: the
-        pre-activation mean ``(K + M,)`` (None: centred)."""
+        pre-activation mean ``(K + M,)`` (None: centred); ``weights_gram``: see
+        :meth:`~framework.theory.Engine.drift`."""
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
-        mom = self._replicate_moments(Q, R, self.params(params), gradients=False, mean=mean)
+        mom = self._replicate_moments(Q, R, self.params(params), gradients=False, mean=mean,
+                                      weights_gram=weights_gram)
         if mom is None:
             return math.nan, math.nan
         if check:
@@ -400,6 +408,7 @@ class ExpectationEngine(Engine):
         *,
         landscape: bool = True,
         shift: Any = None,
+        weights_metric: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Per-replicate ``eps_g``, ``dF/dX`` and ``dF/dtheta`` in weight space.
 
@@ -418,6 +427,9 @@ class ExpectationEngine(Engine):
         statistics, so its ``population_statistics_vjp`` is zero by design) the pull-back
         is taken by central differences of ``population_statistics`` instead: the result
         is the gradient of ``eps_g`` (the loss landscape), not the SGD drift.
+        ``weights_metric`` ``(D,)``: the statistics of a normalization with
+        ``weight_statistics`` at ``X diag(weights_metric) X^T`` (their path adds ``(Gbar +
+        Gbar^T) X diag(weights_metric)``).
         Returns ``(eps (R,), dF/dX (R, K, D), {name: dF/dtheta (R, K)})``.
         """
         X = np.asarray(X, dtype=float)
@@ -431,7 +443,8 @@ class ExpectationEngine(Engine):
         n = z.shape[1]
         x = np.ascontiguousarray(np.einsum("rnd,kd->rnk", z, X))
         y = np.ascontiguousarray(np.einsum("rnd,md->rnm", z, Bt))
-        Q = X @ X.T
+        Xs_ = X if weights_metric is None else X * np.asarray(weights_metric, dtype=float)
+        Q = X @ Xs_.T  # the statistics' Gram matrix (X X^T without a metric)
         p = self.params(params)
         w = self.error_weights(p)
         a = -w[:K]
@@ -464,7 +477,7 @@ class ExpectationEngine(Engine):
             else:
                 Gbar = np.asarray(norm.population_statistics_vjp(
                     np.broadcast_to(Q, (Rn, K, K)), gstats), dtype=float)
-            gX = gX + (Gbar + np.swapaxes(Gbar, 1, 2)) @ X
+            gX = gX + (Gbar + np.swapaxes(Gbar, 1, 2)) @ Xs_
         gtheta = {k: -np.mean(e[..., None] * np.broadcast_to(back.params[k], x.shape), axis=1)
                   for k in self.trainable if k not in self.model_trainable}
         if self.model_trainable:  # d eps_g / d v = -c_K E[e g(x~)]
@@ -472,10 +485,11 @@ class ExpectationEngine(Engine):
         return eps, gX, gtheta
 
     def _checked_moments(self, Q: np.ndarray, R: np.ndarray, p: Mapping[str, np.ndarray],
-                         second_order: bool, check: bool, mean: Any = None
-                         ) -> dict[str, Any] | None:
+                         second_order: bool, check: bool, mean: Any = None,
+                         weights_gram: Any = None) -> dict[str, Any] | None:
         """:meth:`_replicate_moments` with the accuracy check (None: invalid state)."""
-        mom = self._replicate_moments(Q, R, p, second_order=second_order, mean=mean)
+        mom = self._replicate_moments(Q, R, p, second_order=second_order, mean=mean,
+                                      weights_gram=weights_gram)
         if mom is not None and check:
             self._check({
                 **{_NAMES[key]: mom[key] for key in ("eps", "ax", "ay", "aa", "gs", "Ea", "gm")
@@ -495,16 +509,18 @@ class ExpectationEngine(Engine):
         second_order: bool = True,
         check: bool = True,
         mean: Any = None,
+        weights_gram: Any = None,
     ) -> Drift:
         """The per-replicate expectations of the per-sample gradient
         (:class:`~framework.theory.Drift`); NaN everywhere at an invalid state. ``mean``:
         the pre-activation mean ``(K + M,)`` (None: centred; then ``Drift.Ea`` and
-        ``Drift.b`` are set)."""
+        ``Drift.b`` are set); ``weights_gram``: the weights' Gram matrix for a
+        normalization with ``weight_statistics`` (``Drift.C`` its pull-back)."""
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
         Q = 0.5 * (Q + Q.T)
         p = self.params(params)
         K, P, r = self.K, self.K + self.M, self.quadrature.replicates
-        mom = self._checked_moments(Q, R, p, second_order, check, mean)
+        mom = self._checked_moments(Q, R, p, second_order, check, mean, weights_gram)
         if mom is None:
             nan = np.full((r, K), np.nan)
             return Drift(np.full((r, K, P), np.nan), np.full((r, K, P), np.nan),

@@ -73,25 +73,27 @@ class RuleEngine(WrappedEngine):
 
     def generalization_error(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
-        mean: Any = None,
+        mean: Any = None, weights_gram: Any = None,
     ) -> tuple[float, float]:
         """The wrapped engine's."""
-        return self.base.generalization_error(Q, R, params, check=check, mean=mean)
+        return self.base.generalization_error(Q, R, params, check=check, mean=mean,
+                                              weights_gram=weights_gram)
 
     def weight_moments(
         self, X: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
-        landscape: bool = True, shift: Any = None,
+        landscape: bool = True, shift: Any = None, weights_metric: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The wrapped engine's (the loss landscape does not depend on the rule)."""
-        return self.base.weight_moments(X, Bt, params, landscape=landscape, shift=shift)
+        return self.base.weight_moments(X, Bt, params, landscape=landscape, shift=shift,
+                                        weights_metric=weights_metric)
 
     def weight_moments_stack(
         self, Xs: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
-        landscape: bool = True, shift: Any = None,
+        landscape: bool = True, shift: Any = None, weights_metric: Any = None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The wrapped engine's."""
         return self.base.weight_moments_stack(Xs, Bt, params, landscape=landscape,
-                                              shift=shift)
+                                              shift=shift, weights_metric=weights_metric)
 
     def held_hessian(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None

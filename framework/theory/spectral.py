@@ -46,6 +46,14 @@ eigenvalue of ``u``::
 (weight decay adds ``-lambda_wd r``); the ``eta^2`` terms are unchanged (the mean's share
 of ``|xi|^2 / N`` is ``m^2 / N -> 0``). A random initialization has ``r = 0``.
 
+A normalization with ``weight_statistics`` (weight norm: ``|J_i|^2 / N``) has statistics
+of the weights' Gram matrix ``sum_l Q_l``, not of ``Qt``: the wrapped engine takes it as
+``weights_gram`` (:attr:`~framework.theory.Engine.supports_weight_statistics`), ``C`` is
+the pull-back onto it, and the step through the statistics is ``(eta / N) sum_k C_ik J_k``
+(along ``J``, not ``Sigma J``), so the ``C Q_l``, ``C R_l`` terms lose their factor
+``lambda_l``; in weight space the statistics see ``X diag(1 / lambda) X^T`` of the
+whitened realization (``weights_metric``).
+
 :class:`SpectralEngine` wraps the engine :func:`~framework.theory.select_engine` chose
 for the pre-activation covariances (its ``T`` is ``Tt``) and integrates the blocks
 through :meth:`Engine.integrate` (scipy's solver). An exact wrapped engine gives exact
@@ -98,6 +106,10 @@ class SpectralEngine(WrappedEngine):
         self.s = inputs.teacher_overlap(self.M) if self.has_mean else np.zeros(self.M)
         self.l_mu = inputs.mean_space
 
+        #: the normalization's statistics are of the weights (|J_i|^2 / N = sum_l Q_l,ii),
+        #: not of the pre-activations (sum_l lambda_l Q_l,ii): module docstring
+        self.weight_stats = bool(base.normalization.weight_statistics)
+
         if self.has_mean:  # r is state: integrated beside the trainable parameters
             self.trainable = (*self.trainable, MEAN_OVERLAP)
             self.initial_params[MEAN_OVERLAP] = np.zeros(self.K)
@@ -133,6 +145,20 @@ class SpectralEngine(WrappedEngine):
         """``(Qt, Rt) = (sum_l lambda_l Q_l, sum_l lambda_l R_l)`` (also for stacks
         ``(n, L, ...)``)."""
         return self.inputs.total(Q), self.inputs.total(R)
+
+    def weights_gram(self, Q: Any) -> np.ndarray | None:
+        """``J J^T / N = sum_l Q_l`` for a normalization with ``weight_statistics`` (its
+        statistics' Gram matrix), None otherwise (the statistics are the pre-activation
+        covariance's)."""
+        if not self.weight_stats:
+            return None
+        Q = np.asarray(Q, dtype=float)
+        if Q.ndim != 3:
+            raise SpecificationError(
+                f"normalization {self.base.normalization.name!r} computes its statistics "
+                f"from the weights: with structured inputs its state must be given per "
+                f"input eigenspace (Q of shape (L, K, K)), got shape {Q.shape}")
+        return Q.sum(axis=0)
 
     def _as_totals(self, Q: Any, R: Any) -> tuple[np.ndarray, np.ndarray]:
         Q, R = np.asarray(Q, dtype=float), np.asarray(R, dtype=float)
@@ -191,18 +217,20 @@ class SpectralEngine(WrappedEngine):
         Qt, Rt = self.totals(Q, R)
         mean = None if r is None else self.pre_activation_mean(r)
         d = self.base.drift(Qt, Rt, p, eta=eta, second_order=second_order, check=check,
-                            mean=mean)
+                            mean=mean, **self._gram_kw(Q))
         A = d.A  # (r, K, P): E[grad_u a]
         X = np.concatenate([Q, np.swapaxes(R, -1, -2)], axis=-2)  # (L, P, K)
         Y = np.concatenate([R, self.T_l], axis=-2)  # (L, P, M)
         lam = self.lam[:, None, None]
-        AX = np.einsum("rkp,lpj->rlkj", A, X) + np.einsum("rkj,ljm->rlkm", d.C, Q)
-        dQ = eta * lam * (AX + np.swapaxes(AX, -1, -2))
+        # the statistics' step along Sigma J (pre-activation moments) or J (weight ones)
+        cst = (np.ones_like(self.lam) if self.weight_stats else self.lam)[:, None, None]
+        AX = lam * np.einsum("rkp,lpj->rlkj", A, X) + cst * np.einsum("rkj,ljm->rlkm", d.C, Q)
+        dQ = eta * (AX + np.swapaxes(AX, -1, -2))
         if second_order:
             dQ = dQ + (eta**2 / batch_size) * (self.frac * self.lam)[:, None, None] \
                 * d.aa[:, None]
-        dR = eta * lam * (np.einsum("rkp,lpm->rlkm", A, Y)
-                          + np.einsum("rkj,ljm->rlkm", d.C, R))
+        dR = eta * (lam * np.einsum("rkp,lpm->rlkm", A, Y)
+                    + cst * np.einsum("rkj,ljm->rlkm", d.C, R))
         dQ, dR, dv = self.layer_rates(Q, R, p, dQ, dR, d.dE_da)
         dp = {**d.dparams, **dv}
         if r is not None:  # the input mean's drift along its direction (module docstring)
@@ -213,8 +241,8 @@ class SpectralEngine(WrappedEngine):
             h = d.Ea + d.b  # (rep, K)
             l, m = self.l_mu, self.m
             Ys = np.concatenate([r, self.s])  # (P,)
-            dr = eta * self.lam[l] * (np.einsum("rkp,p->rk", A, Ys)
-                                      + np.einsum("rkj,j->rk", d.C, r)) + eta * m * h
+            dr = eta * (self.lam[l] * np.einsum("rkp,p->rk", A, Ys)
+                        + cst[l, 0, 0] * np.einsum("rkj,j->rk", d.C, r)) + eta * m * h
             if self.layers.weight_decay:
                 dr = dr - self.layers.weight_decay * r
             hr = np.einsum("rk,j->rkj", h, r)
@@ -234,7 +262,7 @@ class SpectralEngine(WrappedEngine):
 
     def drift(self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *,
               eta: float, second_order: bool = True, check: bool = True,
-              mean: Any = None) -> Any:
+              mean: Any = None, weights_gram: Any = None) -> Any:
         """The wrapped engine's :meth:`~Engine.drift` at the totals of ``(Q, R)`` (with an
         input mean: at the pre-activation mean of the state's ``"mean_overlap"``, unless
         ``mean`` is given)."""
@@ -243,11 +271,19 @@ class SpectralEngine(WrappedEngine):
         if mean is None and r is not None:
             mean = self.pre_activation_mean(r)
         return self.base.drift(Qt, Rt, p, eta=eta, second_order=second_order,
-                               check=check, mean=mean)
+                               check=check, mean=mean, **self._gram_kw(Q, weights_gram))
+
+    def _gram_kw(self, Q: Any, given: Any = None) -> dict[str, Any]:
+        """``{"weights_gram": sum_l Q_l}`` for weight statistics (:meth:`weights_gram`;
+        ``given`` instead if not None), else nothing (the wrapped engine's statistics at
+        the pre-activation covariance)."""
+        if not self.weight_stats:
+            return {}
+        return {"weights_gram": self.weights_gram(Q) if given is None else given}
 
     def generalization_error(
         self, Q: Any, R: Any, params: Mapping[str, Any] | None = None, *, check: bool = True,
-        mean: Any = None,
+        mean: Any = None, weights_gram: Any = None,
     ) -> tuple[float, float]:
         """``eps_g`` of a state per eigenspace (``Q (L, K, K)``) or of the totals
         (``Qt (K, K)``): the wrapped engine's at ``(Qt, Rt)`` (and, with an input mean, at
@@ -257,7 +293,8 @@ class SpectralEngine(WrappedEngine):
         r, p = self._split(self.params(params))
         if mean is None and r is not None:
             mean = self.pre_activation_mean(r)
-        return self.base.generalization_error(Qt, Rt, p, check=check, mean=mean)
+        return self.base.generalization_error(Qt, Rt, p, check=check, mean=mean,
+                                              **self._gram_kw(Q, weights_gram))
 
     def held_hessian(self, Q: Any, R: Any, params: Mapping[str, Any] | None = None
                      ) -> np.ndarray:
@@ -287,6 +324,7 @@ class SpectralEngine(WrappedEngine):
 
     def weight_moments(self, X: Any, Bt: Any, params: Mapping[str, Any] | None = None, *,
                        landscape: bool = True, shift: Any = None,
+                       weights_metric: Any = None,
                        ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``eps_g``, ``dF/dX`` and ``dF/dtheta`` for a realization ``X (K, D)``, ``Bt (M,
         D)`` in the eigenbasis (:meth:`column_scale`): ``F(X) = F_iso(X Sigma^(1/2))``,
@@ -296,16 +334,19 @@ class SpectralEngine(WrappedEngine):
         and the whitened inputs have the mean ``(m / sqrt(lambda_mu)) u``; ``shift`` is
         not taken (the inputs are the model's)."""
         eps, g, gt = self.weight_moments_stack(np.asarray(X, dtype=float)[None], Bt, params,
-                                               landscape=landscape, shift=shift)
+                                               landscape=landscape, shift=shift,
+                                               weights_metric=weights_metric)
         return eps[0], g[0], {k: v[0] for k, v in gt.items()}
 
     def weight_moments_stack(self, Xs: Any, Bt: Any, params: Mapping[str, Any] | None = None,
                              *, landscape: bool = True, shift: Any = None,
+                             weights_metric: Any = None,
                              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """:meth:`weight_moments` over a stack ``Xs (S, K, D)``."""
-        if shift is not None:
+        if shift is not None or weights_metric is not None:
             raise SpecificationError(
-                "SpectralEngine.weight_moments takes the model's inputs, not a 'shift'")
+                "SpectralEngine.weight_moments takes the model's inputs, not a 'shift' or "
+                "'weights_metric'")
         Xs, Bt = np.asarray(Xs, dtype=float), np.asarray(Bt, dtype=float)
         D = Xs.shape[-1]
         c = self.column_scale(D)
@@ -315,6 +356,8 @@ class SpectralEngine(WrappedEngine):
             mu = np.zeros(D)
             mu[self.mean_column(D)] = self.m / math.sqrt(self.lam[self.l_mu])
             kw["shift"] = mu
+        if self.weight_stats:  # the statistics of the unwhitened weights X = X' / c
+            kw["weights_metric"] = 1.0 / (c * c)
         eps, g, gt = self.base.weight_moments_stack(Xs * c, Bt * c, p, landscape=landscape,
                                                     **kw)
         return eps, g * c, gt
