@@ -726,7 +726,9 @@ def table_markdown(ds: xr.Dataset) -> str:
                     str(r[k].values) for k in ("hessian_status", "escape_status_same",
                                                "escape_status_best")
                     if str(r[k].values) != "ok"))
-                if str(r.escape_plateau_same.values) == "eta":
+                if any(str(r[f"escape_plateau_{w}"].values) == "eta"
+                       and np.isfinite(float(r[f"alpha_escape_{w}"]))
+                       for w in ("same", "best")):  # of an escape time in the row
                     notes.append("escape threshold: plateau at eta")
                 if not np.isfinite(em) and _not_reached(r):
                     notes.insert(0, _not_reached(r))
