@@ -630,7 +630,8 @@ class HessianSpectrum:
     of the projections of the weights on every input eigenspace (``dim_span = sum_l
     rank_l``), and each eigenspace ``l`` has its complement block ``lambda_l (G + G^T)``
     with multiplicity ``N_l - rank_l`` (:meth:`complement_multiplicity`). With an input
-    mean the span also holds the mean direction ``u`` (counted in ``rank_mean_space``).
+    mean the span also holds the mean direction ``u`` (counted in
+    ``space_ranks[mean_space]``).
 
     Attributes
     ----------
@@ -1614,21 +1615,18 @@ def _realize_spaces(model: Model, Q: np.ndarray, R: np.ndarray, r: Any, has_mean
     s^T``, ``T_mu - s s^T``, counted in its rank), elsewhere an unused zero column (the
     blocks keep one width, :meth:`SpectralEngine.column_scale`)."""
     K, M = model.K, model.M
-    if Q.ndim == 2:
-        x, b, rank = _realize(Q, R, model.T)
-        return ([(x, b, rank)], np.concatenate([x, np.zeros((K, 1))], axis=1),
-                np.concatenate([b, np.zeros((M, 1))], axis=1), 0)
     inputs = model.input_distribution()
-    Ts = teacher_overlaps(model)
+    # one realization (isotropic: the state itself) per input eigenspace
+    states = zip(Q, R, teacher_overlaps(model), strict=True) if Q.ndim == 3 \
+        else [(Q, R, np.asarray(model.T, dtype=float))]
     parts = []
-    for ell, (q, rr, t) in enumerate(zip(Q, R, Ts, strict=True)):
-        if not has_mean:
-            parts.append(_realize(q, rr, t))
-            continue
-        if ell != inputs.mean_space:
+    for ell, (q, rr, t) in enumerate(states):
+        if not (has_mean and ell == inputs.mean_space):
             x, b, rank = _realize(q, rr, t)
-            parts.append((np.concatenate([np.zeros((K, 1)), x], axis=1),
-                          np.concatenate([np.zeros((M, 1)), b], axis=1), rank))
+            if has_mean:  # the unused mean slot
+                x = np.concatenate([np.zeros((K, 1)), x], axis=1)
+                b = np.concatenate([np.zeros((M, 1)), b], axis=1)
+            parts.append((x, b, rank))
             continue
         rv = np.asarray(r, dtype=float).reshape(K)
         s = inputs.teacher_overlap(M)
