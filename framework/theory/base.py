@@ -31,8 +31,10 @@ to ``dQ/dalpha`` and ``-lambda R`` to ``dR/dalpha`` (:meth:`Engine.layer_rates`)
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -555,6 +557,15 @@ class Engine(abc.ABC):
             return 2
         return 3 if definiteness(y, self.K, True) < 0 else 0
 
+    def boundary_estimates(self) -> AbstractContextManager[None]:
+        """A context in which an engine of estimates is smooth up to the PSD cone's
+        boundary and takes states just beyond it (by rounding or by a second-order
+        curvature of a finite-difference step) as on it, so that derivatives there can
+        be taken by finite differences (:func:`~framework.theory.equilibrium.ode_jacobian`
+        at identical students). An exact engine (analytic beyond the cone) needs nothing:
+        the default changes nothing."""
+        return contextlib.nullcontext()
+
     # -- description -----------------------------------------------------------------
     @abc.abstractmethod
     def describe(self) -> str:
@@ -671,6 +682,10 @@ class WrappedEngine(Engine):
         """Not selectable on its own: :func:`~framework.theory.select_engine` builds it
         around the engine it chose."""
         return "a wrapper around another engine, built by select_engine"
+
+    def boundary_estimates(self) -> AbstractContextManager[None]:
+        """The wrapped engine's (:meth:`Engine.boundary_estimates`)."""
+        return self.base.boundary_estimates()
 
 
 def pinv_psd(S: np.ndarray) -> np.ndarray:

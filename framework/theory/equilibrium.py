@@ -548,19 +548,96 @@ def _damped_newton(raw, x: np.ndarray, steps: int = 20) -> np.ndarray | None:
     return x
 
 
+def _directional_derivative(fun, x: np.ndarray, d: np.ndarray, h: float,
+                            one_sided: bool = False, f0: np.ndarray | None = None
+                            ) -> np.ndarray:
+    """``d/dt fun(x + t d)`` at ``t = 0`` from steps ``h, h/2, h/4``: central differences
+    with two Richardson levels (error ``O(h^6)``), or forward ones (``one_sided``; ``t >=
+    0`` only, error ``O(h^3)``; ``f0 = fun(x)`` if given)."""
+    if one_sided:
+        base = fun(x) if f0 is None else f0
+        lv = [(fun(x + (h / 2**k) * d) - base) / (h / 2**k) for k in range(3)]
+        a1 = [2 * lv[1] - lv[0], 2 * lv[2] - lv[1]]
+        return (4 * a1[1] - a1[0]) / 3
+    lv = [(fun(x + (h / 2**k) * d) - fun(x - (h / 2**k) * d)) / (2 * h / 2**k)
+          for k in range(3)]
+    d1 = [(4 * lv[1] - lv[0]) / 3, (4 * lv[2] - lv[1]) / 3]
+    return (16 * d1[1] - d1[0]) / 15
+
+
 def _richardson_jacobian(fun, x: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Jacobian of ``fun`` (vector -> vector) by central differences, Richardson x2."""
-    n = x.size
+    eye = np.eye(x.size)  # unit directions: the same arithmetic as per-coordinate steps
+    return np.array([_directional_derivative(fun, x, eye[j], float(h[j]))
+                     for j in range(x.size)]).T  # a handful of coordinates
+
+
+#: :func:`ode_jacobian` of an engine of estimates at a state whose pre-activation
+#: covariance has eigenvalues within ``BOUNDARY_NULL`` (relative) of 0: the boundary
+#: scheme (:func:`_boundary_jacobian`) with steps ``BOUNDARY_STEP``.
+BOUNDARY_NULL = 1e-9
+BOUNDARY_STEP = 1e-4
+
+
+def _boundary_jacobian(fun, cov, x: np.ndarray, null: np.ndarray, h: float) -> np.ndarray:
+    """Jacobian of ``fun`` at a point ``x`` on the PSD cone's boundary, for an estimate
+    defined only in the cone (inside :meth:`~framework.theory.Engine.boundary_estimates`:
+    smooth up to the boundary, and a state beyond it by ``O(h^2)`` taken as on it).
+
+    ``cov(x)``: the pre-activation covariance (linear in ``x``), ``null`` ``(P, k)``: an
+    orthonormal basis of its null space at ``x``. A coordinate's covariance perturbation
+    ``S_j`` has the null-space part ``N_j = null^T S_j null``; directions with ``N = 0``
+    stay on the boundary to first order (beyond it by ``O(t^2)``) and are differentiated
+    centrally. The others are written, per coordinate, as such a tangent direction plus
+    a combination of *inward* directions ``d_a`` whose null-space parts are the rank-one
+    ``b b^T`` (``b``: the basis vectors and their normalized pairwise sums, spanning the
+    symmetric ``k x k`` matrices; one new direction of the realization each, so a single
+    small eigenvalue appears, no degenerate pair), differentiated from inside by forward
+    differences. The Jacobian is linear, so ``J e_j = J t_j + sum_a c_ja J d_a``."""
+    n, k = x.size, null.shape[1]
+    S0 = cov(x)
+    eye = np.eye(n)
+    parts = np.array([null.T @ (cov(x + eye[j]) - S0) @ null for j in range(n)])
+    iu = np.triu_indices(k)
+    rho = parts[:, iu[0], iu[1]]  # (n, m): the null-space parts, upper triangles
+    targets = []
+    for a in range(k):
+        for b in range(a, k):
+            v = np.zeros(k)
+            v[a] = v[b] = 1.0
+            targets.append(np.outer(v, v)[iu] / float(v @ v))
+    dirs, reach = [], []
+    for tau in targets:  # the inward direction with null-space part tau (min. norm)
+        w = np.linalg.lstsq(rho.T, tau, rcond=None)[0]
+        if np.max(np.abs(rho.T @ w - tau)) > 1e-8 or not np.any(w):
+            continue  # not reachable by these coordinates (then no coordinate needs it)
+        c = float(np.max(np.abs(w)))
+        dirs.append(w / c)
+        reach.append(tau / c)
+    base = np.array(reach).T if reach else np.zeros((rho.shape[1], 0))
+    coef = np.linalg.lstsq(base, rho.T, rcond=None)[0].T if reach \
+        else np.zeros((n, 0))  # (n, a)
+    if np.max(np.abs(coef @ base.T - rho), initial=0.0) > 1e-8:
+        raise AccuracyError(
+            "ode_jacobian at a state on the PSD cone's boundary: the coordinates move the "
+            "pre-activation covariance out of its null space in directions that no "
+            "inward direction reaches; the Jacobian of the estimate is not defined there")
+    f0 = fun(x)
+    inward = [_directional_derivative(fun, x, d, h, one_sided=True, f0=f0) for d in dirs]
     cols = []
-    for j in range(n):  # a handful of coordinates
-        e = np.zeros(n)
-        levels = []
-        for k in range(3):
-            e[j] = h[j] / 2**k
-            levels.append((fun(x + e) - fun(x - e)) / (2 * e[j]))
-        d1 = [(4 * levels[1] - levels[0]) / 3, (4 * levels[2] - levels[1]) / 3]
-        cols.append((16 * d1[1] - d1[0]) / 15)
-    return np.array(cols).T
+    for j in range(n):
+        t = eye[j] - (coef[j] @ np.array(dirs) if dirs else 0.0)
+        col = _directional_derivative(fun, x, t, h)
+        for a, ja in enumerate(inward):
+            col = col + coef[j, a] * ja
+        cols.append(col)
+    jac = np.array(cols).T
+    if not np.all(np.isfinite(jac)):
+        raise AccuracyError(
+            "ode_jacobian at a state on the PSD cone's boundary: the estimate is not "
+            f"finite at steps of {h:g} (the state is beyond the cone by more than the "
+            "engine's boundary tolerance)")
+    return jac
 
 
 def _order_parameter_coordinates(
@@ -923,13 +1000,17 @@ def find_fixed_points(
     the plateau of gradient flow; outside it by more than ``1e-9``: discarded),
     accepted if ``max |r| < 1e-10`` (the full right-hand side: this also checks the
     subspace's invariance), merged when closer than ``1e-6``; ``eta = 0`` allowed.
-    With an engine of estimates the quadrature is not differentiable on the cone's
-    boundary: only the starts inside the cone in the symmetric phase
-    (``unspecialized ... + orthogonal``), roots within ``1e-9`` of the boundary
-    discarded, a root accepted if its residual is below ``max(1e-10, 10 *
-    rate_error)``, merged when closer than ``1e-4``; it needs ``eta > 0`` with the
-    ``eta^2`` term (else :class:`~framework.SpecificationError`). ``params`` of the
-    result includes the held parameters (0).
+    With an engine of estimates (not differentiable across the cone's boundary): the
+    starts inside the cone in the symmetric phase (``unspecialized ... + orthogonal``),
+    roots within ``1e-9`` of the boundary discarded; then the same starts again within
+    the invariant set of identical students (``C@l = Q@l``, ``S@l = R@l``; labels
+    ``"identical students: ..."``), whose roots lie on the boundary and are kept there
+    (margin ``-1e-9``; the Jacobian by :func:`ode_jacobian`'s boundary scheme; a root
+    where the estimate is too noisy to be accepted is dropped). A root is accepted if
+    its residual is below ``max(1e-10, 10 * rate_error)``, merged when closer than
+    ``1e-4``; it needs ``eta > 0`` with the ``eta^2`` term (else
+    :class:`~framework.SpecificationError`). ``params`` of the result includes the held
+    parameters (0).
 
     ``starts``: ``(label, Q, R)`` or ``(label, Q, R, params)`` with ``params`` a mapping
     of trainable parameters' starting values (default: their initial values). The
@@ -1007,7 +1088,13 @@ def find_fixed_points(
         return np.where(np.isfinite(out), out, 1e6)
 
     found: list[FixedPoint] = []
-    for start in starts:
+    # an engine of estimates: the same starts again with the students identical (C = Q,
+    # S = R), searched in that invariant set, whose roots lie on the cone's boundary
+    identical = _identical_students(sub, free, diag_idx, invariance, norm_q,
+                                    len(trainable)) \
+        if not exact and "C" in {n.split("@")[0] for n in sub.names} else None
+    runs = [(s, False) for s in starts] + ([(s, True) for s in starts] if identical else [])
+    for start, tied in runs:
         label, Q0, R0 = start[:3]
         ps = dict(p0)
         if len(start) > 3 and start[3] is not None:  # optional parameter start
@@ -1025,22 +1112,28 @@ def find_fixed_points(
             ps[MEAN_OVERLAP] = _mean_overlap_start(model, R0)
         x0 = np.concatenate([sub.project(Q0, R0)[free],
                              [float(np.mean(ps[k])) for k in trainable]])
-        sol = optimize.root(residual, x0, method="hybr",
-                            options={"xtol": 1e-14 if exact else 1e-12})
-        x = _newton_polish(residual, sol.x) if exact else sol.x
-        # inputs with a mean: the plateau has identical students, on the cone's boundary,
-        # where an engine of estimates has no values beyond it and hybr stalls
-        fallback = not exact and not sol.success and MEAN_OVERLAP in trainable
-        if fallback:
-            x = _damped_newton(residual, x0)
+        if tied and identical is not None:  # in the reduced coordinates (identical students)
+            to_x, keep = identical
+            y = optimize.root(lambda y, to_x=to_x, keep=keep: residual(to_x(y))[keep],
+                              x0[keep], method="hybr", options={"xtol": 1e-12}).x
+            x, fallback = to_x(y), False
+            label = f"identical students: {label}"
+        else:
+            sol = optimize.root(residual, x0, method="hybr",
+                                options={"xtol": 1e-14 if exact else 1e-12})
+            x = _newton_polish(residual, sol.x) if exact else sol.x
+            # inputs with a mean: a root near the cone's boundary, where hybr stalls
+            fallback = not exact and not sol.success and MEAN_OVERLAP in trainable
+            if fallback:
+                x = _damped_newton(residual, x0)
         try:
             root = _accepted_root(eng, flow, x, teacher_overlaps(model), found, trainable,
                                   eta=eta, batch_size=batch_size, second_order=second_order,
-                                  model=model)
+                                  model=model, boundary=tied)
         except AccuracyError:
-            if not fallback:
+            if not (fallback or tied):
                 raise
-            root = None  # the fallback wandered where the estimate is too noisy
+            root = None  # the search wandered where the estimate is too noisy
         if root is None or x is None:
             continue
         Q, R, params, res, err, eps, eps_err = root
@@ -1055,6 +1148,34 @@ def find_fixed_points(
                                      second_order, found)
     found.sort(key=lambda fp: -fp.eps_g)
     return found
+
+
+def _identical_students(sub: SymmetricSubspace, free: np.ndarray, diag_idx: np.ndarray,
+                        invariance: str, norm_q: float, n_params: int):
+    """The students identical within the symmetric subspace (``C@l = Q@l``; matched:
+    ``S@l = R@l``), an invariant set (the fixed set of the students' transpositions),
+    as ``(to_x, keep)``: ``keep`` indexes the reduced coordinates in the search's ``x``
+    (the free representatives of the tied pairs, then the ``n_params`` trainable
+    parameters), ``to_x(y)`` maps values of them to ``x`` (the tied coordinates and a
+    held norm's ``Q@0`` filled in)."""
+    names = [n.split("@") for n in sub.names]
+    index = {tuple(n): i for i, n in enumerate(names)}
+    tie = {"C": "Q", "S": "R"}
+    source = np.array([index.get((tie.get(n[0], n[0]), *n[1:]), i)
+                       for i, n in enumerate(names)])  # the representative of each
+    rep_free = np.array([int(c) for c in free if source[c] == c], dtype=int)
+    nf = free.size
+    keep = np.concatenate([np.flatnonzero(source[free] == free),
+                           np.arange(nf, nf + n_params)]).astype(int)
+
+    def to_x(y: np.ndarray) -> np.ndarray:
+        theta = np.zeros(sub.size)
+        theta[rep_free] = y[:rep_free.size]
+        if invariance != "none":
+            theta[0] = norm_q - float(np.sum(theta[diag_idx[1:]]))
+        return np.concatenate([theta[source][free], y[rep_free.size:]])
+
+    return to_x, keep
 
 
 @attrs.frozen
@@ -1238,11 +1359,12 @@ def _partition_branches(model, eng, sub, invariance, norm_q, eta, batch_size,
 def _accepted_root(
     eng: Engine, flow: Any, x: np.ndarray | None, T: np.ndarray, found: Any,
     trainable: tuple[str, ...], *, eta: float, batch_size: int, second_order: bool,
-    model: Model | None = None,
+    model: Model | None = None, boundary: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict, float, float, float, float] | None:
     """The fixed point at the root ``x`` of a branch search, or None if it is rejected:
-    not finite, outside the PSD cone (``-1e-9``; ``+1e-9`` for an engine of estimates;
-    with ``model``, :func:`state_margin`: the cone with the input mean's direction), a
+    not finite, outside the PSD cone (``-1e-9``; ``+1e-9`` for an engine of estimates
+    unless ``boundary``: a root of the identical students' search; with ``model``,
+    :func:`state_margin`: the cone with the input mean's direction), a
     weight norm ``Q_ii`` (summed over input eigenspaces) above ``SATURATED_NORM`` times
     ``max(1, max T)`` (where a saturating activation's flow vanishes without a fixed point),
     a residual of the full right-hand side above ``max(RESIDUAL_TOL, 10 * its error)``,
@@ -1253,7 +1375,7 @@ def _accepted_root(
         return None
     exact = bool(eng.exact)
     Q, R, params, dQ, dR, dth, err = flow(x)
-    margin = -1e-9 if exact else 1e-9
+    margin = -1e-9 if exact or boundary else 1e-9
     if not np.all(np.isfinite(Q)) or (psd_margin(Q, R, T) if model is None else
                                        state_margin(model, Q, R, params)) < margin:
         return None
@@ -1310,7 +1432,13 @@ def ode_jacobian(
     exact engine (the closed forms are analytic a little beyond the cone), ``min(1e-3,
     psd margin / 4)`` for an engine of estimates (its estimate is smooth in the state:
     common random numbers) and for a learning rule whose rates are not analytic beyond
-    the cone (:attr:`framework.LearningRule.analytic_beyond_cone`). Held parameters
+    the cone (:attr:`framework.LearningRule.analytic_beyond_cone`). Such an engine at a
+    state on the cone's boundary (the pre-activation covariance ``sum_l lambda_l [[Q_l,
+    R_l], [R_l^T, T_l]]`` singular within ``BOUNDARY_NULL``; identical students) is
+    differentiated inside :meth:`~framework.theory.Engine.boundary_estimates` by
+    :func:`_boundary_jacobian` (steps ``BOUNDARY_STEP``: central along the boundary,
+    forward inward; :class:`~framework.AccuracyError` if the estimate is not finite
+    there). Held parameters
     contribute the decoupled block ``-held_hessian`` (their drift is ``-eta`` times
     their gradient, no ``eta^2`` term; coordinates last). For a per-unit norm-conserving
     normalization at ``eta = 0`` its eigenvalues are those of the full ODE without the
@@ -1333,7 +1461,7 @@ def ode_jacobian(
     x0 = np.concatenate([Q3[iq[:, 0], iq[:, 1], iq[:, 2]], R3[ir[:, 0], ir[:, 1], ir[:, 2]],
                          *[p[k] for k in trainable]])
 
-    def fun(x: np.ndarray) -> np.ndarray:
+    def state(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         Qx = np.array(Q3, dtype=float)
         Qx[iq[:, 0], iq[:, 1], iq[:, 2]] = x[:nq]
         Qx[iq[:, 0], iq[:, 2], iq[:, 1]] = x[:nq]
@@ -1345,6 +1473,18 @@ def ode_jacobian(
         px = dict(p)
         for j, k in enumerate(trainable):
             px[k] = x[nq + nr + j * K: nq + nr + (j + 1) * K]
+        return Qx, Rx, px
+
+    lam_in = model.input_distribution().eigenvalues if spaces else np.ones(1)
+    T3 = teacher_overlaps(model) if spaces else np.asarray(model.T, dtype=float)[None]
+
+    def cov(x: np.ndarray) -> np.ndarray:  # the pre-activation covariance (linear in x)
+        Qx, Rx, _ = state(x)
+        return sum(lam_in[ell] * np.block([[Qx[ell], Rx[ell]], [Rx[ell].T, T3[ell]]])
+                   for ell in range(len(lam_in)))
+
+    def fun(x: np.ndarray) -> np.ndarray:
+        Qx, Rx, px = state(x)
         dQ, dR, dth, _ = _scaled_flow(eng, inv, Qx if spaces else Qx[0],
                                       Rx if spaces else Rx[0], px, eta, batch_size,
                                       second_order)
@@ -1354,9 +1494,15 @@ def ode_jacobian(
                                *[dth[k] for k in trainable]])
 
     analytic = eng.exact and (not isinstance(eng, RuleEngine) or eng.analytic_beyond_cone)
-    h = 1e-3 if analytic else min(
-        1e-3, max(psd_margin(Q, R, teacher_overlaps(model)), 1e-8) / 4.0)
-    jac = _richardson_jacobian(fun, x0, np.full(x0.size, h))
+    lam_c, vec_c = np.linalg.eigh(cov(x0))
+    null = vec_c[:, lam_c < BOUNDARY_NULL * max(1.0, float(lam_c[-1]))]
+    if not analytic and null.shape[1]:  # on the cone's boundary (identical students)
+        with eng.boundary_estimates():
+            jac = _boundary_jacobian(fun, cov, x0, null, BOUNDARY_STEP)
+    else:
+        h = 1e-3 if analytic else min(
+            1e-3, max(psd_margin(Q, R, teacher_overlaps(model)), 1e-8) / 4.0)
+        jac = _richardson_jacobian(fun, x0, np.full(x0.size, h))
     held = eng.held_hessian(Q, R, p)
     if held.size:
         n, m = jac.shape[0], held.shape[0]

@@ -52,9 +52,11 @@ If any expectation's error estimate exceeds ``accuracy * max(1, |value|)``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -180,6 +182,50 @@ def _sqrtm_psd(S: np.ndarray) -> np.ndarray | None:
     return (vec * np.sqrt(lam)) @ vec.T
 
 
+#: :meth:`ExpectationEngine.boundary_estimates`: eigenvalues of the pre-activation
+#: covariance down to ``-BOUNDARY_CLIP`` times the largest are taken as 0 (a state
+#: beyond the cone by rounding or by a finite-difference step's second-order curvature);
+#: those in ``(0, BOUNDARY_NEAR)`` times the largest (at most ``BOUNDARY_FLIPS``, the
+#: smallest) have their root's column taken with both signs.
+BOUNDARY_CLIP = 1e-4
+BOUNDARY_NEAR = 1e-2
+BOUNDARY_FLIPS = 3
+
+
+def _boundary_roots(S: np.ndarray) -> list[np.ndarray] | None:
+    """Roots ``L`` (``L^T L = S``) for :meth:`ExpectationEngine.boundary_estimates`;
+    None if ``S`` is clearly indefinite (below ``-BOUNDARY_CLIP``) or non-finite.
+
+    The eigen-decomposition ``S = V diag(lambda) V^T`` with negative eigenvalues within
+    ``BOUNDARY_CLIP`` and rounding-level ones set to 0; each small eigenvalue
+    (``0 < lambda < BOUNDARY_NEAR`` of the largest) contributes its column ``sqrt(lambda)
+    v`` with both signs: one root ``V diag(+-sqrt(lambda)) V^T`` per sign pattern, whose
+    samples the estimate averages. The odd powers of ``sqrt(lambda)`` -- which make a
+    sample estimate at a nearly singular covariance behave like ``sqrt(lambda)``, not
+    smooth at the boundary, though the expectation is analytic in ``lambda`` -- then
+    cancel exactly (for every sample set): the estimate is a smooth function of ``S``
+    up to the boundary (a degenerate pair of small eigenvalues excepted: the basis of
+    their eigenspace is arbitrary; :func:`~framework.theory.equilibrium.ode_jacobian`
+    steps along directions that split them).
+    """
+    if not np.all(np.isfinite(S)):
+        return None
+    S = 0.5 * (S + S.T)
+    lam, vec = np.linalg.eigh(S)
+    scale = max(float(np.max(np.abs(lam))), 1e-300)
+    if lam[0] < -BOUNDARY_CLIP * scale:
+        return None
+    lam = np.where(lam > S.shape[0] * np.finfo(float).eps * scale, lam, 0.0)
+    root = np.sqrt(lam)
+    small = np.flatnonzero((lam > 0.0) & (lam < BOUNDARY_NEAR * scale))[:BOUNDARY_FLIPS]
+    out = []
+    for signs in itertools.product((1.0, -1.0), repeat=small.size):
+        r = root.copy()
+        r[small] *= signs
+        out.append((vec * r) @ vec.T)
+    return out
+
+
 #: Former names of the result types (kept for plugin code written against them).
 GenericRates = Rates
 GenericTrajectory = Trajectory
@@ -236,6 +282,21 @@ class ExpectationEngine(Engine):
         self.quadrature = quadrature if quadrature is not None else Quadrature()
         q = self.quadrature
         self._z = _base_points(q.method, self.K + self.M, q.samples, q.replicates, q.seed)
+        self._boundary = False  # boundary_estimates()
+
+    @contextlib.contextmanager
+    def boundary_estimates(self) -> Iterator[None]:
+        """Within it the expectations use :func:`_boundary_roots`: states beyond the
+        cone within ``BOUNDARY_CLIP`` (relative) are taken as on its boundary, and the
+        estimate is smooth up to it (the root's columns of small eigenvalues taken with
+        both signs: up to ``2^BOUNDARY_FLIPS`` times the samples). Outside it the
+        estimate is unchanged (one symmetric root, :func:`_sqrtm_psd`)."""
+        before = self._boundary
+        self._boundary = True
+        try:
+            yield
+        finally:
+            self._boundary = before
 
     @classmethod
     def supports(
@@ -275,14 +336,16 @@ class ExpectationEngine(Engine):
         E[a]``, ``gm = E[d eps / d mean]`` (through the statistics) are added."""
         K = self.K
         Sigma = np.block([[Q, R], [R.T, self.T]])
-        L = _sqrtm_psd(Sigma)
-        if L is None:
+        one = None if self._boundary else _sqrtm_psd(Sigma)
+        roots = _boundary_roots(Sigma) if self._boundary else (None if one is None else [one])
+        if roots is None:
             return None
         z = self._z
-        Rn, n, _ = z.shape
         # einsum, not matmul: a threaded BLAS gemm with an inner dimension of K + M is
         # erratic (up to 30x slower) on a loaded machine
-        uc = np.einsum("rnp,pq->rnq", z, L)  # centred pre-activations
+        uc = np.concatenate([np.einsum("rnp,pq->rnq", z, L) for L in roots], axis=1) \
+            if len(roots) > 1 else np.einsum("rnp,pq->rnq", z, roots[0])  # centred
+        Rn, n, _ = uc.shape
         mu = None if mean is None else np.asarray(mean, dtype=float).reshape(K + self.M)
         u = uc if mu is None else uc + mu
         x, y = np.ascontiguousarray(u[..., :K]), np.ascontiguousarray(u[..., K:])
