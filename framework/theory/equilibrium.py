@@ -1094,6 +1094,7 @@ def find_fixed_points(
                                     len(trainable)) \
         if not exact and "C" in {n.split("@")[0] for n in sub.names} else None
     runs = [(s, False) for s in starts] + ([(s, True) for s in starts] if identical else [])
+    tied_starts: list[np.ndarray] = []
     for start, tied in runs:
         label, Q0, R0 = start[:3]
         ps = dict(p0)
@@ -1114,8 +1115,15 @@ def find_fixed_points(
                              [float(np.mean(ps[k])) for k in trainable]])
         if tied and identical is not None:  # in the reduced coordinates (identical students)
             to_x, keep = identical
+            y0 = x0[keep]
+            if any(np.array_equal(y0, y) for y in tied_starts):
+                continue  # starts that differ only in C or S tie to the same one
+            tied_starts.append(y0)
+            # a start that converges does so in < 60 evaluations here; one that wanders
+            # (to where the estimate is too noisy to be accepted) is cut short
             y = optimize.root(lambda y, to_x=to_x, keep=keep: residual(to_x(y))[keep],
-                              x0[keep], method="hybr", options={"xtol": 1e-12}).x
+                              y0, method="hybr",
+                              options={"xtol": 1e-12, "maxfev": TIED_MAXFEV * (y0.size + 1)}).x
             x, fallback = to_x(y), False
             label = f"identical students: {label}"
         else:
@@ -1148,6 +1156,11 @@ def find_fixed_points(
                                      second_order, found)
     found.sort(key=lambda fp: -fp.eps_g)
     return found
+
+
+#: :func:`find_fixed_points` in the identical students' set: at most ``TIED_MAXFEV *
+#: (n + 1)`` evaluations per start (``n`` reduced coordinates).
+TIED_MAXFEV = 30
 
 
 def _identical_students(sub: SymmetricSubspace, free: np.ndarray, diag_idx: np.ndarray,
