@@ -45,3 +45,39 @@ def test_weight_norm_plateau_with_structured_inputs():
     jac = eq.ode_jacobian(model, wn, fp.Q, fp.R, fp.params, eta=0.5)
     lam = np.linalg.eigvals(jac).real
     assert np.all(np.isfinite(lam)) and np.sum(lam > 1e-9) == 1
+
+
+def test_split_isotropic_spectrum_equals_the_exact_plateau():
+    """An independent reference for the structured search: the spectrum [1, 1] with
+    fractions [1/2, 1/2] is the isotropic problem written in two eigenspaces, so the
+    quadrature engine's identical-students root must be the exact engine's plateau, its
+    Q_l and R_l the exact Q and R split by the fractions; its Jacobian keeps the isotropic
+    eigenvalues (the unstable one among them) and its weight-space Hessian the isotropic
+    spectrum."""
+    wn = get_normalization("weightnorm")
+    iso = TeacherStudent(2, 2)
+    fi = eq.find_fixed_points(iso, wn, eta=0.5)[0]
+    split = TeacherStudent(2, 2, inputs={"eigenvalues": [1.0, 1.0], "fractions": [0.5, 0.5]})
+    fps = eq.find_fixed_points(split, wn, eta=0.5)
+    assert fps and fps[0].start.startswith("identical students")
+    fs = fps[0]
+    # measured: eps_g 0.012409 +- 2.6e-5 against 0.012433 (0.9 standard errors)
+    assert abs(fs.eps_g - fi.eps_g) < 4 * fs.eps_g_error
+    np.testing.assert_allclose(fs.Q.sum(axis=0), fi.Q, rtol=1e-10)
+    np.testing.assert_allclose(fs.R.sum(axis=0), fi.R, atol=1e-4)  # measured 1.2e-6
+    np.testing.assert_allclose(fs.Q[0], fs.Q[1], atol=1e-4)  # equal fractions, equal halves
+    np.testing.assert_allclose(fs.R[0], fs.R[1], atol=1e-4)
+    for k in fi.params:
+        np.testing.assert_allclose(fs.params[k], fi.params[k], atol=1e-4)  # g: 2.1e-5
+    lam_i = np.sort(np.linalg.eigvals(
+        eq.ode_jacobian(iso, wn, fi.Q, fi.R, fi.params, eta=0.5)).real)
+    lam_s = np.sort(np.linalg.eigvals(
+        eq.ode_jacobian(split, wn, fs.Q, fs.R, fs.params, eta=0.5)).real)
+    assert np.sum(lam_s > 1e-9) == np.sum(lam_i > 1e-9) == 1
+    assert abs(lam_s[-1] - lam_i[-1]) < 0.01 * lam_i[-1]  # 0.020904 vs 0.020974
+    hi = eq.weight_space_hessian(iso, wn, fi.Q, fi.R, fi.params)
+    hs = eq.weight_space_hessian(split, wn, 0.5 * np.stack([fi.Q, fi.Q]),
+                                 0.5 * np.stack([fi.R, fi.R]), fi.params)
+    # measured: lambda_min -0.028122 +- 2.8e-4 against -0.028117; lambda_max 2.3e-4 rel
+    assert abs(hs.lambda_min - hi.lambda_min) < 4 * hs.lambda_min_error
+    assert abs(hs.lambda_max - hi.lambda_max) < 1e-3 * abs(hi.lambda_max)
