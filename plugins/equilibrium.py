@@ -459,6 +459,9 @@ def fixedpoint_dataset(
             "fraction of the most unstable eigenvector's norm inside the symmetric subspace"),
         "is_plateau": variable(np.arange(nb) == br.plateau, ("branch",),
                            "the plateau branch (attr plateau_rule)"),
+        "dead": variable([eq.is_dead(br.engine, fp) for fp in br.points], ("branch",),
+                         "eps_g at the best constant predictor's (attr eps_g_constant): "
+                         "the output does not depend on the input; never the plateau"),
         "specialized": variable(
             eq.specialized(R) if R_l is None else np.any(eq.specialized(R_l), axis=-1),
             ("branch",), "students distinguished (R_in not the same for all students i)"),
@@ -506,6 +509,7 @@ def fixedpoint_dataset(
             "subspace": sub.kind,
             "plateau_branch": int(br.plateau),
             "plateau_rule": eq.PLATEAU_RULE,
+            "eps_g_constant": eq.constant_predictor_error(br.engine),
             "branch_kinds": eq.BRANCH_KINDS,
             "jacobian_coordinates": ", ".join(f"{v}[{i},{k}]" for v, i, k in coords),
             "jacobian_method": "central differences, two Richardson levels (h = 1e-3)",
@@ -766,6 +770,7 @@ class HessianAnalyzer(_PointSpectrum):
                 "with weight_norm = Q_ii = |W_i|^2, so lambda is proportional to 1/weight_norm",
                 "evaluated_at": source,
                 "plateau_branch": int(plateau),
+                "eps_g_constant": eq.constant_predictor_error(eng),
                 "mode_classes": MODE_CLASSES,
                 **_hessian_attrs(experiment, eng),
             },
@@ -1105,8 +1110,13 @@ def _no_plateau(br: _Branches, model: Any, norm: Any, eta: float, q: float | Non
                 f"{eta / q:g})"))
     if not sym:
         return f"no symmetric fixed point (plateau) found for {where}"
-    found = "; ".join(f"eps_g {fp.eps_g:.6g} with {n} unstable direction(s)" for fp, n in sym)
+    found = "; ".join(f"eps_g {fp.eps_g:.6g} with {n} unstable direction(s)"
+                      + (" (dead)" if eq.is_dead(br.engine, fp) else "") for fp, n in sym)
     why = ""
+    if all(eq.is_dead(br.engine, fp) for fp, _ in sym):
+        why = (f": every one is dead (eps_g at the best constant predictor's, "
+               f"{eq.constant_predictor_error(br.engine):.6g}: the output does not depend "
+               "on the input), not a plateau")
     if any(n == 0 for _, n in sym):
         why = (": a symmetric branch is stable here, so the symmetric phase is not left at "
                "this eta" + ("" if q is None else " and held weight norm (batch norm's weight "

@@ -305,8 +305,10 @@ def _hessian(setting: str, K: int, norm: str) -> dict[str, Any]:
         h = experiment(setting, K, norm, ETA_SAME, [{"name": "hessian"}]).run()["hessian"]
         b = int(h.attrs["plateau_branch"])
         if b < 0:
+            eps = ", ".join(f"{float(e):.4g}" for e in h.eps_g.values)
             raise RuntimeError(f"no plateau branch among the {h.sizes['branch']} fixed "
-                               f"points found at eta = {ETA_SAME}")
+                               f"points found at eta = {ETA_SAME} (eps_g {eps}; the best "
+                               f"constant predictor's {float(h.attrs['eps_g_constant']):.4g})")
         hb = h.isel(branch=b)
         out["lambda_min"] = float(hb.lambda_min)
         out["lambda_max"] = (float(hb.lambda_max) if "lambda_max" in hb

@@ -135,6 +135,40 @@ def test_dead_branch_rule_uses_the_best_constant_predictor() -> None:
         assert abs(eq.constant_predictor_error(engine) - K / 6) < 1e-10
 
 
+def test_constant_predictor_with_an_input_mean_against_monte_carlo() -> None:
+    """With inputs xi ~ N(m u, I) the teachers' fields have means m s_n: the best constant
+    output is E zeta and its eps_g Var(zeta) / 2, against finite-N inputs and teachers
+    (N = 200, B_n . u / sqrt(N) = s_n, |B_n|^2 = N, so T = I + off-diagonal s_0 s_1)."""
+    from scipy import special
+
+    from framework import InputDistribution, theory
+    from framework.theory import equilibrium as eq
+
+    m, s, N, P = 2.0, np.array([0.5, -0.3]), 200, 200_000
+    rng = np.random.default_rng(1)
+    u = np.zeros(N)
+    u[0] = 1.0
+    rest = np.linalg.qr(rng.standard_normal((N - 1, 2)))[0].T  # orthonormal, orthogonal to u
+    B = np.concatenate([s[:, None], rest * np.sqrt(1.0 - s[:, None] ** 2)], axis=1) * np.sqrt(N)
+    T = B @ B.T / N
+    assert np.allclose(T, [[1.0, s[0] * s[1]], [s[0] * s[1], 1.0]], atol=1e-12)
+    model = TeacherStudent(2, 2, T=T.tolist(),
+                           inputs=InputDistribution(mean=m, direction=s.tolist()))
+    value = eq.constant_predictor_error(
+        theory.select_engine(model, framework.get_normalization("batchnorm_affine")))
+    zeta = np.zeros(P)
+    for lo in range(0, P, 50_000):  # chunks of inputs
+        xi = rng.standard_normal((50_000, N)) + m * u
+        zeta[lo:lo + 50_000] = special.erf(xi @ B.T / np.sqrt(N) / np.sqrt(2.0)).sum(axis=1)
+    var = zeta.var()
+    se = np.sqrt(np.mean((zeta - zeta.mean()) ** 4) - var ** 2) / np.sqrt(P)
+    assert abs(value - var / 2) < Z * se / 2, (value, var / 2, se / 2)
+    # the centred inputs' value (fields of mean 0) is far from it
+    centred = eq.constant_predictor_error(theory.select_engine(
+        TeacherStudent(2, 2, T=T.tolist()), framework.get_normalization("plain")))
+    assert centred - value > 10 * se  # 0.064, ~90 standard errors of eps_g
+
+
 def test_generic_integration_stops_below_threshold() -> None:
     from framework import theory
 

@@ -220,3 +220,47 @@ def test_shipped_non_centred_hessian_recomputed() -> None:
     assert float(r.lambda_min) == pytest.approx(float(np.nanmin(hb.eigenvalue)), rel=1e-9)
     assert float(r.lambda_max) == pytest.approx(float(np.nanmax(hb.eigenvalue)), rel=1e-9)
     assert float(r.lambda_min) < 0 < float(r.lambda_max)
+
+
+@pytest.mark.slow
+def test_non_centred_batchnorm_affine_has_only_the_dead_symmetric_branch() -> None:
+    """In setting (d) the symmetric fixed point of batchnorm_affine at eta = 0.5 is the
+    constant predictor: gamma = 0 and beta with 2 erf(beta / sqrt 2) = E zeta = 2 erf(m s /
+    2), i.e. beta = m s / sqrt 2; flagged dead and not taken as the plateau (~75 s)."""
+    fp = bn.experiment("mean_2", 2, "batchnorm_affine", bn.ETA_SAME,
+                       [{"name": "fixedpoint"}]).run()["fixedpoint"]
+    assert int(fp.attrs["plateau_branch"]) == -1
+    assert not np.any(fp.is_plateau.values)
+    sym = fp.branch_kind.values == "symmetric"
+    assert sym.any() and np.all(fp.dead.values[sym])
+    err = np.maximum(fp.eps_g_error.values[sym], 1e-9)
+    assert np.all(np.abs(fp.eps_g.values[sym] - fp.attrs["eps_g_constant"]) < 5 * err)
+    assert np.all(np.abs(fp.param_gamma.values[sym]) < 1e-6)
+    beta = bn.MEAN_SIZE * bn.MEAN_DIRECTION / np.sqrt(2.0)
+    assert np.allclose(fp.param_beta.values[sym], beta, atol=1e-4)
+
+
+def test_shipped_plateaus_are_not_dead() -> None:
+    """Every plateau of the shipped full run (finite eps_plateau) lies below the best
+    constant predictor's eps_g of its setting (a dead branch is no plateau)."""
+    from pathlib import Path
+
+    from framework import theory
+    from framework.theory import equilibrium as eq
+
+    path = Path(__file__).resolve().parents[1] / "datasets" / "bn_speedup.nc"
+    if not path.exists():
+        pytest.skip("no shipped datasets/bn_speedup.nc")
+    ds = framework.load(path)
+    checked = 0
+    for key in ds.setting.values:
+        for K in ds.K.values:
+            eng = theory.select_engine(TeacherStudent(int(K), int(K),
+                                                      inputs=bn.inputs_of(str(key))),
+                                       framework.get_normalization("plain"))
+            const = eq.constant_predictor_error(eng)
+            eps = ds.eps_plateau.sel(setting=key, K=K).values
+            ok = np.isfinite(eps)
+            assert np.all(eps[ok] < const - 1e-3), (key, K, eps, const)
+            checked += int(ok.sum())
+    assert checked >= 20

@@ -1820,14 +1820,19 @@ def specialized(R: np.ndarray, tol: float = 1e-6) -> np.ndarray:
 
 def constant_predictor_error(engine: Engine) -> float:
     """``eps_g`` of the best input-independent student output: ``Var(zeta) / 2 +
-    noise / 2`` (the teacher output's variance by Gauss-Hermite quadrature over the
-    teachers' fields, tensor grid of 80 points per teacher for ``M <= 3``, exact for the
-    erf to ~1e-12; a fixed-seed Monte Carlo of 2^18 points beyond). Cached per
-    (activation, T, noise)."""
+    noise / 2``, the teacher output's variance over its fields ``y ~ N(m s, T)`` (``m s``
+    the teachers' pre-activation means with non-centred inputs, else 0) by Gauss-Hermite
+    quadrature, tensor grid of 80 points per teacher for ``M <= 3``, exact for the erf
+    to ~1e-12; a fixed-seed Monte Carlo of 2^18 points beyond. Cached per (activation,
+    T, mean, noise)."""
     T = np.asarray(engine.T, dtype=float)  # the teacher's pre-activation covariance
-    key = (engine.activation.name, T.shape, T.tobytes(), float(engine.model.noise))
+    inputs = engine.model.input_distribution()
+    mu = np.zeros(T.shape[0]) if inputs.centred else \
+        inputs.mean * inputs.teacher_overlap(T.shape[0])
+    key = (engine.activation.name, T.shape, T.tobytes(), mu.tobytes(),
+           float(engine.model.noise))
     if key not in _CONSTANT_PREDICTOR:
-        _CONSTANT_PREDICTOR[key] = _constant_predictor_error(engine.activation, T,
+        _CONSTANT_PREDICTOR[key] = _constant_predictor_error(engine.activation, T, mu,
                                                              float(engine.model.noise))
     return _CONSTANT_PREDICTOR[key]
 
@@ -1835,7 +1840,8 @@ def constant_predictor_error(engine: Engine) -> float:
 _CONSTANT_PREDICTOR: dict[tuple, float] = {}
 
 
-def _constant_predictor_error(activation: Activation, T: np.ndarray, noise: float) -> float:
+def _constant_predictor_error(activation: Activation, T: np.ndarray, mu: np.ndarray,
+                              noise: float) -> float:
     x, w = np.polynomial.hermite_e.hermegauss(80)
     w = w / w.sum()
     L = np.linalg.cholesky(T)
@@ -1847,7 +1853,7 @@ def _constant_predictor_error(activation: Activation, T: np.ndarray, noise: floa
     else:
         z = np.random.default_rng(0).standard_normal((1 << 18, M))
         wz = np.full(z.shape[0], 1.0 / z.shape[0])
-    zeta = np.sum(activation.g(z @ L.T), axis=-1)
+    zeta = np.sum(activation.g(z @ L.T + mu), axis=-1)
     mean = float(wz @ zeta)
     return 0.5 * float(wz @ (zeta - mean) ** 2) + 0.5 * noise
 
