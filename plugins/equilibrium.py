@@ -1112,11 +1112,12 @@ def _no_plateau(br: _Branches, model: Any, norm: Any, eta: float, q: float | Non
         return f"no symmetric fixed point (plateau) found for {where}"
     found = "; ".join(f"eps_g {fp.eps_g:.6g} with {n} unstable direction(s)"
                       + (" (dead)" if eq.is_dead(br.engine, fp) else "") for fp, n in sym)
-    why = ""
     if all(eq.is_dead(br.engine, fp) for fp, _ in sym):
-        why = (f": every one is dead (eps_g at the best constant predictor's, "
-               f"{eq.constant_predictor_error(br.engine):.6g}: the output does not depend "
-               "on the input), not a plateau")
+        return (f"no plateau to escape from: every symmetric branch found is dead (eps_g "
+                f"at or above the best constant predictor's, "
+                f"{eq.constant_predictor_error(br.engine):.6g}: the output does not depend "
+                f"on the input) for {where}; symmetric branches found: {found}")
+    why = ""
     if any(n == 0 for _, n in sym):
         why = (": a symmetric branch is stable here, so the symmetric phase is not left at "
                "this eta" + ("" if q is None else " and held weight norm (batch norm's weight "

@@ -315,7 +315,7 @@ def _hessian(setting: str, K: int, norm: str) -> dict[str, Any]:
                              else float(np.nanmax(hb.eigenvalue.values)))
         out["eps_plateau_hessian"] = float(hb.eps_g)
     except Exception as exc:  # recorded per entry: the table shows why
-        out["hessian_status"] = f"not computed: {type(exc).__name__}: {str(exc)[:240]}"
+        out["hessian_status"] = f"not computed: {type(exc).__name__}: {str(exc)[:400]}"
     return out
 
 
@@ -337,7 +337,7 @@ def _escape(setting: str, K: int, norm: str, eta: float, grid: list[float]
         try:
             e = experiment(setting, K, norm, eta, [spec]).run()["escape"]
         except Exception as exc:
-            why = f"{type(exc).__name__}: {str(exc)[:240]}"
+            why = f"{type(exc).__name__}: {str(exc)[:400]}"
             if plateau == "gradient_flow" and any(m in why for m in _NO_GRADIENT_FLOW_PLATEAU):
                 continue  # gradient flow has no plateau here: the plateau at eta
             return np.nan, plateau, f"not computed: {why}"
