@@ -199,8 +199,11 @@ class Normalization(Named):
 
     #: True if the statistics are of the *weights* (e.g. weight norm's ``|J_i|^2 / N``),
     #: not of the pre-activations: with structured inputs the two differ (the
-    #: pre-activation covariance is ``J Sigma J^T / N``), so such a normalization runs
-    #: with isotropic inputs only.
+    #: pre-activation covariance is ``J Sigma J^T / N``), so an engine passes the
+    #: weights' Gram matrix as ``Q`` (:attr:`framework.theory.Engine.
+    #: supports_weight_statistics`); they do not depend on an input mean, so
+    #: :meth:`population_statistics_with_mean` is :meth:`population_statistics` of that
+    #: Gram and its pull-back onto the mean is zero.
     weight_statistics: ClassVar[bool] = False
 
     def population_statistics_with_mean(self, Q: np.ndarray, mean: np.ndarray
@@ -210,13 +213,14 @@ class Normalization(Named):
         ``(..., K)``.
 
         Optional: the default is :meth:`population_statistics` where the mean is zero
-        and refuses a non-zero one for a normalization with statistics (it cannot know
-        how they depend on it). A normalization that overrides it also overrides
-        :meth:`population_statistics_with_mean_vjp`.
+        or the statistics are of the weights (:attr:`weight_statistics`: ``Q`` is then the
+        weights' Gram and the mean does not enter), and refuses a non-zero mean for
+        other statistics (it cannot know how they depend on it). A normalization that
+        overrides it also overrides :meth:`population_statistics_with_mean_vjp`.
         """
         if not self.statistics_names:
             return {}
-        if np.any(np.asarray(mean) != 0.0):
+        if np.any(np.asarray(mean) != 0.0) and not self.weight_statistics:
             self._no_mean("population_statistics_with_mean")
         return self.population_statistics(Q)
 
@@ -227,7 +231,7 @@ class Normalization(Named):
         mean = np.asarray(mean, dtype=float)
         if not self.statistics_names:
             return np.zeros(np.shape(Q)), np.zeros(np.shape(mean))
-        if np.any(mean != 0.0):
+        if np.any(mean != 0.0) and not self.weight_statistics:
             self._no_mean("population_statistics_with_mean_vjp")
         return (np.asarray(self.population_statistics_vjp(Q, grad), dtype=float),
                 np.zeros(np.broadcast_shapes(np.shape(mean), np.shape(Q)[:-1])))
@@ -237,11 +241,8 @@ class Normalization(Named):
         """None if the population statistics are defined for non-centred inputs, else
         the reason (a normalization with statistics must override
         :meth:`population_statistics_with_mean`)."""
-        if not cls.statistics_names:
-            return None
-        if cls.weight_statistics:
-            return (f"normalization {cls.name!r} computes its statistics from the weights, "
-                    f"not from the pre-activations")
+        if not cls.statistics_names or cls.weight_statistics:
+            return None  # statistics of the weights do not see the pre-activation mean
         if cls.population_statistics_with_mean is Normalization.population_statistics_with_mean:
             return (f"normalization {cls.name!r} declares statistics {cls.statistics_names} "
                     f"but does not say how they depend on a non-zero pre-activation mean "

@@ -835,6 +835,8 @@ def _hessian_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
     norm = experiment.normalization
     held = (f"; shift parameters {', '.join(eng.held)} at 0: their block (exact closed "
             "form) is decoupled from (W, theta) by the odd symmetry") if eng.held else ""
+    # the mean overlap r (inputs with a mean) is state, in the span block's u column
+    theta = [k for k in eng.trainable if k != theory.MEAN_OVERLAP]
     out = {
         **_engine_attrs(experiment, eng),
         "learning_rule_dependence": RULE_INDEPENDENT,
@@ -844,9 +846,9 @@ def _hessian_attrs(experiment: Experiment, eng: Engine) -> dict[str, Any]:
         "differences with one Richardson level; realization in K + M dimensions plus one "
         "orthogonal (complement) dimension" + held,
         "trainable_parameters_included": (
-            "Hessian over (W, theta), theta = " + ", ".join(eng.trainable)
+            "Hessian over (W, theta), theta = " + ", ".join(theta)
             + " (theta joins the span block; its coupling to the complement is zero)")
-        if eng.trainable else "none (normalization has no trainable parameters)",
+        if theta else "none (normalization has no trainable parameters)",
     }
     if eng.model_trainable:
         out["hessian_readout_scaling"] = READOUT_SCALING

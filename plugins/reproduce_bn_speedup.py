@@ -22,7 +22,9 @@ in (a)-(c)):
     deviation. Only K = 2, on the coarser grid ``mean["etas"]``, on the quadrature engine
     (:data:`QUADRATURE_MEAN`; there is no closed form with a mean), with the horizon rule
     :data:`HORIZON_CLIP_MEAN`. Normalizations (``mean["normalizations"]``): plain,
-    batchnorm, batchnorm_affine (trainable ``gamma``, ``beta``) and meanonly. Population
+    batchnorm, batchnorm_affine (trainable ``gamma``, ``beta``), meanonly and weightnorm
+    (trainable gain; its statistic ``|J_i|^2 / N`` is of the weights, blind to the mean,
+    so its pre-activations keep their mean ``g m r_i / |J_i|``). Population
     statistics that centre subtract ``m r_i``; then a normalization without a trainable
     shift (batchnorm, batchnorm_stopgrad, meanonly) has an output of mean zero, while the
     teacher's output has mean ``sum_n E g(y_n)`` with ``y_n ~ N(m s_n, T_nn)``, so its
@@ -94,11 +96,12 @@ COMMAND = "symphase reproduce bn_speedup --out datasets"
 #: with population statistics), and under a spread spectrum its statistic is of the
 #: weights (``sum_l Q_l,ii``), so it runs on the quadrature engine at ~40 ms per unit of
 #: alpha (batchnorm_affine's closed form: ~1 ms), too slow for a sweep of horizons up to
-#: 4800; its structured plateau is checked in tests/test_boundary_equilibrium.py.
+#: 4800; its structured plateau is checked in tests/test_boundary_equilibrium.py. Both are
+#: in setting (d), where every normalization runs on the quadrature engine.
 NORMALIZATIONS = ("plain", "batchnorm", "batchnorm_stopgrad", "batchnorm_affine")
 #: The normalizations of setting (d) besides :data:`NORMALIZATIONS`' (non-centred inputs:
-#: centring alone).
-MEAN_NORMALIZATIONS = ("meanonly",)
+#: centring alone; weight norm, whose statistic does not see the mean).
+MEAN_NORMALIZATIONS = ("meanonly", "weightnorm")
 #: The normalizations whose output has mean zero with population statistics: they centre
 #: the pre-activations and have no trainable shift (:func:`eps_g_floor`).
 CENTRING_WITHOUT_SHIFT = ("batchnorm", "batchnorm_stopgrad", "meanonly")
@@ -129,8 +132,10 @@ SETTINGS: tuple[tuple[str, str], ...] = (
 SETTING_D = (f"(d) non-centred inputs xi ~ N(m u, I), m = {MEAN_SIZE:g}, teacher overlaps "
              f"s_n = B_n.u/sqrt(N) = {MEAN_DIRECTION:g} (pre-activation means m r_i and "
              f"m s_n = {MEAN_SIZE * MEAN_DIRECTION:g}), K = 2, generic (quadrature) engine. "
-             "batchnorm_affine has a trainable shift beta; meanonly is added: batchnorm "
-             "with beta = 0, batchnorm_stopgrad and meanonly centre the pre-activations "
+             "batchnorm_affine has a trainable shift beta; meanonly and weightnorm "
+             "(trainable gain, statistic of the weights, blind to the mean) are added. "
+             "batchnorm with beta = 0, batchnorm_stopgrad and meanonly centre the "
+             "pre-activations "
              "and have no trainable shift, so their output has mean 0 while the "
              "teacher's has mean sum_n E erf(y_n/sqrt 2); eps_g >= eps_g_floor at every "
              "alpha and the target is not reached.")
@@ -181,7 +186,8 @@ def _settings(quick: bool) -> dict[str, Any]:
             "etas": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
             "n_alpha": 1201, "bisection_steps": 3,
             "mean": {"Ks": (2,), "normalizations": ("plain", "batchnorm",
-                                                    "batchnorm_affine", "meanonly"),
+                                                    "batchnorm_affine", "meanonly",
+                                                    "weightnorm"),
                      "etas": (0.5, 1.0, 2.0, 4.0, 8.0), "bisection_steps": 1,
                      "check": True}}
 

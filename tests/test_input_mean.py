@@ -81,14 +81,15 @@ class TestSpecification:
         assert isinstance(eng, theory.SpectralEngine) and eng.name == "generic"
         with pytest.raises(theory.ClosedFormUnavailable, match="centred pre-activations only"):
             theory.select_engine(m, get_normalization("plain"), engine="closed_form")
-        # weight norm's statistic is of the weights: no population statistics with a
-        # mean; with a spread spectrum the quadrature engine takes the weights' Gram
-        with pytest.raises(theory.ClosedFormUnavailable, match="from the weights"):
+        # weight norm's statistic is of the weights, blind to the mean: the quadrature
+        # engine takes the weights' Gram, with a mean and with a spread spectrum
+        for inputs in (MEAN, TWO):
+            eng = theory.select_engine(TeacherStudent(2, 2, inputs=inputs),
+                                       get_normalization("weightnorm"))
+            assert eng.name == "generic" and eng.weight_stats
+        with pytest.raises(theory.ClosedFormUnavailable, match="pre-activation covariance"):
             theory.select_engine(TeacherStudent(2, 2, inputs=MEAN),
-                                 get_normalization("weightnorm"))
-        eng = theory.select_engine(TeacherStudent(2, 2, inputs=TWO),
-                                   get_normalization("weightnorm"))
-        assert eng.name == "generic" and eng.weight_stats
+                                 get_normalization("weightnorm"), engine="closed_form")
         with pytest.raises(theory.ClosedFormUnavailable, match="pre-activation covariance"):
             theory.select_engine(TeacherStudent(2, 2, inputs=TWO),
                                  get_normalization("weightnorm"), engine="closed_form")
@@ -129,14 +130,16 @@ class TestSpecification:
 
 
 # -- item 2: the ODE ------------------------------------------------------------------------
-@pytest.mark.parametrize("norm", ["plain", "batchnorm", "meanonly"])
+@pytest.mark.parametrize("norm", ["plain", "batchnorm", "meanonly", "weightnorm"])
 def test_one_step_increments_against_monte_carlo(norm):
     """Finite-N SGD with correlated, non-centred inputs, one step from fixed weights that
     have macroscopic overlaps with the mean direction, averaged over inputs: N E[Delta Q_l],
     N E[Delta R_l] and N E[Delta r] of the eta-linear part against the ODE without its
     eta^2 term. The gradient is written out by hand: batch norm's population statistics
-    mean_i = m J_i u / sqrt(N), var_i = J_i Sigma J_i / N, both differentiated. The
-    first-order mean is exact at any N, so the comparison is to the Monte Carlo error."""
+    mean_i = m J_i u / sqrt(N), var_i = J_i Sigma J_i / N, both differentiated; weight
+    norm's statistic |J_i|^2 / N (of the weights: blind to the mean and to Sigma), also
+    differentiated, and its gain's rate. The first-order mean is exact at any N, so the
+    comparison is to the Monte Carlo error."""
     rng = np.random.default_rng(5)
     K = M = 2
     N, S, m = 240, 120_000, 1.5
@@ -161,10 +164,12 @@ def test_one_step_increments_against_monte_carlo(norm):
     rt = eng.rates(Ql, Rl, {theory.MEAN_OVERLAP: r}, eta=1.0, second_order=False)
     Qt = base.total(Ql)
     mu = m * r
-    sc = np.ones(K) if norm != "batchnorm" else 1.0 / np.sqrt(np.diag(Qt))
+    sc = {"batchnorm": 1.0 / np.sqrt(np.diag(Qt)),  # g = 1: x~ = x / sqrt(|J|^2 / N)
+          "weightnorm": 1.0 / np.sqrt(np.diag(J @ J.T) / N)}.get(norm, np.ones(K))
     edges = np.cumsum(base.block_sizes(N))[:-1]
     sums = np.zeros((2, 2, K, K + M))
     rs = np.zeros((2, K))
+    gs = np.zeros((2, K))  # weight norm's gain: d g / d alpha = -E[d loss / d g]
     for _ in range(6):
         xi = rng.standard_normal((S // 6, N)) * np.sqrt(lam_c)
         xi[:, c] += m
@@ -180,6 +185,11 @@ def test_one_step_increments_against_monte_carlo(norm):
         step = -np.einsum("si,sn->sin", go * sc, dxi) / np.sqrt(N)
         if norm == "batchnorm":  # through var_i: -(x_i - mean_i) s_i^3 Sigma J_i / N
             step -= np.einsum("si,in->sin", go * xc * (-sc**3), J * lam_c / N)
+        if norm == "weightnorm":  # through |J_i|^2 / N: along J_i, not Sigma J_i
+            step -= np.einsum("si,in->sin", go * x * (-sc**3), J / N)
+            dg = -go * x * sc
+            gs[0] += dg.sum(0)
+            gs[1] += (dg**2).sum(0)
         for ell, (Jb, Bb, stb) in enumerate(zip(np.split(J, edges, axis=1),
                                                  np.split(B, edges, axis=1),
                                                  np.split(step, edges, axis=2), strict=True)):
@@ -204,6 +214,12 @@ def test_one_step_increments_against_monte_carlo(norm):
     zr = np.abs(rmean - dr_th) / np.sqrt(rse**2 + rt.dparams_error[theory.MEAN_OVERLAP] ** 2)
     assert np.max(zr) < 4.5, (zr, rmean, dr_th)
     assert np.max(np.abs(dr_th)) > 10 * np.max(rse)
+    if norm == "weightnorm":
+        gmean = gs[0] / S
+        gse = np.sqrt(gs[1] / S - gmean**2) / np.sqrt(S)
+        zg = np.abs(gmean - rt.dparams["g"]) / np.hypot(gse, rt.dparams_error["g"])
+        assert np.max(zg) < 4.5, (zg, gmean, rt.dparams["g"])
+        assert np.max(np.abs(gmean)) > 10 * np.max(gse)
 
 
 @pytest.mark.parametrize("norm, centres", [("plain", False), ("batchnorm", True),
@@ -244,7 +260,8 @@ def test_a_mean_orthogonal_to_the_teacher_changes_nothing():
 def runs():
     grid = list(np.linspace(0.0, 8.0, 5))
     out = {}
-    for norm, backends in (("plain", ("numpy", "numba")), ("batchnorm", ("numpy",))):
+    for norm, backends in (("plain", ("numpy", "numba")), ("batchnorm", ("numpy",)),
+                           ("weightnorm", ("numpy",))):
         for backend in backends:
             ex = Experiment(
                 model=TeacherStudent(2, 2, inputs={**TWO, "mean": 1.5, "direction": 0.35,
@@ -265,7 +282,7 @@ def test_simulation_backends_agree(runs):
                                atol=1e-11)
 
 
-@pytest.mark.parametrize("norm", ["plain", "batchnorm"])
+@pytest.mark.parametrize("norm", ["plain", "batchnorm", "weightnorm"])
 def test_simulation_against_the_ode(runs, norm):
     res = runs[norm, "numpy"]
     ode, sim = res["dynamics"], res["simulation"]
@@ -285,6 +302,12 @@ def test_simulation_against_the_ode(runs, norm):
         ss = sim[name].values.std(0, ddof=1) / np.sqrt(sim.sizes["replica"])
         zz = np.abs(mm[1:] - ode[name].values[1:]) / (ss[1:] + 1e-12)
         assert np.quantile(zz, 0.95) < 3.5 and np.max(zz) < 5.0, (name, zz.max())
+    if norm == "weightnorm":  # the trained gain
+        g_sim = sim.param_g.values  # (replica, alpha, student)
+        gm, gse = g_sim.mean(0), g_sim.std(0, ddof=1) / np.sqrt(g_sim.shape[0])
+        assert np.max(np.abs(ode.param_g.values[-1] - 1.0)) > 20 * np.max(gse[-1])  # g moves
+        zg = np.abs(gm[1:] - ode.param_g.values[1:]) / (gse[1:] + 1e-12)
+        assert np.max(zg) < 4.5, zg
 
 
 def test_datasets_record_the_mean(runs):

@@ -49,7 +49,8 @@ def test_plans() -> None:
     assert bn.plan(cfg, "two_level_10")["normalizations"] == bn.NORMALIZATIONS
     d = bn.plan(cfg, "mean_2")
     assert d["Ks"] == (2,) and bn.ETA_SAME in d["etas"] and d["check"]
-    assert {"plain", "batchnorm", "batchnorm_affine", "meanonly"} <= set(d["normalizations"])
+    assert {"plain", "batchnorm", "batchnorm_affine", "meanonly", "weightnorm"} <= set(
+        d["normalizations"])
     assert d["hessian"] and not bn.plan(bn._settings(quick=True), "mean_2")["hessian"]
     assert bn.plan(bn._settings(quick=True), "isotropic")["hessian"]
     assert bn.quadrature_of("isotropic") == {}
