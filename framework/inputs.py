@@ -228,6 +228,11 @@ class InputDistribution:
                 f"got {self.direction.size}: {self.direction.tolist()}")
         return np.broadcast_to(self.direction, (M,)).copy()
 
+    def teacher_mean(self, M: int) -> np.ndarray:
+        """``m s (M,)``: the teachers' pre-activation means (zeros for centred inputs)."""
+        s = self.teacher_overlap(M)
+        return self.mean * s if not self.centred else np.zeros_like(s)
+
     def check_teacher(self, T: Any) -> None:
         """Refuse a mean direction the teacher ``T`` cannot hold: ``f_mu T - s s^T`` must be
         positive semi-definite (the component along ``u`` is part of ``T_mu = f_mu

@@ -1112,9 +1112,10 @@ def _no_plateau(br: _Branches, model: Any, norm: Any, eta: float, q: float | Non
                 f"{eta / q:g})"))
     if not sym:
         return f"no symmetric fixed point (plateau) found for {where}"
+    dead = [eq.is_dead(br.engine, fp) for fp, _ in sym]
     found = "; ".join(f"eps_g {fp.eps_g:.6g} with {n} unstable direction(s)"
-                      + (" (dead)" if eq.is_dead(br.engine, fp) else "") for fp, n in sym)
-    if all(eq.is_dead(br.engine, fp) for fp, _ in sym):
+                      + (" (dead)" if d else "") for (fp, n), d in zip(sym, dead, strict=True))
+    if all(dead):
         return (f"no plateau to escape from: every symmetric branch found is dead (eps_g "
                 f"at or above the best constant predictor's, "
                 f"{eq.constant_predictor_error(br.engine):.6g}: the output does not depend "

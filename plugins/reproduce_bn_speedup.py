@@ -163,10 +163,7 @@ def eps_g_floor(key: str, M: int) -> float:
     (``y_n ~ N(m s_n, 1)``); 0 for centred inputs."""
     from scipy import special
 
-    inp = inputs_of(key)
-    if inp.centred:
-        return 0.0
-    mean = float(np.sum(special.erf(inp.mean * inp.teacher_overlap(M) / 2.0)))
+    mean = float(np.sum(special.erf(inputs_of(key).teacher_mean(M) / 2.0)))
     return 0.5 * mean * mean
 
 

@@ -1826,9 +1826,7 @@ def constant_predictor_error(engine: Engine) -> float:
     to ~1e-12; a fixed-seed Monte Carlo of 2^18 points beyond. Cached per (activation,
     T, mean, noise)."""
     T = np.asarray(engine.T, dtype=float)  # the teacher's pre-activation covariance
-    inputs = engine.model.input_distribution()
-    mu = np.zeros(T.shape[0]) if inputs.centred else \
-        inputs.mean * inputs.teacher_overlap(T.shape[0])
+    mu = engine.model.input_distribution().teacher_mean(T.shape[0])
     key = (engine.activation.name, T.shape, T.tobytes(), mu.tobytes(),
            float(engine.model.noise))
     if key not in _CONSTANT_PREDICTOR:
